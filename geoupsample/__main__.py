@@ -1,0 +1,3 @@
+from geoupsample.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Tiling engine: tile grids, readers, blending, writers, execution. Never imports geoupsample."""
