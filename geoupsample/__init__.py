@@ -1,0 +1,28 @@
+"""geoupsample: guided upsampling of coarse rasters to the resolution of remote-sensing imagery.
+
+>>> import geoupsample as gu
+>>> k = gu.fit(guide, lr_shape=(h, w))        # guide [d, H, W]  ->  gu.Kernels
+>>> hr = k.render(x)                           # x [C, h, w]      ->  [C, H, W]
+>>> hr = gu.upsample(x, guide, method="gsjbu") # or nearest | bilinear | bicubic | jbu
+"""
+
+from geoupsample.core.guide import GuideStats, guide_stats
+from geoupsample.core.kernels import Kernels, fit
+from geoupsample.core.methods import list_methods, register_method, upsample
+
+__version__ = "0.1.0"
+
+#: The built-in methods, fastest first.
+METHODS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "jbu", "gsjbu")
+
+__all__ = [
+    "METHODS",
+    "GuideStats",
+    "Kernels",
+    "__version__",
+    "fit",
+    "guide_stats",
+    "list_methods",
+    "register_method",
+    "upsample",
+]

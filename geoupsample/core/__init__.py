@@ -1,0 +1,1 @@
+"""The GSJBU method and its baselines (pure torch; no I/O)."""

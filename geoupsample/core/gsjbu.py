@@ -1,0 +1,289 @@
+"""The GSJBU weights as a per-cell bilinear form, and the kernels that use them.
+
+For HR pixel ``p`` in LR cell ``n`` and a neighbour ``q = n + k`` (``K = (2r+1)^2`` offsets), the
+log-weight of DESIGN.md §2 is
+
+    log w(p, q) = -0.5 d^T Sigma_q^-1 d  -  (3 / d_bands) ||G(p) - Gbar(q)||^2 / (2 sigma_r(q)^2)
+
+with ``d = p - mu_q``. (The factor ``3 / d_bands`` keeps ``sigma_r`` calibrated as for an RGB guide
+whatever the band count; it is 1 for three bands.) Measured from the centre of cell ``n``, ``p`` sits
+at ``(yl, xl)`` and ``q``'s centre at ``(k_y * sy, k_x * sx)``; subtracting ``Gbar(n)`` from both
+guide values leaves the range distance unchanged and keeps the numbers small. Expanding the two
+quadratic forms, the log-weight is an inner product of a per-pixel feature vector ``phi(p)`` and a
+per-(cell, neighbour) coefficient vector ``psi(n, k)``:
+
+    phi(p)   = [xl^2, xl*yl, yl^2, xl, yl, 1, |u|^2, u_1 .. u_d]        u = G(p) - Gbar(n)
+    psi(n,k) = [-a/2, -b, -c/2, a*mx + b*my, c*my + b*mx,
+                -(a mx^2 + 2 b mx my + c my^2)/2 - R |v|^2 + mask,  -R,  2 R v_1 .. 2 R v_d]
+
+where ``[[a, b], [b, c]] = Sigma_q^-1`` in (x, y) order, ``(my, mx)`` the neighbour's centre offset,
+``v = Gbar(q) - Gbar(n)``, ``R = 3 / (2 d_bands sigma_r(q)^2)`` and ``mask`` is 0, or -inf for
+neighbours outside the image or with no valid guide pixel. So all logits of a cell are one small
+matmul ``[P, F] @ [F, K]``, the softmax runs over ``K``, and rendering ``C`` channels is another
+matmul ``[P, K] @ [K, C]``. Memory stays at O(H W F) for ``phi`` plus one chunk of cells.
+
+Parameters per LR cell (raw, unconstrained), stacked as ``params[4, h, w]``:
+``log sigma_x``, ``log sigma_y`` (HR pixels), ``theta_raw`` with ``theta = pi * tanh(theta_raw)``
+(radians, from the +x axis (columns) towards +y (rows, downwards)), ``log sigma_r`` (units of the
+normalised guide).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from geoupsample.core.layout import CellLayout
+
+#: Number of spatial features in ``phi`` before the guide features.
+N_SPATIAL = 6
+#: Index of the constant feature in ``phi`` / the bias row in ``psi``.
+CONST = 5
+#: Rough element budget of one chunk's ``[cells, P, K]`` tensors.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def initial_params(
+    lr_shape: tuple[int, int],
+    scale: tuple[float, float],
+    sigma_r: float = 0.12,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``[4, h, w]`` raw parameters at the paper's initial values.
+
+    ``sigma_x = sx`` and ``sigma_y = sy`` (about one LR pixel), ``theta = 0``, ``sigma_r``.
+    """
+    h, w = lr_shape
+    sy, sx = scale
+    values = torch.tensor([math.log(sx), math.log(sy), 0.0, math.log(sigma_r)], dtype=dtype)
+    return values.to(device)[:, None, None].expand(4, h, w).clone()
+
+
+def kernel_coefficients(params: torch.Tensor, bands: int) -> tuple[torch.Tensor, ...]:
+    """Inverse-covariance entries ``(a, b, c)`` and range factor ``R`` from raw ``params``.
+
+    Args:
+        params: ``[4, h, w]`` raw parameters (see module docstring).
+        bands: number of guide bands ``d``.
+
+    Returns:
+        ``a, b, c, R``, each ``[h, w]``; ``Sigma^-1 = [[a, b], [b, c]]`` in (x, y) order, in
+        1 / HR pixel^2; ``R = 3 / (2 d sigma_r^2)``.
+    """
+    inv_x = torch.exp(-2.0 * params[0])
+    inv_y = torch.exp(-2.0 * params[1])
+    theta = math.pi * torch.tanh(params[2])
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    a = cos * cos * inv_x + sin * sin * inv_y
+    c = sin * sin * inv_x + cos * cos * inv_y
+    b = cos * sin * (inv_x - inv_y)
+    r = (1.5 / bands) * torch.exp(-2.0 * params[3])
+    return a, b, c, r
+
+
+def neighbours(maps: torch.Tensor, radius: int, i0: int = 0, i1: int | None = None) -> torch.Tensor:
+    """The ``K`` neighbours of each cell of LR rows ``[i0, i1)``, zero outside the image.
+
+    Args:
+        maps: ``[C, h, w]`` LR rasters.
+    Returns:
+        ``[cells, K, C]`` with cells of the band flattened row-major and ``k`` in unfold order.
+    """
+    c, h, w = maps.shape
+    i1 = h if i1 is None else i1
+    k = 2 * radius + 1
+    lo, hi = i0 - radius, i1 + radius  # LR rows needed, possibly outside [0, h)
+    band = maps[:, max(lo, 0) : min(hi, h)]
+    band = F.pad(band, (radius, radius, max(0, -lo), max(0, hi - h)))
+    cols = F.unfold(band[None], kernel_size=k)  # [1, C*K, cells]
+    return cols.view(c, k * k, -1).permute(2, 1, 0)
+
+
+def cell_means(guide_cells: torch.Tensor, pixel_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area average of the guide over the valid pixels of each cell.
+
+    Args:
+        guide_cells: ``[h, w, P, d]`` guide in cell layout.
+        pixel_valid: ``[h, w, P]`` bool.
+    Returns:
+        ``gbar [d, h, w]`` (0 for cells with no valid pixel) and ``cell_valid [h, w]`` bool.
+    """
+    m = pixel_valid.to(guide_cells.dtype)[..., None]
+    count = m.sum(2)
+    gbar = (guide_cells * m).sum(2) / count.clamp_min(1)
+    return gbar.permute(2, 0, 1).contiguous(), count[..., 0] > 0
+
+
+def build_phi(
+    layout: CellLayout, guide_cells: torch.Tensor, pixel_valid: torch.Tensor, gbar: torch.Tensor
+) -> torch.Tensor:
+    """Per-pixel features ``phi`` ``[n, P, 6 + d]`` (see the module docstring).
+
+    Invalid pixels (padding, nodata) get zeros except the constant feature, which stays 1 so that
+    masked (-inf) neighbours multiply a 1, never a 0.
+    """
+    h, w, p, d = guide_cells.shape
+    dtype, device = guide_cells.dtype, guide_cells.device
+    py, px = layout.rows.n_phase, layout.cols.n_phase
+    yl = layout.rows.local.to(device, dtype)[:, None, :, None].expand(h, w, py, px).reshape(h, w, p)
+    xl = layout.cols.local.to(device, dtype)[None, :, None, :].expand(h, w, py, px).reshape(h, w, p)
+    u = guide_cells - gbar.permute(1, 2, 0)[:, :, None, :]
+    m = pixel_valid.to(dtype)
+    yl, xl = yl * m, xl * m
+    u = u * m[..., None]
+    phi = torch.empty(h, w, p, N_SPATIAL + 1 + d, dtype=dtype, device=device)
+    phi[..., 0] = xl * xl
+    phi[..., 1] = xl * yl
+    phi[..., 2] = yl * yl
+    phi[..., 3] = xl
+    phi[..., 4] = yl
+    phi[..., CONST] = 1.0
+    phi[..., N_SPATIAL] = (u * u).sum(-1)
+    phi[..., N_SPATIAL + 1 :] = u
+    return phi.reshape(h * w, p, -1)
+
+
+def build_psi(
+    params: torch.Tensor,
+    gbar: torch.Tensor,
+    cell_valid: torch.Tensor,
+    layout: CellLayout,
+    radius: int,
+) -> torch.Tensor:
+    """Per-(cell, neighbour) coefficients ``psi`` ``[n, 6 + d, K]``; differentiable in params.
+
+    Args:
+        params: ``[4, h, w]`` raw parameters.
+        gbar: ``[d, h, w]`` cell means of the normalised guide.
+        cell_valid: ``[h, w]`` bool, False for cells without a valid guide pixel.
+    """
+    d = gbar.shape[0]
+    dtype, device = params.dtype, params.device
+    a, b, c, r = kernel_coefficients(params, d)
+    maps = torch.cat([torch.stack([a, b, c, r]), gbar.to(dtype)], 0)
+    nb = neighbours(maps, radius).permute(2, 1, 0)  # [4 + d, K, n]
+    a, b, c, r = nb[0], nb[1], nb[2], nb[3]
+    v = nb[4:] - gbar.to(dtype).reshape(d, 1, -1)
+    dy, dx = (t.to(device, dtype)[:, None] for t in layout.offsets(radius))
+    valid_nb = neighbours(cell_valid.to(dtype)[None], radius)[..., 0].T > 0.5  # [K, n]
+    mask = torch.zeros(valid_nb.shape, dtype=dtype, device=device)
+    mask = mask.masked_fill(~valid_nb, float("-inf"))
+    spatial_const = -0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy)
+    rows = [
+        -0.5 * a,
+        -b,
+        -0.5 * c,
+        a * dx + b * dy,
+        c * dy + b * dx,
+        spatial_const - r * (v * v).sum(0) + mask,
+        -r,
+    ]
+    psi = torch.cat([torch.stack(rows), 2.0 * r[None] * v], 0)  # [F, K, n]
+    return psi.permute(2, 0, 1)
+
+
+def rows_per_chunk(layout: CellLayout, width: int) -> int:
+    """LR cell rows per chunk so that a chunk's ``[cells, P, width]`` stays near the budget."""
+    per_row = layout.cols.n_lr * layout.n_phases * max(width, 1)
+    return max(1, CHUNK_ELEMENTS // per_row)
+
+
+def chunk_weights(phi: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """Softmax weights ``[cells, P, K]`` of a chunk from ``phi [cells, P, F]``, ``psi [cells, F, K]``."""
+    return torch.softmax(torch.bmm(phi, psi), dim=-1)
+
+
+def softmax_backward(w: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
+    """Gradient of the logits given the softmax ``w`` and the gradient of ``w`` (both ``[.., K]``)."""
+    return w * (grad_w - (w * grad_w).sum(-1, keepdim=True))
+
+
+class RenderCells(torch.autograd.Function):
+    """``out[n, P, C] = softmax_K(phi @ psi) @ values``, recomputing the weights in backward.
+
+    Nothing of size ``[n, P, K]`` is saved for backward: the weights are rebuilt chunk by chunk,
+    so autograd memory is that of the inputs. Differentiable in ``psi`` and ``values``.
+    Inputs: ``psi [n, F, K]``, ``values [n, K, C]`` (each cell's neighbour values),
+    ``phi [n, P, F]`` (constant).
+    """
+
+    @staticmethod
+    def forward(ctx, psi, values, phi, chunk):  # type: ignore[override]
+        ctx.save_for_backward(psi, values, phi)
+        ctx.chunk = chunk
+        out = torch.empty(phi.shape[0], phi.shape[1], values.shape[2], dtype=phi.dtype, device=phi.device)
+        for s in range(0, phi.shape[0], chunk):
+            e = s + chunk
+            out[s:e] = torch.bmm(chunk_weights(phi[s:e], psi[s:e]), values[s:e])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        psi, values, phi = ctx.saved_tensors
+        grad_psi = torch.zeros_like(psi) if ctx.needs_input_grad[0] else None
+        grad_values = torch.zeros_like(values) if ctx.needs_input_grad[1] else None
+        for s in range(0, phi.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            w = chunk_weights(phi[s:e], psi[s:e])
+            g = grad_out[s:e]
+            if grad_psi is not None:
+                grad_w = torch.bmm(g, values[s:e].transpose(1, 2))
+                grad_psi[s:e] = torch.bmm(phi[s:e].transpose(1, 2), softmax_backward(w, grad_w))
+            if grad_values is not None:
+                grad_values[s:e] = torch.bmm(w.transpose(1, 2), g)
+        return grad_psi, grad_values, None, None
+
+
+def render_cells(psi: torch.Tensor, values: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """Differentiable rendering in cell layout (see :class:`RenderCells`): ``[n, P, C]``."""
+    chunk = max(1, CHUNK_ELEMENTS // (phi.shape[1] * max(psi.shape[2], values.shape[2])))
+    return RenderCells.apply(psi, values, phi, chunk)
+
+
+def fit_loss_and_grad(
+    psi: torch.Tensor,
+    phi: torch.Tensor,
+    values: torch.Tensor,
+    target: torch.Tensor,
+    target_valid: torch.Tensor,
+    phases: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked L1 loss of rebuilding the guide, and its gradient with respect to ``psi``.
+
+    Forward and backward are fused chunk by chunk (L1 is per pixel, so each chunk's gradient is
+    known as soon as its output is): the weights are computed once per step and never stored.
+
+    Args:
+        psi: ``[n, F, K]`` coefficients (no grad needed).
+        phi: ``[n, P, F]`` pixel features.
+        values: ``[n, K, d]`` each cell's neighbour cell means.
+        target: ``[n, P, d]`` the normalised guide in cell layout.
+        target_valid: ``[n, P]`` bool, pixels that count in the loss.
+        phases: optional phase indices ``[m]``; the loss then uses only these phases.
+
+    Returns:
+        ``(loss, grad_psi)``: mean absolute error over valid pixels and bands; ``[n, F, K]``.
+    """
+    if phases is not None:
+        phi = phi.index_select(1, phases)
+        target = target.index_select(1, phases)
+        target_valid = target_valid.index_select(1, phases)
+    count = target_valid.sum() * target.shape[2]
+    inv_count = 1.0 / count.clamp_min(1).to(phi.dtype)
+    grad_psi = torch.empty_like(psi)
+    total = torch.zeros((), dtype=torch.float64, device=phi.device)
+    chunk = max(1, CHUNK_ELEMENTS // (phi.shape[1] * psi.shape[2]))
+    values_t = values.transpose(1, 2)
+    for s in range(0, phi.shape[0], chunk):
+        e = s + chunk
+        w = chunk_weights(phi[s:e], psi[s:e])
+        diff = torch.bmm(w, values[s:e]) - target[s:e]
+        m = target_valid[s:e, :, None]
+        diff = torch.where(m, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+        total += diff.abs().sum(dtype=torch.float64)
+        grad_w = torch.bmm(torch.sign(diff) * inv_count, values_t[s:e])
+        grad_psi[s:e] = torch.bmm(phi[s:e].transpose(1, 2), softmax_backward(w, grad_w))
+    return (total * inv_count.double()).to(phi.dtype), grad_psi

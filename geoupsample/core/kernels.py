@@ -1,0 +1,347 @@
+"""Fitted GSJBU kernels: :func:`fit` builds them, :meth:`Kernels.render` applies them.
+
+``fit`` solves the test-time optimisation of "Upsample Anything": per-LR-cell anisotropic Gaussian
+kernels of a joint bilateral upsampler, fitted with Adam on the L1 error of rebuilding the
+(normalised) guide from its own cell means. The fitted kernels then render any raster on the
+same LR grid: backbone features, class probabilities, bands, elevation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from geoupsample.core import gsjbu
+from geoupsample.core.arrays import as_tensor, float_dtype, like_input
+from geoupsample.core.guide import GuideStats, prepare_guide
+from geoupsample.core.layout import CellLayout
+
+#: Format version written by :meth:`Kernels.save`.
+FORMAT_VERSION = 1
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return dev
+
+
+def check_lr_shape(lr_shape: object, hr_shape: tuple[int, int]) -> tuple[int, int]:
+    """Validate ``lr_shape`` against the guide's ``(H, W)``."""
+    try:
+        h, w = (int(v) for v in lr_shape)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise TypeError(f"lr_shape must be a pair of ints (h, w); got {lr_shape!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"lr_shape must be positive; got {(h, w)}")
+    if h > hr_shape[0] or w > hr_shape[1]:
+        raise ValueError(
+            f"the low-res grid {(h, w)} is finer than the guide {hr_shape} along at least one "
+            "axis; the guide must have at least as many pixels as the low-res raster (h <= H, w <= W)"
+        )
+    return h, w
+
+
+@dataclass
+class _Prepared:
+    """Everything derived from the guide that the fit and the render need (on one device)."""
+
+    layout: CellLayout
+    radius: int
+    guide_cells: torch.Tensor  # [n, P, d]
+    pixel_valid: torch.Tensor  # [n, P]
+    gbar: torch.Tensor  # [d, h, w]
+    cell_valid: torch.Tensor  # [h, w]
+    phi: torch.Tensor  # [n, P, F]
+
+    @classmethod
+    def build(cls, guide: torch.Tensor, valid: torch.Tensor, lr_shape: tuple[int, int], radius: int):
+        layout = CellLayout.build(tuple(guide.shape[1:]), lr_shape)
+        h, w = lr_shape
+        cells = layout.to_cells(guide).reshape(h, w, layout.n_phases, guide.shape[0])
+        pvalid = layout.to_cells(valid[None]).reshape(h, w, layout.n_phases)
+        pvalid = pvalid & layout.phase_valid.to(valid.device).reshape(h, w, -1)
+        gbar, cell_valid = gsjbu.cell_means(cells, pvalid)
+        phi = gsjbu.build_phi(layout, cells, pvalid, gbar)
+        n = h * w
+        return cls(layout, radius, cells.reshape(n, layout.n_phases, -1), pvalid.reshape(n, -1),
+                   gbar, cell_valid, phi)
+
+    def psi(self, params: torch.Tensor) -> torch.Tensor:
+        return gsjbu.build_psi(params, self.gbar, self.cell_valid, self.layout, self.radius)
+
+
+@dataclass(eq=False)
+class Kernels:
+    """GSJBU kernels fitted to one guide; render any raster on their LR grid.
+
+    Attributes:
+        params: ``[4, h, w]`` raw parameters (``log sigma_x``, ``log sigma_y``, ``theta_raw``,
+            ``log sigma_r``; see :mod:`geoupsample.core.gsjbu`).
+        guide: ``[d, H, W]`` the normalised guide (0 where invalid).
+        valid: ``[H, W]`` bool, the guide's valid pixels; outputs are NaN elsewhere.
+        radius: neighbourhood radius in LR pixels (``K = (2 radius + 1)^2`` neighbours).
+        loss_history: L1 loss before each Adam step of the fit (empty when not fitted).
+    """
+
+    params: torch.Tensor
+    guide: torch.Tensor
+    valid: torch.Tensor
+    radius: int
+    loss_history: list[float] = field(default_factory=list)
+
+    # --- geometry -------------------------------------------------------------------------
+    @property
+    def lr_shape(self) -> tuple[int, int]:
+        return (int(self.params.shape[1]), int(self.params.shape[2]))
+
+    @property
+    def hr_shape(self) -> tuple[int, int]:
+        return (int(self.guide.shape[1]), int(self.guide.shape[2]))
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """``(sy, sx)`` HR pixels per LR pixel."""
+        return (self.hr_shape[0] / self.lr_shape[0], self.hr_shape[1] / self.lr_shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.params.device
+
+    @cached_property
+    def _prepared(self) -> _Prepared:
+        return _Prepared.build(self.guide, self.valid, self.lr_shape, self.radius)
+
+    @cached_property
+    def _psi(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self._prepared.psi(self.params)
+
+    def sigmas(self) -> dict[str, np.ndarray]:
+        """The fitted kernels in physical units, each ``[h, w]`` float64.
+
+        ``sigma_x``, ``sigma_y`` in HR pixels; ``theta`` in radians; ``sigma_r`` in normalised
+        guide units.
+        """
+        p = self.params.detach().double().cpu()
+        return {
+            "sigma_x": torch.exp(p[0]).numpy(),
+            "sigma_y": torch.exp(p[1]).numpy(),
+            "theta": (math.pi * torch.tanh(p[2])).numpy(),
+            "sigma_r": torch.exp(p[3]).numpy(),
+        }
+
+    # --- rendering ------------------------------------------------------------------------
+    def render(self, x: Any) -> torch.Tensor | np.ndarray:
+        """Render a low-res raster at the guide's resolution with these kernels.
+
+        Args:
+            x: ``[C, h, w]`` or ``[B, C, h, w]`` on the kernels' LR grid, numpy or torch, any
+                numeric dtype. NaN marks missing values: missing cells take no weight (the
+                weights of the others are renormalised) and never leak into the output.
+
+        Returns:
+            ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 input), the same kind
+            of array as ``x`` (and, for torch, on ``x``'s device). NaN where the guide is
+            invalid or no neighbour of a pixel has a valid value.
+        """
+        xt = as_tensor(x, "x")
+        lead = check_raster(xt, self.lr_shape)
+        out_dtype = float_dtype(xt)
+        flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
+        out = render_with_mask(flat, lambda v: self._render_flat(v))
+        out = out.reshape(*lead, *self.hr_shape).to(out_dtype)
+        if isinstance(xt, torch.Tensor) and isinstance(x, torch.Tensor):
+            out = out.to(x.device)
+        return like_input(out, x)
+
+    def _render_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``[C, h, w]`` finite values -> ``[C, H, W]``, NaN where the guide is invalid."""
+        prep, psi = self._prepared, self._psi
+        layout = prep.layout
+        h, w = layout.lr_shape
+        py, px = layout.rows.n_phase, layout.cols.n_phase
+        c = x.shape[0]
+        out = torch.empty(c, *self.hr_shape, dtype=x.dtype, device=x.device)
+        rows = gsjbu.rows_per_chunk(layout, max(c, psi.shape[2]))
+        with torch.no_grad():
+            for i0 in range(0, h, rows):
+                i1 = min(h, i0 + rows)
+                s, e = i0 * w, i1 * w
+                weights = gsjbu.chunk_weights(prep.phi[s:e], psi[s:e])  # [cells, P, K]
+                values = gsjbu.neighbours(x, self.radius, i0, i1)  # [cells, K, C]
+                band = torch.bmm(weights, values)  # [cells, P, C]
+                band = band.view(i1 - i0, w, py, px, c).permute(4, 0, 2, 1, 3)
+                band = band.reshape(c, (i1 - i0) * py, w * px)
+                y0, y1, row_select, col_select = layout.row_band(i0, i1)
+                if row_select is not None:
+                    band = band.index_select(1, row_select.to(band.device))
+                if col_select is not None:
+                    band = band.index_select(2, col_select.to(band.device))
+                out[:, y0:y1] = band
+        out.masked_fill_(~self.valid[None], float("nan"))
+        return out
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the kernels to ``path`` (a torch file of plain tensors, loadable safely)."""
+        torch.save(
+            {
+                "format": FORMAT_VERSION,
+                "params": self.params.detach().cpu(),
+                "guide": self.guide.detach().cpu(),
+                "valid": self.valid.detach().cpu(),
+                "radius": int(self.radius),
+                "loss_history": [float(v) for v in self.loss_history],
+            },
+            os.fspath(path),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = "cpu") -> Kernels:
+        """Read kernels written by :meth:`save` (with ``weights_only=True``: no code is run)."""
+        try:
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise ValueError(f"{path} is not a geoupsample kernels file: {err}") from err
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a geoupsample kernels file (format {FORMAT_VERSION})")
+        dev = resolve_device(device)
+        return cls(
+            params=state["params"].to(dev),
+            guide=state["guide"].to(dev),
+            valid=state["valid"].to(dev),
+            radius=int(state["radius"]),
+            loss_history=list(state["loss_history"]),
+        )
+
+
+def check_raster(x: torch.Tensor, lr_shape: tuple[int, int]) -> tuple[int, ...]:
+    """Check ``x`` is ``[C, h, w]`` or ``[B, C, h, w]`` on ``lr_shape``; return its leading dims."""
+    if x.ndim not in (3, 4):
+        raise ValueError(
+            f"x must be [C, h, w] or [B, C, h, w]; got shape {tuple(x.shape)}"
+            + (" (add a channel axis: x[None])" if x.ndim == 2 else "")
+        )
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"x must be real numbers; got {x.dtype}")
+    if tuple(x.shape[-2:]) != tuple(lr_shape):
+        raise ValueError(
+            f"x is on a {tuple(x.shape[-2:])} grid but the kernels were fitted for lr_shape "
+            f"{tuple(lr_shape)}; fit with lr_shape=x.shape[-2:]"
+        )
+    if min(x.shape) == 0:
+        raise ValueError(f"x is empty: shape {tuple(x.shape)}")
+    return tuple(x.shape[:-2])
+
+
+def render_with_mask(x: torch.Tensor, render: Any) -> torch.Tensor:
+    """Apply a linear ``render`` to ``x [C, h, w]`` so that non-finite cells take no weight.
+
+    With missing cells, renders ``[x * m, m]`` and divides: the weights of the valid cells are
+    renormalised. One mask channel serves all channels when they share the same missing cells.
+    Pixels with no valid contribution are NaN.
+    """
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return render(x)
+    c = x.shape[0]
+    shared = bool((finite == finite[:1]).all())
+    masks = finite[:1] if shared else finite
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    stacked = torch.cat([torch.where(finite, x, zero), masks.to(x.dtype)], 0)
+    out = render(stacked)
+    num, den = out[:c], out[c:]
+    nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), nan)
+
+
+def fit(
+    guide: Any,
+    lr_shape: tuple[int, int],
+    iters: int = 50,
+    radius: int = 3,
+    device: str | torch.device | None = None,
+    nodata: float | None = None,
+    seed: int = 0,
+    normalize: bool | GuideStats | tuple = True,
+    lr: float = 0.1,
+    sigma_r: float = 0.12,
+    sample: float = 1.0,
+) -> Kernels:
+    """Fit GSJBU kernels so that they rebuild ``guide`` from its own cell means.
+
+    Args:
+        guide: ``[d, H, W]`` image, any ``d >= 1``, any numeric dtype, numpy or torch.
+        lr_shape: ``(h, w)`` of the low-res grid, ``h <= H``, ``w <= W``; the scale ``H / h``,
+            ``W / w`` may be fractional and differ per axis (pixel-centre convention).
+        iters: Adam steps (0 gives classic JBU at the initial parameters).
+        radius: neighbourhood radius in LR pixels (``(2 radius + 1)^2`` neighbours).
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
+        nodata: guide value marking missing pixels (NaN always counts as missing). Missing pixels
+            are left out of the loss and of the cell means; outputs are NaN there.
+        seed: seed of the random choices (phase sampling when ``sample < 1``).
+        normalize: ``True`` normalises each band by its 1st/99th percentiles over the valid
+            pixels; ``False`` uses the guide as given (expected in about [0, 1]); a
+            :class:`GuideStats` (or ``(lo, hi)``) applies given, e.g. scene-wide, statistics.
+        lr: Adam learning rate on the raw parameters.
+        sigma_r: initial range sigma (normalised guide units).
+        sample: fraction of each cell's pixels used in each step's loss (``0 < sample <= 1``).
+
+    Returns:
+        The fitted :class:`Kernels`.
+    """
+    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0; got {iters!r}")
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
+        raise ValueError(f"radius must be an integer >= 1 (LR pixels); got {radius!r}")
+    if not 0.0 < float(sample) <= 1.0:
+        raise ValueError(f"sample must be in (0, 1]; got {sample!r}")
+    if not sigma_r > 0:
+        raise ValueError(f"sigma_r must be > 0; got {sigma_r!r}")
+    dev = resolve_device(device)
+    g, valid = prepare_guide(guide, nodata, normalize)
+    hr_shape = (int(g.shape[1]), int(g.shape[2]))
+    h, w = check_lr_shape(lr_shape, hr_shape)
+    g, valid = g.to(dev), valid.to(dev)
+    layout = CellLayout.build(hr_shape, (h, w))
+    params = gsjbu.initial_params((h, w), layout.scale, sigma_r, g.dtype, dev)
+    kernels = Kernels(params=params, guide=g, valid=valid, radius=int(radius))
+    if iters == 0:
+        return kernels
+    prep = kernels._prepared
+    values = gsjbu.neighbours(prep.gbar, kernels.radius)  # [n, K, d]
+    n_phases = layout.n_phases
+    n_sample = max(1, round(float(sample) * n_phases))
+    generator = torch.Generator().manual_seed(int(seed))
+    params = params.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([params], lr=lr)
+    history: list[float] = []
+    for _ in range(int(iters)):
+        phases = None
+        if n_sample < n_phases:
+            phases = torch.randperm(n_phases, generator=generator)[:n_sample].to(dev)
+        optimizer.zero_grad(set_to_none=True)
+        psi = prep.psi(params)
+        loss, grad_psi = gsjbu.fit_loss_and_grad(
+            psi.detach(), prep.phi, values, prep.guide_cells, prep.pixel_valid, phases
+        )
+        psi.backward(grad_psi)
+        optimizer.step()
+        history.append(float(loss))
+    kernels = Kernels(params=params.detach(), guide=g, valid=valid, radius=int(radius),
+                      loss_history=history)
+    kernels.__dict__["_prepared"] = prep  # reuse what the fit built
+    return kernels

@@ -1,0 +1,161 @@
+"""Cell layout: which high-resolution (HR) pixels fall in which low-resolution (LR) cell.
+
+Conventions (DESIGN.md §2): pixel centres. HR pixel ``y`` (a row index) has its centre at ``y``;
+LR cell ``i`` has its centre at ``mu_i = (i + 0.5) * sy - 0.5`` in HR pixel units, with
+``sy = H / h`` (fractional allowed, and independent per axis). HR pixel ``y`` belongs to the LR cell
+whose footprint ``[i * sy, (i + 1) * sy)`` holds its centre ``y + 0.5``:
+``i = floor((y + 0.5) / sy)``, computed in exact integer arithmetic.
+
+All HR pixels of one cell share the same neighbour set, so the work is organised per cell: the
+pixels of cell ``(i, j)`` are its *phases* ``(py, px)``. With an integer scale every cell has
+exactly ``s * s`` phases (this is ``pixel_unshuffle``); with a fractional scale cells have
+``floor(s)`` or ``ceil(s)`` phases per axis and the layout pads to the largest count, marking the
+padding invalid.
+
+A useful fact: the centre of neighbour ``i + di`` lies exactly ``di * sy`` HR pixels from the
+centre of cell ``i``, for every ``i``, so neighbour offsets are constants per offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class AxisLayout:
+    """One axis of the layout.
+
+    Attributes:
+        n_hr: HR pixel count along the axis.
+        n_lr: LR cell count along the axis.
+        index: ``[n_lr, n_phase]`` int64, the HR pixel index of each phase of each cell
+            (0 where padded).
+        valid: ``[n_lr, n_phase]`` bool, False on padding.
+        local: ``[n_lr, n_phase]`` float64, HR pixel centre minus the cell centre (HR pixels).
+    """
+
+    n_hr: int
+    n_lr: int
+    index: torch.Tensor
+    valid: torch.Tensor
+    local: torch.Tensor
+
+    @property
+    def scale(self) -> float:
+        """HR pixels per LR cell along this axis."""
+        return self.n_hr / self.n_lr
+
+    @property
+    def n_phase(self) -> int:
+        return int(self.index.shape[1])
+
+    @property
+    def is_regular(self) -> bool:
+        """True when every cell has the same number of phases (integer scale)."""
+        return bool(self.valid.all())
+
+
+def axis_layout(n_hr: int, n_lr: int) -> AxisLayout:
+    """Build the layout of one axis of ``n_hr`` HR pixels over ``n_lr`` LR cells (n_lr <= n_hr)."""
+    y = torch.arange(n_hr, dtype=torch.int64)
+    # floor((y + 0.5) / (n_hr / n_lr)) == floor((2y + 1) * n_lr / (2 n_hr)), exactly.
+    cell = ((2 * y + 1) * n_lr) // (2 * n_hr)
+    counts = torch.bincount(cell, minlength=n_lr)
+    n_phase = int(counts.max())
+    first = torch.cumsum(counts, 0) - counts
+    phase = torch.arange(n_phase, dtype=torch.int64)
+    index = first[:, None] + phase[None, :]
+    valid = phase[None, :] < counts[:, None]
+    index = torch.where(valid, index, torch.zeros_like(index))
+    scale = n_hr / n_lr
+    centre = (torch.arange(n_lr, dtype=torch.float64) + 0.5) * scale - 0.5
+    local = torch.where(valid, index.double() - centre[:, None], torch.zeros(()).double())
+    return AxisLayout(n_hr=n_hr, n_lr=n_lr, index=index, valid=valid, local=local)
+
+
+@dataclass(frozen=True)
+class CellLayout:
+    """The 2-D layout of an ``[H, W]`` HR grid over an ``[h, w]`` LR grid.
+
+    Cells are flattened row-major (``n = i * w + j``), phases likewise (``p = py * Px + px``).
+    """
+
+    rows: AxisLayout
+    cols: AxisLayout
+
+    @classmethod
+    def build(cls, hr_shape: tuple[int, int], lr_shape: tuple[int, int]) -> CellLayout:
+        return cls(axis_layout(hr_shape[0], lr_shape[0]), axis_layout(hr_shape[1], lr_shape[1]))
+
+    @property
+    def hr_shape(self) -> tuple[int, int]:
+        return (self.rows.n_hr, self.cols.n_hr)
+
+    @property
+    def lr_shape(self) -> tuple[int, int]:
+        return (self.rows.n_lr, self.cols.n_lr)
+
+    @property
+    def n_cells(self) -> int:
+        return self.rows.n_lr * self.cols.n_lr
+
+    @property
+    def n_phases(self) -> int:
+        return self.rows.n_phase * self.cols.n_phase
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """``(sy, sx)``: HR pixels per LR cell along rows and columns."""
+        return (self.rows.scale, self.cols.scale)
+
+    @property
+    def is_regular(self) -> bool:
+        return self.rows.is_regular and self.cols.is_regular
+
+    @cached_property
+    def phase_valid(self) -> torch.Tensor:
+        """``[h, w, Py, Px]`` bool: True where a phase is a real HR pixel."""
+        r, c = self.rows.valid, self.cols.valid
+        return r[:, None, :, None] & c[None, :, None, :]
+
+    def to_cells(self, image: torch.Tensor) -> torch.Tensor:
+        """Rearrange an HR image ``[C, H, W]`` into cell layout ``[h, w, Py, Px, C]``.
+
+        Padded phases hold copies of a real pixel; mask them with :attr:`phase_valid`.
+        """
+        ri = self.rows.index.to(image.device)
+        ci = self.cols.index.to(image.device)
+        g = image.index_select(1, ri.reshape(-1)).index_select(2, ci.reshape(-1))
+        c = image.shape[0]
+        g = g.reshape(c, self.rows.n_lr, self.rows.n_phase, self.cols.n_lr, self.cols.n_phase)
+        return g.permute(1, 3, 2, 4, 0)
+
+    def row_band(self, i0: int, i1: int) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
+        """HR rows covered by LR cell rows ``[i0, i1)`` and the selectors that drop padding.
+
+        Returns ``(y0, y1, row_select, col_select)``: the HR rows ``[y0, y1)``, and the indices
+        into the flattened ``(cell row, phase)`` and ``(cell col, phase)`` axes of the padded
+        layout that keep real pixels (``None`` when nothing is padded).
+        """
+        valid_r = self.rows.valid[i0:i1]
+        y0 = int(self.rows.index[i0, 0])
+        y1 = y0 + int(valid_r.sum())
+        row_select = None if bool(valid_r.all()) else valid_r.reshape(-1).nonzero().squeeze(1)
+        col_select = (
+            None if self.cols.is_regular else self.cols.valid.reshape(-1).nonzero().squeeze(1)
+        )
+        return y0, y1, row_select, col_select
+
+    def offsets(self, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbour-centre offsets ``(dy, dx)``, each ``[K]`` float64, in HR pixels.
+
+        ``K = (2 radius + 1)^2``; ``k = (di + radius) * (2 radius + 1) + (dj + radius)``, the order
+        of :func:`torch.nn.functional.unfold`.
+        """
+        d = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        dy = (d[:, None] * self.rows.scale).expand(-1, d.numel()).reshape(-1)
+        dx = (d[None, :] * self.cols.scale).expand(d.numel(), -1).reshape(-1)
+        return dy, dx

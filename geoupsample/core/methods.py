@@ -1,0 +1,137 @@
+"""The upsampling methods behind one interface, in a timm-style registry.
+
+Every method maps a low-res raster ``x`` (``[C, h, w]`` or ``[B, C, h, w]``) and a guide
+``[d, H, W]`` to ``[C, H, W]`` / ``[B, C, H, W]`` on the guide's grid, with the same conventions:
+pixel centres, NaN in ``x`` is missing and never leaks into valid output, and outputs are NaN
+where the guide is invalid.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from geoupsample.core.arrays import as_tensor, float_dtype, like_input
+from geoupsample.core.guide import check_guide, valid_mask
+from geoupsample.core.kernels import check_lr_shape, check_raster, fit, render_with_mask
+
+Method = Callable[..., Any]
+_REGISTRY: dict[str, Method] = {}
+#: Keyword arguments of :func:`fit`; baselines accept and ignore them so callers can loop
+#: over methods with one set of arguments.
+FIT_KWARGS = frozenset(inspect.signature(fit).parameters) - {"guide", "lr_shape"}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    """Register an upsampling method under ``name`` (decorator)."""
+
+    def wrap(fn: Method) -> Method:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_methods() -> tuple[str, ...]:
+    """Names accepted by :func:`upsample`'s ``method``."""
+    return tuple(_REGISTRY)
+
+
+def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
+    """Upsample ``x`` onto the grid of ``guide``.
+
+    Args:
+        x: ``[C, h, w]`` or ``[B, C, h, w]`` low-res raster, numpy or torch (NaN = missing).
+        guide: ``[d, H, W]`` the high-resolution guide (its shape fixes the output grid).
+        method: one of :func:`list_methods`: ``nearest``, ``bilinear``, ``bicubic``, ``jbu``,
+            ``gsjbu``.
+        **kwargs: passed to :func:`geoupsample.fit` (``iters``, ``radius``, ``nodata``, ...).
+
+    Returns:
+        ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 ``x``), same array kind
+        as ``x``.
+    """
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_REGISTRY)}")
+    unknown = set(kwargs) - FIT_KWARGS
+    if unknown:
+        raise TypeError(
+            f"unexpected argument(s) {', '.join(sorted(unknown))}; upsample takes the keyword "
+            f"arguments of gu.fit: {', '.join(sorted(FIT_KWARGS))}"
+        )
+    return _REGISTRY[method](x, guide, **kwargs)
+
+
+@register_method("gsjbu")
+def _gsjbu(x: Any, guide: Any, **kwargs: Any) -> Any:
+    xt = as_tensor(x, "x")
+    if xt.ndim not in (3, 4):
+        check_raster(xt, (0, 0))
+    return fit(guide, tuple(xt.shape[-2:]), **kwargs).render(x)
+
+
+@register_method("jbu")
+def _jbu(x: Any, guide: Any, **kwargs: Any) -> Any:
+    return _gsjbu(x, guide, **{**kwargs, "iters": 0})
+
+
+def _interpolating(mode: str) -> Method:
+    def run(x: Any, guide: Any, nodata: float | None = None, **_: Any) -> Any:
+        g = check_guide(guide)
+        xt = as_tensor(x, "x")
+        lead = check_raster(xt, tuple(xt.shape[-2:]) if xt.ndim in (3, 4) else (0, 0))
+        hr_shape = (int(g.shape[1]), int(g.shape[2]))
+        lr_shape = check_lr_shape(xt.shape[-2:], hr_shape)
+        dtype = float_dtype(xt)
+        flat = xt.reshape(-1, *lr_shape).to(dtype)
+        out = interpolate(flat, hr_shape, mode)
+        out.masked_fill_(~valid_mask(g, nodata).to(out.device)[None], float("nan"))
+        return like_input(out.reshape(*lead, *hr_shape), x)
+
+    return run
+
+
+def interpolate(x: torch.Tensor, hr_shape: tuple[int, int], mode: str) -> torch.Tensor:
+    """Plain interpolation of ``x [C, h, w]`` to ``hr_shape`` (pixel centres, no antialiasing).
+
+    NaN cells are missing: ``nearest`` keeps them NaN; ``bilinear`` renormalises over the valid
+    cells of its 2 x 2 support; ``bicubic`` interpolates the raster with missing cells filled
+    from their valid neighbours and is NaN where bilinear has no valid cell.
+    """
+    if mode == "nearest":
+        return F.interpolate(x[None], size=hr_shape, mode="nearest-exact")[0]
+    if mode == "bilinear":
+        return render_with_mask(x, lambda v: _resize(v, hr_shape, "bilinear"))
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return _resize(x, hr_shape, "bicubic")
+    support = render_with_mask(x, lambda v: _resize(v, hr_shape, "bilinear"))
+    out = _resize(fill_missing(x), hr_shape, "bicubic")
+    return torch.where(torch.isnan(support), support, out)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    return F.interpolate(x[None], size=size, mode=mode, align_corners=False)[0]
+
+
+def fill_missing(x: torch.Tensor, rounds: int = 4) -> torch.Tensor:
+    """Fill non-finite cells of ``x [C, h, w]`` with the mean of their valid 3 x 3 neighbours,
+    repeated ``rounds`` times; what is still missing becomes 0."""
+    finite = torch.isfinite(x)
+    v = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
+    m = finite.to(x.dtype)
+    for _ in range(rounds):
+        num = F.avg_pool2d(v[None], 3, 1, 1, count_include_pad=False)[0]
+        den = F.avg_pool2d(m[None], 3, 1, 1, count_include_pad=False)[0]
+        grow = (m == 0) & (den > 0)
+        v = torch.where(grow, num / den.clamp_min(1e-12), v)
+        m = torch.where(grow, torch.ones_like(m), m)
+    return v
+
+
+for _mode in ("nearest", "bilinear", "bicubic"):
+    register_method(_mode)(_interpolating(_mode))

@@ -1,0 +1,261 @@
+"""GSJBU kernels against a plainly written reference, gradients, properties and persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import geoupsample as gu
+from geoupsample.core import gsjbu
+from geoupsample.core.layout import CellLayout
+from tests import reference
+
+
+def random_params(lr_shape, scale, rng) -> np.ndarray:
+    """Random raw parameters around sensible values: sigmas 0.3-3 LR px, any angle."""
+    h, w = lr_shape
+    sy, sx = scale
+    p = np.empty((4, h, w))
+    p[0] = np.log(sx * rng.uniform(0.3, 3.0, (h, w)))
+    p[1] = np.log(sy * rng.uniform(0.3, 3.0, (h, w)))
+    p[2] = rng.uniform(-2.0, 2.0, (h, w))
+    p[3] = np.log(rng.uniform(0.05, 0.5, (h, w)))
+    return p
+
+
+def kernels_with(params: np.ndarray, guide: np.ndarray, valid: np.ndarray, radius: int):
+    return gu.Kernels(
+        params=torch.from_numpy(params),
+        guide=torch.from_numpy(guide),
+        valid=torch.from_numpy(valid),
+        radius=radius,
+    )
+
+
+CASES = [
+    # (H, W), (h, w), bands, radius
+    ((12, 16), (3, 4), 1, 2),  # integer scale 4
+    ((13, 11), (4, 3), 3, 2),  # fractional, different per axis
+    ((10, 21), (5, 4), 8, 1),  # scale 2 x 5.25
+    ((9, 9), (9, 9), 3, 1),  # scale 1
+]
+
+
+@pytest.mark.parametrize("hr_shape,lr_shape,bands,radius", CASES)
+def test_render_matches_dense_reference(hr_shape, lr_shape, bands, radius):
+    rng = np.random.default_rng(sum(hr_shape) + bands)
+    guide = rng.random((bands, *hr_shape))
+    valid = rng.random(hr_shape) > 0.15  # nodata holes
+    guide[:, ~valid] = 0.0
+    scale = (hr_shape[0] / lr_shape[0], hr_shape[1] / lr_shape[1])
+    params = random_params(lr_shape, scale, rng)
+    x = rng.normal(size=(3, *lr_shape))
+    ours = kernels_with(params, guide, valid, radius).render(x)
+    ref = reference.render(params, guide, valid, lr_shape, radius, x)
+    assert ours.dtype == np.float64
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def test_render_float32_matches_reference_with_borders_and_nan_in_x():
+    rng = np.random.default_rng(7)
+    hr, lr = (20, 18), (5, 6)
+    guide = rng.random((4, *hr)).astype(np.float32)
+    valid = np.ones(hr, bool)
+    valid[3:6, 4:9] = False
+    params = random_params(lr, (4.0, 3.0), rng).astype(np.float32)
+    x = rng.normal(size=(2, *lr)).astype(np.float32)
+    x[:, 0, 0] = np.nan  # a missing cell in every channel
+    x[1, 2, 3] = np.nan  # a missing cell in one channel only
+    ours = kernels_with(params, guide, valid, 2).render(x)
+    ref = reference.render(params, guide, valid, lr, 2, x)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4, equal_nan=True)
+    assert np.isfinite(ours[:, valid]).all(), "NaN in x leaked into valid output pixels"
+
+
+def test_jbu_equals_classic_joint_bilateral_formula():
+    rng = np.random.default_rng(3)
+    guide = rng.random((3, 16, 20))
+    x = rng.normal(size=(2, 4, 5))
+    ours = gu.upsample(x, guide, method="jbu", normalize=False, radius=3)
+    ref = reference.classic_jbu(guide, np.ones((16, 20), bool), (4, 5), x, sigma_r=0.12, radius=3)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-10)
+
+
+def _tiny_problem(dtype=torch.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    hr, lr, d, radius = (7, 9), (3, 4), 2, 1
+    guide = torch.from_numpy(rng.random((d, *hr))).to(dtype)
+    valid = torch.from_numpy(rng.random(hr) > 0.1)
+    k = gu.Kernels(
+        params=torch.from_numpy(random_params(lr, (7 / 3, 9 / 4), rng)).to(dtype),
+        guide=guide * valid,
+        valid=valid,
+        radius=radius,
+    )
+    return k, k._prepared
+
+
+def test_gradcheck_render_function():
+    k, prep = _tiny_problem()
+    params = k.params.clone().requires_grad_(True)
+    x = torch.randn(2, *k.lr_shape, dtype=torch.float64, requires_grad=True)
+
+    def run(p, v):
+        psi = prep.psi(p)
+        return gsjbu.render_cells(psi, gsjbu.neighbours(v, k.radius), prep.phi)
+
+    assert torch.autograd.gradcheck(run, (params, x), eps=1e-6, atol=1e-6)
+
+
+def test_fused_fit_gradient_equals_autograd():
+    k, prep = _tiny_problem(seed=1)
+    params = k.params.clone().requires_grad_(True)
+    values = gsjbu.neighbours(prep.gbar, k.radius)
+    psi = prep.psi(params)
+    out = gsjbu.render_cells(psi, values, prep.phi)
+    m = prep.pixel_valid[..., None]
+    loss = ((out - prep.guide_cells).abs() * m).sum() / (m.sum() * out.shape[2])
+    (grad_auto,) = torch.autograd.grad(loss, params)
+    psi2 = prep.psi(params)
+    loss2, grad_psi = gsjbu.fit_loss_and_grad(
+        psi2.detach(), prep.phi, values, prep.guide_cells, prep.pixel_valid
+    )
+    (grad_fused,) = torch.autograd.grad(psi2, params, grad_psi)
+    assert float(loss2) == pytest.approx(float(loss.detach()), rel=1e-12)
+    torch.testing.assert_close(grad_fused, grad_auto, rtol=1e-9, atol=1e-12)
+
+
+def test_constant_raster_renders_constant_and_weights_sum_to_one():
+    rng = np.random.default_rng(5)
+    guide = rng.random((3, 30, 27)).astype(np.float32)
+    k = gu.fit(guide, (7, 6), iters=5)
+    out = k.render(np.full((2, 7, 6), 3.25, np.float32))
+    np.testing.assert_allclose(out, 3.25, rtol=1e-5)
+    prep = k._prepared
+    w = gsjbu.chunk_weights(prep.phi, k._psi)
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]), rtol=1e-5, atol=1e-5)
+
+
+def test_ramp_stays_ramp_under_bilinear_and_flat_guide_jbu():
+    s, h, w = 8, 12, 12
+    ramp_lr = np.broadcast_to(np.arange(w, dtype=np.float64), (h, w))[None]
+    guide = np.full((3, h * s, w * s), 0.5)
+    x_hr = (np.arange(w * s) + 0.5) / s - 0.5  # LR coordinate of each HR pixel centre
+    bil = gu.upsample(ramp_lr, guide, method="bilinear")
+    inner = slice(s, (w - 1) * s)
+    np.testing.assert_allclose(bil[0, :, inner], np.broadcast_to(x_hr[inner], (h * s, len(x_hr[inner]))), atol=1e-9)
+    jbu = gu.upsample(ramp_lr, guide, method="jbu", normalize=False)
+    inner = slice(3 * s, (w - 3) * s)  # radius 3 away from the edges
+    err = np.abs(jbu[0, 3 * s : (h - 3) * s, inner] - x_hr[inner])
+    assert err.max() < 0.01, err.max()  # within 1 % of the ramp's step per LR pixel
+
+
+def test_fit_lowers_l1_loss_and_is_deterministic(rotterdam_ms):
+    guide = rotterdam_ms[:3, :48, :48]  # a real RGB crop
+    k = gu.fit(guide, (8, 8), iters=30, device="cpu", sample=0.5, seed=4)
+    assert len(k.loss_history) == 30
+    assert k.loss_history[-1] < 0.8 * k.loss_history[0]
+    k0 = gu.fit(guide, (8, 8), iters=0, device="cpu")
+    gbar = k._prepared.gbar.numpy()
+    target = k.guide.numpy()
+    err_fit = np.abs(k.render(gbar) - target).mean()
+    err_init = np.abs(k0.render(gbar) - target).mean()
+    assert err_fit < err_init
+    again = gu.fit(guide, (8, 8), iters=30, device="cpu", sample=0.5, seed=4)
+    torch.testing.assert_close(again.params, k.params, rtol=0, atol=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    guide = rng.integers(0, 4000, (4, 40, 36)).astype(np.uint16)
+    k = gu.fit(guide, (5, 6), iters=3, nodata=0)
+    k.save(tmp_path / "k.pt")
+    k2 = gu.Kernels.load(tmp_path / "k.pt")
+    x = rng.normal(size=(3, 5, 6)).astype(np.float32)
+    np.testing.assert_array_equal(k.render(x), k2.render(x))
+    assert k2.loss_history == k.loss_history
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a geoupsample kernels file"):
+        gu.Kernels.load(tmp_path / "bad.pt")
+
+
+def test_layout_covers_every_pixel_once():
+    for hr, lr in [((300, 301), (37, 40)), ((64, 64), (16, 16)), ((10, 7), (10, 2))]:
+        layout = CellLayout.build(hr, lr)
+        idx = torch.arange(hr[0] * hr[1], dtype=torch.float64).reshape(1, *hr)
+        cells = layout.to_cells(idx)[..., 0]
+        picked = cells[layout.phase_valid]
+        assert sorted(picked.long().tolist()) == list(range(hr[0] * hr[1]))
+
+
+@pytest.mark.parametrize("method", gu.METHODS)
+def test_methods_share_shapes_dtypes_and_array_kind(method):
+    rng = np.random.default_rng(0)
+    guide = rng.random((3, 30, 25))
+    x32 = rng.random((2, 3, 6, 5)).astype(np.float32)
+    out = gu.upsample(x32, guide, method=method, iters=2)
+    assert isinstance(out, np.ndarray) and out.shape == (2, 3, 30, 25) and out.dtype == np.float32
+    out64 = gu.upsample(torch.from_numpy(x32[0]).double(), guide, method=method, iters=2)
+    assert isinstance(out64, torch.Tensor) and out64.shape == (3, 30, 25)
+    assert out64.dtype == torch.float64
+    xi = rng.integers(0, 9, (1, 6, 5)).astype(np.int16)
+    assert gu.upsample(xi, guide, method=method, iters=2).dtype == np.float32
+
+
+@pytest.mark.parametrize("method", gu.METHODS)
+def test_nan_in_x_never_leaks(method):
+    rng = np.random.default_rng(1)
+    guide = rng.random((3, 32, 32)).astype(np.float32)
+    x = rng.random((2, 8, 8)).astype(np.float32)
+    x[:, 3, 4] = np.nan
+    x[0, 6, 1] = np.nan
+    out = gu.upsample(x, guide, method=method, iters=2)
+    if method == "nearest":
+        assert np.isnan(out[:, 12:16, 16:20]).all()
+        out[:, 12:16, 16:20] = 0
+        out[0, 24:28, 4:8] = 0
+    assert np.isfinite(out).all()
+
+
+def test_guide_nodata_gives_nan_output_for_every_method():
+    rng = np.random.default_rng(4)
+    guide = rng.integers(1, 255, (3, 24, 24)).astype(np.uint8)
+    guide[:, 5:9, 2:7] = 0
+    x = rng.random((1, 6, 6)).astype(np.float32)
+    for method in gu.METHODS:
+        out = gu.upsample(x, guide, method=method, nodata=0, iters=2)
+        assert np.isnan(out[0, 5:9, 2:7]).all(), method
+        assert np.isfinite(out[0, 12:, 12:]).all(), method
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda g, x: gu.fit(g, (50, 8)), ValueError, "finer than the guide"),
+        (lambda g, x: gu.fit(g, (8,)), TypeError, "pair of ints"),
+        (lambda g, x: gu.fit(g[0], (8, 8)), ValueError, "add a band axis"),
+        (lambda g, x: gu.fit(g[None], (8, 8)), ValueError, r"\[bands, H, W\]"),
+        (lambda g, x: gu.fit(g[:, :0], (8, 8)), ValueError, "empty"),
+        (lambda g, x: gu.fit(np.full_like(g, np.nan), (8, 8)), ValueError, "no valid pixel"),
+        (lambda g, x: gu.fit(g, (8, 8), iters=-1), ValueError, "iters"),
+        (lambda g, x: gu.fit(g, (8, 8), radius=0), ValueError, "radius"),
+        (lambda g, x: gu.fit(g, (8, 8), normalize="yes"), TypeError, "normalize"),
+        (lambda g, x: gu.fit("guide.tif", (8, 8)), TypeError, "numpy array or a torch tensor"),
+        (lambda g, x: gu.fit(g, (8, 8), iters=0).render(x[:, :4]), ValueError, "lr_shape"),
+        (lambda g, x: gu.fit(g, (8, 8), iters=0).render(x[0]), ValueError, "channel axis"),
+        (lambda g, x: gu.upsample(x, g, method="lanczos"), ValueError, "unknown method"),
+        (lambda g, x: gu.upsample(x, g, method="bilinear", iter=3), TypeError, "unexpected"),
+        (lambda g, x: gu.upsample(x[:, :, :4].repeat(20, 2), g, method="bilinear"), ValueError, "finer"),
+        (lambda g, x: gu.upsample(x, g, method="gsjbu", normalize=gu.GuideStats([0], [1])), ValueError, "bands"),
+    ],
+)
+def test_bad_input_gives_clear_errors(call, error, match):
+    rng = np.random.default_rng(0)
+    guide = rng.random((3, 32, 32)).astype(np.float32)
+    x = rng.random((2, 8, 8)).astype(np.float32)
+    with pytest.raises(error, match=match):
+        call(guide, x)
