@@ -1,0 +1,54 @@
+"""Helpers shared by the tiling tests: write small real GeoTIFFs, simple per-tile functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+
+CRS_UTM = CRS.from_epsg(32631)
+
+
+def write_tif(path, data: np.ndarray, transform: Affine, crs=CRS_UTM, nodata=None,
+              block: int = 64, descriptions=None) -> str:
+    """Write ``data`` [bands, rows, cols] as a tiled GeoTIFF; returns the path as str."""
+    count, h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=count,
+                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata,
+                       tiled=True, blockxsize=block, blockysize=block) as ds:
+        ds.write(data)
+        if descriptions:
+            for i, d in enumerate(descriptions, 1):
+                ds.set_band_description(i, d)
+    return str(path)
+
+
+def identity(ctx):
+    """Per-tile function: the input ``img`` as is."""
+    return ctx.data["img"]
+
+
+def box3(ctx):
+    """Per-tile function: 3x3 mean of ``img`` with edge replication (support 1 px)."""
+    x = ctx.data["img"]
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = x.shape[1:]
+    return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+def box3_whole(x):
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = x.shape[1:]
+    return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+class Repeat:
+    """Per-tile function: nearest upsampling of ``lr`` by ``scale`` (picklable)."""
+
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+
+    def __call__(self, ctx):
+        x = ctx.data["lr"]
+        return np.repeat(np.repeat(x, self.scale, axis=1), self.scale, axis=2)

@@ -1,0 +1,130 @@
+"""Blending accumulator that keeps only the tiles still needed by unfinished write cells.
+
+Each tile's output is cut into the parts that fall on the write cells its weighted support touches
+(at most 2 x 2 cells when ``tile >= halo + block``); a cell is finalised as soon as every tile
+contributing to it has arrived, then dropped. With tiles submitted in row-major order this holds
+about one row of cell *edges* (the overlap strip with the next tile row) plus the tiles in flight,
+so memory does not grow with the number of tile rows.
+
+The blend is deterministic: parts are summed in tile order whatever order they arrived in, so a
+run on a thread pool, on a dask cluster or resumed after a crash gives identical pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from rasterio.windows import Window
+
+from tiling.blend import axis_weights
+from tiling.grid import Cell, TileGrid
+
+
+@dataclass
+class _Part:
+    tile: tuple[int, int]
+    data: np.ndarray  # float32 [count, rows, cols], NaN = missing
+    wy: np.ndarray  # float32 [rows]
+    wx: np.ndarray  # float32 [cols]
+    r0: int  # offsets inside the cell
+    c0: int
+
+
+@dataclass
+class _CellState:
+    cell: Cell
+    remaining: int
+    parts: list[_Part] = field(default_factory=list)
+
+
+def tile_parts(grid: TileGrid, tile_id: tuple[int, int], data: np.ndarray,
+               cell: Cell) -> _Part | None:
+    """The part of tile ``tile_id``'s output ``data`` (on its read window) that falls on ``cell``,
+    with its blending weights; None when it has no weight there."""
+    tile = grid.get(*tile_id)
+    (sy0, sy1), (sx0, sx1) = grid.support(*tile_id)
+    w = cell.window
+    ry0, rx0 = int(tile.read.row_off), int(tile.read.col_off)
+    ry1, rx1 = ry0 + int(tile.read.height), rx0 + int(tile.read.width)
+    y0 = max(sy0, ry0, int(w.row_off))
+    y1 = min(sy1, ry1, int(w.row_off + w.height))
+    x0 = max(sx0, rx0, int(w.col_off))
+    x1 = min(sx1, rx1, int(w.col_off + w.width))
+    if y1 <= y0 or x1 <= x0:
+        return None
+    crop = np.ascontiguousarray(data[:, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0], dtype=np.float32)
+    wy = axis_weights(grid.rows, tile_id[0], grid.taper, y0, y1)
+    wx = axis_weights(grid.cols, tile_id[1], grid.taper, x0, x1)
+    return _Part(tile_id, crop, wy, wx, y0 - int(w.row_off), x0 - int(w.col_off))
+
+
+def blend_parts(parts: list[_Part], count: int, window: Window) -> np.ndarray:
+    """Weighted mean of ``parts`` over ``window``: float32 ``[count, rows, cols]``, NaN where no
+    finite value has weight. Parts are summed in tile order (deterministic)."""
+    h, w = int(window.height), int(window.width)
+    out = np.empty((count, h, w), dtype=np.float32)
+    parts = sorted(parts, key=lambda p: p.tile)
+    weights = [np.outer(p.wy.astype(np.float64), p.wx) for p in parts]
+    for b in range(count):  # one band at a time keeps the float64 buffers small
+        num = np.zeros((h, w), dtype=np.float64)
+        den = np.zeros((h, w), dtype=np.float64)
+        for p, wgt in zip(parts, weights, strict=True):
+            ok = np.isfinite(p.data[b])
+            sl = (slice(p.r0, p.r0 + p.data.shape[1]), slice(p.c0, p.c0 + p.data.shape[2]))
+            num[sl] += np.where(ok, p.data[b], 0.0) * wgt
+            den[sl] += ok * wgt
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[b] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return out
+
+
+class Accumulator:
+    """Tracks every write cell; ``add`` a tile's result, get back the cells now complete.
+
+    Args:
+        grid: the tile grid.
+        count: bands per tile output.
+        skip_cells: indices (into ``grid.cells()``) that will not be written (outside the AOI or
+            already finished in a resumed run); contributions to them are dropped at once.
+    """
+
+    def __init__(self, grid: TileGrid, count: int, skip_cells: set[int] | None = None) -> None:
+        self.grid = grid
+        self.count = count
+        self.cells = grid.cells()
+        skip = skip_cells or set()
+        self.state: dict[int, _CellState] = {
+            i: _CellState(c, len(c.tiles)) for i, c in enumerate(self.cells) if i not in skip}
+        self.by_tile: dict[tuple[int, int], list[int]] = {}
+        for i, st in self.state.items():
+            for t in st.cell.tiles:
+                self.by_tile.setdefault(t, []).append(i)
+
+    def needed(self, tile_id: tuple[int, int]) -> bool:
+        """Whether any pending cell needs this tile."""
+        return bool(self.by_tile.get(tile_id))
+
+    def add(self, tile_id: tuple[int, int],
+            data: np.ndarray | None) -> list[tuple[Cell, np.ndarray]]:
+        """Add tile ``tile_id``'s output (None = no data / skipped); return completed cells as
+        ``(cell, float32 [count, rows, cols])`` in row-major order."""
+        done = []
+        for i in self.by_tile.pop(tile_id, []):
+            st = self.state[i]
+            if data is not None:
+                part = tile_parts(self.grid, tile_id, data, st.cell)
+                if part is not None:
+                    st.parts.append(part)
+            st.remaining -= 1
+            if st.remaining == 0:
+                done.append(i)
+        out = []
+        for i in sorted(done):
+            st = self.state.pop(i)
+            out.append((st.cell, blend_parts(st.parts, self.count, st.cell.window)))
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self.state)

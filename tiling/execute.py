@@ -1,0 +1,303 @@
+"""The public entry point :func:`run`: any per-tile function over rasters, into one GeoTIFF/COG.
+
+A per-tile function receives a :class:`TileContext` and returns float32 ``[count, rows, cols]`` for
+the tile's read window (NaN = nodata), or ``None`` when the tile has no data (e.g. all nodata).
+Tiles are computed on a local thread pool or a dask.distributed cluster with a bounded number in
+flight; a single writer in the calling process blends them and writes finished cells.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from tiling.accumulate import Accumulator
+from tiling.aoi import load_aoi, window_intersects, window_mask
+from tiling.grid import Tile, TileGrid
+from tiling.journal import Journal
+from tiling.writer import OutputSpec, Writer
+
+
+@dataclass
+class TileContext:
+    """What a per-tile function gets.
+
+    Attributes:
+        tile: grid indices, core and read windows (output pixels).
+        window: ``tile.read``: the output window the function must return values for.
+        transform: affine transform of ``window`` in the output CRS.
+        data: per input name, float32 ``[bands, rows, cols]`` on that input's own grid covering
+            the same ground as ``window`` (a low-res input at scale s has ``rows = window.height
+            / s``), NaN where nodata or outside the input.
+    """
+
+    tile: Tile
+    window: Window
+    transform: Affine
+    data: dict[str, np.ndarray]
+
+
+TileFunction = Callable[[TileContext], "np.ndarray | None"]
+
+
+@dataclass
+class Progress:
+    """Passed to the progress callback after each tile: tiles done (computed or skipped) out of
+    ``total``, output megapixels written so far, and seconds since start."""
+
+    done: int
+    total: int
+    megapixels: float
+    seconds: float
+    skipped: int = 0
+
+
+@dataclass
+class RunReport:
+    """Summary of a finished :func:`run`."""
+
+    path: str
+    tiles: int
+    computed: int
+    skipped: int
+    resumed_bands: int
+    seconds: float
+    megapixels: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mp_per_s(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
+
+
+def compute_tile(fn: TileFunction, inputs: Mapping[str, Any], tile: Tile,
+                 out_transform: Affine, count: int) -> tuple[tuple[int, int], np.ndarray | None]:
+    """Read the inputs for ``tile``, call ``fn``, check the result's shape. Runs on workers."""
+    wt = window_transform(tile.read, out_transform)
+    data = {name: src.read(tile.read, out_transform) for name, src in inputs.items()}
+    out = fn(TileContext(tile, tile.read, wt, data))
+    if out is None:
+        return tile.id, None
+    out = np.asarray(out, dtype=np.float32)
+    want = (count, int(tile.read.height), int(tile.read.width))
+    if out.shape != want:
+        raise ValueError(f"the per-tile function returned shape {out.shape} for tile {tile.id}; "
+                         f"expected {want} (bands, rows, cols of the tile's read window)")
+    return tile.id, out
+
+
+def _local_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[Tile],
+                   transform: Affine, count: int, workers: int,
+                   max_in_flight: int) -> Iterator[tuple[tuple[int, int], np.ndarray | None]]:
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiling") as pool:
+        pending: set[cf.Future] = set()
+        try:
+            for t in tiles:
+                pending.add(pool.submit(compute_tile, fn, inputs, t, transform, count))
+                if len(pending) >= max_in_flight:
+                    done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for f in done:
+                        yield f.result()
+            while pending:
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[Tile],
+                  transform: Affine, count: int, scheduler: Any,
+                  max_in_flight: int) -> Iterator[tuple[tuple[int, int], np.ndarray | None]]:
+    from distributed import Client, as_completed
+
+    own = isinstance(scheduler, str)
+    client = Client(scheduler) if own else scheduler
+    try:
+        seq = as_completed()
+        n = 0
+        for t in tiles:
+            seq.add(client.submit(compute_tile, fn, inputs, t, transform, count, pure=False))
+            n += 1
+            if n >= max_in_flight:
+                f = next(seq)
+                n -= 1
+                yield f.result()
+        for f in seq:
+            yield f.result()
+    finally:
+        if own:
+            client.close()
+
+
+def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
+        tile: int = 1024, halo: int = 64, align: int | tuple[int, int] = 1,
+        align_offset: tuple[int, int] = (0, 0), blend: str = "taper",
+        region: Window | None = None, aoi: Any = None, aoi_crs: Any = None,
+        resume: bool = False, params: Mapping[str, Any] | None = None,
+        scheduler: Any = None, workers: int | None = None, max_in_flight: int | None = None,
+        progress: Callable[[Progress], None] | None = None) -> RunReport:
+    """Run ``fn`` over every tile of ``output``'s grid and write one seamless GeoTIFF/COG.
+
+    Args:
+        fn: per-tile function ``fn(ctx: TileContext) -> float32 [output.count, rows, cols] | None``
+            (must be picklable for a dask.distributed scheduler).
+        inputs: named readers (:class:`tiling.RasterInput`, :class:`tiling.ArrayInput`) whose
+            grids nest with the output grid (e.g. a low-res raster at an integer scale).
+        output: the output grid, bands, dtype, nodata, compression, COG flag.
+        tile: core tile size in output pixels (rounded up to a multiple of ``align``).
+        halo: context pixels around each core; also the width of the blending ramp.
+        align, align_offset: read windows start on ``align_offset + k * align`` and span multiples
+            of ``align`` pixels (pass the low-res scale and the output pixel where a low-res pixel
+            starts, or a backbone's patch size).
+        blend: ``"taper"`` (raised cosine over the overlap, none at the region border) or
+            ``"crop"`` (each pixel from the tile that owns it).
+        region: optional output window to process; everything outside it is nodata.
+        aoi: optional shapely geometry / GeoJSON (file path, dict or string); tiles outside it are
+            skipped and pixels outside it are nodata. ``aoi_crs`` gives its CRS (see
+            :mod:`tiling.aoi` for defaults).
+        resume: continue a run interrupted (even by ``kill -9``) with the same inputs and
+            parameters; a journal from other inputs/parameters raises
+            :class:`tiling.JournalMismatch`.
+        params: extra parameters identifying the job (method, iterations...) for the journal key.
+        scheduler: None (local threads) or a ``distributed.Client`` or scheduler address.
+        workers: local threads (default: CPU count).
+        max_in_flight: tiles submitted but not yet blended (default: 2 x workers, or 2 x the
+            cluster's threads); bounds memory.
+        progress: called with a :class:`Progress` after every tile.
+
+    Returns:
+        a :class:`RunReport`. Nothing exists at ``output.path`` until the run is complete: the
+        file is written under a temporary name beside it and renamed at the end. On an error the
+        temporary files are removed; on ``KeyboardInterrupt`` they are kept for ``resume=True``.
+    """
+    t0 = time.perf_counter()
+    if not inputs:
+        raise ValueError("run() needs at least one input")
+    grid = TileGrid(output.height, output.width, tile=tile, halo=halo, align=align,
+                    offset=align_offset, block=output.blocksize, region=region, blend=blend)
+    geom = load_aoi(aoi, output.crs, aoi_crs) if aoi is not None else None
+    if geom is not None and not window_intersects(geom, grid.region_window, output.transform):
+        raise ValueError("the AOI does not overlap the raster")
+    cells = grid.cells()
+
+    key_params = {
+        "inputs": {k: v.identity() for k, v in inputs.items()},
+        "grid": {"height": grid.height, "width": grid.width, "tile": tile, "halo": halo,
+                 "align": align, "align_offset": list(align_offset), "blend": blend,
+                 "region": None if region is None else str(region)},
+        "output": {"crs": str(output.crs), "transform": list(output.transform)[:6],
+                   "count": output.count, "dtype": output.dtype, "nodata": str(output.nodata),
+                   "compress": output.compress, "blocksize": output.blocksize, "cog": output.cog},
+        "aoi": None if geom is None else geom.wkt,
+        "params": dict(params or {}),
+    }
+    journal = Journal(output.path, key_params)
+    done_bands: set[int] = journal.load() if resume else set()
+    if resume and done_bands and not os.path.exists(output.partial_path):
+        done_bands = set()  # journal without its partial file: start over
+
+    skip = set()
+    band_left: dict[int, int] = {}
+    for i, c in enumerate(cells):
+        if c.row in done_bands:
+            skip.add(i)
+        elif geom is not None and not window_intersects(geom, c.window, output.transform):
+            skip.add(i)
+        else:
+            band_left[c.row] = band_left.get(c.row, 0) + 1
+    acc = Accumulator(grid, output.count, skip)
+
+    workers = workers or os.cpu_count() or 1
+    total = len(grid)
+    state = {"done": 0, "skipped": 0, "mp": 0.0}
+
+    def report() -> None:
+        if progress is not None:
+            progress(Progress(state["done"], total, state["mp"], time.perf_counter() - t0,
+                              state["skipped"]))
+
+    def tiles_to_compute() -> Iterator[Tile]:
+        for t in grid.tiles():
+            needed = acc.needed(t.id)
+            if needed and geom is not None:
+                (y0, y1), (x0, x1) = grid.support(*t.id)
+                needed = window_intersects(geom, Window(x0, y0, x1 - x0, y1 - y0),
+                                           output.transform)
+            if needed:
+                yield t
+            else:
+                state["skipped"] += 1
+                consume(t.id, None)
+
+    def consume(tile_id: tuple[int, int], data: np.ndarray | None) -> None:
+        for cell, values in acc.add(tile_id, data):
+            if geom is not None:
+                inside = window_mask(geom, cell.window, output.transform)
+                values[:, ~inside] = np.nan
+            writer.write(values, cell.window)
+            state["mp"] += cell.window.width * cell.window.height / 1e6
+            band_left[cell.row] -= 1
+            if band_left[cell.row] == 0:
+                writer.flush()
+                journal.mark(cell.row)
+        state["done"] += 1
+        report()
+
+    if max_in_flight is None:
+        if scheduler is None:
+            max_in_flight = 2 * workers
+        else:
+            max_in_flight = 2 * _cluster_threads(scheduler)
+    max_in_flight = max(1, max_in_flight)
+
+    keep = finished = False
+    writer = Writer(output, resume=bool(done_bands))
+    try:
+        if not done_bands:
+            journal.start()
+        report()
+        if scheduler is None:
+            results = _local_results(fn, inputs, tiles_to_compute(), output.transform,
+                                     output.count, workers, max_in_flight)
+        else:
+            results = _dask_results(fn, inputs, tiles_to_compute(), output.transform,
+                                    output.count, scheduler, max_in_flight)
+        computed = 0
+        for tile_id, data in results:
+            computed += 1
+            consume(tile_id, data)
+        if acc.pending:
+            raise RuntimeError(f"internal error: {acc.pending} cells were never completed")
+        path = writer.finish()
+        finished = True
+    except KeyboardInterrupt:
+        keep = True
+        raise
+    finally:
+        if not finished:
+            writer.abort(keep=keep)
+            if not keep:
+                journal.remove()
+    journal.remove()
+    return RunReport(path, total, computed, state["skipped"], len(done_bands),
+                     time.perf_counter() - t0, state["mp"])
+
+
+def _cluster_threads(scheduler: Any) -> int:
+    if isinstance(scheduler, str):
+        return 4
+    try:
+        return max(1, sum(scheduler.nthreads().values()))
+    except Exception:  # noqa: BLE001 - any client-like object without nthreads()
+        return 4

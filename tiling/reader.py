@@ -1,0 +1,162 @@
+"""Readers: windows of an input raster (a file through rasterio, or an in-memory/dask array).
+
+Every reader returns float32 ``[bands, rows, cols]`` with ``NaN`` where the input is nodata or
+where the requested window lies outside the input (boundless reads are padded, never clamped).
+Input windows are derived from an output window through georeferenced bounds
+(:func:`rasterio.windows.bounds` then :func:`rasterio.windows.from_bounds`), so an input on a
+coarser grid (e.g. a low-res raster at scale 8) gets the matching sub-grid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.windows import Window, bounds, from_bounds
+
+_local = threading.local()
+
+
+def open_cached(path: str) -> rasterio.io.DatasetReader:
+    """A read-only dataset for ``path``, opened once per thread (datasets are not thread-safe)."""
+    cache = getattr(_local, "datasets", None)
+    if cache is None:
+        cache = _local.datasets = {}
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    ds = cache.get(key)
+    if ds is None or ds.closed:
+        ds = cache[key] = rasterio.open(path)
+    return ds
+
+
+def input_window(out_window: Window, out_transform: Affine, in_transform: Affine,
+                 tolerance: float = 0.25) -> Window:
+    """The window of an input grid covering the same ground as ``out_window`` of the output grid.
+
+    Offsets and sizes are rounded to whole input pixels; a misfit larger than ``tolerance`` input
+    pixels (grids that do not nest) raises ``ValueError``.
+    """
+    w = from_bounds(*bounds(out_window, out_transform), transform=in_transform)
+    r = w.round_offsets(op="round").round_lengths(op="round")
+    err = max(abs(w.col_off - r.col_off), abs(w.row_off - r.row_off),
+              abs(w.width - r.width), abs(w.height - r.height))
+    if err > tolerance:
+        raise ValueError(
+            f"tile window {out_window} does not fall on whole pixels of the input grid "
+            f"(misfit {err:.2f} px); the grids do not nest - align the tile grid to the scale")
+    return r
+
+
+def _boundless(read: Any, window: Window, height: int, width: int, count: int) -> np.ndarray:
+    """Read ``window`` (may leave ``[0, height) x [0, width)``) via ``read(inner_window)``."""
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    out = np.full((count, r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+    ir0, ic0, ir1, ic1 = max(r0, 0), max(c0, 0), min(r1, height), min(c1, width)
+    if ir1 > ir0 and ic1 > ic0:
+        data = read(Window(ic0, ir0, ic1 - ic0, ir1 - ir0))
+        out[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = data
+    return out
+
+
+def to_float(data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """float32 copy of ``data`` with ``nodata`` (and NaN) as NaN."""
+    out = np.asarray(data, dtype=np.float32)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        out = np.where(np.asarray(data) == nodata, np.float32(np.nan), out)
+    return out
+
+
+@dataclass(frozen=True)
+class RasterInput:
+    """A raster file read window by window with rasterio.
+
+    Args:
+        path: the file (anything rasterio opens).
+        bands: 1-based band indexes to read (default: all), in the order given.
+        nodata: overrides the file's nodata value (pixels equal to it become NaN).
+    """
+
+    path: str
+    bands: tuple[int, ...] | None = None
+    nodata: float | None = None
+
+    def _ds(self) -> rasterio.io.DatasetReader:
+        return open_cached(self.path)
+
+    @property
+    def transform(self) -> Affine:
+        return self._ds().transform
+
+    @property
+    def count(self) -> int:
+        return len(self.bands) if self.bands else self._ds().count
+
+    def read(self, out_window: Window, out_transform: Affine) -> np.ndarray:
+        """float32 ``[bands, rows, cols]`` covering ``out_window`` of the output grid."""
+        ds = self._ds()
+        win = input_window(out_window, out_transform, ds.transform)
+        indexes = list(self.bands) if self.bands else list(range(1, ds.count + 1))
+        nodata = self.nodata if self.nodata is not None else ds.nodata
+        return _boundless(lambda w: to_float(ds.read(indexes, window=w), nodata), win,
+                          ds.height, ds.width, len(indexes))
+
+    def identity(self) -> dict:
+        """What identifies this input for a resume journal (path, size, mtime, bands)."""
+        st = os.stat(self.path)
+        return {"path": os.path.abspath(self.path), "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns, "bands": self.bands, "nodata": self.nodata}
+
+
+@dataclass(frozen=True)
+class ArrayInput:
+    """An array ``[bands, rows, cols]`` (numpy or dask) on a grid given by ``transform``.
+
+    Reading a window computes only that slice (dask reads only the chunks it needs).
+    """
+
+    array: Any
+    transform: Affine
+    nodata: float | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.array.shape[0])
+
+    def window(self, out_window: Window, out_transform: Affine) -> Window:
+        return input_window(out_window, out_transform, self.transform)
+
+    def read(self, out_window: Window, out_transform: Affine) -> np.ndarray:
+        """float32 ``[bands, rows, cols]`` covering ``out_window`` of the output grid."""
+        win = self.window(out_window, out_transform)
+        _, h, w = self.array.shape
+        return _boundless(lambda iw: to_float(np.asarray(self.array[(slice(None),)
+                                                                     + iw.toslices()]),
+                                              self.nodata),
+                          win, h, w, self.count)
+
+    def identity(self) -> dict:
+        return {"array": repr(type(self.array)), "shape": list(self.array.shape),
+                "transform": list(self.transform)[:6], "name": getattr(self.array, "name", None)}
+
+
+def block_aligned_chunks(path: str, target: int = 2048) -> dict[str, int]:
+    """Dask chunk sizes for ``rioxarray.open_rasterio(path, chunks=...)``: multiples of the file's
+    block shape near ``target`` pixels, all bands in one chunk."""
+    with rasterio.open(path) as ds:
+        by, bx = ds.block_shapes[0]
+    return {"band": -1, "y": max(1, target // by) * by, "x": max(1, target // bx) * bx}
+
+
+def open_dask(path: str, target: int = 2048, **kwargs: Any) -> Any:
+    """Open ``path`` lazily with rioxarray, chunks aligned to its blocks (``DataArray``)."""
+    import rioxarray  # noqa: F401 - registers the .rio accessor
+
+    return rioxarray.open_rasterio(path, chunks=block_aligned_chunks(path, target), **kwargs)
