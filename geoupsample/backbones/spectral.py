@@ -1,0 +1,178 @@
+"""``spectral``: a weight-free extractor of per-cell band statistics and spectral indices.
+
+For each LR cell of ``cell_size x cell_size`` HR pixels it gives, in this order: the mean and the
+standard deviation of every band, then the mean and standard deviation of each spectral index
+whose bands can be identified. Indices are computed per HR pixel before the cell statistics:
+
+- NDVI = (nir - red) / (nir + red)
+- NDWI = (green - nir) / (green + nir)         (McFeeters 1996, open water)
+- NDBI = (swir1 - nir) / (swir1 + nir)         (built-up; needs a SWIR band)
+
+Bands are identified from ``band_names`` (case-insensitive: ``red``/``r``, ``green``/``g``,
+``blue``/``b``, ``nir``/``near-infrared``/``nir08``, ``swir1``/``swir16``) or given explicitly as
+``index_bands={"red": 0, "nir": 3}``. Indices are meaningful on reflectance-like values (raw
+digital numbers or reflectances, not per-band rescaled data); pass the tile as read.
+Non-finite pixels (nodata as NaN) are left out of every statistic; a cell without valid pixels
+gets NaN features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .base import Backbone, BackboneError, BandCountError
+
+#: Band roles and the names (lower case) that identify them.
+BAND_ALIASES: dict[str, tuple[str, ...]] = {
+    "red": ("red", "r"),
+    "green": ("green", "g"),
+    "blue": ("blue", "b"),
+    "nir": ("nir", "near-infrared", "near infrared", "nir08", "nir1"),
+    "swir1": ("swir1", "swir16", "swir_1", "swir"),
+}
+
+#: Index name -> (positive role, negative role) of the normalised difference (a - b) / (a + b).
+INDICES: dict[str, tuple[str, str]] = {
+    "ndvi": ("nir", "red"),
+    "ndwi": ("green", "nir"),
+    "ndbi": ("swir1", "nir"),
+}
+
+STATS = ("mean", "std")
+
+
+def identify_bands(band_names: Sequence[str] | None) -> dict[str, int]:
+    """Map band roles (``red``, ``nir``, ...) to indices using :data:`BAND_ALIASES`."""
+    roles: dict[str, int] = {}
+    for i, name in enumerate(band_names or ()):
+        key = name.strip().lower()
+        for role, aliases in BAND_ALIASES.items():
+            if key in aliases and role not in roles:
+                roles[role] = i
+    return roles
+
+
+class SpectralBackbone(Backbone):
+    """Per-cell band statistics and spectral indices; no weights, deterministic.
+
+    Output channels, in order: for each statistic (``mean`` then ``std``), every band followed by
+    every index (see :meth:`feature_names`).
+
+    Args:
+        cell_size: HR pixels per LR cell along each axis (the stride).
+        band_names: names of the input tile's bands; fixes ``in_chans`` and identifies index bands.
+        in_chans: number of input bands when no names are given (None: any).
+        index_bands: explicit role -> band index mapping, overriding the names.
+        indices: which indices to compute: ``"auto"`` (all whose bands are present), or a list.
+        stats: per-cell statistics, a subset of ``("mean", "std")``.
+    """
+
+    def __init__(
+        self,
+        *,
+        cell_size: int = 8,
+        band_names: Sequence[str] | None = None,
+        in_chans: int | None = None,
+        index_bands: Mapping[str, int] | None = None,
+        indices: str | Sequence[str] = "auto",
+        stats: Sequence[str] = STATS,
+    ) -> None:
+        super().__init__()
+        if int(cell_size) < 1:
+            raise BackboneError(f"cell_size must be a positive number of pixels, got {cell_size}")
+        if band_names is not None and in_chans is not None and len(band_names) != in_chans:
+            raise BandCountError(f"{len(band_names)} band names given for in_chans={in_chans}")
+        bad = [s for s in stats if s not in STATS]
+        if bad or not stats:
+            raise BackboneError(f"stats must be a non-empty subset of {STATS}, got {list(stats)}")
+        self.stride = int(cell_size)
+        self.band_names = tuple(band_names) if band_names is not None else None
+        self.in_chans = len(band_names) if band_names is not None else in_chans  # type: ignore[assignment]
+        self.stats = tuple(stats)
+        roles = identify_bands(band_names)
+        roles.update({k.lower(): int(v) for k, v in (index_bands or {}).items()})
+        if indices == "auto":
+            chosen = [n for n, (a, b) in INDICES.items() if a in roles and b in roles]
+        else:
+            chosen = [str(n).lower() for n in indices]
+            for n in chosen:
+                if n not in INDICES:
+                    raise BackboneError(f"unknown index {n!r}; known: {sorted(INDICES)}")
+                missing = [r for r in INDICES[n] if r not in roles]
+                if missing:
+                    raise BackboneError(
+                        f"index {n} needs the {' and '.join(missing)} band(s): name the bands "
+                        "(band_names=...) or give index_bands={'red': 0, 'nir': 3}"
+                    )
+        self.index_pairs = [(n, roles[INDICES[n][0]], roles[INDICES[n][1]]) for n in chosen]
+        self._min_bands = 1 + max((max(a, b) for _, a, b in self.index_pairs), default=-1)
+        if self.in_chans is not None and self._min_bands > self.in_chans:
+            raise BandCountError(f"index bands {roles} out of range for {self.in_chans} bands")
+
+    @property
+    def num_features(self) -> int:  # type: ignore[override]
+        if self.in_chans is None:
+            raise BackboneError(
+                "num_features depends on the band count: pass band_names or in_chans"
+            )
+        return len(self.stats) * (self.in_chans + len(self.index_pairs))
+
+    def feature_names(self, d: int | None = None) -> list[str]:
+        """Names of the output channels for a tile of ``d`` bands (default: ``in_chans``)."""
+        d = self.in_chans if d is None else d
+        if d is None:
+            raise BackboneError("pass the band count d")
+        bands = (
+            list(self.band_names)
+            if self.band_names is not None
+            else [f"band{i + 1}" for i in range(d)]
+        )
+        indices = [n for n, _, _ in self.index_pairs]
+        return [f"{name}_{s}" for s in self.stats for name in bands + indices]
+
+    def _check_bands(self, d: int) -> None:
+        super()._check_bands(d)
+        if d < self._min_bands:
+            raise BandCountError(
+                f"the spectral indices need {self._min_bands} bands, the tile has {d}"
+            )
+
+    def _cell_stats(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-cell statistics of ``x [B, n, H, W]``: ``[B, n, h, w]`` each, in ``stats`` order."""
+        b, n, hh, ww = x.shape
+        s = self.stride
+        valid = torch.isfinite(x)
+        xv = torch.where(valid, x, torch.zeros((), dtype=x.dtype))
+        blocks = xv.view(b, n, hh // s, s, ww // s, s)
+        vblocks = valid.view(b, n, hh // s, s, ww // s, s).to(x.dtype)
+        count = vblocks.sum(dim=(3, 5))
+        mean = blocks.sum(dim=(3, 5)) / count  # NaN where no valid pixel
+        out = []
+        for stat in self.stats:
+            if stat == "mean":
+                out.append(mean)
+            else:
+                dev = (blocks - mean[:, :, :, None, :, None]) * vblocks
+                out.append(torch.sqrt((dev * dev).sum(dim=(3, 5)) / count))
+        return out
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.double()  # accurate sums on raw digital numbers
+        per_stat = self._cell_stats(x)
+        if self.index_pairs:
+            idx = []
+            for _, a, b in self.index_pairs:
+                num, den = x[:, a] - x[:, b], x[:, a] + x[:, b]
+                v = torch.where(den.abs() > 1e-12, num / den, torch.zeros((), dtype=x.dtype))
+                idx.append(
+                    torch.where(torch.isfinite(den), v, torch.full((), float("nan"), dtype=x.dtype))
+                )
+            idx_stats = self._cell_stats(torch.stack(idx, dim=1))
+            per_stat = [torch.cat([p, q], dim=1) for p, q in zip(per_stat, idx_stats, strict=True)]
+        return torch.cat(per_stat, dim=1).float()
+
+    def extra_repr(self) -> str:
+        names = [n for n, _, _ in self.index_pairs]
+        return f"cell_size={self.stride}, stats={self.stats}, indices={names}"
