@@ -1,0 +1,480 @@
+"""Labelled polygons -> soft labels (per-class coverage fractions) on a low-resolution grid.
+
+Polygons come from a GeoJSON file (read with :mod:`json` and shapely) or a GeoPackage (read with
+:mod:`sqlite3`, no GDAL vector bindings needed), each feature carrying a class in an attribute
+("class field"). They may be in any CRS and are reprojected to the raster's with
+:func:`rasterio.warp.transform_geom`.
+
+On a grid with affine ``transform`` and ``shape (h, w)``, :func:`rasterize_fractions` returns
+``[K, h, w]`` float32 coverage fractions, one band per class in :attr:`LabelPolygons.classes`
+order: the share of each cell covered by polygons of that class, measured by rasterising at
+``supersample x supersample`` points per cell (pixel centres of a finer grid) and averaging. Where
+polygons of different classes overlap, the later feature in the file wins. Fractions sum to the
+labelled share of the cell (0 = unlabelled, 1 = fully labelled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import struct
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.features import rasterize
+from rasterio.warp import transform_geom
+from shapely.geometry import mapping, shape
+from shapely.geometry.base import BaseGeometry
+
+#: CRS of GeoJSON without a ``crs`` member (RFC 7946: longitude, latitude on WGS 84).
+GEOJSON_DEFAULT_CRS = "OGC:CRS84"
+
+
+class LabelError(ValueError):
+    """Labels that cannot be used: missing class field, no overlap with the scene, one class..."""
+
+
+@dataclass(frozen=True)
+class LabelPolygons:
+    """Polygons with one class each, in one CRS.
+
+    Attributes:
+        geometries: Polygon or MultiPolygon per feature, in file order.
+        labels: class name per geometry (strings; numbers are written as in the file).
+        classes: distinct class names, in the order of the output bands.
+        crs: CRS of the coordinates (None if unknown).
+        source: where they were read from, for messages.
+    """
+
+    geometries: tuple[BaseGeometry, ...]
+    labels: tuple[str, ...]
+    classes: tuple[str, ...]
+    crs: CRS | None
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return len(self.geometries)
+
+    def class_index(self) -> np.ndarray:
+        """0-based index into :attr:`classes` for every geometry, ``int64 [N]``."""
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return np.array([lookup[v] for v in self.labels], dtype=np.int64)
+
+    def to_crs(self, crs: CRS | str | None) -> LabelPolygons:
+        """The same polygons reprojected to ``crs`` (a no-op when equal or when ``crs`` is None)."""
+        if crs is None:
+            return self
+        dst = CRS.from_user_input(crs)
+        if self.crs is None:
+            raise LabelError(
+                f"the CRS of {self.source} is unknown: give it (crs=..., e.g. 'EPSG:32631')"
+            )
+        if dst == self.crs or not self.geometries:
+            return replace(self, crs=dst)
+        try:
+            moved = transform_geom(self.crs, dst, [mapping(g) for g in self.geometries])
+        except Exception as err:  # GDAL/PROJ errors come as several rasterio types
+            raise LabelError(
+                f"cannot reproject the polygons of {self.source} from {self.crs} to {dst} ({err}): "
+                f"are their coordinates really in {self.crs}? (GeoJSON without a 'crs' member "
+                "is read as lon/lat WGS 84; pass crs=... to say otherwise)"
+            ) from err
+        geoms = tuple(_polygonal(shape(g)) for g in moved)
+        keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+        return replace(
+            self,
+            geometries=tuple(geoms[i] for i in keep),
+            labels=tuple(self.labels[i] for i in keep),
+            crs=dst,
+        )
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(xmin, ymin, xmax, ymax)`` of all polygons in :attr:`crs`."""
+        b = shapely.bounds(np.asarray(self.geometries, dtype=object))
+        return (
+            float(b[:, 0].min()),
+            float(b[:, 1].min()),
+            float(b[:, 2].max()),
+            float(b[:, 3].max()),
+        )
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def read_polygons(
+    path: str | os.PathLike[str],
+    class_field: str,
+    *,
+    crs: CRS | str | None = None,
+    layer: str | None = None,
+    classes: Sequence[str] | None = None,
+) -> LabelPolygons:
+    """Read labelled polygons from GeoJSON (``.geojson``/``.json``) or GeoPackage (``.gpkg``).
+
+    Args:
+        path: the file.
+        class_field: attribute holding each polygon's class (name or number).
+        crs: CRS of the coordinates, overriding the file's (GeoJSON default: lon/lat WGS 84).
+        layer: GeoPackage feature table (needed only when the file has several).
+        classes: the class order of the output bands; default: sorted distinct values
+            (numerically when all are numbers). Values not listed are an error.
+
+    Raises:
+        LabelError: unreadable file, class field missing, no polygons, fewer than two classes.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LabelError(f"label file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".gpkg":
+        geoms, values, file_crs, fields = _read_gpkg(p, class_field, layer)
+    elif suffix in (".geojson", ".json"):
+        geoms, values, file_crs, fields = _read_geojson(p, class_field)
+    else:
+        raise LabelError(
+            f"unsupported label format {p.suffix!r}: use GeoJSON or GeoPackage (.gpkg)"
+        )
+    if class_field not in fields:
+        raise LabelError(
+            f"class field {class_field!r} not found in {p.name}; its fields are "
+            f"{sorted(fields) or 'none'}: pass one of them as the class field (--class-field)"
+        )
+    return _assemble(geoms, values, crs or file_crs, classes, str(p))
+
+
+def from_geometries(
+    geometries: Iterable[BaseGeometry],
+    labels: Iterable[Any],
+    crs: CRS | str | None,
+    classes: Sequence[str] | None = None,
+) -> LabelPolygons:
+    """Build :class:`LabelPolygons` from shapely geometries and their classes."""
+    return _assemble(list(geometries), list(labels), crs, classes, "<memory>")
+
+
+def _assemble(
+    geoms: list[BaseGeometry | None],
+    values: list[Any],
+    crs: CRS | str | None,
+    classes: Sequence[str] | None,
+    source: str,
+) -> LabelPolygons:
+    kept_g: list[BaseGeometry] = []
+    kept_v: list[str] = []
+    skipped_kind = skipped_null = 0
+    for g, v in zip(geoms, values, strict=True):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            skipped_null += 1
+            continue
+        poly = _polygonal(g) if g is not None else None
+        if poly is None or poly.is_empty:
+            skipped_kind += 1
+            continue
+        kept_g.append(poly)
+        kept_v.append(_class_name(v))
+    if skipped_null:
+        warnings.warn(f"{source}: {skipped_null} feature(s) without a class skipped", stacklevel=3)
+    if skipped_kind:
+        warnings.warn(
+            f"{source}: {skipped_kind} feature(s) without polygon area skipped", stacklevel=3
+        )
+    if not kept_g:
+        raise LabelError(f"{source} holds no labelled polygons")
+    present = set(kept_v)
+    if classes is None:
+        order = _sorted_classes(present)
+    else:
+        order = tuple(str(c) for c in classes)
+        unknown = sorted(present - set(order))
+        if unknown:
+            raise LabelError(f"{source}: classes {unknown} are not in the given class list {order}")
+        if len(set(order)) != len(order):
+            raise LabelError(f"the class list {order} repeats a class")
+    if len(present) < 2:
+        raise LabelError(
+            f"{source} has only {len(present)} class ({sorted(present)}): a classifier needs "
+            "polygons of at least two classes"
+        )
+    return LabelPolygons(
+        geometries=tuple(kept_g),
+        labels=tuple(kept_v),
+        classes=order,
+        crs=CRS.from_user_input(crs) if crs is not None else None,
+        source=source,
+    )
+
+
+def _class_name(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _sorted_classes(names: set[str]) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(names, key=float))
+    except ValueError:
+        return tuple(sorted(names))
+
+
+def _polygonal(g: BaseGeometry) -> BaseGeometry | None:
+    """The polygonal part of ``g`` (made valid), or None when it has no area."""
+    if not g.is_valid:
+        g = shapely.make_valid(g)
+    if g.geom_type in ("Polygon", "MultiPolygon"):
+        return g
+    if g.geom_type == "GeometryCollection":
+        parts = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
+        return shapely.union_all(parts) if parts else None
+    return None
+
+
+def _read_geojson(
+    p: Path, class_field: str
+) -> tuple[list[BaseGeometry | None], list[Any], CRS | str | None, set[str]]:
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LabelError(f"cannot read {p} as GeoJSON: {err}") from err
+    kind = doc.get("type") if isinstance(doc, dict) else None
+    if kind == "FeatureCollection":
+        features = doc.get("features") or []
+    elif kind == "Feature":
+        features = [doc]
+    elif kind is not None:
+        raise LabelError(f"{p.name} is a bare {kind} geometry without attributes: no class field")
+    else:
+        raise LabelError(f"{p.name} is not GeoJSON (no 'type' member)")
+    crs: CRS | str | None = GEOJSON_DEFAULT_CRS
+    crs_member = doc.get("crs")
+    if isinstance(crs_member, dict):
+        name = (crs_member.get("properties") or {}).get("name")
+        if name:
+            crs = CRS.from_user_input(name)
+    fields: set[str] = set()
+    geoms: list[BaseGeometry | None] = []
+    values: list[Any] = []
+    missing = 0
+    for f in features:
+        props = f.get("properties") or {}
+        fields.update(props)
+        if class_field not in props:
+            missing += 1
+        geom = f.get("geometry")
+        geoms.append(shape(geom) if geom else None)
+        values.append(props.get(class_field))
+    if class_field in fields and missing:
+        warnings.warn(f"{p.name}: {missing} feature(s) lack {class_field!r}", stacklevel=3)
+    return geoms, values, crs, fields
+
+
+# GeoPackage: a SQLite file (OGC 12-128r18). Geometry blobs are a small header + WKB.
+_ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
+
+
+def _gpkg_geometry(blob: bytes | None) -> BaseGeometry | None:
+    if blob is None:
+        return None
+    if blob[:2] != b"GP":
+        raise LabelError("not a GeoPackage geometry blob (no 'GP' magic)")
+    flags = blob[3]
+    envelope = (flags >> 1) & 0b111
+    if envelope not in _ENVELOPE_BYTES:
+        raise LabelError(f"invalid GeoPackage envelope code {envelope}")
+    if (flags >> 4) & 1:  # empty geometry
+        return None
+    return shapely.from_wkb(bytes(blob[8 + _ENVELOPE_BYTES[envelope] :]))
+
+
+def _gpkg_srs_id(blob: bytes) -> int:
+    return struct.unpack("<i" if blob[3] & 1 else ">i", blob[4:8])[0]
+
+
+def _read_gpkg(
+    p: Path, class_field: str, layer: str | None
+) -> tuple[list[BaseGeometry | None], list[Any], CRS | None, set[str]]:
+    try:
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    except sqlite3.Error as err:
+        raise LabelError(f"cannot open {p} as GeoPackage: {err}") from err
+    try:
+        try:
+            tables = [
+                r[0]
+                for r in con.execute(
+                    "SELECT table_name FROM gpkg_contents WHERE data_type = 'features'"
+                )
+            ]
+        except sqlite3.DatabaseError as err:
+            raise LabelError(f"{p.name} is not a GeoPackage ({err})") from err
+        if layer is None:
+            if len(tables) != 1:
+                raise LabelError(f"{p.name} has feature layers {tables}: choose one (layer=...)")
+            layer = tables[0]
+        elif layer not in tables:
+            raise LabelError(f"{p.name} has no feature layer {layer!r}; it has {tables}")
+        row = con.execute(
+            "SELECT column_name, srs_id FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)
+        ).fetchone()
+        if row is None:
+            raise LabelError(f"{p.name}: layer {layer!r} has no geometry column")
+        geom_col, srs_id = row
+        crs = _gpkg_crs(con, int(srs_id))
+        columns = [r[1] for r in con.execute(f'PRAGMA table_info("{layer}")')]
+        fields = set(columns) - {geom_col}
+        if class_field not in fields:
+            return [], [], crs, fields
+        rows = con.execute(f'SELECT "{geom_col}", "{class_field}" FROM "{layer}"').fetchall()
+    finally:
+        con.close()
+    return [_gpkg_geometry(g) for g, _ in rows], [v for _, v in rows], crs, fields
+
+
+def _gpkg_crs(con: sqlite3.Connection, srs_id: int) -> CRS | None:
+    row = con.execute(
+        "SELECT organization, organization_coordsys_id, definition FROM gpkg_spatial_ref_sys "
+        "WHERE srs_id = ?",
+        (srs_id,),
+    ).fetchone()
+    if row is None or srs_id in (0, -1):
+        return None
+    org, code, definition = row
+    if str(org).upper() == "EPSG" and code is not None:
+        return CRS.from_epsg(int(code))
+    if definition and definition.strip().lower() != "undefined":
+        return CRS.from_wkt(definition)
+    return None
+
+
+# -------------------------------------------------------------------------------- rasterising
+
+
+def lr_grid(
+    transform: Affine, shape: tuple[int, int], stride: int
+) -> tuple[Affine, tuple[int, int]]:
+    """The LR grid of an HR grid at ``stride`` HR pixels per LR cell: ``(transform, (h, w))``."""
+    h, w = shape
+    return transform @ Affine.scale(stride), (h // stride, w // stride)
+
+
+def _grid_bounds(transform: Affine, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    h, w = shape
+    xs, ys = zip(*(transform @ c for c in ((0, 0), (w, 0), (0, h), (w, h))), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _in_grid(labels: LabelPolygons, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
+    """Indices of the polygons that intersect the grid's footprint."""
+    if not labels.geometries:
+        return np.zeros(0, dtype=np.int64)
+    footprint = shapely.box(*_grid_bounds(transform, shape))
+    geoms = np.asarray(labels.geometries, dtype=object)
+    return np.flatnonzero(shapely.intersects(geoms, footprint))
+
+
+def check_scene(
+    labels: LabelPolygons, transform: Affine, shape: tuple[int, int], crs: CRS | str | None
+) -> LabelPolygons:
+    """Validate labels against a scene and return them in its CRS, only those that overlap it.
+
+    Raises:
+        LabelError: no polygon overlaps the scene, or those that do carry fewer than 2 classes.
+    """
+    moved = labels.to_crs(crs)
+    inside = _in_grid(moved, transform, shape)
+    if inside.size == 0:
+        scene = tuple(round(v, 3) for v in _grid_bounds(transform, shape))
+        pb = tuple(round(v, 3) for v in moved.bounds) if len(moved) else "none"
+        raise LabelError(
+            f"none of the {len(labels)} polygons of {labels.source} overlaps the scene: scene "
+            f"bounds {scene} and polygon bounds {pb} in {moved.crs}; check the file's CRS "
+            "(GeoJSON without a 'crs' member is read as lon/lat WGS 84)"
+        )
+    present = {moved.labels[i] for i in inside}
+    if len(present) < 2:
+        raise LabelError(
+            f"the polygons that overlap the scene carry only {len(present)} class "
+            f"({sorted(present)}): a classifier needs at least two"
+        )
+    return replace(
+        moved,
+        geometries=tuple(moved.geometries[i] for i in inside),
+        labels=tuple(moved.labels[i] for i in inside),
+    )
+
+
+def rasterize_classes(
+    labels: LabelPolygons,
+    transform: Affine,
+    shape: tuple[int, int],
+    *,
+    crs: CRS | str | None = None,
+) -> np.ndarray:
+    """Class of each grid pixel (by pixel centre): ``int16 [h, w]``, -1 = unlabelled.
+
+    Values index :attr:`LabelPolygons.classes`. Later features win where polygons overlap.
+    """
+    labels = labels.to_crs(crs)
+    h, w = shape
+    if len(labels.classes) > 32000:
+        raise LabelError("more than 32000 classes")
+    inside = _in_grid(labels, transform, shape)
+    if inside.size == 0:
+        return np.full((h, w), -1, dtype=np.int16)
+    idx = labels.class_index()
+    shapes = [(labels.geometries[i], int(idx[i]) + 1) for i in inside]
+    out = rasterize(shapes, out_shape=(h, w), transform=transform, fill=0, dtype="int16")
+    return out - 1
+
+
+def rasterize_fractions(
+    labels: LabelPolygons,
+    transform: Affine,
+    shape: tuple[int, int],
+    *,
+    crs: CRS | str | None = None,
+    supersample: int = 8,
+    max_pixels: int = 1 << 24,
+) -> np.ndarray:
+    """Per-class coverage fractions on a grid: ``float32 [K, h, w]`` in ``labels.classes`` order.
+
+    Args:
+        labels: the polygons (reprojected to ``crs`` if given and different).
+        transform, shape: the (low-resolution) grid: affine transform and ``(h, w)``.
+        crs: the grid's CRS.
+        supersample: sample points per cell side; pass the stride to count the HR pixels.
+        max_pixels: bound on the supersampled pixels rasterised at once (rows are chunked).
+
+    Returns:
+        Fractions in [0, 1] that sum, per cell, to the labelled share of the cell.
+    """
+    if supersample < 1:
+        raise LabelError(f"supersample must be >= 1, got {supersample}")
+    labels = labels.to_crs(crs)
+    h, w = shape
+    s = int(supersample)
+    k = len(labels.classes)
+    out = np.zeros((k, h, w), dtype=np.float32)
+    if h == 0 or w == 0 or _in_grid(labels, transform, shape).size == 0:
+        return out
+    rows = max(1, max_pixels // max(1, w * s * s))
+    fine = transform @ Affine.scale(1.0 / s)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        chunk_t = fine @ Affine.translation(0, r0 * s)
+        ids = rasterize_classes(labels, chunk_t, ((r1 - r0) * s, w * s))
+        cells = ids.reshape(r1 - r0, s, w, s).transpose(0, 2, 1, 3).reshape(r1 - r0, w, s * s)
+        for c in range(k):
+            out[c, r0:r1] = (cells == c).mean(axis=-1)
+    return out

@@ -1,0 +1,205 @@
+"""Labelled polygons on the Rotterdam scene: reading, reprojection, soft labels, clear errors."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import struct
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from rasterio.crs import CRS
+from rasterio.warp import transform_geom
+from shapely.geometry import mapping, shape
+
+import geoupsample.labels as gl
+
+DATA = resources.files("geoupsample") / "data"
+LABELS = Path(str(DATA / "rotterdam_labels.geojson"))
+
+
+@pytest.fixture(scope="module")
+def scene() -> tuple:
+    """``(transform, shape, crs)`` of the bundled Rotterdam image (300 x 300 at 1 m)."""
+    with rasterio.open(str(DATA / "rotterdam_ms.tif")) as src:
+        return src.transform, src.shape, src.crs
+
+
+def write_geojson(path: Path, features: list[tuple], crs: str | None = None) -> Path:
+    doc: dict = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "properties": props, "geometry": mapping(g)}
+            for g, props in features
+        ],
+    }
+    if crs:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def write_gpkg(path: Path, features: list[tuple], epsg: int, field: str = "class") -> Path:
+    """A minimal GeoPackage (OGC 12-128r18 core tables) with one feature table, by hand."""
+    con = sqlite3.connect(path)
+    con.executescript(
+        """
+        CREATE TABLE gpkg_spatial_ref_sys (srs_name TEXT, srs_id INTEGER PRIMARY KEY,
+            organization TEXT, organization_coordsys_id INTEGER, definition TEXT,
+            description TEXT);
+        CREATE TABLE gpkg_contents (table_name TEXT PRIMARY KEY, data_type TEXT,
+            identifier TEXT, description TEXT, last_change TEXT, min_x REAL, min_y REAL,
+            max_x REAL, max_y REAL, srs_id INTEGER);
+        CREATE TABLE gpkg_geometry_columns (table_name TEXT, column_name TEXT,
+            geometry_type_name TEXT, srs_id INTEGER, z INTEGER, m INTEGER);
+        """
+    )
+    con.execute(
+        "INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, ?, '')",
+        (f"EPSG:{epsg}", epsg, epsg, CRS.from_epsg(epsg).to_wkt()),
+    )
+    con.execute(
+        "INSERT INTO gpkg_contents (table_name, data_type, srs_id) VALUES "
+        "('parcels', 'features', ?)",
+        (epsg,),
+    )
+    con.execute(
+        "INSERT INTO gpkg_geometry_columns VALUES ('parcels', 'geom', 'POLYGON', ?, 0, 0)", (epsg,)
+    )
+    con.execute(f"CREATE TABLE parcels (fid INTEGER PRIMARY KEY, geom BLOB, {field} TEXT)")
+    for g, cls in features:
+        xmin, ymin, xmax, ymax = g.bounds
+        header = b"GP" + bytes([0, 0b011]) + struct.pack("<i4d", epsg, xmin, xmax, ymin, ymax)
+        con.execute(
+            f"INSERT INTO parcels (geom, {field}) VALUES (?, ?)",
+            (header + shapely.to_wkb(g, byte_order=1), cls),
+        )
+    con.commit()
+    con.close()
+    return path
+
+
+def test_bundled_labels_read_and_rasterised(scene: tuple) -> None:
+    transform, shp, crs = scene
+    lab = gl.read_polygons(LABELS, "class")
+    assert lab.classes == ("bright_impervious", "dark_impervious", "vegetation")
+    assert len(lab) == 30 and lab.crs == CRS.from_user_input("OGC:CRS84")
+    inside = gl.check_scene(lab, transform, shp, crs)
+    assert inside.crs == crs and len(inside) == 30
+    lr_t, lr_shape = gl.lr_grid(transform, shp, 10)
+    assert lr_shape == (30, 30)
+    frac = gl.rasterize_fractions(inside, lr_t, lr_shape, supersample=10)
+    assert frac.shape == (3, 30, 30) and frac.dtype == np.float32
+    assert frac.min() >= 0 and frac.sum(0).max() <= 1 + 1e-6
+    # with one sample per HR pixel, the fractions are the block means of the HR class raster
+    hr = gl.rasterize_classes(inside, transform, shp)
+    for k in range(3):
+        np.testing.assert_allclose(frac[k], (hr == k).reshape(30, 10, 30, 10).mean((1, 3)))
+    assert 0.15 < (hr >= 0).mean() < 0.3  # a sparse annotation, all three classes present
+    assert set(np.unique(hr)) == {-1, 0, 1, 2}
+    chunked = gl.rasterize_fractions(inside, lr_t, lr_shape, supersample=10, max_pixels=500)
+    np.testing.assert_array_equal(chunked, frac)
+
+
+def test_any_crs_geojson_and_geopackage(tmp_path: Path, scene: tuple) -> None:
+    transform, shp, crs = scene
+    ref = gl.check_scene(gl.read_polygons(LABELS, "class"), transform, shp, crs)
+    lr_t, lr_shape = gl.lr_grid(transform, shp, 15)
+    expected = gl.rasterize_fractions(ref, lr_t, lr_shape, supersample=15)
+    # the same polygons in UTM with a legacy 'crs' member, and in Web Mercator in a GeoPackage
+    utm = write_geojson(
+        tmp_path / "utm.geojson",
+        [
+            (g, {"class": c, "id": i})
+            for i, (g, c) in enumerate(zip(ref.geometries, ref.labels, strict=True))
+        ],
+        crs="urn:ogc:def:crs:EPSG::32631",
+    )
+    merc = [shape(transform_geom(crs, "EPSG:3857", mapping(g))) for g in ref.geometries]
+    gpkg = write_gpkg(tmp_path / "labels.gpkg", list(zip(merc, ref.labels, strict=True)), 3857)
+    for path in (utm, gpkg):
+        lab = gl.read_polygons(path, "class")
+        assert lab.classes == ref.classes
+        got = gl.rasterize_fractions(lab, lr_t, lr_shape, crs=crs, supersample=15)
+        assert np.abs(got - expected).max() < 0.05  # reprojection round trips move edges by mm
+
+
+def test_overlaps_later_feature_wins_and_numeric_classes(tmp_path: Path, scene: tuple) -> None:
+    transform, shp, crs = scene
+    x0, y1 = transform.c, transform.f
+    a = shapely.box(x0, y1 - 40, x0 + 40, y1)
+    b = shapely.box(x0 + 20, y1 - 40, x0 + 60, y1)
+    path = write_geojson(
+        tmp_path / "o.geojson",
+        [(a, {"k": 10}), (b, {"k": 2}), (a.buffer(-15), {"k": None})],
+        crs="EPSG:32631",
+    )
+    with pytest.warns(UserWarning, match="1 feature.*without a class"):
+        lab = gl.read_polygons(path, "k")
+    assert lab.classes == ("2", "10")  # numeric order
+    frac = gl.rasterize_fractions(lab, transform @ transform.scale(20), (15, 15), supersample=20)
+    np.testing.assert_allclose(frac[:, 0, :3], [[0, 1, 1], [1, 0, 0]])
+
+
+def test_class_field_missing(tmp_path: Path) -> None:
+    with pytest.raises(gl.LabelError, match=r"class field 'landuse' not found.*\['class'\]"):
+        gl.read_polygons(LABELS, "landuse")
+    box = shapely.box(593300, 5747400, 593400, 5747500)
+    gpkg = write_gpkg(tmp_path / "l.gpkg", [(box, "a")], 32631, field="kind")
+    with pytest.raises(gl.LabelError, match=r"class field 'class' not found.*\['fid', 'kind'\]"):
+        gl.read_polygons(gpkg, "class")
+
+
+def test_polygons_outside_scene(tmp_path: Path, scene: tuple) -> None:
+    transform, shp, crs = scene
+    far = [
+        (shapely.box(600000, 5700000, 600100, 5700100), {"class": "a"}),
+        (shapely.box(600200, 5700000, 600300, 5700100), {"class": "b"}),
+    ]
+    path = write_geojson(tmp_path / "far.geojson", far, crs="EPSG:32631")
+    with pytest.raises(gl.LabelError, match="none of the 2 polygons.*overlaps the scene"):
+        gl.check_scene(gl.read_polygons(path, "class"), transform, shp, crs)
+    # right numbers, wrong CRS: UTM coordinates in a file without a 'crs' member
+    lonlat_claim = write_geojson(tmp_path / "nocrs.geojson", far)
+    with pytest.raises(gl.LabelError, match="cannot reproject.*really in OGC:CRS84"):
+        gl.check_scene(gl.read_polygons(lonlat_claim, "class"), transform, shp, crs)
+
+
+def test_fewer_than_two_classes(tmp_path: Path, scene: tuple) -> None:
+    transform, shp, crs = scene
+    x0, y1 = transform.c, transform.f
+    inside = shapely.box(x0, y1 - 50, x0 + 50, y1)
+    one = write_geojson(tmp_path / "one.geojson", [(inside, {"class": "roof"})], "EPSG:32631")
+    with pytest.raises(gl.LabelError, match="only 1 class.*at least two classes"):
+        gl.read_polygons(one, "class")
+    outside = shapely.box(600000, 5700000, 600100, 5700100)
+    two = write_geojson(
+        tmp_path / "two.geojson",
+        [(inside, {"class": "roof"}), (outside, {"class": "tree"})],
+        "EPSG:32631",
+    )
+    with pytest.raises(gl.LabelError, match=r"overlap the scene carry only 1 class \(\['roof'\]\)"):
+        gl.check_scene(gl.read_polygons(two, "class"), transform, shp, crs)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(gl.LabelError, match="not found"):
+        gl.read_polygons(tmp_path / "missing.geojson", "class")
+    shp_file = tmp_path / "x.shp"
+    shp_file.write_bytes(b"\0")
+    with pytest.raises(gl.LabelError, match="GeoJSON or GeoPackage"):
+        gl.read_polygons(shp_file, "class")
+    bare = tmp_path / "bare.geojson"
+    bare.write_text(json.dumps(mapping(shapely.box(0, 0, 1, 1))))
+    with pytest.raises(gl.LabelError, match="bare Polygon geometry without attributes"):
+        gl.read_polygons(bare, "class")
+    not_gpkg = tmp_path / "x.gpkg"
+    not_gpkg.write_text("hello")
+    with pytest.raises(gl.LabelError, match="not a GeoPackage"):
+        gl.read_polygons(not_gpkg, "class")
+    with pytest.raises(gl.LabelError, match=r"classes \['vegetation'\] are not in the given"):
+        gl.read_polygons(LABELS, "class", classes=["bright_impervious", "dark_impervious"])
