@@ -36,6 +36,7 @@ from rasterio.windows import Window, from_bounds
 
 import geoupsample as gu
 import tiling
+import tiling.writer
 from tiling.reader import to_float
 
 #: Interpolating methods: no fit, the guide only masks nodata.
@@ -87,6 +88,11 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
     sy_f, sx_f = lr_transform.e / hr_transform.e, lr_transform.a / hr_transform.a
     sy, sx = round(sy_f), round(sx_f)
     h, w = lr_shape
+    if sy_f < 0.9 and sx_f < 0.9:
+        raise InputError(
+            f"the low-res raster's pixel ({lr_transform.a:g}) is smaller than the guide's "
+            f"({hr_transform.a:g}): did you swap LOWRES and GUIDE? The guide is the "
+            "high-resolution image")
     if sy < 1 or sx < 1 or abs(sy_f - sy) * h > tolerance or abs(sx_f - sx) * w > tolerance:
         raise InputError(
             f"the grids do not nest: a low-res pixel is {sx_f:.4f} x {sy_f:.4f} guide pixels; it "
@@ -330,7 +336,7 @@ def upsample_raster(
         _check_dtype(hr, hr_idx, "guide")
         rel = relate_grids(lr.crs, lr.transform, lr.shape, hr.crs, hr.transform, hr.shape)
         lr_dtype = np.dtype(lr.dtypes[lr_idx[0] - 1])
-        out_dtype = np.dtype(dtype).name if dtype else (
+        out_dtype = _out_dtype(dtype) if dtype else (
             "float32" if lr_dtype.kind == "f" else lr_dtype.name)
         nodata = _output_nodata(lr.nodata, out_dtype)
         descriptions = [lr.descriptions[i - 1] for i in lr_idx]
@@ -376,6 +382,17 @@ def _params_text(method: str, iters: int, radius: int, tile: int, halo: int, ble
     if method == "jbu":
         fit = f"radius={radius} "
     return f"{fit}tile={tile} halo={halo} blend={blend} guide_norm=scene_percentiles_1_99"
+
+
+def _out_dtype(dtype: Any) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in tiling.writer.SUPPORTED_DTYPES:
+        raise InputError(f"unsupported output dtype {dtype!r}; use one of "
+                         f"{', '.join(tiling.writer.SUPPORTED_DTYPES)}")
+    return name
 
 
 def _output_nodata(lr_nodata: float | None, dtype: str) -> float:
