@@ -198,7 +198,16 @@ class LinearProbe:
             loss.backward()
             return loss
 
-        opt.step(closure)
+        # small problems: one thread (OpenMP wake-ups dominate, badly on a busy machine)
+        threads = torch.get_num_threads()
+        small = z.shape[0] * z.shape[1] * k < 20_000_000
+        try:
+            if small:
+                torch.set_num_threads(1)
+            opt.step(closure)
+        finally:
+            if small:
+                torch.set_num_threads(threads)
         self.classes = names
         self.weight, self.bias = w.detach().clone(), b.detach().clone()
         self.mean, self.std = mean, std
