@@ -52,3 +52,28 @@ class Repeat:
     def __call__(self, ctx):
         x = ctx.data["lr"]
         return np.repeat(np.repeat(x, self.scale, axis=1), self.scale, axis=2)
+
+
+class SlowBox3:
+    """``box3`` that sleeps ``delay`` seconds per tile (to interrupt a run mid-way)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __call__(self, ctx):
+        import time
+
+        time.sleep(self.delay)
+        return box3(ctx)
+
+
+class Failing:
+    """Per-tile function that raises on tile ``bad`` (to test cleanup on error)."""
+
+    def __init__(self, bad=(1, 1)) -> None:
+        self.bad = tuple(bad)
+
+    def __call__(self, ctx):
+        if ctx.tile.id == self.bad:
+            raise RuntimeError("boom in tile")
+        return ctx.data["img"]

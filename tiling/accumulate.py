@@ -96,6 +96,8 @@ class Accumulator:
         skip = skip_cells or set()
         self.state: dict[int, _CellState] = {
             i: _CellState(c, len(c.tiles)) for i, c in enumerate(self.cells) if i not in skip}
+        self.parts = 0  # tile parts held right now
+        self.peak_parts = 0  # the most ever held (a measure of the memory bound)
         self.by_tile: dict[tuple[int, int], list[int]] = {}
         for i, st in self.state.items():
             for t in st.cell.tiles:
@@ -116,12 +118,15 @@ class Accumulator:
                 part = tile_parts(self.grid, tile_id, data, st.cell)
                 if part is not None:
                     st.parts.append(part)
+                    self.parts += 1
+                    self.peak_parts = max(self.peak_parts, self.parts)
             st.remaining -= 1
             if st.remaining == 0:
                 done.append(i)
         out = []
         for i in sorted(done):
             st = self.state.pop(i)
+            self.parts -= len(st.parts)
             out.append((st.cell, blend_parts(st.parts, self.count, st.cell.window)))
         return out
 

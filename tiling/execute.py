@@ -291,7 +291,8 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
                 journal.remove()
     journal.remove()
     return RunReport(path, total, computed, state["skipped"], len(done_bands),
-                     time.perf_counter() - t0, state["mp"])
+                     time.perf_counter() - t0, state["mp"],
+                     extra={"peak_pending_parts": acc.peak_parts, "cells": len(cells)})
 
 
 def _cluster_threads(scheduler: Any) -> int:

@@ -128,6 +128,9 @@ class TileGrid:
             ``align`` (use the low-res scale, or a backbone patch size). An int or ``(y, x)``.
         offset: ``(row, col)`` of one lattice point, e.g. where a low-res pixel starts.
         block: output block size ``(rows, cols)`` or an int; cell boundaries are multiples of it.
+            Keep ``tile >= block + halo`` so that each cell needs at most 2 x 2 tiles and
+            memory stays at about one row of cell edges; smaller tiles still give correct
+            results, with more tiles per cell.
         region: optional window restricting processing; pixels outside it are left as nodata.
         blend: ``"taper"`` (raised-cosine ramp of width ``halo`` centred on each interior core
             boundary; every weighted pixel keeps >= ``halo / 2`` px of context, so the blend is
