@@ -103,7 +103,7 @@ def test_band_count_mismatch_with_weights(tmp_path: Path) -> None:
     path = tmp_path / "rgb.safetensors"
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(path))
     with pytest.raises(
-        gb.BandCountError, match=r"expect 3 input band.*4 band.*--bands.*--adapt-stem"
+        gb.BandCountError, match=r"expect 3 input band.*4 band.*--model-bands.*--adapt-stem"
     ):
         gb.create("timm:resnet18", weights=path, in_chans=4)
     adapted = gb.create("timm:resnet18", weights=path, in_chans=4, adapt_stem=True)

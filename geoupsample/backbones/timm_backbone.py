@@ -161,8 +161,8 @@ class TimmBackbone(Backbone):
                 raise BandCountError(
                     f"the weights of {model_name} expect {weight_chans} input band(s) but "
                     f"{model_chans} band(s) are fed to it: choose {weight_chans} bands "
-                    f"(bands=[...], CLI: --bands) or let timm adapt the stem (adapt_stem=True, "
-                    "CLI: --adapt-stem)"
+                    "(bands=[...], CLI: --model-bands) or let timm adapt the stem "
+                    "(adapt_stem=True, CLI: --adapt-stem)"
                 )
             size = tuple(cfg_dict.get("input_size") or (3, 224, 224))
             kwargs.update(

@@ -1,0 +1,367 @@
+"""Segmentation of a scene from labelled polygons: the probability path through the tiling engine.
+
+1. The polygons (any CRS) are checked against the scene and reprojected to it.
+2. Training: for the scene windows that the polygons touch, LR features from the backbone and the
+   polygons' per-class coverage fractions on the same LR grid; a :class:`LinearProbe` is fitted
+   on all of them at once.
+3. Prediction, tile by tile (overlapping tiles aligned to the backbone's patch size): LR features
+   -> LR class probabilities -> upsampled onto the tile's pixels with GSJBU kernels fitted on the
+   tile (or a baseline method) -> clipped at 0 and renormalised to sum to 1. The engine blends
+   the tiles' probabilities (a weighted mean of distributions is a distribution) and writes them.
+4. The class raster: band 1 ``class`` (uint8 index into the class list, with a colour table),
+   band 2 ``confidence`` (the winning probability x 254), both with nodata 255; class names in
+   the tags ``class_names`` (JSON list) and ``class_<i>``.
+
+Probabilities are kept (``probs_path``) as uint8 (p x 254, nodata 255) or float32 (NaN nodata);
+without ``probs_path`` they go to a temporary float32 file beside the output, removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+import shapely
+
+import tiling
+from geoupsample import labels as gl
+from geoupsample.backbones import Backbone
+from geoupsample.featuremaps import (
+    FeatureTile,
+    Scene,
+    TileFeatures,
+    check_method,
+    lr_window_grid,
+    windows,
+)
+from geoupsample.heads import LinearProbe
+from geoupsample.pipeline import InputError, scene_guide_stats
+
+#: uint8 encodings: probability/confidence p is stored as round(p * 254); 255 is nodata.
+UINT8_SCALE = 254
+UINT8_NODATA = 255
+
+#: Colours for class names containing these words (RGB); others come from a qualitative palette.
+NAMED_COLOURS = {
+    "water": (31, 120, 180),
+    "veg": (51, 160, 44),
+    "tree": (27, 110, 32),
+    "grass": (178, 223, 138),
+    "crop": (255, 217, 47),
+    "build": (227, 26, 28),
+    "roof": (227, 26, 28),
+    "road": (120, 120, 120),
+    "impervious": (160, 160, 160),
+    "bare": (202, 178, 214),
+    "soil": (177, 89, 40),
+}
+_PALETTE = [
+    (166, 206, 227), (31, 120, 180), (178, 223, 138), (51, 160, 44), (251, 154, 153),
+    (227, 26, 28), (253, 191, 111), (255, 127, 0), (202, 178, 214), (106, 61, 154),
+    (255, 255, 153), (177, 89, 40),
+]  # fmt: skip
+
+
+def class_colours(classes: Sequence[str]) -> dict[int, tuple[int, int, int, int]]:
+    """A colour table ``{index: (r, g, b, 255)}``: by class name where it says, else a palette."""
+    table: dict[int, tuple[int, int, int, int]] = {}
+    used: set[tuple[int, int, int]] = set()
+    for i, name in enumerate(classes):
+        low = name.lower()
+        rgb = next((c for k, c in NAMED_COLOURS.items() if k in low and c not in used), None)
+        if rgb is None:
+            rgb = next((c for c in _PALETTE if c not in used), _PALETTE[i % len(_PALETTE)])
+        if "dark" in low and rgb == NAMED_COLOURS["impervious"]:
+            rgb = (90, 90, 90)
+        used.add(rgb)
+        table[i] = (*rgb, 255)
+    return table
+
+
+@dataclass
+class TrainingSet:
+    """LR features and soft labels of the labelled windows, and what they came from."""
+
+    features: list[np.ndarray]
+    fractions: list[np.ndarray]
+    windows: int
+    cells: int
+
+
+def training_set(
+    scene: Scene,
+    labels: gl.LabelPolygons,
+    features: TileFeatures,
+    tile: int = 512,
+    supersample: int | None = None,
+) -> TrainingSet:
+    """Features and coverage fractions of every scene window that the polygons touch.
+
+    ``labels`` must be in the scene's CRS (see :func:`geoupsample.labels.check_scene`).
+    """
+    s = features.stride
+    tree = shapely.STRtree(list(labels.geometries))
+    feats, fracs, n_win, n_cells = [], [], 0, 0
+    for win in windows(scene, tile, s):
+        t, shape = lr_window_grid(scene.transform, win, s)
+        bounds = rasterio.windows.bounds(win, scene.transform)
+        if len(tree.query(shapely.box(*bounds))) == 0:
+            continue
+        frac = gl.rasterize_fractions(labels, t, shape, supersample=supersample or min(s, 16))
+        labelled = frac.sum(0) > 0
+        if not labelled.any():
+            continue
+        f = features(scene.read(win))
+        n_win += 1
+        n_cells += int((labelled & np.isfinite(f).all(0)).sum())
+        feats.append(f)
+        fracs.append(frac)
+    if n_cells == 0:
+        raise InputError("no labelled cell has valid pixels in the scene: nothing to train on")
+    return TrainingSet(feats, fracs, n_win, n_cells)
+
+
+class SegmentTile(FeatureTile):
+    """Per-tile job: LR probabilities from the probe, upsampled and renormalised, scaled."""
+
+    def __init__(self, probe: LinearProbe, scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.probe, self.scale = probe, scale
+
+    def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
+        g = ctx.data["guide"]
+        if not np.isfinite(g).all(0).any():
+            return None
+        probs = self.probe.predict_proba(self.lowres(g))
+        hr = self.upsample(probs, g)
+        hr = np.clip(hr, 0.0, None)
+        total = hr.sum(0, keepdims=True)
+        hr = np.where(total > 0, hr / np.where(total > 0, total, 1.0), 1.0 / hr.shape[0])
+        hr[:, ~np.isfinite(g).all(0)] = np.nan
+        return hr * np.float32(self.scale)
+
+
+@dataclass
+class SegmentReport:
+    """What :func:`segment_raster` did."""
+
+    path: str
+    probs_path: str | None
+    classes: tuple[str, ...]
+    class_fractions: dict[str, float]
+    train_cells: int
+    train_windows: int
+    run: tiling.RunReport
+    probe: LinearProbe
+
+
+def segment_raster(
+    scene_path: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    class_field: str,
+    out_path: str | os.PathLike[str],
+    backbone: Backbone,
+    *,
+    bands: Sequence[int | str] | None = None,
+    labels_crs: str | None = None,
+    layer: str | None = None,
+    probs_path: str | os.PathLike[str] | None = None,
+    probs_dtype: str = "uint8",
+    method: str = "gsjbu",
+    iters: int = 50,
+    radius: int = 3,
+    tile: int = 512,
+    halo: int = 64,
+    weight_decay: float = 1e-3,
+    class_weight: str | None = None,
+    probe_path: str | os.PathLike[str] | None = None,
+    compress: str = "deflate",
+    device: str | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Callable[[tiling.Progress], None] | None = None,
+) -> SegmentReport:
+    """Segment a scene from labelled polygons (see the module docstring for the steps).
+
+    Args:
+        scene_path: the image; ``bands`` chooses its bands (1-based or descriptions).
+        labels_path, class_field, labels_crs, layer: the polygons (GeoJSON or GeoPackage), the
+            attribute holding the class, their CRS if the file does not say, the GeoPackage layer.
+        out_path: the class raster (2 bands uint8: class, confidence).
+        backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
+        probs_path, probs_dtype: also keep the probabilities (``uint8`` or ``float32``).
+        method, iters, radius, seed, device: upsampling of the probabilities.
+        tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
+        weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
+        probe_path: save the fitted probe there (safetensors).
+    """
+    check_method(method, iters)
+    if probs_dtype not in ("uint8", "float32"):
+        raise InputError(f"probs dtype must be uint8 or float32, got {probs_dtype!r}")
+    scene = Scene.open(scene_path, bands)
+    out_path = os.fspath(out_path)
+    if os.path.abspath(out_path) == os.path.abspath(scene.path):
+        raise InputError("the output path must differ from the scene path")
+    labels = gl.read_polygons(labels_path, class_field, crs=labels_crs, layer=layer)
+    labels = gl.check_scene(labels, scene.transform, scene.shape, scene.crs)
+    if len(labels.classes) > UINT8_SCALE:
+        raise InputError(f"{len(labels.classes)} classes: at most {UINT8_SCALE} fit a uint8 raster")
+
+    stats = scene_guide_stats(scene.path, scene.bands)
+    feats = TileFeatures(backbone, stats)
+    train = training_set(scene, labels, feats, tile=tile)
+    probe = LinearProbe(weight_decay=weight_decay, class_weight=class_weight, seed=seed)
+    probe.fit(train.features, train.fractions, classes=labels.classes)
+    if probe_path is not None:
+        probe.save(probe_path)
+
+    from geoupsample import __version__
+
+    tags = {
+        "geoupsample_version": __version__,
+        "geoupsample_method": method,
+        "geoupsample_backbone": backbone.extra_repr(),
+        "class_names": json.dumps(list(labels.classes)),
+        "labels": os.path.basename(os.fspath(labels_path)),
+        "class_field": class_field,
+    }
+    keep_probs = probs_path is not None
+    if keep_probs:
+        ppath = os.fspath(probs_path)
+        pdtype = probs_dtype
+    else:
+        fd, ppath = tempfile.mkstemp(
+            suffix=".tif", prefix=".probs-", dir=os.path.dirname(os.path.abspath(out_path))
+        )
+        os.close(fd)
+        os.remove(ppath)
+        pdtype = "float32"
+    scale = float(UINT8_SCALE) if pdtype == "uint8" else 1.0
+    spec = tiling.OutputSpec(
+        ppath,
+        crs=scene.crs,
+        transform=scene.transform,
+        width=scene.shape[1],
+        height=scene.shape[0],
+        count=len(labels.classes),
+        dtype=pdtype,
+        nodata=UINT8_NODATA if pdtype == "uint8" else None,
+        descriptions=list(labels.classes),
+        tags={**tags, "probability_scale": str(1.0 / scale)},
+        compress=compress,
+    )
+    job = SegmentTile(
+        probe,
+        scale,
+        features=feats,
+        method=method,
+        stats=stats,
+        iters=int(iters),
+        radius=radius,
+        device=device,
+        seed=seed,
+    )
+    params = {
+        "kind": "segment",
+        "method": method,
+        "iters": int(iters),
+        "radius": radius,
+        "seed": seed,
+        "backbone": backbone.extra_repr(),
+        "probe": probe.weight.numpy().round(8).tolist() if probe.weight is not None else None,
+    }
+    try:
+        run = tiling.run(
+            job,
+            {"guide": scene.reader()},
+            spec,
+            tile=tile,
+            halo=halo,
+            align=backbone.stride,
+            params=params,
+            workers=workers or 1,
+            progress=progress,
+        )
+        fractions = write_classes(ppath, out_path, labels.classes, scale, tags, compress)
+    finally:
+        if not keep_probs and os.path.exists(ppath):
+            os.remove(ppath)
+    return SegmentReport(
+        out_path,
+        ppath if keep_probs else None,
+        labels.classes,
+        fractions,
+        train.cells,
+        train.windows,
+        run,
+        probe,
+    )
+
+
+def write_classes(
+    probs_path: str,
+    out_path: str,
+    classes: Sequence[str],
+    scale: float,
+    tags: dict[str, str],
+    compress: str = "deflate",
+) -> dict[str, float]:
+    """Class + confidence raster from a probabilities raster, block by block, atomically.
+
+    Returns the share of valid pixels given to each class.
+    """
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.partial.tif"
+    )
+    counts = np.zeros(len(classes), dtype=np.int64)
+    with rasterio.open(probs_path) as src:
+        profile = dict(
+            driver="GTiff",
+            width=src.width,
+            height=src.height,
+            count=2,
+            dtype="uint8",
+            crs=src.crs,
+            transform=src.transform,
+            nodata=UINT8_NODATA,
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            compress=compress if compress != "none" else None,
+            bigtiff="IF_SAFER",
+        )
+        profile = {k: v for k, v in profile.items() if v is not None}
+        try:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for _, win in dst.block_windows(1):
+                    p = src.read(window=win, masked=True).astype(np.float32).filled(np.nan)
+                    valid = np.isfinite(p).all(0)
+                    safe = np.where(np.isfinite(p), p, -1.0)
+                    cls = safe.argmax(0)
+                    conf = np.clip(np.round(safe.max(0) / scale * UINT8_SCALE), 0, UINT8_SCALE)
+                    cls = np.where(valid, cls, UINT8_NODATA).astype(np.uint8)
+                    conf = np.where(valid, conf, UINT8_NODATA).astype(np.uint8)
+                    counts += np.bincount(cls[valid].ravel(), minlength=len(classes))[
+                        : len(classes)
+                    ]
+                    dst.write(np.stack([cls, conf]), window=win)
+                dst.write_colormap(1, class_colours(classes))
+                dst.set_band_description(1, "class")
+                dst.set_band_description(2, "confidence")
+                dst.update_tags(
+                    **tags,
+                    **{f"class_{i}": c for i, c in enumerate(classes)},
+                    confidence_scale=str(1.0 / UINT8_SCALE),
+                )
+            os.replace(tmp, out_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    total = max(1, int(counts.sum()))
+    return {c: float(n) / total for c, n in zip(classes, counts, strict=True)}

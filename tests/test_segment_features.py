@@ -1,0 +1,156 @@
+"""``geoupsample segment`` and ``geoupsample features`` on the bundled Rotterdam scene."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import timm
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import geoupsample.backbones as gb
+import geoupsample.labels as gl
+from geoupsample.cli import app
+from geoupsample.segmentation import segment_raster
+
+DATA = resources.files("geoupsample") / "data"
+SCENE = str(DATA / "rotterdam_ms.tif")
+LABELS = str(DATA / "rotterdam_labels.geojson")
+FAST = ["--method", "bilinear", "--tile", "160", "--halo", "32", "-q"]
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_segment_spectral_writes_classes_and_probs(tmp_path: Path) -> None:
+    out, probs = tmp_path / "seg.tif", tmp_path / "probs.tif"
+    code, text = cli(
+        "segment", SCENE, "--labels", LABELS, "--class-field", "class", "-o", out,
+        "--probs", probs, "--cell-size", "10", *FAST,
+    )  # fmt: skip
+    assert code == 0, text
+    with rasterio.open(SCENE) as src:
+        transform, crs, shape = src.transform, src.crs, src.shape
+    with rasterio.open(out) as ds:
+        assert ds.count == 2 and ds.dtypes == ("uint8", "uint8") and ds.nodata == 255
+        assert ds.transform == transform and ds.crs == crs and ds.shape == shape
+        assert ds.descriptions == ("class", "confidence")
+        names = json.loads(ds.tags()["class_names"])
+        assert names == ["bright_impervious", "dark_impervious", "vegetation"]
+        assert ds.colormap(1)[2][:3] == (51, 160, 44)  # vegetation is green
+        cls, conf = ds.read()
+    assert set(np.unique(cls)) == {0, 1, 2} and conf.min() >= 254 // 3
+    truth = gl.rasterize_classes(
+        gl.read_polygons(LABELS, "class"), transform, shape, crs=crs
+    )  # the labelled pixels
+    acc = (cls[truth >= 0] == truth[truth >= 0]).mean()
+    assert acc > 0.8, acc
+    with rasterio.open(probs) as ds:
+        p = ds.read().astype(int)
+        assert ds.count == 3 and ds.dtypes[0] == "uint8" and ds.descriptions == tuple(names)
+    assert np.abs(p.sum(0) - 254).max() <= 2
+    np.testing.assert_array_equal(p.argmax(0), cls)
+
+
+def test_segment_gsjbu_python_api(tmp_path: Path) -> None:
+    bb = gb.create("spectral", band_names=("red", "green", "blue", "nir"), cell_size=10)
+    rep = segment_raster(
+        SCENE, LABELS, "class", tmp_path / "s.tif", bb, probs_path=tmp_path / "p.tif",
+        probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0,
+    )  # fmt: skip
+    assert rep.run.computed == 1 and rep.train_cells > 300
+    assert sum(rep.class_fractions.values()) == pytest.approx(1.0)
+    with rasterio.open(rep.probs_path) as ds:
+        p = ds.read()
+    np.testing.assert_allclose(p.sum(0), 1.0, rtol=1e-4)
+
+
+def test_segment_timm_backbone_smoke(tmp_path: Path) -> None:
+    code, text = cli(
+        "segment", SCENE, "--labels", LABELS, "--class-field", "class", "-o", tmp_path / "t.tif",
+        "--backbone", "timm:resnet18", "--random-init", "--layer", "2",
+        "--model-bands", "red,green,blue", *FAST,
+    )  # fmt: skip
+    assert code == 0, text
+    with rasterio.open(tmp_path / "t.tif") as ds:
+        assert ds.read(1).max() <= 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--class-field", "landuse"], "class field 'landuse' not found"),
+        (["--class-field", "class", "--backbone", "nope"], "unknown backbone 'nope'"),
+        (["--class-field", "class", "--backbone", "timm:resnet18"], "--weights FILE"),
+        (["--class-field", "class", "--bands", "7"], "band 7 does not exist"),
+    ],
+)
+def test_segment_errors(tmp_path: Path, extra: list[str], message: str) -> None:
+    code, text = cli("segment", SCENE, "--labels", LABELS, "-o", tmp_path / "x.tif", *extra)
+    assert code == 2 and message in text, text
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_segment_label_errors(tmp_path: Path) -> None:
+    boxes = (("a", shapely.box(5, 50, 5.01, 50.01)), ("b", shapely.box(5, 50.1, 5.01, 50.2)))
+    far = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "properties": {"c": k}, "geometry": shapely.geometry.mapping(g)}
+            for k, g in boxes
+        ],
+    }
+    path = tmp_path / "far.geojson"
+    path.write_text(json.dumps(far))
+    code, text = cli(
+        "segment", SCENE, "--labels", path, "--class-field", "c", "-o", tmp_path / "o.tif"
+    )
+    assert code == 2 and "overlaps the scene" in text
+    far["features"] = far["features"][:1]
+    path.write_text(json.dumps(far))
+    code, text = cli(
+        "segment", SCENE, "--labels", path, "--class-field", "c", "-o", tmp_path / "o.tif"
+    )
+    assert code == 2 and "at least two classes" in text
+
+
+def test_features_timm_pca_and_band_mismatch(tmp_path: Path) -> None:
+    out = tmp_path / "f.tif"
+    code, text = cli(
+        "features", SCENE, "-o", out, "--backbone", "timm:resnet18", "--random-init",
+        "--layer", "2", "--pca", "3", *FAST,
+    )  # fmt: skip
+    assert code == 0, text
+    with rasterio.open(out) as ds:
+        assert ds.count == 3 and ds.dtypes[0] == "float32"
+        assert ds.descriptions == ("pca_1", "pca_2", "pca_3")
+        f = ds.read()
+    assert np.isfinite(f).all() and f.std(axis=(1, 2)).min() > 0
+    weights = tmp_path / "rgb.safetensors"
+    save_file(timm.create_model("resnet18").state_dict(), str(weights))
+    code, text = cli(
+        "features", SCENE, "-o", out, "--backbone", "timm:resnet18", "--weights", weights
+    )
+    assert code == 2 and "expect 3 input band" in text and "--model-bands" in text
+    code, text = cli(
+        "features", SCENE, "-o", tmp_path / "s.tif", "--cell-size", "10", "--bands", "red,nir",
+        *FAST,
+    )  # fmt: skip
+    assert code == 0, text
+    with rasterio.open(tmp_path / "s.tif") as ds:
+        assert ds.descriptions == (
+            "red_mean",
+            "nir_mean",
+            "ndvi_mean",
+            "red_std",
+            "nir_std",
+            "ndvi_std",
+        )
