@@ -60,8 +60,9 @@ def render(params, guide, valid, lr_shape, radius, x):
                     sig_x, sig_y = math.exp(params[0, qi, qj]), math.exp(params[1, qi, qj])
                     theta = math.pi * math.tanh(params[2, qi, qj])
                     sig_r = math.exp(params[3, qi, qj])
-                    rot = np.array([[math.cos(theta), -math.sin(theta)],
-                                    [math.sin(theta), math.cos(theta)]])
+                    rot = np.array(
+                        [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]
+                    )
                     cov = rot @ np.diag([sig_x**2, sig_y**2]) @ rot.T
                     mu_y, mu_x = (qi + 0.5) * sy - 0.5, (qj + 0.5) * sx - 0.5
                     dvec = np.array([xx - mu_x, y - mu_y])

@@ -147,7 +147,9 @@ def test_ramp_stays_ramp_under_bilinear_and_flat_guide_jbu():
     x_hr = (np.arange(w * s) + 0.5) / s - 0.5  # LR coordinate of each HR pixel centre
     bil = gu.upsample(ramp_lr, guide, method="bilinear")
     inner = slice(s, (w - 1) * s)
-    np.testing.assert_allclose(bil[0, :, inner], np.broadcast_to(x_hr[inner], (h * s, len(x_hr[inner]))), atol=1e-9)
+    np.testing.assert_allclose(
+        bil[0, :, inner], np.broadcast_to(x_hr[inner], (h * s, len(x_hr[inner]))), atol=1e-9
+    )
     jbu = gu.upsample(ramp_lr, guide, method="jbu", normalize=False)
     inner = slice(3 * s, (w - 3) * s)  # radius 3 away from the edges
     err = np.abs(jbu[0, 3 * s : (h - 3) * s, inner] - x_hr[inner])
@@ -249,8 +251,16 @@ def test_guide_nodata_gives_nan_output_for_every_method():
         (lambda g, x: gu.fit(g, (8, 8), iters=0).render(x[0]), ValueError, "channel axis"),
         (lambda g, x: gu.upsample(x, g, method="lanczos"), ValueError, "unknown method"),
         (lambda g, x: gu.upsample(x, g, method="bilinear", iter=3), TypeError, "unexpected"),
-        (lambda g, x: gu.upsample(x[:, :, :4].repeat(20, 2), g, method="bilinear"), ValueError, "finer"),
-        (lambda g, x: gu.upsample(x, g, method="gsjbu", normalize=gu.GuideStats([0], [1])), ValueError, "bands"),
+        (
+            lambda g, x: gu.upsample(x[:, :, :4].repeat(20, 2), g, method="bilinear"),
+            ValueError,
+            "finer",
+        ),
+        (
+            lambda g, x: gu.upsample(x, g, method="gsjbu", normalize=gu.GuideStats([0], [1])),
+            ValueError,
+            "bands",
+        ),
     ],
 )
 def test_bad_input_gives_clear_errors(call, error, match):

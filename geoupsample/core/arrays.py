@@ -26,9 +26,7 @@ def as_tensor(value: object, name: str) -> torch.Tensor:
             return torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be numeric: {err}") from err
-    raise TypeError(
-        f"{name} must be a numpy array or a torch tensor; got {type(value).__name__}"
-    )
+    raise TypeError(f"{name} must be a numpy array or a torch tensor; got {type(value).__name__}")
 
 
 def float_dtype(t: torch.Tensor) -> torch.dtype:

@@ -99,10 +99,12 @@ def neighbours(maps: torch.Tensor, radius: int, i0: int = 0, i1: int | None = No
     band = maps[:, max(lo, 0) : min(hi, h)]
     band = F.pad(band, (radius, radius, max(0, -lo), max(0, hi - h)))
     cols = F.unfold(band[None], kernel_size=k)  # [1, C*K, cells]
-    return cols.view(c, k * k, -1).permute(2, 1, 0)
+    return cols.view(c, k * k, -1).permute(2, 1, 0).contiguous()
 
 
-def cell_means(guide_cells: torch.Tensor, pixel_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_means(
+    guide_cells: torch.Tensor, pixel_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Area average of the guide over the valid pixels of each cell.
 
     Args:
@@ -214,7 +216,9 @@ class RenderCells(torch.autograd.Function):
     def forward(ctx, psi, values, phi, chunk):  # type: ignore[override]
         ctx.save_for_backward(psi, values, phi)
         ctx.chunk = chunk
-        out = torch.empty(phi.shape[0], phi.shape[1], values.shape[2], dtype=phi.dtype, device=phi.device)
+        out = torch.empty(
+            phi.shape[0], phi.shape[1], values.shape[2], dtype=phi.dtype, device=phi.device
+        )
         for s in range(0, phi.shape[0], chunk):
             e = s + chunk
             out[s:e] = torch.bmm(chunk_weights(phi[s:e], psi[s:e]), values[s:e])
@@ -276,7 +280,8 @@ def fit_loss_and_grad(
     grad_psi = torch.empty_like(psi)
     total = torch.zeros((), dtype=torch.float64, device=phi.device)
     chunk = max(1, CHUNK_ELEMENTS // (phi.shape[1] * psi.shape[2]))
-    values_t = values.transpose(1, 2)
+    values = values.contiguous()
+    values_t = values.transpose(1, 2).contiguous()
     for s in range(0, phi.shape[0], chunk):
         e = s + chunk
         w = chunk_weights(phi[s:e], psi[s:e])

@@ -65,7 +65,9 @@ class _Prepared:
     phi: torch.Tensor  # [n, P, F]
 
     @classmethod
-    def build(cls, guide: torch.Tensor, valid: torch.Tensor, lr_shape: tuple[int, int], radius: int):
+    def build(
+        cls, guide: torch.Tensor, valid: torch.Tensor, lr_shape: tuple[int, int], radius: int
+    ):
         layout = CellLayout.build(tuple(guide.shape[1:]), lr_shape)
         h, w = lr_shape
         cells = layout.to_cells(guide).reshape(h, w, layout.n_phases, guide.shape[0])
@@ -74,8 +76,15 @@ class _Prepared:
         gbar, cell_valid = gsjbu.cell_means(cells, pvalid)
         phi = gsjbu.build_phi(layout, cells, pvalid, gbar)
         n = h * w
-        return cls(layout, radius, cells.reshape(n, layout.n_phases, -1), pvalid.reshape(n, -1),
-                   gbar, cell_valid, phi)
+        return cls(
+            layout,
+            radius,
+            cells.reshape(n, layout.n_phases, -1),
+            pvalid.reshape(n, -1),
+            gbar,
+            cell_valid,
+            phi,
+        )
 
     def psi(self, params: torch.Tensor) -> torch.Tensor:
         return gsjbu.build_psi(params, self.gbar, self.cell_valid, self.layout, self.radius)
@@ -341,7 +350,8 @@ def fit(
         psi.backward(grad_psi)
         optimizer.step()
         history.append(float(loss))
-    kernels = Kernels(params=params.detach(), guide=g, valid=valid, radius=int(radius),
-                      loss_history=history)
+    kernels = Kernels(
+        params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
+    )
     kernels.__dict__["_prepared"] = prep  # reuse what the fit built
     return kernels

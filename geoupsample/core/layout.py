@@ -133,7 +133,9 @@ class CellLayout:
         g = g.reshape(c, self.rows.n_lr, self.rows.n_phase, self.cols.n_lr, self.cols.n_phase)
         return g.permute(1, 3, 2, 4, 0)
 
-    def row_band(self, i0: int, i1: int) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
+    def row_band(
+        self, i0: int, i1: int
+    ) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
         """HR rows covered by LR cell rows ``[i0, i1)`` and the selectors that drop padding.
 
         Returns ``(y0, y1, row_select, col_select)``: the HR rows ``[y0, y1)``, and the indices
