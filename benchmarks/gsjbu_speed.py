@@ -94,7 +94,8 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None}
         cfg = CASES[case]
         print(
-            f"case {case} ({cfg['hr']}^2, {cfg['bands']} bands, {cfg['lr']}^2 LR, C={cfg['channels']},"
+            f"case {case} ({cfg['hr']}^2, {cfg['bands']} bands, {cfg['lr']}^2 LR, "
+            f"C={cfg['channels']},"
             f" {args.iters} steps, sample={args.sample}, {args.device}), median of {len(runs)}: "
             f"fit {med['fit_s']:.2f} s + render {med['render_s']:.2f} s = {med['total_s']:.2f} s; "
             f"peak RSS over imports {med['peak_rss_over_imports_mb']:.0f} MB "

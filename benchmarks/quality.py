@@ -113,9 +113,10 @@ def main() -> None:
         methods = list(per_image[0])
         mean = {m: float(np.mean([s[m] for s in per_image])) for m in methods}
         cells = "  ".join(f"{m} {mean[m]:.2f}" for m in methods)
-        print(f"{name:5s} PSNR dB, mean of ms{args.images}: {cells}   ({time.perf_counter() - t0:.0f} s)")
-        for i, s in zip(args.images, per_image):
-            print("      ms%d: " % i + "  ".join(f"{m} {s[m]:.2f}" for m in methods))
+        took = time.perf_counter() - t0
+        print(f"{name:5s} PSNR dB, mean of ms{args.images}: {cells}   ({took:.0f} s)")
+        for i, s in zip(args.images, per_image, strict=True):
+            print(f"      ms{i}: " + "  ".join(f"{m} {s[m]:.2f}" for m in methods))
         if "gsjbu" in mean and "bicubic" in mean:
             print(f"      gsjbu - bicubic = {mean['gsjbu'] - mean['bicubic']:+.2f} dB; "
                   f"gsjbu - jbu = {mean['gsjbu'] - mean['jbu']:+.2f} dB")

@@ -34,7 +34,7 @@ def cell_means(guide: np.ndarray, valid: np.ndarray, lr_shape: tuple[int, int]):
 
 
 def render(params, guide, valid, lr_shape, radius, x):
-    """``out[C, H, W]`` for raw ``params[4, h, w]``, normalised ``guide[d, H, W]`` and ``x[C, h, w]``.
+    """``out[C, H, W]`` from raw ``params[4, h, w]``, normalised ``guide[d, H, W]``, ``x[C, h, w]``.
 
     Neighbours whose value is NaN in a channel are skipped for that channel; pixels that are
     invalid in the guide, or have no usable neighbour, are NaN.

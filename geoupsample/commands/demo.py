@@ -33,7 +33,9 @@ def _unit_scale(bands: np.ndarray) -> np.ndarray:
     return ((bands - lo) / (hi - lo)).astype(np.float32)
 
 
-def _write(path: Path, data: np.ndarray, profile: dict, transform: Affine, names: list[str]) -> None:
+def _write(
+    path: Path, data: np.ndarray, profile: dict, transform: Affine, names: list[str]
+) -> None:
     prof = {**profile, "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
             "transform": transform, "dtype": "float32", "nodata": np.nan}
     with rasterio.open(path, "w", **prof) as dst:
@@ -51,7 +53,7 @@ def _quicklook(path: Path, rgb: np.ndarray, panels: list[tuple[str, np.ndarray]]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     axes[0].imshow(np.clip(rgb.transpose(1, 2, 0), 0, 1))
     axes[0].set_title("image (RGB guide)")
-    for ax, (title, img) in zip(axes[1:], panels):
+    for ax, (title, img) in zip(axes[1:], panels, strict=True):
         ax.imshow(np.clip(img, 0, 1), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title)
     for ax in axes:

@@ -5,10 +5,10 @@ log-weight of DESIGN.md §2 is
 
     log w(p, q) = -0.5 d^T Sigma_q^-1 d  -  (3 / d_bands) ||G(p) - Gbar(q)||^2 / (2 sigma_r(q)^2)
 
-with ``d = p - mu_q``. (The factor ``3 / d_bands`` keeps ``sigma_r`` calibrated as for an RGB guide
-whatever the band count; it is 1 for three bands.) Measured from the centre of cell ``n``, ``p`` sits
-at ``(yl, xl)`` and ``q``'s centre at ``(k_y * sy, k_x * sx)``; subtracting ``Gbar(n)`` from both
-guide values leaves the range distance unchanged and keeps the numbers small. Expanding the two
+with ``d = p - mu_q``. (The factor ``3 / d_bands`` keeps ``sigma_r`` calibrated as for an RGB
+guide whatever the band count; it is 1 for three bands.) Measured from the centre of cell ``n``,
+``p`` sits at ``(yl, xl)`` and ``q``'s centre at ``(k_y * sy, k_x * sx)``; subtracting ``Gbar(n)``
+from both guide values leaves the range distance unchanged and keeps the numbers small. Expanding the two
 quadratic forms, the log-weight is an inner product of a per-pixel feature vector ``phi(p)`` and a
 per-(cell, neighbour) coefficient vector ``psi(n, k)``:
 
@@ -194,12 +194,12 @@ def rows_per_chunk(layout: CellLayout, width: int) -> int:
 
 
 def chunk_weights(phi: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-    """Softmax weights ``[cells, P, K]`` of a chunk from ``phi [cells, P, F]``, ``psi [cells, F, K]``."""
+    """Softmax weights ``[cells, P, K]`` from ``phi [cells, P, F]`` and ``psi [cells, F, K]``."""
     return torch.softmax(torch.bmm(phi, psi), dim=-1)
 
 
 def softmax_backward(w: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
-    """Gradient of the logits given the softmax ``w`` and the gradient of ``w`` (both ``[.., K]``)."""
+    """Gradient of the logits from the softmax ``w`` and the gradient of ``w`` (``[..., K]``)."""
     return w * (grad_w - (w * grad_w).sum(-1, keepdim=True))
 
 

@@ -47,7 +47,8 @@ def check_lr_shape(lr_shape: object, hr_shape: tuple[int, int]) -> tuple[int, in
     if h > hr_shape[0] or w > hr_shape[1]:
         raise ValueError(
             f"the low-res grid {(h, w)} is finer than the guide {hr_shape} along at least one "
-            "axis; the guide must have at least as many pixels as the low-res raster (h <= H, w <= W)"
+            "axis; the guide must have at least as many pixels as the low-res raster "
+            "(h <= H, w <= W)"
         )
     return h, w
 
