@@ -11,7 +11,7 @@ import typer
 
 app = typer.Typer(
     name="geoupsample",
-    help="Guided upsampling of coarse rasters (features, probabilities, bands) to image resolution.",
+    help="Guided upsampling of coarse rasters (features, probabilities, bands) to full resolution.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -8,9 +8,9 @@ log-weight of DESIGN.md §2 is
 with ``d = p - mu_q``. (The factor ``3 / d_bands`` keeps ``sigma_r`` calibrated as for an RGB
 guide whatever the band count; it is 1 for three bands.) Measured from the centre of cell ``n``,
 ``p`` sits at ``(yl, xl)`` and ``q``'s centre at ``(k_y * sy, k_x * sx)``; subtracting ``Gbar(n)``
-from both guide values leaves the range distance unchanged and keeps the numbers small. Expanding the two
-quadratic forms, the log-weight is an inner product of a per-pixel feature vector ``phi(p)`` and a
-per-(cell, neighbour) coefficient vector ``psi(n, k)``:
+from both guide values leaves the range distance unchanged and keeps the numbers small.
+Expanding the two quadratic forms, the log-weight is an inner product of a per-pixel feature
+vector ``phi(p)`` and a per-(cell, neighbour) coefficient vector ``psi(n, k)``:
 
     phi(p)   = [xl^2, xl*yl, yl^2, xl, yl, 1, |u|^2, u_1 .. u_d]        u = G(p) - Gbar(n)
     psi(n,k) = [-a/2, -b, -c/2, a*mx + b*my, c*my + b*mx,

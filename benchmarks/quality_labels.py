@@ -1,0 +1,119 @@
+"""Label upsampling quality (BENCHMARKS.md §2, the probability path), every method side by side.
+
+Data: the 512 x 512 ISPRS Vaihingen crop in ../shared/data/vaihingen-dev (development only, never
+copied into the project): false-colour image (NIR, R, G) and labels 1..5 (0 = class borders,
+ignored everywhere). Scores are mIoU (%) over the classes present, at full resolution.
+
+- ``oracle``: the one-hot labels (over labelled pixels) area-averaged by x8 and x16, upsampled
+  by each method with its default arguments (``gu.upsample(probs, guide, method=...)``), argmax.
+- ``predicted``: a linear probe on ``spectral`` features (per-cell band means/stds and NDVI,
+  cell = the scale) trained under the soft labels of the left half, predicts LR probabilities of
+  the whole crop; these are upsampled by each method; mIoU on the right half (held out).
+
+    python benchmarks/quality_labels.py                 # both regimes, x8 and x16
+    python benchmarks/quality_labels.py --regime oracle --scales 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import geoupsample as gu
+import geoupsample.backbones as gb
+from geoupsample.heads import LinearProbe
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vaihingen-dev"
+STEM = "area1_0_0_512_512"
+CLASSES = ("impervious", "building", "low_vegetation", "tree", "car")
+
+
+def load() -> tuple[np.ndarray, np.ndarray]:
+    """Image ``float32 [3, 512, 512]`` (NIR, R, G; raw 0..255) and labels ``int [512, 512]``."""
+    img = np.asarray(Image.open(DATA / f"{STEM}_irrg.png"), dtype=np.float32).transpose(2, 0, 1)
+    lab = np.asarray(Image.open(DATA / f"{STEM}_labels.png")).astype(np.int64)
+    return img, lab
+
+
+def soft_labels(lab: np.ndarray, scale: int) -> np.ndarray:
+    """Per-class share of the labelled pixels of each cell ``[K, h, w]``; 0 where none."""
+    onehot = np.stack([(lab == k + 1) for k in range(len(CLASSES))]).astype(np.float64)
+    frac = F.avg_pool2d(torch.from_numpy(onehot)[None], scale)[0].numpy()
+    return frac.astype(np.float32)
+
+
+def miou(pred: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> float:
+    """mIoU (%) of ``pred`` (0-based classes) against ``lab`` (1-based, 0 ignored) in ``mask``."""
+    valid = mask & (lab > 0)
+    p, t = pred[valid], lab[valid] - 1
+    ious = []
+    for k in range(len(CLASSES)):
+        inter = np.sum((p == k) & (t == k))
+        union = np.sum((p == k) | (t == k))
+        if np.any(t == k):
+            ious.append(inter / union)
+    return 100.0 * float(np.mean(ious))
+
+
+def upsample_all(probs: np.ndarray, guide: np.ndarray) -> dict[str, np.ndarray]:
+    """Argmax class maps of every method's upsampling of ``probs`` with default arguments."""
+    out = {}
+    for method in gu.METHODS:
+        t0 = time.perf_counter()
+        hr = np.asarray(gu.upsample(probs, guide, method=method))
+        out[method] = np.nan_to_num(hr, nan=-1.0).argmax(0)
+        out[f"_{method}_s"] = time.perf_counter() - t0  # type: ignore[assignment]
+    return out
+
+
+def oracle(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
+    maps = upsample_all(soft_labels(lab, scale), img)
+    full = np.ones(lab.shape, dtype=bool)
+    return {m: miou(v, lab, full) for m, v in maps.items() if not m.startswith("_")}
+
+
+def predicted(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
+    bb = gb.create("spectral", band_names=("nir", "red", "green"), cell_size=scale)
+    feats = bb.extract(img)
+    frac = soft_labels(lab, scale)
+    half = frac.shape[2] // 2
+    train = frac.copy()
+    train[:, :, half:] = 0  # labels of the left half only
+    probe = LinearProbe(class_weight="balanced").fit(feats, train, classes=CLASSES)
+    probs = probe.predict_proba(feats)
+    maps = upsample_all(probs, img)
+    right = np.zeros(lab.shape, dtype=bool)
+    right[:, half * scale :] = True
+    scores = {m: miou(v, lab, right) for m, v in maps.items() if not m.startswith("_")}
+    scores["lowres_nearest_train_half"] = miou(maps["nearest"], lab, ~right)
+    return scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--regime", choices=("oracle", "predicted"), action="append")
+    ap.add_argument("--scales", type=int, nargs="+", default=[8, 16])
+    args = ap.parse_args()
+    img, lab = load()
+    for regime in args.regime or ["oracle", "predicted"]:
+        fn = oracle if regime == "oracle" else predicted
+        for s in args.scales:
+            t0 = time.perf_counter()
+            scores = fn(img, lab, s)
+            cells = "  ".join(f"{m} {v:.1f}" for m, v in scores.items())
+            gap = scores["gsjbu"] - scores["bilinear"]
+            print(
+                f"{regime:9s} x{s:<2d} mIoU %: {cells}   gsjbu - bilinear = {gap:+.1f}"
+                f"   ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
