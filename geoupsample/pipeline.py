@@ -32,6 +32,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
+from rasterio.transform import array_bounds
 from rasterio.windows import Window, from_bounds
 
 import geoupsample as gu
@@ -85,6 +86,12 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
         if t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
             raise InputError(f"the {name} is not north-up (transform {tuple(t)[:6]}); warp it "
                              "to a north-up grid first (gdalwarp)")
+    lr_b = array_bounds(lr_shape[0], lr_shape[1], lr_transform)  # (west, south, east, north)
+    hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
+    if not (lr_b[0] < hr_b[2] and hr_b[0] < lr_b[2] and lr_b[1] < hr_b[3] and hr_b[1] < lr_b[3]):
+        raise InputError(f"the low-res raster and the guide do not overlap (low-res bounds "
+                         f"{tuple(round(v, 3) for v in lr_b)}, guide bounds "
+                         f"{tuple(round(v, 3) for v in hr_b)}, both in {hr_crs})")
     sy_f, sx_f = lr_transform.e / hr_transform.e, lr_transform.a / hr_transform.a
     sy, sx = round(sy_f), round(sx_f)
     h, w = lr_shape

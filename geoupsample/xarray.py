@@ -96,7 +96,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                                else np.arange(1, lowres.shape[0] + 1),
                                guide.dims[1]: guide[guide.dims[1]].values,
                                guide.dims[2]: guide[guide.dims[2]].values},
-                       name=lowres.name)
+                       )
+    out.name = lowres.name  # not the dask graph's name
     long_name = lowres.attrs.get("long_name")
     if long_name is not None:
         out.attrs["long_name"] = long_name

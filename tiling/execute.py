@@ -52,7 +52,8 @@ TileFunction = Callable[[TileContext], "np.ndarray | None"]
 @dataclass
 class Progress:
     """Passed to the progress callback after each tile: tiles done (computed or skipped) out of
-    ``total``, output megapixels written so far, and seconds since start."""
+    ``total``, megapixels of output processed (the cores of the tiles done), and seconds since
+    start."""
 
     done: int
     total: int
@@ -220,11 +221,11 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
 
     workers = workers or os.cpu_count() or 1
     total = len(grid)
-    state = {"done": 0, "skipped": 0, "mp": 0.0}
+    state = {"done": 0, "skipped": 0, "mp": 0.0, "core_mp": 0.0}
 
     def report() -> None:
         if progress is not None:
-            progress(Progress(state["done"], total, state["mp"], time.perf_counter() - t0,
+            progress(Progress(state["done"], total, state["core_mp"], time.perf_counter() - t0,
                               state["skipped"]))
 
     def tiles_to_compute() -> Iterator[Tile]:
@@ -252,6 +253,8 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
                 writer.flush()
                 journal.mark(cell.row)
         state["done"] += 1
+        core = grid.get(*tile_id).core
+        state["core_mp"] += core.width * core.height / 1e6
         report()
 
     if max_in_flight is None:

@@ -72,6 +72,8 @@ def upsample_command(
                                                    "int32, float32, float64 (default: the "
                                                    "low-res dtype; float64 -> float32).")] = None,
     compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
+    blocksize: Annotated[int, typer.Option(help="Output block (internal tile) size, a "
+                                                "multiple of 16.")] = 256,
     device: Annotated[Device | None, typer.Option(help="Torch device for the fits (default: "
                                                        "cuda when available).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same inputs "
@@ -102,8 +104,9 @@ def upsample_command(
         report = upsample_raster(
             lowres, guide, out, method=method.value, iters=iters, radius=radius, tile=tile,
             halo=halo, bands=_split(bands), guide_bands=_split(guide_bands), aoi=aoi, cog=cog,
-            dtype=dtype, compress=compress, device=device.value if device else None,
-            resume=resume, scheduler=scheduler, progress=progress)
+            dtype=dtype, compress=compress, blocksize=blocksize,
+            device=device.value if device else None, resume=resume, scheduler=scheduler,
+            progress=progress)
     except (InputError, JournalMismatch, FileNotFoundError, PermissionError, RasterioError,
             ValueError, TypeError) as err:
         if bar is not None:
