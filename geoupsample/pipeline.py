@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.enums
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
@@ -243,7 +244,10 @@ class UpsampleTile:
         self.radius, self.device, self.seed = radius, device, seed
 
     def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
-        g, x = ctx.data["guide"], ctx.data["lowres"]
+        x = ctx.data["lowres"]
+        g = ctx.data.get("guide")
+        if g is None:  # interpolation with a guide that cannot hold nodata: only its shape
+            g = np.zeros((1, int(ctx.window.height), int(ctx.window.width)), np.float32)
         if not np.isfinite(g).all(0).any() or not np.isfinite(x).any():
             return None
         if self.method in INTERPOLATIONS:
@@ -348,6 +352,12 @@ def upsample_raster(
         nodata = _output_nodata(lr.nodata, out_dtype)
         descriptions = [lr.descriptions[i - 1] for i in lr_idx]
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
+        # interpolations use the guide only for its nodata mask: skip reading a guide that
+        # cannot have nodata (integer bands, no nodata value, no mask)
+        guide_needed = method not in INTERPOLATIONS or hr.nodata is not None or any(
+            np.dtype(hr.dtypes[i - 1]).kind == "f" for i in hr_idx) or any(
+            rasterio.enums.MaskFlags.all_valid not in hr.mask_flag_enums[i - 1]
+            for i in hr_idx)
         lr_window = from_bounds(*hr.bounds, transform=lr.transform).intersection(
             Window(0, 0, lr.width, lr.height))
         if not _any_valid(lr, lr_idx, lr_window, every_band=False):
@@ -372,8 +382,9 @@ def upsample_raster(
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed)
     if workers is None and scheduler is None:
         workers = (os.cpu_count() or 1) if method in INTERPOLATIONS else 1
-    inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx),
-              "guide": tiling.RasterInput(guide_path, hr_idx)}
+    inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx)}
+    if guide_needed:
+        inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
               "device": str(device), "stats": None if stats is None else
               [stats.lo.tolist(), stats.hi.tolist()], "version": __version__}

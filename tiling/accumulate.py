@@ -63,15 +63,32 @@ def blend_parts(parts: list[_Part], count: int, window: Window) -> np.ndarray:
     """Weighted mean of ``parts`` over ``window``: float32 ``[count, rows, cols]``, NaN where no
     finite value has weight. Parts are summed in tile order (deterministic)."""
     h, w = int(window.height), int(window.width)
-    out = np.empty((count, h, w), dtype=np.float32)
     parts = sorted(parts, key=lambda p: p.tile)
+    if not parts:
+        return np.full((count, h, w), np.nan, dtype=np.float32)
+    if (len(parts) == 1 and parts[0].data.shape[1:] == (h, w) and (parts[0].wy == 1).all()
+            and (parts[0].wx == 1).all()):
+        return parts[0].data.copy()  # one tile owns the whole cell: nothing to blend
+    out = np.empty((count, h, w), dtype=np.float32)
     weights = [np.outer(p.wy.astype(np.float64), p.wx) for p in parts]
+    slices = [(slice(p.r0, p.r0 + p.data.shape[1]), slice(p.c0, p.c0 + p.data.shape[2]))
+              for p in parts]
+    if all(np.isfinite(p.data).all() for p in parts):
+        den = np.zeros((h, w), dtype=np.float64)  # the same for every band
+        for sl, wgt in zip(slices, weights, strict=True):
+            den[sl] += wgt
+        inv = np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), np.nan)
+        for b in range(count):
+            num = np.zeros((h, w), dtype=np.float64)
+            for p, sl, wgt in zip(parts, slices, weights, strict=True):
+                num[sl] += p.data[b] * wgt
+            out[b] = num * inv
+        return out
     for b in range(count):  # one band at a time keeps the float64 buffers small
         num = np.zeros((h, w), dtype=np.float64)
         den = np.zeros((h, w), dtype=np.float64)
-        for p, wgt in zip(parts, weights, strict=True):
+        for p, sl, wgt in zip(parts, slices, weights, strict=True):
             ok = np.isfinite(p.data[b])
-            sl = (slice(p.r0, p.r0 + p.data.shape[1]), slice(p.c0, p.c0 + p.data.shape[2]))
             num[sl] += np.where(ok, p.data[b], 0.0) * wgt
             den[sl] += ok * wgt
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -108,12 +108,13 @@ def cast(data: np.ndarray, dtype: str, nodata: float) -> np.ndarray:
     """float ``data`` (NaN = nodata) -> ``dtype``; ints are rounded and clipped so that no valid
     pixel collides with ``nodata``."""
     dt = np.dtype(dtype)
-    bad = ~np.isfinite(data)
     if dt.kind == "f":
+        if math.isnan(nodata):
+            return data.astype(dt, copy=False)
         out = data.astype(dt, copy=True)
-        if not math.isnan(nodata):
-            out[bad] = nodata
+        out[~np.isfinite(data)] = nodata
         return out
+    bad = ~np.isfinite(data)
     info = np.iinfo(dt)
     lo, hi = float(info.min), float(info.max)
     if nodata == hi:
@@ -142,7 +143,7 @@ class Writer:
             raise PermissionError(f"cannot write to the output directory {out_dir}")
         self.tmp = spec.partial_path
         if resume and os.path.exists(self.tmp):
-            self.ds = rasterio.open(self.tmp, "r+")
+            self.ds = rasterio.open(self.tmp, "r+", num_threads="ALL_CPUS")
         else:
             self.ds = rasterio.open(self.tmp, "w", **spec.profile())
             if spec.descriptions:
@@ -158,7 +159,8 @@ class Writer:
 
     def flush(self) -> None:
         self.ds.close()
-        self.ds = rasterio.open(self.tmp, "r+")
+        # creation options do not persist: multi-threaded compression must be asked again
+        self.ds = rasterio.open(self.tmp, "r+", num_threads="ALL_CPUS")
 
     def finish(self) -> str:
         """Close, convert to COG if asked, and atomically move onto the output path."""

@@ -1,0 +1,200 @@
+"""The whole pipeline on a scene (BENCHMARKS.md §3, issue 3 acceptance 1).
+
+Synthetic scenes (generated once under ``benchmarks/_data/``, git-ignored): an N x N 4-band
+uint16 guide (tiled 256, deflate) and an (N/8) x (N/8) 8-band float32 low-res raster (smooth
+class probabilities) on a nesting grid, scale 8. For each size and method,
+``geoupsample.pipeline.upsample_raster`` runs in a fresh process that reports output megapixels
+per second and peak RSS minus the RSS after imports; a bare rasterio block-by-block write of the
+same output (same pixels, dtype, compression, blocks, NUM_THREADS) runs beside it.
+
+    python benchmarks/pipeline.py                                   # 4096, 8192, 16384; both
+    python benchmarks/pipeline.py --sizes 2048 --methods bilinear   # a quick small run
+    python benchmarks/pipeline.py --sizes 4096 --methods gsjbu --iters 10 --no-bare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "_data"
+ROOT = HERE.parent
+SCALE = 8
+CLASSES = 8
+
+
+def make_scene(n: int) -> tuple[Path, Path]:
+    """Write (once) the guide and low-res rasters for size ``n``; returns their paths."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    DATA.mkdir(exist_ok=True)
+    guide, lowres = DATA / f"guide_{n}.tif", DATA / f"lowres_{n}.tif"
+    crs = "EPSG:32631"
+    res = 0.5
+    t_hr = Affine(res, 0, 500000.0, 0, -res, 5800000.0)
+    t_lr = Affine(res * SCALE, 0, 500000.0, 0, -res * SCALE, 5800000.0)
+    if not lowres.exists():
+        m = n // SCALE
+        yy, xx = np.mgrid[0:m, 0:m].astype(np.float32) / 37.0
+        logits = np.stack([np.sin(xx * (1 + k % 3) + k) * np.cos(yy * (1 + k // 3) - k)
+                           for k in range(CLASSES)]) * 3
+        p = np.exp(logits - logits.max(0))
+        p /= p.sum(0)
+        tmp = lowres.with_suffix(".tmp.tif")
+        with rasterio.open(tmp, "w", driver="GTiff", width=m, height=m, count=CLASSES,
+                           dtype="float32", crs=crs, transform=t_lr, tiled=True,
+                           blockxsize=256, blockysize=256, compress="deflate") as ds:
+            ds.write(p.astype(np.float32))
+        os.replace(tmp, lowres)
+    if not guide.exists():
+        rng = np.random.default_rng(n)
+        tmp = guide.with_suffix(".tmp.tif")
+        with rasterio.open(tmp, "w", driver="GTiff", width=n, height=n, count=4,
+                           dtype="uint16", crs=crs, transform=t_hr, tiled=True,
+                           blockxsize=256, blockysize=256, compress="deflate", predictor=2,
+                           num_threads="ALL_CPUS", bigtiff="IF_SAFER") as ds:
+            step = 1024
+            xx = np.arange(n, dtype=np.float32)[None, :]
+            for r0 in range(0, n, step):
+                yy = np.arange(r0, min(n, r0 + step), dtype=np.float32)[:, None]
+                # blocky "fields" (sharp edges every ~40 px) plus texture and noise
+                fields = (np.floor(xx / 41) * 7 + np.floor(yy / 37) * 13) % 17
+                band = []
+                for k in range(4):
+                    v = 800 + 150 * fields + 60 * k + 40 * np.sin(xx / 9 + k) * np.cos(yy / 11)
+                    v = v + rng.normal(0, 20, v.shape)
+                    band.append(np.clip(v, 0, 65535).astype(np.uint16))
+                ds.write(np.stack(band), window=Window(0, r0, n, yy.shape[0]))
+        os.replace(tmp, guide)
+    return guide, lowres
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def child_pipeline(args: argparse.Namespace) -> dict:
+    """One upsample_raster run in this (fresh) process."""
+    import geoupsample.pipeline as pipeline
+
+    guide, lowres = make_scene(args.size)
+    out = DATA / f"out_{args.size}_{args.method}.tif"
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    rep = pipeline.upsample_raster(lowres, guide, out, method=args.method, iters=args.iters,
+                                   tile=args.tile, halo=args.halo, dtype=args.dtype,
+                                   compress=args.compress)
+    sec = time.perf_counter() - t0
+    return {"kind": args.method, "size": args.size, "seconds": round(sec, 2),
+            "mp_per_s": round(args.size ** 2 / 1e6 / sec, 3),
+            "peak_rss_over_imports_mb": round((_peak() - rss0) / 2 ** 20, 1),
+            "tiles": rep.tiles, "output": str(out)}
+
+
+def child_bare(args: argparse.Namespace) -> dict:
+    """A bare rasterio block-row by block-row write of the pipeline's output (same pixels,
+    dtype, compression, blocks); only the writes are timed."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    import tiling
+
+    src_path = DATA / f"out_{args.size}_{args.method}.tif"
+    out = DATA / f"bare_{args.size}.tif"
+    rss0 = _rss()
+    with rasterio.open(src_path) as src:
+        spec = tiling.OutputSpec(str(out), crs=src.crs, transform=src.transform,
+                                 width=src.width, height=src.height, count=src.count,
+                                 dtype=src.dtypes[0], nodata=src.nodata,
+                                 compress=args.compress)
+        spent = 0.0
+        with rasterio.open(out, "w", **spec.profile()) as dst:
+            for r0 in range(0, src.height, spec.blocksize):
+                w = Window(0, r0, src.width, min(spec.blocksize, src.height - r0))
+                data = np.ascontiguousarray(src.read(window=w))
+                t0 = time.perf_counter()
+                dst.write(data, window=w)
+                spent += time.perf_counter() - t0
+            t0 = time.perf_counter()
+        spent += time.perf_counter() - t0  # closing flushes the last blocks
+    os.remove(out)
+    return {"kind": "bare rasterio write", "size": args.size, "seconds": round(spent, 2),
+            "mp_per_s": round(args.size ** 2 / 1e6 / spent, 3),
+            "peak_rss_over_imports_mb": round((_peak() - rss0) / 2 ** 20, 1)}
+
+
+def spawn(argv: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
+                         env=env, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"child {' '.join(argv)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--methods", nargs="+", default=["bilinear", "gsjbu"])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--halo", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compress", default="deflate")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare rasterio write")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs in _data/")
+    ap.add_argument("--child", choices=["pipeline", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child == "pipeline":
+        print(json.dumps(child_pipeline(args)))
+        return
+    if args.child == "bare":
+        print(json.dumps(child_bare(args)))
+        return
+    common = ["--iters", str(args.iters), "--tile", str(args.tile), "--halo", str(args.halo),
+              "--dtype", args.dtype, "--compress", args.compress]
+    print(f"scale {SCALE}, {CLASSES}-band float32 low-res, 4-band uint16 guide; tile "
+          f"{args.tile}, halo {args.halo}, iters {args.iters}, output {args.dtype} "
+          f"{args.compress}; {os.cpu_count()} CPUs")
+    print(f"{'size':>6} {'kind':<22} {'seconds':>9} {'MP/s':>8} {'peak RSS - imports (MB)':>24}")
+    for n in args.sizes:
+        t0 = time.perf_counter()
+        make_scene(n)
+        if time.perf_counter() - t0 > 1:
+            print(f"  (generated the {n} scene in {time.perf_counter() - t0:.0f} s)")
+        for method in args.methods:
+            r = spawn(["--child", "pipeline", "--size", str(n), "--method", method, *common])
+            print(f"{n:>6} {r['kind']:<22} {r['seconds']:>9} {r['mp_per_s']:>8} "
+                  f"{r['peak_rss_over_imports_mb']:>24}", flush=True)
+            if method == "bilinear" and not args.no_bare:
+                b = spawn(["--child", "bare", "--size", str(n), "--method", method, *common])
+                print(f"{n:>6} {b['kind']:<22} {b['seconds']:>9} {b['mp_per_s']:>8} "
+                      f"{b['peak_rss_over_imports_mb']:>24}   pipeline/bare time: "
+                      f"{r['seconds'] / b['seconds']:.2f}x", flush=True)
+            if not args.keep:
+                os.remove(r["output"])
+
+
+if __name__ == "__main__":
+    main()
