@@ -61,12 +61,21 @@ def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((pred - truth) ** 2)))
 
 
+#: (label, method, extra keyword arguments): every method with its defaults, then variants that
+#: show what back-projection ("consistency", on by default for jbu and gsjbu) brings on its own.
+VARIANTS = [(m, m, {}) for m in gu.METHODS] + [
+    ("bicubic+c2", "bicubic", {"consistency": 2}),
+    ("jbu-pure", "jbu", {"consistency": 0}),
+    ("gsjbu-pure", "gsjbu", {"consistency": 0}),
+]
+
+
 def run_methods(x_lr, guide, truth, fit_kwargs) -> dict[str, float]:
     scores = {}
-    for method in gu.METHODS:
-        kwargs = fit_kwargs if method in ("jbu", "gsjbu") else {}
+    for label, method, extra in VARIANTS:
+        kwargs = {**fit_kwargs, **extra} if method in ("jbu", "gsjbu") else extra
         out = gu.upsample(x_lr, guide, method=method, **kwargs)
-        scores[method] = psnr(out, truth)
+        scores[label] = psnr(out, truth)
     return scores
 
 
@@ -91,7 +100,7 @@ def self_reconstruction(index: int, fit_kwargs: dict) -> dict[str, float]:
     for method in ("jbu", "gsjbu"):
         kw = {**fit_kwargs, "iters": 0} if method == "jbu" else fit_kwargs
         k = gu.fit(rgb, (CROP // SCALE, CROP // SCALE), **kw)
-        rebuilt = k.render(k._prepared.gbar)
+        rebuilt = k.render(k._prepared.gbar, consistency=0)
         scores[method] = psnr(np.asarray(rebuilt), k.guide.numpy())
     return scores
 
@@ -102,7 +111,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--radius", type=int, default=3)
-    ap.add_argument("--sample", type=float, default=1.0)
+    ap.add_argument("--sample", type=float, default=0.25)
     ap.add_argument("--lr", type=float, default=0.1)
     args = ap.parse_args()
     fit_kwargs = {"iters": args.iters, "radius": args.radius, "sample": args.sample, "lr": args.lr}

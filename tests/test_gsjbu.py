@@ -8,6 +8,7 @@ import torch
 
 import geoupsample as gu
 from geoupsample.core import gsjbu
+from geoupsample.core.consistency import cell_average
 from geoupsample.core.layout import CellLayout
 from tests import reference
 
@@ -51,7 +52,7 @@ def test_render_matches_dense_reference(hr_shape, lr_shape, bands, radius):
     scale = (hr_shape[0] / lr_shape[0], hr_shape[1] / lr_shape[1])
     params = random_params(lr_shape, scale, rng)
     x = rng.normal(size=(3, *lr_shape))
-    ours = kernels_with(params, guide, valid, radius).render(x)
+    ours = kernels_with(params, guide, valid, radius).render(x, consistency=0)
     ref = reference.render(params, guide, valid, lr_shape, radius, x)
     assert ours.dtype == np.float64
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
@@ -68,7 +69,7 @@ def test_render_float32_matches_reference_with_borders_and_nan_in_x():
     x = rng.normal(size=(2, *lr)).astype(np.float32)
     x[:, 0, 0] = np.nan  # a missing cell in every channel
     x[1, 2, 3] = np.nan  # a missing cell in one channel only
-    ours = kernels_with(params, guide, valid, 2).render(x)
+    ours = kernels_with(params, guide, valid, 2).render(x, consistency=0)
     ref = reference.render(params, guide, valid, lr, 2, x)
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
@@ -80,7 +81,7 @@ def test_jbu_equals_classic_joint_bilateral_formula():
     rng = np.random.default_rng(3)
     guide = rng.random((3, 16, 20))
     x = rng.normal(size=(2, 4, 5))
-    ours = gu.upsample(x, guide, method="jbu", normalize=False, radius=3)
+    ours = gu.upsample(x, guide, method="jbu", normalize=False, radius=3, consistency=0)
     ref = reference.classic_jbu(guide, np.ones((16, 20), bool), (4, 5), x, sigma_r=0.12, radius=3)
     np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-10)
 
@@ -164,8 +165,8 @@ def test_fit_lowers_l1_loss_and_is_deterministic(rotterdam_ms):
     k0 = gu.fit(guide, (8, 8), iters=0, device="cpu")
     gbar = k._prepared.gbar.numpy()
     target = k.guide.numpy()
-    err_fit = np.abs(k.render(gbar) - target).mean()
-    err_init = np.abs(k0.render(gbar) - target).mean()
+    err_fit = np.abs(k.render(gbar, consistency=0) - target).mean()
+    err_init = np.abs(k0.render(gbar, consistency=0) - target).mean()
     assert err_fit < err_init
     again = gu.fit(guide, (8, 8), iters=30, device="cpu", sample=0.5, seed=4)
     torch.testing.assert_close(again.params, k.params, rtol=0, atol=0)
@@ -269,3 +270,37 @@ def test_bad_input_gives_clear_errors(call, error, match):
     x = rng.random((2, 8, 8)).astype(np.float32)
     with pytest.raises(error, match=match):
         call(guide, x)
+
+
+@pytest.mark.parametrize("hr_shape,lr_shape", [((48, 40), (6, 5)), ((50, 37), (7, 5))])
+def test_consistency_makes_cell_means_match_the_input(hr_shape, lr_shape, rotterdam_ms):
+    guide = rotterdam_ms[:3, : hr_shape[0], : hr_shape[1]]
+    rng = np.random.default_rng(8)
+    x = rng.random((2, *lr_shape))
+    x[1, 2, 2] = np.nan
+    k = gu.fit(guide, lr_shape, iters=5)
+    layout = k._prepared.layout
+
+    def mismatch(out):
+        means = cell_average(torch.from_numpy(out), layout).numpy()
+        ok = np.isfinite(x)
+        return np.abs(means - x)[ok].max()
+
+    pure = k.render(x, consistency=0)
+    fixed = k.render(x, consistency=2)
+    assert mismatch(fixed) < 0.5 * mismatch(pure)
+    assert np.isfinite(fixed).all(), "NaN in x leaked through back-projection"
+    np.testing.assert_allclose(k.render(np.full((1, *lr_shape), 2.0)), 2.0, rtol=1e-6)
+    bil = gu.upsample(x, guide, method="bilinear", consistency=2)
+    assert mismatch(bil) < 0.5 * mismatch(gu.upsample(x, guide, method="bilinear"))
+
+
+def test_default_fit_samples_at_least_sixteen_pixels_per_cell(rotterdam_ms):
+    guide = rotterdam_ms[:3, :24, :24]
+    k_default = gu.fit(guide, (8, 8), iters=3)  # scale 3: 9 pixels per cell, all used
+    k_full = gu.fit(guide, (8, 8), iters=3, sample=1.0)
+    torch.testing.assert_close(k_default.params, k_full.params, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sample"):
+        gu.fit(guide, (8, 8), sample=0.0)
+    with pytest.raises(ValueError, match="consistency"):
+        k_full.render(np.zeros((1, 8, 8)), consistency=-1)

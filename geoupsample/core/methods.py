@@ -16,14 +16,25 @@ import torch
 import torch.nn.functional as F
 
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
+from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import check_guide, valid_mask
-from geoupsample.core.kernels import check_lr_shape, check_raster, fit, render_with_mask
+from geoupsample.core.kernels import (
+    DEFAULT_CONSISTENCY,
+    check_lr_shape,
+    check_raster,
+    check_rounds,
+    fit,
+)
+from geoupsample.core.layout import CellLayout
+from geoupsample.core.masking import render_with_mask
 
 Method = Callable[..., Any]
 _REGISTRY: dict[str, Method] = {}
 #: Keyword arguments of :func:`fit`; baselines accept and ignore them so callers can loop
 #: over methods with one set of arguments.
 FIT_KWARGS = frozenset(inspect.signature(fit).parameters) - {"guide", "lr_shape"}
+#: Keyword arguments every method takes.
+COMMON_KWARGS = frozenset({"consistency"})
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
@@ -49,7 +60,9 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
         guide: ``[d, H, W]`` the high-resolution guide (its shape fixes the output grid).
         method: one of :func:`list_methods`: ``nearest``, ``bilinear``, ``bicubic``, ``jbu``,
             ``gsjbu``.
-        **kwargs: passed to :func:`geoupsample.fit` (``iters``, ``radius``, ``nodata``, ...).
+        **kwargs: ``consistency`` (rounds of back-projection, see
+            :meth:`Kernels.render`) and the arguments of :func:`geoupsample.fit` (``iters``,
+            ``radius``, ``nodata``, ...), which the non-guided methods ignore.
 
     Returns:
         ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 ``x``), same array kind
@@ -57,21 +70,21 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
     """
     if method not in _REGISTRY:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_REGISTRY)}")
-    unknown = set(kwargs) - FIT_KWARGS
+    unknown = set(kwargs) - FIT_KWARGS - COMMON_KWARGS
     if unknown:
         raise TypeError(
-            f"unexpected argument(s) {', '.join(sorted(unknown))}; upsample takes the keyword "
-            f"arguments of gu.fit: {', '.join(sorted(FIT_KWARGS))}"
+            f"unexpected argument(s) {', '.join(sorted(unknown))}; upsample takes consistency "
+            f"and the keyword arguments of gu.fit: {', '.join(sorted(FIT_KWARGS))}"
         )
     return _REGISTRY[method](x, guide, **kwargs)
 
 
 @register_method("gsjbu")
-def _gsjbu(x: Any, guide: Any, **kwargs: Any) -> Any:
+def _gsjbu(x: Any, guide: Any, consistency: int = DEFAULT_CONSISTENCY, **kwargs: Any) -> Any:
     xt = as_tensor(x, "x")
     if xt.ndim not in (3, 4):
         check_raster(xt, (0, 0))
-    return fit(guide, tuple(xt.shape[-2:]), **kwargs).render(x)
+    return fit(guide, tuple(xt.shape[-2:]), **kwargs).render(x, consistency=consistency)
 
 
 @register_method("jbu")
@@ -80,7 +93,7 @@ def _jbu(x: Any, guide: Any, **kwargs: Any) -> Any:
 
 
 def _interpolating(mode: str) -> Method:
-    def run(x: Any, guide: Any, nodata: float | None = None, **_: Any) -> Any:
+    def run(x: Any, guide: Any, nodata: float | None = None, consistency: int = 0, **_: Any) -> Any:
         g = check_guide(guide)
         xt = as_tensor(x, "x")
         lead = check_raster(xt, tuple(xt.shape[-2:]) if xt.ndim in (3, 4) else (0, 0))
@@ -90,6 +103,8 @@ def _interpolating(mode: str) -> Method:
         flat = xt.reshape(-1, *lr_shape).to(dtype)
         out = interpolate(flat, hr_shape, mode)
         out.masked_fill_(~valid_mask(g, nodata).to(out.device)[None], float("nan"))
+        if check_rounds(consistency):
+            out = back_project(out, flat, CellLayout.build(hr_shape, lr_shape), consistency)
         return like_input(out.reshape(*lead, *hr_shape), x)
 
     return run
