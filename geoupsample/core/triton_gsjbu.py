@@ -1,0 +1,396 @@
+"""Fused Triton kernels for the GSJBU render and fit step (fp32 accumulation).
+
+The maths is that of :mod:`geoupsample.core.gsjbu`: for cell ``n``, phase ``p`` and neighbour
+``k``, ``logits[n, p, k] = phi[n, p, :] @ psi[n, :, k]`` (``F = 6 + d`` terms), the weights are a
+softmax over ``k``, and ``out[n, p, :] = sum_k w[n, p, k] * values[n, k, :]``. The kernels here
+compute that cell by cell without ever writing the ``[n, P, K]`` weights to global memory:
+
+* :func:`render` — one program per (cell, block of phases): logits by ``F`` rank-1 updates in
+  fp32, a stable softmax over the whole (padded) ``K`` axis held in registers, then
+  ``w @ values`` tile by tile over the channels (``tl.dot``; fp16/bf16 values use the tensor cores
+  with fp32 accumulation, fp32 values an fp32 product).
+* :func:`fit_loss_and_grad` — one program per cell: forward, masked L1 loss and backward fused
+  (L1 is per pixel, so a phase block's gradient is known as soon as its output is); ``grad_psi``
+  ``[F, K]`` accumulates over the phase blocks in registers and is written once.
+
+Masked neighbours carry ``-inf`` in ``psi``'s constant row (``phi``'s constant feature is always 1).
+A pixel whose neighbours are all masked gets all-zero weights here (the torch path gives NaN;
+such pixels are invalid and masked downstream either way).
+
+Kernels run on CUDA tensors; on the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``
+set before this module is imported), for tests. :func:`available` says which applies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the torch path in gsjbu.py is the fallback.
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means "no Triton"
+    triton = None
+    tl = None
+
+#: True when Triton imported.
+HAS_TRITON = triton is not None
+#: True when the kernels below were built for Triton's interpreter (runs on CPU tensors).
+INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: Allowed values of ``precision`` for fp32 products (``tl.dot``'s ``input_precision``).
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def available(device: torch.device | str, interpreter: bool = False) -> bool:
+    """Whether the Triton kernels can run on ``device``.
+
+    True when Triton imports and ``device`` is CUDA (with a GPU visible); for a CPU device only
+    when the kernels were built under ``TRITON_INTERPRET=1`` *and* ``interpreter`` is True (an
+    explicit opt-in: the interpreter is for tests, and slow).
+    """
+    if not HAS_TRITON:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    return dev.type == "cpu" and INTERPRET and interpreter
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    """Smallest power of two ``>= max(x, lo)`` (``tl.dot`` needs every dimension >= 16)."""
+    return max(lo, 1 << max(0, int(x) - 1).bit_length())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _cell_weights(
+        phi_ptr,
+        psi_ptr,
+        cell,
+        rows,
+        mask_p,
+        offs_k,
+        mask_k,
+        s_phi_n,
+        s_phi_p,
+        s_phi_f,
+        s_psi_n,
+        s_psi_f,
+        s_psi_k,
+        F: tl.constexpr,
+    ):
+        """Softmax weights ``[BLOCK_P, BLOCK_K]`` (fp32) of phase rows ``rows`` of ``cell``.
+
+        Padded phases/neighbours and all-masked rows get weight 0 (never NaN).
+        """
+        phi_row = phi_ptr + cell * s_phi_n + rows * s_phi_p
+        psi_row = psi_ptr + cell * s_psi_n + offs_k * s_psi_k
+        # Padded phases read phi = 1 (not 0): 0 * -inf would be NaN; their rows are dropped below.
+        a = tl.load(phi_row, mask=mask_p, other=1.0).to(tl.float32)
+        b = tl.load(psi_row, mask=mask_k, other=0.0).to(tl.float32)
+        logits = a[:, None] * b[None, :]
+        for f in tl.static_range(1, F):
+            a = tl.load(phi_row + f * s_phi_f, mask=mask_p, other=1.0).to(tl.float32)
+            b = tl.load(psi_row + f * s_psi_f, mask=mask_k, other=0.0).to(tl.float32)
+            logits += a[:, None] * b[None, :]
+        keep = mask_p[:, None] & mask_k[None, :]
+        logits = tl.where(keep, logits, float("-inf"))
+        m = tl.max(logits, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        e = tl.exp(logits - m[:, None])
+        e = tl.where(keep, e, 0.0)
+        s = tl.sum(e, axis=1)
+        s = tl.where(s == 0.0, 1.0, s)
+        return e / s[:, None]
+
+    @triton.jit
+    def _render_kernel(
+        phi_ptr,
+        psi_ptr,
+        val_ptr,
+        out_ptr,
+        P,
+        K,
+        C,
+        s_phi_n,
+        s_phi_p,
+        s_phi_f,
+        s_psi_n,
+        s_psi_f,
+        s_psi_k,
+        s_val_n,
+        s_val_k,
+        s_val_c,
+        s_out_n,
+        s_out_p,
+        s_out_c,
+        F: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        LOWP: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """``out[n, p, c] = sum_k softmax_k(phi[n, p] @ psi[n])[k] * values[n, k, c]``.
+
+        Grid: ``(n_cells, cdiv(P, BLOCK_P))``.
+        """
+        cell = tl.program_id(0).to(tl.int64)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = _cell_weights(
+            phi_ptr, psi_ptr, cell, offs_p, mask_p, offs_k, mask_k,
+            s_phi_n, s_phi_p, s_phi_f, s_psi_n, s_psi_f, s_psi_k, F,
+        )  # fmt: skip
+        if LOWP:
+            w_in = w.to(val_ptr.dtype.element_ty)
+        val_base = val_ptr + cell * s_val_n + offs_k[:, None] * s_val_k
+        out_base = out_ptr + cell * s_out_n + offs_p[:, None] * s_out_p
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            v = tl.load(
+                val_base + offs_c[None, :] * s_val_c,
+                mask=mask_k[:, None] & mask_c[None, :],
+                other=0.0,
+            )
+            if LOWP:
+                acc = tl.dot(w_in, v, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(w, v.to(tl.float32), input_precision=PRECISION)
+            tl.store(
+                out_base + offs_c[None, :] * s_out_c,
+                acc.to(out_ptr.dtype.element_ty),
+                mask=mask_p[:, None] & mask_c[None, :],
+            )
+
+    @triton.jit
+    def _fit_kernel(
+        phi_ptr,
+        psi_ptr,
+        val_ptr,
+        tgt_ptr,
+        tvalid_ptr,
+        phases_ptr,
+        inv_count_ptr,
+        loss_ptr,
+        grad_ptr,
+        M,
+        K,
+        D,
+        s_phi_n,
+        s_phi_p,
+        s_phi_f,
+        s_psi_n,
+        s_psi_f,
+        s_psi_k,
+        s_val_n,
+        s_val_k,
+        s_val_d,
+        s_tgt_n,
+        s_tgt_p,
+        s_tgt_d,
+        s_tv_n,
+        s_tv_p,
+        s_g_n,
+        s_g_f,
+        s_g_k,
+        F: tl.constexpr,
+        BLOCK_F: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HAS_PHASES: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Masked L1 loss of one cell (sum, unscaled) and its ``grad_psi [F, K]``.
+
+        Grid: ``(n_cells,)``. ``M`` phases are used: ``phases[0:M]`` when ``HAS_PHASES``, else
+        ``0..M-1``. The gradient is that of ``sum |diff| * inv_count`` (the mean over the valid
+        pixels and bands), as in :func:`geoupsample.core.gsjbu.fit_loss_and_grad`.
+        """
+        cell = tl.program_id(0).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        offs_f = tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        inv_count = tl.load(inv_count_ptr).to(tl.float32)
+        v = tl.load(
+            val_ptr + cell * s_val_n + offs_k[:, None] * s_val_k + offs_d[None, :] * s_val_d,
+            mask=mask_k[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_K, BLOCK_D]
+        v_t = tl.trans(v)  # [BLOCK_D, BLOCK_K]
+        grad = tl.zeros([BLOCK_F, BLOCK_K], dtype=tl.float32)
+        loss = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, M, BLOCK_P):
+            offs = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs < M
+            if HAS_PHASES:
+                rows = tl.load(phases_ptr + offs, mask=mask_p, other=0)
+            else:
+                rows = offs
+            w = _cell_weights(
+                phi_ptr, psi_ptr, cell, rows, mask_p, offs_k, mask_k,
+                s_phi_n, s_phi_p, s_phi_f, s_psi_n, s_psi_f, s_psi_k, F,
+            )  # fmt: skip
+            out = tl.dot(w, v, input_precision=PRECISION)  # [BLOCK_P, BLOCK_D]
+            tgt = tl.load(
+                tgt_ptr + cell * s_tgt_n + rows[:, None] * s_tgt_p + offs_d[None, :] * s_tgt_d,
+                mask=mask_p[:, None] & mask_d[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            tv = tl.load(tvalid_ptr + cell * s_tv_n + rows * s_tv_p, mask=mask_p, other=0)
+            counted = (tv != 0)[:, None] & mask_d[None, :]
+            diff = tl.where(counted, out - tgt, 0.0)
+            loss += tl.sum(tl.abs(diff), axis=1)
+            g = tl.where(diff > 0.0, inv_count, tl.where(diff < 0.0, -inv_count, 0.0))
+            grad_w = tl.dot(g, v_t, input_precision=PRECISION)  # [BLOCK_P, BLOCK_K]
+            grad_l = w * (grad_w - tl.sum(w * grad_w, axis=1)[:, None])
+            phi_t = tl.load(
+                phi_ptr + cell * s_phi_n + rows[None, :] * s_phi_p + offs_f[:, None] * s_phi_f,
+                mask=mask_f[:, None] & mask_p[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BLOCK_F, BLOCK_P]
+            grad += tl.dot(phi_t, grad_l, input_precision=PRECISION)
+        tl.store(loss_ptr + cell, tl.sum(loss, axis=0))
+        tl.store(
+            grad_ptr + cell * s_g_n + offs_f[:, None] * s_g_f + offs_k[None, :] * s_g_k,
+            grad.to(grad_ptr.dtype.element_ty),
+            mask=mask_f[:, None] & mask_k[None, :],
+        )
+
+
+def _check(phi: torch.Tensor, psi: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use the torch path (gsjbu.py)")
+    if phi.ndim != 3 or psi.ndim != 3 or phi.shape[0] != psi.shape[0]:
+        raise ValueError(f"phi [n, P, F] and psi [n, F, K] expected; got {phi.shape}, {psi.shape}")
+    if phi.shape[2] != psi.shape[1]:
+        raise ValueError(f"phi has {phi.shape[2]} features but psi {psi.shape[1]}")
+    if phi.dtype != torch.float32 or psi.dtype != torch.float32:
+        raise TypeError(f"the Triton kernels take float32 phi/psi; got {phi.dtype}, {psi.dtype}")
+    if phi.device != psi.device or not available(phi.device, interpreter=True):
+        raise RuntimeError(
+            f"the Triton kernels cannot run on {phi.device} (CUDA, or CPU under TRITON_INTERPRET=1)"
+        )
+
+
+def render(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    values: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    precision: str = "ieee",
+    block_c: int = 64,
+) -> torch.Tensor:
+    """Fused ``bmm(gsjbu.chunk_weights(phi, psi), values)``: ``[n, P, C]``.
+
+    Args:
+        phi: ``[n, P, F]`` float32 pixel features (constant feature 1).
+        psi: ``[n, F, K]`` float32 coefficients (``-inf`` in the constant row for masked
+            neighbours); any strides.
+        values: ``[n, K, C]`` float32, float16 or bfloat16; 16-bit values are multiplied on the
+            tensor cores with the weights rounded to their dtype and fp32 accumulation.
+        out_dtype: output dtype (default float32).
+        precision: ``tl.dot`` input precision for fp32 values: ``"ieee"`` (exact fp32 products,
+            default), ``"tf32"`` (faster, ~1e-3 relative) or ``"tf32x3"``.
+        block_c: channels per tile (a power of two >= 16).
+
+    Returns:
+        ``[n, P, C]`` the rendered values.
+    """
+    _check(phi, psi)
+    n, p, f = phi.shape
+    k = psi.shape[2]
+    if values.ndim != 3 or values.shape[:2] != (n, k):
+        raise ValueError(f"values must be [n, K, C] = [{n}, {k}, C]; got {tuple(values.shape)}")
+    if values.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"values must be float32, float16 or bfloat16; got {values.dtype}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    c = values.shape[2]
+    out = torch.empty(n, p, c, dtype=out_dtype or torch.float32, device=phi.device)
+    if out.numel() == 0:
+        return out
+    block_k = _pow2(k)
+    block_p = max(16, min(64, 8192 // block_k))
+    block_c = _pow2(min(block_c, c))
+    grid = (n, triton.cdiv(p, block_p))
+    _render_kernel[grid](
+        phi, psi, values, out, p, k, c,
+        *phi.stride(), *psi.stride(), *values.stride(), *out.stride(),
+        F=f, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c,
+        LOWP=values.dtype != torch.float32, PRECISION=precision,
+        num_warps=4 if block_k * block_c <= 8192 else 8,
+    )  # fmt: skip
+    return out
+
+
+def fit_loss_and_grad(
+    psi: torch.Tensor,
+    phi: torch.Tensor,
+    values: torch.Tensor,
+    target: torch.Tensor,
+    target_valid: torch.Tensor,
+    phases: torch.Tensor | None = None,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused :func:`geoupsample.core.gsjbu.fit_loss_and_grad`: masked L1 loss and ``grad_psi``.
+
+    Args:
+        psi: ``[n, F, K]`` float32 coefficients (any strides).
+        phi: ``[n, P, F]`` float32 pixel features.
+        values: ``[n, K, d]`` each cell's neighbour cell means.
+        target: ``[n, P, d]`` the normalised guide in cell layout.
+        target_valid: ``[n, P]`` bool, pixels that count in the loss.
+        phases: optional phase indices ``[m]``; the loss then uses only these phases.
+        precision: ``tl.dot`` input precision (see :func:`render`).
+
+    Returns:
+        ``(loss, grad_psi)``: the mean absolute error over valid pixels and bands (0-d, float32),
+        and ``[n, F, K]`` float32 with ``psi``'s strides. Nothing is synchronised with the host.
+    """
+    _check(phi, psi)
+    n, p, f = phi.shape
+    k = psi.shape[2]
+    d = values.shape[2]
+    if values.shape != (n, k, d) or target.shape != (n, p, d) or target_valid.shape != (n, p):
+        raise ValueError(
+            f"shapes disagree: phi {tuple(phi.shape)}, psi {tuple(psi.shape)}, values "
+            f"{tuple(values.shape)}, target {tuple(target.shape)}, "
+            f"target_valid {tuple(target_valid.shape)}"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    tvalid = target_valid.view(torch.uint8) if target_valid.dtype == torch.bool else target_valid
+    if phases is not None:
+        phases = phases.to(device=phi.device, dtype=torch.int64).contiguous()
+        m = phases.numel()
+        count = tvalid.index_select(1, phases).count_nonzero() * d
+    else:
+        m = p
+        count = tvalid.count_nonzero() * d
+    inv_count = (1.0 / count.clamp_min(1).to(torch.float32)).reshape(1)
+    grad_psi = torch.empty_like(psi)
+    partial = torch.zeros(n, dtype=torch.float32, device=phi.device)
+    if n and m:
+        _fit_kernel[(n,)](
+            phi, psi, values, target, tvalid, phases if phases is not None else partial,
+            inv_count, partial, grad_psi, m, k, d,
+            *phi.stride(), *psi.stride(), *values.stride(), *target.stride(),
+            *tvalid.stride(), *grad_psi.stride(),
+            F=f, BLOCK_F=_pow2(f), BLOCK_P=64 if k <= 128 else 32, BLOCK_K=_pow2(k),
+            BLOCK_D=_pow2(d), HAS_PHASES=phases is not None, PRECISION=precision,
+            num_warps=4,
+        )  # fmt: skip
+    else:
+        grad_psi.zero_()
+    loss = partial.sum(dtype=torch.float64) * inv_count.double()[0]
+    return loss.to(torch.float32), grad_psi
