@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoupsample.core import gsjbu
+from geoupsample.core import backend, gsjbu
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import GuideStats, prepare_guide
@@ -199,13 +199,13 @@ class Kernels:
         c = x.shape[0]
         out = torch.empty(c, *self.hr_shape, dtype=x.dtype, device=x.device)
         rows = gsjbu.rows_per_chunk(layout, max(c, psi.shape[2]))
+        render_chunk = backend.render_chunk(prep.phi)  # fused Triton kernel on CUDA, else torch
         with torch.no_grad():
             for i0 in range(0, h, rows):
                 i1 = min(h, i0 + rows)
                 s, e = i0 * w, i1 * w
-                weights = gsjbu.chunk_weights(prep.phi[s:e], psi[s:e])  # [cells, P, K]
                 values = gsjbu.neighbours(x, self.radius, i0, i1)  # [cells, K, C]
-                band = torch.bmm(weights, values)  # [cells, P, C]
+                band = render_chunk(prep.phi[s:e], psi[s:e], values)  # [cells, P, C]
                 band = band.view(i1 - i0, w, py, px, c).permute(4, 0, 2, 1, 3)
                 band = band.reshape(c, (i1 - i0) * py, w * px)
                 y0, y1, row_select, col_select = layout.row_band(i0, i1)
@@ -343,13 +343,14 @@ def fit(
     params = params.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([params], lr=lr)
     history: list[float] = []
+    fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
     for _ in range(int(iters)):
         phases = None
         if n_sample < n_phases:
             phases = torch.randperm(n_phases, generator=generator)[:n_sample].to(dev)
         optimizer.zero_grad(set_to_none=True)
         psi = prep.psi(params)
-        loss, grad_psi = gsjbu.fit_loss_and_grad(
+        loss, grad_psi = fit_step(
             psi.detach(), prep.phi, values, prep.guide_cells, prep.pixel_valid, phases
         )
         psi.backward(grad_psi)

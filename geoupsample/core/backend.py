@@ -1,0 +1,74 @@
+"""Which path computes the GSJBU fit step and render: fused Triton kernels or plain torch.
+
+``auto`` (the default) takes the Triton kernels (:mod:`geoupsample.core.triton_gsjbu`) for float32
+tensors on a CUDA device when Triton imports, and the torch path of :mod:`geoupsample.core.gsjbu`
+otherwise. The environment variable ``GEOUPSAMPLE_BACKEND`` forces a path:
+
+* ``torch``: always the torch path;
+* ``triton``: the Triton kernels, or an error saying why they cannot run. On the CPU this works
+  only under Triton's interpreter (``TRITON_INTERPRET=1``; slow, for tests).
+
+``triton_gsjbu`` (and with it ``triton``) is imported only when the Triton path may be taken.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from geoupsample.core import gsjbu
+
+#: Environment variable that forces a backend: ``auto`` (default), ``torch`` or ``triton``.
+ENV = "GEOUPSAMPLE_BACKEND"
+CHOICES = ("auto", "torch", "triton")
+
+FitStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+RenderChunk = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def torch_render(phi: torch.Tensor, psi: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[n, P, C]`` = softmax weights ``[n, P, K]`` of ``phi @ psi`` times ``values [n, K, C]``."""
+    return torch.bmm(gsjbu.chunk_weights(phi, psi), values)
+
+
+def name(like: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: the path for work on ``like``'s device and dtype."""
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {CHOICES}; got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if choice == "auto" and (like.device.type != "cuda" or like.dtype != torch.float32):
+        return "torch"
+    from geoupsample.core import triton_gsjbu
+
+    if choice == "auto":
+        return "triton" if triton_gsjbu.available(like.device) else "torch"
+    if not triton_gsjbu.available(like.device, interpreter=True):
+        raise RuntimeError(
+            f"{ENV}=triton but the Triton kernels cannot run on {like.device}: they need triton "
+            "and a CUDA device (or, on the CPU, TRITON_INTERPRET=1 set before the first use)"
+        )
+    if like.dtype != torch.float32:
+        raise RuntimeError(f"{ENV}=triton but the Triton kernels take float32, not {like.dtype}")
+    return "triton"
+
+
+def fit_step(like: torch.Tensor) -> FitStep:
+    """The ``fit_loss_and_grad`` to use for tensors like ``like`` (same signature as gsjbu's)."""
+    if name(like) == "triton":
+        from geoupsample.core import triton_gsjbu
+
+        return triton_gsjbu.fit_loss_and_grad
+    return gsjbu.fit_loss_and_grad
+
+
+def render_chunk(like: torch.Tensor) -> RenderChunk:
+    """The ``(phi, psi, values) -> [n, P, C]`` render to use for tensors like ``like``."""
+    if name(like) == "triton":
+        from geoupsample.core import triton_gsjbu
+
+        return triton_gsjbu.render
+    return torch_render
