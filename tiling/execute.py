@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import rasterio
 from affine import Affine
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
@@ -84,7 +85,8 @@ def compute_tile(fn: TileFunction, inputs: Mapping[str, Any], tile: Tile,
                  out_transform: Affine, count: int) -> tuple[tuple[int, int], np.ndarray | None]:
     """Read the inputs for ``tile``, call ``fn``, check the result's shape. Runs on workers."""
     wt = window_transform(tile.read, out_transform)
-    data = {name: src.read(tile.read, out_transform) for name, src in inputs.items()}
+    with gdal_env():  # also on dask workers (other processes)
+        data = {name: src.read(tile.read, out_transform) for name, src in inputs.items()}
     out = fn(TileContext(tile, tile.read, wt, data))
     if out is None:
         return tile.id, None
@@ -141,6 +143,18 @@ def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[T
             client.close()
 
 
+#: GDAL block cache used during a run (MB) unless GDAL_CACHEMAX is set in the environment. GDAL's
+#: default (5% of RAM) would let the cache of decompressed input blocks grow with the scene.
+GDAL_CACHE_MB = 256
+
+
+def gdal_env() -> rasterio.Env:
+    """A rasterio environment capping GDAL's block cache (see :data:`GDAL_CACHE_MB`)."""
+    if "GDAL_CACHEMAX" in os.environ:
+        return rasterio.Env()
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2 ** 20)
+
+
 def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
         tile: int = 1024, halo: int = 64, align: int | tuple[int, int] = 1,
         align_offset: tuple[int, int] = (0, 0), blend: str = "taper",
@@ -182,6 +196,18 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
         file is written under a temporary name beside it and renamed at the end. On an error the
         temporary files are removed; on ``KeyboardInterrupt`` they are kept for ``resume=True``.
     """
+    with gdal_env():
+        return _run(fn, inputs, output, tile=tile, halo=halo, align=align,
+                    align_offset=align_offset, blend=blend, region=region, aoi=aoi,
+                    aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
+                    workers=workers, max_in_flight=max_in_flight, progress=progress)
+
+
+def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, tile: int,
+         halo: int, align: int | tuple[int, int], align_offset: tuple[int, int], blend: str,
+         region: Window | None, aoi: Any, aoi_crs: Any, resume: bool,
+         params: Mapping[str, Any] | None, scheduler: Any, workers: int | None,
+         max_in_flight: int | None, progress: Callable[[Progress], None] | None) -> RunReport:
     t0 = time.perf_counter()
     if not inputs:
         raise ValueError("run() needs at least one input")
