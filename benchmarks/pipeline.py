@@ -116,11 +116,12 @@ def child_bare(args: argparse.Namespace) -> dict:
     from rasterio.windows import Window
 
     import tiling
+    from tiling.execute import gdal_env
 
     src_path = DATA / f"out_{args.size}_{args.method}.tif"
     out = DATA / f"bare_{args.size}.tif"
     rss0 = _rss()
-    with rasterio.open(src_path) as src:
+    with gdal_env(), rasterio.open(src_path) as src:  # the same GDAL cache cap as the pipeline
         spec = tiling.OutputSpec(str(out), crs=src.crs, transform=src.transform,
                                  width=src.width, height=src.height, count=src.count,
                                  dtype=src.dtypes[0], nodata=src.nodata,
