@@ -5,7 +5,7 @@ when averaging ``out`` over each LR cell's footprint gives back ``x`` — the fi
 Wald's protocol, and what mass-preserving quantities (reflectance, elevation, class fractions)
 demand. A weighted average of neighbouring cells (any JBU) is not consistent on its own; each
 round here adds the bilinearly upsampled residual ``x - cell_mean(out)``. The cell mean uses the
-same footprints as the kernels (:mod:`geoupsample.core.layout`) and only valid pixels.
+same footprints as the kernels (:mod:`geoupsample.core.layout`) and only finite pixels.
 """
 
 from __future__ import annotations
@@ -20,14 +20,26 @@ from geoupsample.core.masking import render_with_mask
 CHANNEL_CHUNK = 16
 
 
-def cell_average(out: torch.Tensor, layout: CellLayout) -> torch.Tensor:
-    """Mean of ``out [C, H, W]`` over each LR cell's finite pixels: ``[C, h, w]`` (NaN if none)."""
-    if layout.is_regular and bool(torch.isfinite(out).all()):
+def cell_average(
+    out: torch.Tensor, layout: CellLayout, finite: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``out [C, H, W]`` over each LR cell's finite pixels: ``[C, h, w]`` (NaN if none).
+
+    ``finite`` (``[C, H, W]`` bool) may be passed when known; ``None`` computes it.
+    """
+    if finite is None:
+        finite = torch.isfinite(out)
+        if bool(finite.all()):
+            finite = None
+    if finite is None and layout.is_regular:
         sy, sx = (int(round(s)) for s in layout.scale)
         return F.avg_pool2d(out[None], (sy, sx))[0]
+    if finite is None:
+        finite = torch.ones_like(out, dtype=torch.bool)
     cells = layout.to_cells(out)  # [h, w, Py, Px, C]
-    ok = torch.isfinite(cells) & layout.phase_valid.to(out.device)[..., None]
-    total = torch.where(ok, cells, torch.zeros((), dtype=out.dtype, device=out.device)).sum((2, 3))
+    ok = layout.to_cells(finite) & layout.phase_valid.to(out.device)[..., None]
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    total = torch.where(ok, cells, zero).sum((2, 3))
     count = ok.sum((2, 3)).to(out.dtype)
     mean = total / count.clamp_min(1)
     mean = torch.where(count > 0, mean, torch.full((), float("nan"), dtype=out.dtype))
@@ -35,21 +47,33 @@ def cell_average(out: torch.Tensor, layout: CellLayout) -> torch.Tensor:
 
 
 def back_project(
-    out: torch.Tensor, x: torch.Tensor, layout: CellLayout, rounds: int = 1
+    out: torch.Tensor,
+    x: torch.Tensor,
+    layout: CellLayout,
+    rounds: int = 1,
+    all_finite: bool = False,
 ) -> torch.Tensor:
     """Make ``out [C, H, W]`` consistent with ``x [C, h, w]`` by ``rounds`` of back-projection.
 
     Pixels that are NaN in ``out`` stay NaN; cells that are NaN in ``x`` (or have no finite
-    pixel in ``out``) add no correction. Works in place on ``out`` and returns it.
+    pixel in ``out``) add no correction. ``all_finite=True`` promises that ``out`` and ``x`` hold
+    no NaN (skips the checks). Works in place on ``out`` and returns it.
     """
     hr_shape = layout.hr_shape
+
+    def upsample(r: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(r[None], size=hr_shape, mode="bilinear")[0]
+
     for c0 in range(0, out.shape[0], CHANNEL_CHUNK):
         o = out[c0 : c0 + CHANNEL_CHUNK]
+        xc = x[c0 : c0 + CHANNEL_CHUNK].to(o.dtype)
+        finite = None if all_finite else torch.isfinite(o)
+        if finite is not None and bool(finite.all()):
+            finite = None
         for _ in range(rounds):
-            residual = x[c0 : c0 + CHANNEL_CHUNK].to(o.dtype) - cell_average(o, layout)
-            correction = render_with_mask(
-                residual,
-                lambda r: F.interpolate(r[None], size=hr_shape, mode="bilinear")[0],
-            )
-            o += torch.nan_to_num(correction, nan=0.0)
+            residual = xc - cell_average(o, layout, finite)
+            if bool(torch.isfinite(residual).all()):
+                o += upsample(residual)
+            else:
+                o += torch.nan_to_num(render_with_mask(residual, upsample), nan=0.0)
     return out
