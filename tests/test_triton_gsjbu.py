@@ -66,6 +66,7 @@ def prepared(case: str, seed: int = 0) -> tuple[_Prepared, torch.Tensor]:
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
     """``|actual - expected| <= rel * max|expected|`` elementwise, NaN-free."""
+    actual, expected = actual.detach(), expected.detach()
     assert torch.isfinite(actual).all()
     scale = float(expected.abs().max().clamp_min(1e-30))
     err = float((actual.double() - expected.double()).abs().max())
@@ -77,6 +78,24 @@ def test_masked_neighbours_present():
     psi = prep.psi(params)
     assert torch.isneginf(psi[:, gsjbu.CONST]).any()
     assert not bool(prep.cell_valid.all())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_build_psi_and_its_gradient_match_torch(case):
+    prep, params = prepared(case, seed=6)
+    p_ref = params.clone().requires_grad_(True)
+    p_ours = params.clone().requires_grad_(True)
+    args = (prep.gbar, prep.cell_valid, prep.layout, prep.radius)
+    ref = gsjbu.build_psi(p_ref, *args)
+    ours = triton_gsjbu.build_psi(p_ours, *args)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(ours))
+    assert torch.isneginf(ours[~finite]).all()
+    close(ours[finite], ref[finite], 1e-6)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    ref.backward(g)
+    ours.backward(g)
+    close(p_ours.grad, p_ref.grad, 1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

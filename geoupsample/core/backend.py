@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from geoupsample.core import gsjbu
+from geoupsample.core.layout import CellLayout
 
 #: Environment variable that forces a backend: ``auto`` (default), ``torch`` or ``triton``.
 ENV = "GEOUPSAMPLE_BACKEND"
@@ -72,3 +73,20 @@ def render_chunk(like: torch.Tensor) -> RenderChunk:
 
         return triton_gsjbu.render
     return torch_render
+
+
+def build_psi(
+    params: torch.Tensor,
+    gbar: torch.Tensor,
+    cell_valid: torch.Tensor,
+    layout: CellLayout,
+    radius: int,
+) -> torch.Tensor:
+    """``psi [n, 6 + d, K]`` from ``params [4, h, w]`` (see :func:`gsjbu.build_psi`), on the path
+    :func:`name` picks for ``params``: one fused kernel (and one for its backward) with Triton.
+    """
+    if name(params) == "triton":
+        from geoupsample.core import triton_gsjbu
+
+        return triton_gsjbu.build_psi(params, gbar, cell_valid, layout, radius)
+    return gsjbu.build_psi(params, gbar, cell_valid, layout, radius)

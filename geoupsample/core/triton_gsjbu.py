@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from geoupsample.core.layout import CellLayout
+
 try:  # Triton is optional: the torch path in gsjbu.py is the fallback.
     import triton
     import triton.language as tl
@@ -266,6 +268,169 @@ if HAS_TRITON:
             mask=mask_f[:, None] & mask_k[None, :],
         )
 
+    @triton.jit
+    def _tanh(x):
+        """``tanh`` from ``exp`` (Triton has none), stable for any ``x``."""
+        t = tl.exp(-2.0 * tl.abs(x))
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(x < 0.0, -y, y)
+
+    @triton.jit
+    def _psi_kernel(
+        par_ptr,
+        gbar_ptr,
+        cvalid_ptr,
+        psi_ptr,
+        h,
+        w,
+        K,
+        sy,
+        sx,
+        range_factor,
+        s_par_f,
+        s_gbar_d,
+        s_psi_n,
+        s_psi_f,
+        s_psi_k,
+        D: tl.constexpr,
+        RADIUS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``psi[n, :, k]`` of :func:`geoupsample.core.gsjbu.build_psi`, from raw ``params``.
+
+        Grid: ``(h * w,)``. ``params [4, h, w]``, ``gbar [d, h, w]`` and ``cell_valid [h, w]``
+        are row-major over the cells (``s_*`` give the stride between their leading planes).
+        """
+        cell = tl.program_id(0)
+        i = cell // w
+        j = cell % w
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        ky = offs_k // (2 * RADIUS + 1) - RADIUS
+        kx = offs_k % (2 * RADIUS + 1) - RADIUS
+        qi = i + ky
+        qj = j + kx
+        inside = mask_k & (qi >= 0) & (qi < h) & (qj >= 0) & (qj < w)
+        q = tl.where(inside, qi * w + qj, 0)
+        p0 = tl.load(par_ptr + q, mask=inside, other=0.0).to(tl.float32)
+        p1 = tl.load(par_ptr + s_par_f + q, mask=inside, other=0.0).to(tl.float32)
+        p2 = tl.load(par_ptr + 2 * s_par_f + q, mask=inside, other=0.0).to(tl.float32)
+        p3 = tl.load(par_ptr + 3 * s_par_f + q, mask=inside, other=0.0).to(tl.float32)
+        inv_x = tl.exp(-2.0 * p0)
+        inv_y = tl.exp(-2.0 * p1)
+        theta = 3.141592653589793 * _tanh(p2)
+        cos = tl.cos(theta)
+        sin = tl.sin(theta)
+        # Outside the image the torch path pads the coefficient maps with zeros: do the same.
+        a = tl.where(inside, cos * cos * inv_x + sin * sin * inv_y, 0.0)
+        c = tl.where(inside, sin * sin * inv_x + cos * cos * inv_y, 0.0)
+        b = tl.where(inside, cos * sin * (inv_x - inv_y), 0.0)
+        r = tl.where(inside, range_factor * tl.exp(-2.0 * p3), 0.0)
+        valid = tl.load(cvalid_ptr + q, mask=inside, other=0) != 0
+        dy = ky.to(tl.float32) * sy
+        dx = kx.to(tl.float32) * sx
+        out = psi_ptr + cell.to(tl.int64) * s_psi_n + offs_k * s_psi_k
+        vv = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for e in tl.static_range(D):
+            g_n = tl.load(gbar_ptr + e * s_gbar_d + cell).to(tl.float32)
+            g_q = tl.load(gbar_ptr + e * s_gbar_d + q, mask=inside, other=0.0).to(tl.float32)
+            v = g_q - g_n
+            vv += v * v
+            tl.store(out + (7 + e) * s_psi_f, 2.0 * r * v, mask=mask_k)
+        const = -0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy) - r * vv
+        const = tl.where(valid, const, float("-inf"))
+        tl.store(out, -0.5 * a, mask=mask_k)
+        tl.store(out + s_psi_f, -b, mask=mask_k)
+        tl.store(out + 2 * s_psi_f, -0.5 * c, mask=mask_k)
+        tl.store(out + 3 * s_psi_f, a * dx + b * dy, mask=mask_k)
+        tl.store(out + 4 * s_psi_f, c * dy + b * dx, mask=mask_k)
+        tl.store(out + 5 * s_psi_f, const, mask=mask_k)
+        tl.store(out + 6 * s_psi_f, -r, mask=mask_k)
+
+    @triton.jit
+    def _psi_grad_kernel(
+        par_ptr,
+        gbar_ptr,
+        gpsi_ptr,
+        gpar_ptr,
+        h,
+        w,
+        K,
+        sy,
+        sx,
+        range_factor,
+        s_par_f,
+        s_gbar_d,
+        s_g_n,
+        s_g_f,
+        s_g_k,
+        s_gpar_f,
+        D: tl.constexpr,
+        RADIUS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``grad_params[:, q]`` from ``grad_psi``: the adjoint of :func:`_psi_kernel`.
+
+        Grid: ``(h * w,)``. Cell ``q`` is neighbour ``k`` of cell ``n = q - offset(k)``; its
+        coefficient gradients gather ``grad_psi[n, :, k]`` over ``k`` (no atomics), then go
+        through ``q``'s own ``(a, b, c, R)`` <- ``params`` map.
+        """
+        cell = tl.program_id(0)
+        i = cell // w
+        j = cell % w
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        ky = offs_k // (2 * RADIUS + 1) - RADIUS
+        kx = offs_k % (2 * RADIUS + 1) - RADIUS
+        ni = i - ky
+        nj = j - kx
+        inside = mask_k & (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
+        n = tl.where(inside, ni * w + nj, 0)
+        gp = gpsi_ptr + n.to(tl.int64) * s_g_n + offs_k * s_g_k
+        g0 = tl.load(gp, mask=inside, other=0.0).to(tl.float32)
+        g1 = tl.load(gp + s_g_f, mask=inside, other=0.0).to(tl.float32)
+        g2 = tl.load(gp + 2 * s_g_f, mask=inside, other=0.0).to(tl.float32)
+        g3 = tl.load(gp + 3 * s_g_f, mask=inside, other=0.0).to(tl.float32)
+        g4 = tl.load(gp + 4 * s_g_f, mask=inside, other=0.0).to(tl.float32)
+        g5 = tl.load(gp + 5 * s_g_f, mask=inside, other=0.0).to(tl.float32)
+        g6 = tl.load(gp + 6 * s_g_f, mask=inside, other=0.0).to(tl.float32)
+        dy = ky.to(tl.float32) * sy
+        dx = kx.to(tl.float32) * sx
+        da = tl.sum(-0.5 * g0 + g3 * dx - 0.5 * g5 * dx * dx, axis=0)
+        db = tl.sum(-g1 + g3 * dy + g4 * dx - g5 * dx * dy, axis=0)
+        dc = tl.sum(-0.5 * g2 + g4 * dy - 0.5 * g5 * dy * dy, axis=0)
+        dr_k = -g6
+        vv = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for e in tl.static_range(D):
+            g_q = tl.load(gbar_ptr + e * s_gbar_d + cell).to(tl.float32)
+            g_n = tl.load(gbar_ptr + e * s_gbar_d + n, mask=inside, other=0.0).to(tl.float32)
+            v = g_q - g_n
+            vv += v * v
+            ge = tl.load(gp + (7 + e) * s_g_f, mask=inside, other=0.0).to(tl.float32)
+            dr_k += 2.0 * ge * v
+        dr = tl.sum(dr_k - g5 * vv, axis=0)
+        p0 = tl.load(par_ptr + cell).to(tl.float32)
+        p1 = tl.load(par_ptr + s_par_f + cell).to(tl.float32)
+        p2 = tl.load(par_ptr + 2 * s_par_f + cell).to(tl.float32)
+        p3 = tl.load(par_ptr + 3 * s_par_f + cell).to(tl.float32)
+        inv_x = tl.exp(-2.0 * p0)
+        inv_y = tl.exp(-2.0 * p1)
+        t = _tanh(p2)
+        theta = 3.141592653589793 * t
+        cos = tl.cos(theta)
+        sin = tl.sin(theta)
+        cc = cos * cos
+        ss = sin * sin
+        cs = cos * sin
+        g_inv_x = da * cc + dc * ss + db * cs
+        g_inv_y = da * ss + dc * cc - db * cs
+        g_theta = 2.0 * cs * (inv_y - inv_x) * (da - dc) + (cc - ss) * (inv_x - inv_y) * db
+        r = range_factor * tl.exp(-2.0 * p3)
+        tl.store(gpar_ptr + cell, -2.0 * inv_x * g_inv_x)
+        tl.store(gpar_ptr + s_gpar_f + cell, -2.0 * inv_y * g_inv_y)
+        tl.store(gpar_ptr + 2 * s_gpar_f + cell, g_theta * 3.141592653589793 * (1.0 - t * t))
+        tl.store(gpar_ptr + 3 * s_gpar_f + cell, -2.0 * r * dr)
+
 
 def _check(phi: torch.Tensor, psi: torch.Tensor) -> None:
     if not HAS_TRITON:
@@ -394,3 +559,78 @@ def fit_loss_and_grad(
         grad_psi.zero_()
     loss = partial.sum(dtype=torch.float64) * inv_count.double()[0]
     return loss.to(torch.float32), grad_psi
+
+
+class _PsiFromParams(torch.autograd.Function):
+    """``psi [n, F, K]`` from ``params [4, h, w]`` in one kernel; backward in one more."""
+
+    @staticmethod
+    def forward(ctx, params, gbar, cell_valid, scale, radius):  # type: ignore[override]
+        d, h, w = gbar.shape
+        k = (2 * radius + 1) ** 2
+        psi = torch.empty(h * w, 7 + d, k, dtype=torch.float32, device=params.device)
+        ctx.save_for_backward(params, gbar)
+        ctx.geometry = (scale, radius)
+        _psi_kernel[(h * w,)](
+            params, gbar, cell_valid, psi, h, w, k, float(scale[0]), float(scale[1]),
+            1.5 / d, params.stride(0), gbar.stride(0), *psi.stride(),
+            D=d, RADIUS=radius, BLOCK_K=_pow2(k, 2), num_warps=1 if k <= 64 else 2,
+        )  # fmt: skip
+        return psi
+
+    @staticmethod
+    def backward(ctx, grad_psi):  # type: ignore[override]
+        params, gbar = ctx.saved_tensors
+        (sy, sx), radius = ctx.geometry
+        d, h, w = gbar.shape
+        k = (2 * radius + 1) ** 2
+        grad_params = torch.empty_like(params)
+        _psi_grad_kernel[(h * w,)](
+            params, gbar, grad_psi, grad_params, h, w, k, float(sy), float(sx), 1.5 / d,
+            params.stride(0), gbar.stride(0), *grad_psi.stride(), grad_params.stride(0),
+            D=d, RADIUS=radius, BLOCK_K=_pow2(k, 2), num_warps=1 if k <= 64 else 2,
+        )  # fmt: skip
+        return grad_params, None, None, None, None
+
+
+def build_psi(
+    params: torch.Tensor,
+    gbar: torch.Tensor,
+    cell_valid: torch.Tensor,
+    layout: CellLayout,
+    radius: int,
+) -> torch.Tensor:
+    """Fused :func:`geoupsample.core.gsjbu.build_psi`: ``psi [n, 6 + d, K]``, differentiable.
+
+    One kernel builds every cell's coefficients straight from the raw parameters of its
+    neighbours (no ``[4 + d, K, n]`` unfold); the backward is one gather kernel (each cell sums
+    the gradients of the ``K`` cells that see it as a neighbour) through the parameter map.
+
+    Args:
+        params: ``[4, h, w]`` float32 raw parameters.
+        gbar: ``[d, h, w]`` cell means of the normalised guide.
+        cell_valid: ``[h, w]`` bool.
+        layout: the cell layout (gives the scale).
+        radius: neighbourhood radius in LR cells.
+
+    Returns:
+        ``[h * w, 6 + d, K]`` float32, contiguous.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use gsjbu.build_psi")
+    if params.dtype != torch.float32 or not available(params.device, interpreter=True):
+        raise RuntimeError(
+            f"Triton build_psi takes float32 on CUDA; got {params.dtype}, {params.device}"
+        )
+    if params.shape[0] != 4 or params.shape[1:] != gbar.shape[1:]:
+        raise ValueError(
+            f"params [4, h, w] and gbar [d, h, w] expected; got "
+            f"{tuple(params.shape)}, {tuple(gbar.shape)}"
+        )
+    return _PsiFromParams.apply(
+        params.contiguous(),
+        gbar.to(torch.float32).contiguous(),
+        cell_valid.to(torch.uint8).contiguous(),
+        layout.scale,
+        int(radius),
+    )
