@@ -182,9 +182,11 @@ class Kernels:
         lead = check_raster(xt, self.lr_shape)
         out_dtype = float_dtype(xt)
         flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
+        rounds = check_rounds(consistency)
         out = render_with_mask(flat, self._render_flat)
-        if consistency:
-            out = back_project(out, flat, self._prepared.layout, check_rounds(consistency))
+        if rounds:
+            all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
+            out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
         out = out.reshape(*lead, *self.hr_shape).to(out_dtype)
         if isinstance(xt, torch.Tensor) and isinstance(x, torch.Tensor):
             out = out.to(x.device)
@@ -207,6 +209,9 @@ class Kernels:
                 values = gsjbu.neighbours(x, self.radius, i0, i1)  # [cells, K, C]
                 band = render_chunk(prep.phi[s:e], psi[s:e], values)  # [cells, P, C]
                 band = band.view(i1 - i0, w, py, px, c).permute(4, 0, 2, 1, 3)
+                if layout.is_regular:  # one copy, straight into the output
+                    out.view(c, h, py, w, px)[:, i0:i1].copy_(band)
+                    continue
                 band = band.reshape(c, (i1 - i0) * py, w * px)
                 y0, y1, row_select, col_select = layout.row_band(i0, i1)
                 if row_select is not None:
