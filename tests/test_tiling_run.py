@@ -340,3 +340,20 @@ def test_memory_holds_only_the_frontier(tmp_path):
     # 16 x 3 tiles, 48 cells; parts pending stay within ~ two rows of cells (2 parts each)
     assert rep.extra["cells"] == 48
     assert rep.extra["peak_pending_parts"] <= 2 * 2 * 4
+
+
+def test_open_dask_chunks_follow_file_blocks_and_read_like_rasterio(tmp_path):
+    src = _real_raster(tmp_path)
+    arr = tiling.open_dask(src, target=600)
+    with rasterio.open(src) as ds:
+        by, bx = ds.block_shapes[0]
+        tr = ds.transform
+    assert all(c % by == 0 for c in arr.chunks[1][:-1])
+    assert all(c % bx == 0 for c in arr.chunks[2][:-1])
+    a = tiling.ArrayInput(arr.data, tr)
+    r = tiling.RasterInput(src)
+    win = Window(300, 200, 700, 500)
+    np.testing.assert_array_equal(a.read(win, tr), r.read(win, tr))
+    out_of_bounds = Window(-10, -10, 50, 50)
+    np.testing.assert_array_equal(a.read(out_of_bounds, tr), r.read(out_of_bounds, tr))
+    assert np.isnan(r.read(out_of_bounds, tr)[:, :10]).all()
