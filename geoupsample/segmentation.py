@@ -69,16 +69,20 @@ _PALETTE = [
 
 
 def class_colours(classes: Sequence[str]) -> dict[int, tuple[int, int, int, int]]:
-    """A colour table ``{index: (r, g, b, 255)}``: by class name where it says, else a palette."""
+    """A colour table ``{index: (r, g, b, 255)}``.
+
+    By class name where it says (water blue, vegetation green, ...; darker for names containing
+    "dark" or for a second class with the same colour), else from a qualitative palette.
+    """
     table: dict[int, tuple[int, int, int, int]] = {}
     used: set[tuple[int, int, int]] = set()
     for i, name in enumerate(classes):
         low = name.lower()
-        rgb = next((c for k, c in NAMED_COLOURS.items() if k in low and c not in used), None)
-        if rgb is None:
+        rgb = next((c for k, c in NAMED_COLOURS.items() if k in low), None)
+        if rgb is not None and ("dark" in low or rgb in used):
+            rgb = (int(rgb[0] * 0.55), int(rgb[1] * 0.55), int(rgb[2] * 0.55))
+        if rgb is None or rgb in used:
             rgb = next((c for c in _PALETTE if c not in used), _PALETTE[i % len(_PALETTE)])
-        if "dark" in low and rgb == NAMED_COLOURS["impervious"]:
-            rgb = (90, 90, 90)
         used.add(rgb)
         table[i] = (*rgb, 255)
     return table
