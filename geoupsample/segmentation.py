@@ -90,7 +90,7 @@ def class_colours(classes: Sequence[str]) -> dict[int, tuple[int, int, int, int]
 
 @dataclass
 class TrainingSet:
-    """LR features and soft labels of the labelled windows, and what they came from."""
+    """LR features ``[C, n, 1]`` and soft labels ``[K, n, 1]`` of the labelled cells, per window."""
 
     features: list[np.ndarray]
     fractions: list[np.ndarray]
@@ -123,9 +123,11 @@ def training_set(
             continue
         f = features(scene.read(win))
         n_win += 1
-        n_cells += int((labelled & np.isfinite(f).all(0)).sum())
-        feats.append(f)
-        fracs.append(frac)
+        keep = labelled & np.isfinite(f).all(0)
+        n_cells += int(keep.sum())
+        # only the labelled cells are kept, as [C, n, 1] "images" (memory ~ labelled area)
+        feats.append(f[:, keep][:, :, None])
+        fracs.append(frac[:, keep][:, :, None])
     if n_cells == 0:
         raise InputError("no labelled cell has valid pixels in the scene: nothing to train on")
     return TrainingSet(feats, fracs, n_win, n_cells)
