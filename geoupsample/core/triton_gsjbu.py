@@ -107,7 +107,7 @@ if HAS_TRITON:
         s = tl.where(s == 0.0, 1.0, s)
         return e / s[:, None]
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P", "K", "C"])
     def _render_kernel(
         phi_ptr,
         psi_ptr,
@@ -170,7 +170,32 @@ if HAS_TRITON:
                 mask=mask_p[:, None] & mask_c[None, :],
             )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
+    def _count_kernel(
+        tvalid_ptr,
+        phases_ptr,
+        count_ptr,
+        M,
+        s_tv_n,
+        s_tv_p,
+        BLOCK_P: tl.constexpr,
+        HAS_PHASES: tl.constexpr,
+    ):
+        """``count += number of valid target pixels of this cell`` (grid ``(n_cells,)``)."""
+        cell = tl.program_id(0).to(tl.int64)
+        total = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for p0 in range(0, M, BLOCK_P):
+            offs = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs < M
+            if HAS_PHASES:
+                rows = tl.load(phases_ptr + offs, mask=mask_p, other=0)
+            else:
+                rows = offs
+            tv = tl.load(tvalid_ptr + cell * s_tv_n + rows * s_tv_p, mask=mask_p, other=0)
+            total += (tv != 0).to(tl.int32)
+        tl.atomic_add(count_ptr, tl.sum(total, axis=0))
+
+    @triton.jit(do_not_specialize=["M", "K", "D"])
     def _fit_kernel(
         phi_ptr,
         psi_ptr,
@@ -178,6 +203,7 @@ if HAS_TRITON:
         tgt_ptr,
         tvalid_ptr,
         phases_ptr,
+        count_ptr,
         inv_count_ptr,
         loss_ptr,
         grad_ptr,
@@ -213,7 +239,9 @@ if HAS_TRITON:
 
         Grid: ``(n_cells,)``. ``M`` phases are used: ``phases[0:M]`` when ``HAS_PHASES``, else
         ``0..M-1``. The gradient is that of ``sum |diff| * inv_count`` (the mean over the valid
-        pixels and bands), as in :func:`geoupsample.core.gsjbu.fit_loss_and_grad`.
+        pixels and bands), as in :func:`geoupsample.core.gsjbu.fit_loss_and_grad`, with
+        ``inv_count = 1 / max(count * D, 1)`` rounded to fp32 (``count`` from
+        :func:`_count_kernel`); program 0 also writes it to ``inv_count_ptr``.
         """
         cell = tl.program_id(0).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
@@ -222,7 +250,10 @@ if HAS_TRITON:
         mask_d = offs_d < D
         offs_f = tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
-        inv_count = tl.load(inv_count_ptr).to(tl.float32)
+        total = tl.maximum(tl.load(count_ptr) * D, 1).to(tl.float32)
+        inv_count = tl.math.div_rn(tl.full([], 1.0, tl.float32), total)
+        if tl.program_id(0) == 0:
+            tl.store(inv_count_ptr, inv_count)
         v = tl.load(
             val_ptr + cell * s_val_n + offs_k[:, None] * s_val_k + offs_d[None, :] * s_val_d,
             mask=mask_k[:, None] & mask_d[None, :],
@@ -275,7 +306,7 @@ if HAS_TRITON:
         y = (1.0 - t) / (1.0 + t)
         return tl.where(x < 0.0, -y, y)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["h", "w", "K", "sy", "sx", "range_factor"])
     def _psi_kernel(
         par_ptr,
         gbar_ptr,
@@ -347,7 +378,7 @@ if HAS_TRITON:
         tl.store(out + 5 * s_psi_f, const, mask=mask_k)
         tl.store(out + 6 * s_psi_f, -r, mask=mask_k)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["h", "w", "K", "sy", "sx", "range_factor"])
     def _psi_grad_kernel(
         par_ptr,
         gbar_ptr,
@@ -430,6 +461,11 @@ if HAS_TRITON:
         tl.store(gpar_ptr + s_gpar_f + cell, -2.0 * inv_y * g_inv_y)
         tl.store(gpar_ptr + 2 * s_gpar_f + cell, g_theta * 3.141592653589793 * (1.0 - t * t))
         tl.store(gpar_ptr + 3 * s_gpar_f + cell, -2.0 * r * dr)
+
+
+def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8 without a copy (a view); other dtypes as they are."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def _check(phi: torch.Tensor, psi: torch.Tensor) -> None:
@@ -534,29 +570,32 @@ def fit_loss_and_grad(
         )
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
-    tvalid = target_valid.view(torch.uint8) if target_valid.dtype == torch.bool else target_valid
+    tvalid = _as_uint8(target_valid)
     if phases is not None:
         phases = phases.to(device=phi.device, dtype=torch.int64).contiguous()
-        m = phases.numel()
-        count = tvalid.index_select(1, phases).count_nonzero() * d
-    else:
-        m = p
-        count = tvalid.count_nonzero() * d
-    inv_count = (1.0 / count.clamp_min(1).to(torch.float32)).reshape(1)
+    m = p if phases is None else phases.numel()
+    if n == 0 or m == 0:
+        zero = torch.zeros((), dtype=torch.float32, device=phi.device)
+        return zero, torch.zeros_like(psi)
     grad_psi = torch.empty_like(psi)
-    partial = torch.zeros(n, dtype=torch.float32, device=phi.device)
-    if n and m:
-        _fit_kernel[(n,)](
-            phi, psi, values, target, tvalid, phases if phases is not None else partial,
-            inv_count, partial, grad_psi, m, k, d,
-            *phi.stride(), *psi.stride(), *values.stride(), *target.stride(),
-            *tvalid.stride(), *grad_psi.stride(),
-            F=f, BLOCK_F=_pow2(f), BLOCK_P=64 if k <= 128 else 32, BLOCK_K=_pow2(k),
-            BLOCK_D=_pow2(d), HAS_PHASES=phases is not None, PRECISION=precision,
-            num_warps=4,
-        )  # fmt: skip
-    else:
-        grad_psi.zero_()
+    partial = torch.empty(n, dtype=torch.float32, device=phi.device)
+    inv_count = torch.empty(1, dtype=torch.float32, device=phi.device)
+    count = torch.zeros(1, dtype=torch.int32, device=phi.device)
+    block_p = 64 if k <= 128 else 32
+    phases_arg = phases if phases is not None else count  # never read without phases
+    _count_kernel[(n,)](
+        tvalid, phases_arg, count, m, *tvalid.stride(),
+        BLOCK_P=block_p, HAS_PHASES=phases is not None, num_warps=1,
+    )  # fmt: skip
+    _fit_kernel[(n,)](
+        phi, psi, values, target, tvalid, phases_arg,
+        count, inv_count, partial, grad_psi, m, k, d,
+        *phi.stride(), *psi.stride(), *values.stride(), *target.stride(),
+        *tvalid.stride(), *grad_psi.stride(),
+        F=f, BLOCK_F=_pow2(f), BLOCK_P=block_p, BLOCK_K=_pow2(k),
+        BLOCK_D=_pow2(d), HAS_PHASES=phases is not None, PRECISION=precision,
+        num_warps=4,
+    )  # fmt: skip
     loss = partial.sum(dtype=torch.float64) * inv_count.double()[0]
     return loss.to(torch.float32), grad_psi
 
@@ -630,7 +669,7 @@ def build_psi(
     return _PsiFromParams.apply(
         params.contiguous(),
         gbar.to(torch.float32).contiguous(),
-        cell_valid.to(torch.uint8).contiguous(),
+        _as_uint8(cell_valid.contiguous()),
         layout.scale,
         int(radius),
     )
