@@ -221,3 +221,15 @@ def test_registry_extension() -> None:
         return gb.SpectralBackbone(cell_size=int(arg or 4), stats=["mean"])
 
     assert gb.create("cells:6").stride == 6
+
+
+def test_channels_last_stages_are_transposed(tile: np.ndarray) -> None:
+    """Swin's feature stages are NHWC in timm; the backbone returns ``[C, h, w]`` like others."""
+    kw = dict(depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 2, 3, 4))
+    bb = gb.create("timm:swin_tiny_patch4_window7_224", random_init=True, layer=1, **kw)
+    x = torch.from_numpy(tile[:3, :64, :96].copy())
+    out = bb.extract(x)
+    assert bb.stride == 8 and out.shape == (48, 8, 12)
+    with torch.no_grad():
+        nhwc = bb.model((x[None] - bb.mean) / bb.std)[-1]
+    torch.testing.assert_close(out, nhwc[0].permute(2, 0, 1))

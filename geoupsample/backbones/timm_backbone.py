@@ -248,7 +248,17 @@ class TimmBackbone(Backbone):
         if self.bands is not None:
             x = x[:, self.bands]
         x = (x - self.mean) / self.std
-        return self.model(x)[-1]
+        try:
+            out = self.model(x)[-1]
+        except (AssertionError, RuntimeError) as err:
+            raise BackboneError(
+                f"timm:{self.model_name} failed on a {tuple(x.shape[-2:])} tile ({err}); models "
+                "with a fixed input size need tiles of that size (or img_size=... if the model "
+                "takes it)"
+            ) from err
+        if str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC"):
+            out = out.permute(0, 3, 1, 2)  # e.g. Swin's stages are channels-last
+        return out
 
     def extra_repr(self) -> str:
         return (
