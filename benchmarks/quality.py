@@ -67,6 +67,8 @@ VARIANTS = [(m, m, {}) for m in gu.METHODS] + [
     ("bicubic+c2", "bicubic", {"consistency": 2}),
     ("jbu-pure", "jbu", {"consistency": 0}),
     ("gsjbu-pure", "gsjbu", {"consistency": 0}),
+    ("gsjbu+sg.25", "gsjbu", {"self_guidance": 0.25}),
+    ("gsjbu+sg.5", "gsjbu", {"self_guidance": 0.5}),
 ]
 
 

@@ -304,3 +304,24 @@ def test_default_fit_samples_at_least_sixteen_pixels_per_cell(rotterdam_ms):
         gu.fit(guide, (8, 8), sample=0.0)
     with pytest.raises(ValueError, match="consistency"):
         k_full.render(np.zeros((1, 8, 8)), consistency=-1)
+
+
+def test_self_guidance_keeps_constants_and_sharpens_raster_edges_under_a_flat_guide():
+    guide = np.full((3, 64, 64), 0.3)
+    step = np.zeros((2, 8, 8))
+    step[:, :, 4:] = 1.0
+    k = gu.fit(guide, (8, 8), iters=0, normalize=False)
+    np.testing.assert_allclose(k.render(np.full((1, 8, 8), 5.0), self_guidance=1.0), 5.0, rtol=1e-6)
+    plain = k.render(step, consistency=0)
+    nearly_plain = k.render(step, consistency=0, self_guidance=1e-4)
+    np.testing.assert_allclose(nearly_plain, plain, atol=1e-4)
+    guided = k.render(step, consistency=0, self_guidance=2.0)
+
+    def blurred(out):
+        return float(((out > 0.1) & (out < 0.9)).mean())
+
+    assert blurred(guided) < 0.5 * blurred(plain)
+    many = np.concatenate([step] * 10)  # 20 channels: reduced to 8 principal components
+    assert np.isfinite(k.render(many, self_guidance=0.5)).all()
+    with pytest.raises(ValueError, match="self_guidance"):
+        k.render(step, self_guidance=-1.0)

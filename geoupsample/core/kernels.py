@@ -23,6 +23,7 @@ from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import GuideStats, prepare_guide
 from geoupsample.core.layout import CellLayout
 from geoupsample.core.masking import render_with_mask
+from geoupsample.core.self_guidance import self_guided
 
 #: Format version written by :meth:`Kernels.save`.
 FORMAT_VERSION = 1
@@ -77,14 +78,21 @@ class _Prepared:
 
     @classmethod
     def build(
-        cls, guide: torch.Tensor, valid: torch.Tensor, lr_shape: tuple[int, int], radius: int
+        cls,
+        guide: torch.Tensor,
+        valid: torch.Tensor,
+        lr_shape: tuple[int, int],
+        radius: int,
+        gbar: torch.Tensor | None = None,
     ):
+        """Prepare ``guide [d, H, W]``; ``gbar [d, h, w]`` overrides the cell means if given."""
         layout = CellLayout.build(tuple(guide.shape[1:]), lr_shape)
         h, w = lr_shape
         cells = layout.to_cells(guide).reshape(h, w, layout.n_phases, guide.shape[0])
         pvalid = layout.to_cells(valid[None]).reshape(h, w, layout.n_phases)
         pvalid = pvalid & layout.phase_valid.to(valid.device).reshape(h, w, -1)
-        gbar, cell_valid = gsjbu.cell_means(cells, pvalid)
+        means, cell_valid = gsjbu.cell_means(cells, pvalid)
+        gbar = means if gbar is None else gbar
         phi = gsjbu.build_phi(layout, cells, pvalid, gbar)
         n = h * w
         return cls(
@@ -162,7 +170,9 @@ class Kernels:
         }
 
     # --- rendering ------------------------------------------------------------------------
-    def render(self, x: Any, consistency: int = DEFAULT_CONSISTENCY) -> torch.Tensor | np.ndarray:
+    def render(
+        self, x: Any, consistency: int = DEFAULT_CONSISTENCY, self_guidance: float = 0.0
+    ) -> torch.Tensor | np.ndarray:
         """Render a low-res raster at the guide's resolution with these kernels.
 
         Args:
@@ -172,6 +182,11 @@ class Kernels:
             consistency: rounds of back-projection (:mod:`geoupsample.core.consistency`) that
                 make the output average back to ``x`` over each LR cell (Wald's consistency
                 property); 0 renders the pure kernels, a convex combination of the neighbours.
+            self_guidance: weight of ``x`` itself in the range term (0 = off): the range
+                distance also compares ``x`` bilinearly upsampled at the pixel with ``x`` at
+                the neighbour (:mod:`geoupsample.core.self_guidance`), so that weight goes to
+                neighbours whose values agree with the local trend of ``x``, not only with
+                the guide's colour.
 
         Returns:
             ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 input), the same kind
@@ -183,7 +198,13 @@ class Kernels:
         out_dtype = float_dtype(xt)
         flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
         rounds = check_rounds(consistency)
-        out = render_with_mask(flat, self._render_flat)
+        if self_guidance:
+            prep = self_guided(self, flat, float(self_guidance))
+            with torch.no_grad():
+                psi = prep.psi(self.params)
+        else:
+            prep, psi = self._prepared, self._psi
+        out = render_with_mask(flat, lambda v: self._render_flat(v, prep, psi))
         if rounds:
             all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
             out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
@@ -192,9 +213,8 @@ class Kernels:
             out = out.to(x.device)
         return like_input(out, x)
 
-    def _render_flat(self, x: torch.Tensor) -> torch.Tensor:
+    def _render_flat(self, x: torch.Tensor, prep: _Prepared, psi: torch.Tensor) -> torch.Tensor:
         """``[C, h, w]`` finite values -> ``[C, H, W]``, NaN where the guide is invalid."""
-        prep, psi = self._prepared, self._psi
         layout = prep.layout
         h, w = layout.lr_shape
         py, px = layout.rows.n_phase, layout.cols.n_phase

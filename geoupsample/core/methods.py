@@ -34,7 +34,7 @@ _REGISTRY: dict[str, Method] = {}
 #: over methods with one set of arguments.
 FIT_KWARGS = frozenset(inspect.signature(fit).parameters) - {"guide", "lr_shape"}
 #: Keyword arguments every method takes.
-COMMON_KWARGS = frozenset({"consistency"})
+COMMON_KWARGS = frozenset({"consistency", "self_guidance"})
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
@@ -60,9 +60,9 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
         guide: ``[d, H, W]`` the high-resolution guide (its shape fixes the output grid).
         method: one of :func:`list_methods`: ``nearest``, ``bilinear``, ``bicubic``, ``jbu``,
             ``gsjbu``.
-        **kwargs: ``consistency`` (rounds of back-projection, see
-            :meth:`Kernels.render`) and the arguments of :func:`geoupsample.fit` (``iters``,
-            ``radius``, ``nodata``, ...), which the non-guided methods ignore.
+        **kwargs: ``consistency`` and ``self_guidance`` (see :meth:`Kernels.render`) and the
+            arguments of :func:`geoupsample.fit` (``iters``, ``radius``, ``nodata``, ...);
+            the non-guided methods ignore all but ``consistency`` and ``nodata``.
 
     Returns:
         ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 ``x``), same array kind
@@ -80,11 +80,18 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
 
 
 @register_method("gsjbu")
-def _gsjbu(x: Any, guide: Any, consistency: int = DEFAULT_CONSISTENCY, **kwargs: Any) -> Any:
+def _gsjbu(
+    x: Any,
+    guide: Any,
+    consistency: int = DEFAULT_CONSISTENCY,
+    self_guidance: float = 0.0,
+    **kwargs: Any,
+) -> Any:
     xt = as_tensor(x, "x")
     if xt.ndim not in (3, 4):
         check_raster(xt, (0, 0))
-    return fit(guide, tuple(xt.shape[-2:]), **kwargs).render(x, consistency=consistency)
+    kernels = fit(guide, tuple(xt.shape[-2:]), **kwargs)
+    return kernels.render(x, consistency=consistency, self_guidance=self_guidance)
 
 
 @register_method("jbu")
