@@ -10,9 +10,12 @@ ignored everywhere). Scores are mIoU (%) over the classes present, at full resol
   cell = the scale) trained under the soft labels of half the crop (the black squares of a
   checkerboard of 128 px blocks), predicts LR probabilities of the whole crop; these are
   upsampled by each method; mIoU on the white squares (held out).
+- ``segment``: the same, end to end through ``segment_raster`` (the ``geoupsample segment``
+  command: polygons, tiles, GeoTIFFs); not run by default.
 
     python benchmarks/quality_labels.py                 # both regimes, x8 and x16
     python benchmarks/quality_labels.py --regime oracle --scales 16
+    python benchmarks/quality_labels.py --regime segment   # the predicted regime end to end
 """
 
 from __future__ import annotations
@@ -93,14 +96,64 @@ def predicted(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
     return {m: miou(v, lab, held_out) for m, v in maps.items() if not m.startswith("_")}
 
 
+def segment(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
+    """The ``predicted`` regime end to end through :func:`segment_raster` (tiles, GeoTIFFs).
+
+    The crop is written as a GeoTIFF on a made-up 1 m UTM grid (temporary, never kept), the
+    training squares' labels are polygonised into a GeoJSON, and ``segment`` runs with tiles of
+    256 px and a 32 px halo for each method.
+    """
+    import json
+    import tempfile
+
+    import rasterio
+    from rasterio.features import shapes
+    from rasterio.transform import from_origin
+
+    from geoupsample.segmentation import segment_raster
+
+    yy, xx = np.mgrid[: lab.shape[0], : lab.shape[1]]
+    held_out = ((yy // BLOCK + xx // BLOCK) % 2).astype(bool)
+    transform = from_origin(500000.0, 5400000.0, 1.0, 1.0)
+    bb = gb.create("spectral", band_names=("nir", "red", "green"), cell_size=scale)
+    scores = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = Path(tmp) / "scene.tif"
+        profile = dict(driver="GTiff", width=lab.shape[1], height=lab.shape[0], count=3,
+                       dtype="float32", crs="EPSG:32632", transform=transform)  # fmt: skip
+        with rasterio.open(scene, "w", **profile) as dst:
+            dst.write(img)
+            dst.descriptions = ("nir", "red", "green")
+        train = np.where(~held_out, lab, 0).astype(np.int32)
+        feats = [
+            {"type": "Feature", "properties": {"class": CLASSES[int(v) - 1]}, "geometry": g}
+            for g, v in shapes(train, mask=train > 0, transform=transform)
+        ]
+        polys = Path(tmp) / "labels.geojson"
+        polys.write_text(json.dumps({"type": "FeatureCollection", "features": feats,
+                                     "crs": {"type": "name",
+                                             "properties": {"name": "EPSG:32632"}}}))  # fmt: skip
+        for method in gu.METHODS:
+            out = Path(tmp) / f"{method}.tif"
+            segment_raster(scene, polys, "class", out, bb, method=method, tile=256, halo=32,
+                           class_weight="balanced")  # fmt: skip
+            with rasterio.open(out) as ds:
+                cls = ds.read(1).astype(np.int64)
+                names = json.loads(ds.tags()["class_names"])
+            # map the raster's class order (sorted names) back to CLASSES' order
+            lut = np.array([CLASSES.index(n) for n in names] + [0] * (256 - len(names)))
+            scores[method] = miou(lut[cls], lab, held_out)
+    return scores
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--regime", choices=("oracle", "predicted"), action="append")
+    ap.add_argument("--regime", choices=("oracle", "predicted", "segment"), action="append")
     ap.add_argument("--scales", type=int, nargs="+", default=[8, 16])
     args = ap.parse_args()
     img, lab = load()
     for regime in args.regime or ["oracle", "predicted"]:
-        fn = oracle if regime == "oracle" else predicted
+        fn = {"oracle": oracle, "predicted": predicted, "segment": segment}[regime]
         for s in args.scales:
             t0 = time.perf_counter()
             scores = fn(img, lab, s)
