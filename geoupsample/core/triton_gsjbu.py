@@ -195,7 +195,7 @@ if HAS_TRITON:
             total += (tv != 0).to(tl.int32)
         tl.atomic_add(count_ptr, tl.sum(total, axis=0))
 
-    @triton.jit(do_not_specialize=["M", "K", "D"])
+    @triton.jit(do_not_specialize=["M", "K"])
     def _fit_kernel(
         phi_ptr,
         psi_ptr,
@@ -209,7 +209,6 @@ if HAS_TRITON:
         grad_ptr,
         M,
         K,
-        D,
         s_phi_n,
         s_phi_p,
         s_phi_f,
@@ -228,10 +227,10 @@ if HAS_TRITON:
         s_g_f,
         s_g_k,
         F: tl.constexpr,
+        D: tl.constexpr,
         BLOCK_F: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        BLOCK_D: tl.constexpr,
         HAS_PHASES: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -241,25 +240,19 @@ if HAS_TRITON:
         ``0..M-1``. The gradient is that of ``sum |diff| * inv_count`` (the mean over the valid
         pixels and bands), as in :func:`geoupsample.core.gsjbu.fit_loss_and_grad`, with
         ``inv_count = 1 / max(count * D, 1)`` rounded to fp32 (``count`` from
-        :func:`_count_kernel`); program 0 also writes it to ``inv_count_ptr``.
+        :func:`_count_kernel`); program 0 also writes it to ``inv_count_ptr``. The ``D`` bands
+        are few: their products are unrolled rank-1 updates (a padded ``tl.dot`` would waste 4x).
         """
         cell = tl.program_id(0).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
         offs_f = tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
         total = tl.maximum(tl.load(count_ptr) * D, 1).to(tl.float32)
         inv_count = tl.math.div_rn(tl.full([], 1.0, tl.float32), total)
         if tl.program_id(0) == 0:
             tl.store(inv_count_ptr, inv_count)
-        v = tl.load(
-            val_ptr + cell * s_val_n + offs_k[:, None] * s_val_k + offs_d[None, :] * s_val_d,
-            mask=mask_k[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_K, BLOCK_D]
-        v_t = tl.trans(v)  # [BLOCK_D, BLOCK_K]
+        val_base = val_ptr + cell * s_val_n + offs_k * s_val_k
         grad = tl.zeros([BLOCK_F, BLOCK_K], dtype=tl.float32)
         loss = tl.zeros([BLOCK_P], dtype=tl.float32)
         for p0 in range(0, M, BLOCK_P):
@@ -273,18 +266,18 @@ if HAS_TRITON:
                 phi_ptr, psi_ptr, cell, rows, mask_p, offs_k, mask_k,
                 s_phi_n, s_phi_p, s_phi_f, s_psi_n, s_psi_f, s_psi_k, F,
             )  # fmt: skip
-            out = tl.dot(w, v, input_precision=PRECISION)  # [BLOCK_P, BLOCK_D]
-            tgt = tl.load(
-                tgt_ptr + cell * s_tgt_n + rows[:, None] * s_tgt_p + offs_d[None, :] * s_tgt_d,
-                mask=mask_p[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
             tv = tl.load(tvalid_ptr + cell * s_tv_n + rows * s_tv_p, mask=mask_p, other=0)
-            counted = (tv != 0)[:, None] & mask_d[None, :]
-            diff = tl.where(counted, out - tgt, 0.0)
-            loss += tl.sum(tl.abs(diff), axis=1)
-            g = tl.where(diff > 0.0, inv_count, tl.where(diff < 0.0, -inv_count, 0.0))
-            grad_w = tl.dot(g, v_t, input_precision=PRECISION)  # [BLOCK_P, BLOCK_K]
+            counted = tv != 0
+            tgt_base = tgt_ptr + cell * s_tgt_n + rows * s_tgt_p
+            grad_w = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+            for e in tl.static_range(D):
+                v_e = tl.load(val_base + e * s_val_d, mask=mask_k, other=0.0).to(tl.float32)
+                out_e = tl.sum(w * v_e[None, :], axis=1)  # [BLOCK_P]
+                tgt_e = tl.load(tgt_base + e * s_tgt_d, mask=mask_p, other=0.0).to(tl.float32)
+                diff = tl.where(counted, out_e - tgt_e, 0.0)
+                loss += tl.abs(diff)
+                g = tl.where(diff > 0.0, inv_count, tl.where(diff < 0.0, -inv_count, 0.0))
+                grad_w += g[:, None] * v_e[None, :]
             grad_l = w * (grad_w - tl.sum(w * grad_w, axis=1)[:, None])
             phi_t = tl.load(
                 phi_ptr + cell * s_phi_n + rows[None, :] * s_phi_p + offs_f[:, None] * s_phi_f,
@@ -463,6 +456,29 @@ if HAS_TRITON:
         tl.store(gpar_ptr + 3 * s_gpar_f + cell, -2.0 * r * dr)
 
 
+def render_config(k: int, lowp: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_K, BLOCK_P, BLOCK_C, num_warps)`` of the render kernel for ``K`` neighbours.
+
+    Chosen so that sm_90 builds keep everything in registers (no spill to the stack up to
+    K = 128, checked with ``cuobjdump -res-usage``): fp32 products run on the FMA units and need
+    their operands whole in registers; 16-bit ones (``lowp``) go through the tensor cores.
+    """
+    block_k = _pow2(k)
+    if lowp:
+        block_p, block_c, num_warps = (64 if block_k <= 64 else 32), 64, 8
+    else:
+        block_p, block_c, num_warps = (32 if block_k <= 64 else 16), 32, 4
+    if block_k >= 256:
+        block_c //= 2
+    return block_k, block_p, block_c, num_warps
+
+
+def fit_config(k: int) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_P, num_warps)`` of the fit kernel (no spill on sm_90 up to K = 256)."""
+    block_k = _pow2(k)
+    return block_k, (32 if block_k <= 64 else 16), (4 if block_k <= 32 else 8)
+
+
 def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask as uint8 without a copy (a view); other dtypes as they are."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -489,7 +505,7 @@ def render(
     values: torch.Tensor,
     out_dtype: torch.dtype | None = None,
     precision: str = "ieee",
-    block_c: int = 64,
+    block_c: int | None = None,
 ) -> torch.Tensor:
     """Fused ``bmm(gsjbu.chunk_weights(phi, psi), values)``: ``[n, P, C]``.
 
@@ -502,7 +518,8 @@ def render(
         out_dtype: output dtype (default float32).
         precision: ``tl.dot`` input precision for fp32 values: ``"ieee"`` (exact fp32 products,
             default), ``"tf32"`` (faster, ~1e-3 relative) or ``"tf32x3"``.
-        block_c: channels per tile (a power of two >= 16).
+        block_c: channels per tile (a power of two >= 16; default: 32 for fp32 values, 64 for
+            16-bit ones).
 
     Returns:
         ``[n, P, C]`` the rendered values.
@@ -520,16 +537,15 @@ def render(
     out = torch.empty(n, p, c, dtype=out_dtype or torch.float32, device=phi.device)
     if out.numel() == 0:
         return out
-    block_k = _pow2(k)
-    block_p = max(16, min(64, 8192 // block_k))
-    block_c = _pow2(min(block_c, c))
+    lowp = values.dtype != torch.float32
+    block_k, block_p, auto_c, num_warps = render_config(k, lowp)
+    block_c = _pow2(min(block_c or auto_c, c))
     grid = (n, triton.cdiv(p, block_p))
     _render_kernel[grid](
         phi, psi, values, out, p, k, c,
         *phi.stride(), *psi.stride(), *values.stride(), *out.stride(),
         F=f, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c,
-        LOWP=values.dtype != torch.float32, PRECISION=precision,
-        num_warps=4 if block_k * block_c <= 8192 else 8,
+        LOWP=lowp, PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -581,7 +597,7 @@ def fit_loss_and_grad(
     partial = torch.empty(n, dtype=torch.float32, device=phi.device)
     inv_count = torch.empty(1, dtype=torch.float32, device=phi.device)
     count = torch.zeros(1, dtype=torch.int32, device=phi.device)
-    block_p = 64 if k <= 128 else 32
+    block_k, block_p, num_warps = fit_config(k)
     phases_arg = phases if phases is not None else count  # never read without phases
     _count_kernel[(n,)](
         tvalid, phases_arg, count, m, *tvalid.stride(),
@@ -589,12 +605,11 @@ def fit_loss_and_grad(
     )  # fmt: skip
     _fit_kernel[(n,)](
         phi, psi, values, target, tvalid, phases_arg,
-        count, inv_count, partial, grad_psi, m, k, d,
+        count, inv_count, partial, grad_psi, m, k,
         *phi.stride(), *psi.stride(), *values.stride(), *target.stride(),
         *tvalid.stride(), *grad_psi.stride(),
-        F=f, BLOCK_F=_pow2(f), BLOCK_P=block_p, BLOCK_K=_pow2(k),
-        BLOCK_D=_pow2(d), HAS_PHASES=phases is not None, PRECISION=precision,
-        num_warps=4,
+        F=f, D=d, BLOCK_F=_pow2(f), BLOCK_P=block_p, BLOCK_K=block_k,
+        HAS_PHASES=phases is not None, PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
     loss = partial.sum(dtype=torch.float64) * inv_count.double()[0]
     return loss.to(torch.float32), grad_psi
