@@ -145,7 +145,7 @@ def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[T
 
 #: GDAL block cache used during a run (MB) unless GDAL_CACHEMAX is set in the environment. GDAL's
 #: default (5% of RAM) would let the cache of decompressed input blocks grow with the scene.
-GDAL_CACHE_MB = 256
+GDAL_CACHE_MB = 64
 
 
 def gdal_env() -> rasterio.Env:
