@@ -195,6 +195,11 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
         a :class:`RunReport`. Nothing exists at ``output.path`` until the run is complete: the
         file is written under a temporary name beside it and renamed at the end. On an error the
         temporary files are removed; on ``KeyboardInterrupt`` they are kept for ``resume=True``.
+
+    Memory: about ``max_in_flight`` tile outputs (``count x (tile + 2 halo)^2`` float32 each),
+    plus one row of cell edges waiting for the next tile row (``width x (block + halo / 2) x
+    count`` float32), plus GDAL's block cache (capped at :data:`GDAL_CACHE_MB` unless
+    ``GDAL_CACHEMAX`` is set). It does not grow with the number of tile rows.
     """
     with gdal_env():
         return _run(fn, inputs, output, tile=tile, halo=halo, align=align,
