@@ -139,6 +139,9 @@ class Writer:
         out_dir = Path(spec.path).resolve().parent
         if not out_dir.is_dir():
             raise FileNotFoundError(f"output directory {out_dir} does not exist; create it first")
+        if os.path.isdir(spec.path):
+            raise IsADirectoryError(f"the output path {spec.path} is a directory; give a file "
+                                    "name such as out.tif")
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(f"cannot write to the output directory {out_dir}")
         self.tmp = spec.partial_path

@@ -107,7 +107,7 @@ def upsample_command(
             dtype=dtype, compress=compress, blocksize=blocksize,
             device=device.value if device else None, resume=resume, scheduler=scheduler,
             progress=progress)
-    except (InputError, JournalMismatch, FileNotFoundError, PermissionError, RasterioError,
+    except (InputError, JournalMismatch, OSError, RasterioError,
             ValueError, TypeError) as err:
         if bar is not None:
             bar.close()
