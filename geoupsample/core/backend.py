@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -90,3 +91,20 @@ def build_psi(
 
         return triton_gsjbu.build_psi(params, gbar, cell_valid, layout, radius)
     return gsjbu.build_psi(params, gbar, cell_valid, layout, radius)
+
+
+def adam_fit(prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float) -> Any | None:
+    """The fused Triton Adam loop (:class:`triton_gsjbu.AdamFit`) for this fit, or ``None``.
+
+    ``None`` means the torch path (autograd + ``torch.optim.Adam``). ``prep`` holds the fit's
+    prepared tensors (``gbar``, ``cell_valid``, ``layout``, ``radius``, ``phi``,
+    ``guide_cells``, ``pixel_valid``); ``values`` are the neighbours' cell means ``[n, K, d]``.
+    """
+    if name(prep.phi) != "triton":
+        return None
+    from geoupsample.core import triton_gsjbu
+
+    return triton_gsjbu.AdamFit(
+        params, prep.gbar, prep.cell_valid, prep.layout, prep.radius, prep.phi, values,
+        prep.guide_cells, prep.pixel_valid, lr=lr,
+    )  # fmt: skip

@@ -369,10 +369,15 @@ def fit(
     optimizer = torch.optim.Adam([params], lr=lr)
     history: list[float] = []
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
+    fused = backend.adam_fit(prep, params, values, lr)  # CUDA: whole Adam steps in 3 kernels
+    losses: list[torch.Tensor] = []
     for _ in range(int(iters)):
         phases = None
         if n_sample < n_phases:
             phases = torch.randperm(n_phases, generator=generator)[:n_sample].to(dev)
+        if fused is not None:
+            losses.append(fused.step(phases))  # no host sync per step
+            continue
         optimizer.zero_grad(set_to_none=True)
         psi = prep.psi(params)
         loss, grad_psi = fit_step(
@@ -381,6 +386,8 @@ def fit(
         psi.backward(grad_psi)
         optimizer.step()
         history.append(float(loss))
+    if fused is not None:
+        params, history = fused.params, torch.stack(losses).tolist()
     kernels = Kernels(
         params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
     )

@@ -371,7 +371,12 @@ if HAS_TRITON:
         tl.store(out + 5 * s_psi_f, const, mask=mask_k)
         tl.store(out + 6 * s_psi_f, -r, mask=mask_k)
 
-    @triton.jit(do_not_specialize=["h", "w", "K", "sy", "sx", "range_factor"])
+    @triton.jit(
+        do_not_specialize=[
+            "h", "w", "K", "sy", "sx", "range_factor", "lerp1", "beta2", "one_minus_beta2",
+            "step_size", "bc2_sqrt", "eps",
+        ]
+    )  # fmt: skip
     def _psi_grad_kernel(
         par_ptr,
         gbar_ptr,
@@ -389,15 +394,30 @@ if HAS_TRITON:
         s_g_f,
         s_g_k,
         s_gpar_f,
+        m_ptr,
+        v_ptr,
+        lerp1,
+        beta2,
+        one_minus_beta2,
+        step_size,
+        bc2_sqrt,
+        eps,
         D: tl.constexpr,
         RADIUS: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        ADAM: tl.constexpr,
     ):
         """``grad_params[:, q]`` from ``grad_psi``: the adjoint of :func:`_psi_kernel`.
 
         Grid: ``(h * w,)``. Cell ``q`` is neighbour ``k`` of cell ``n = q - offset(k)``; its
         coefficient gradients gather ``grad_psi[n, :, k]`` over ``k`` (no atomics), then go
         through ``q``'s own ``(a, b, c, R)`` <- ``params`` map.
+
+        With ``ADAM``, the gradient is not stored: an Adam step is applied in place to ``params``
+        and its moments ``m``, ``v`` (same layout as ``params``), with the update of
+        ``torch.optim.Adam`` (``step_size = -lr / (1 - beta1^t)``,
+        ``bc2_sqrt = sqrt(1 - beta2^t)``). Program ``q`` reads and writes only cell ``q``'s
+        parameters, so the in-place update is race-free.
         """
         cell = tl.program_id(0)
         i = cell // w
@@ -450,10 +470,37 @@ if HAS_TRITON:
         g_inv_y = da * ss + dc * cc - db * cs
         g_theta = 2.0 * cs * (inv_y - inv_x) * (da - dc) + (cc - ss) * (inv_x - inv_y) * db
         r = range_factor * tl.exp(-2.0 * p3)
-        tl.store(gpar_ptr + cell, -2.0 * inv_x * g_inv_x)
-        tl.store(gpar_ptr + s_gpar_f + cell, -2.0 * inv_y * g_inv_y)
-        tl.store(gpar_ptr + 2 * s_gpar_f + cell, g_theta * 3.141592653589793 * (1.0 - t * t))
-        tl.store(gpar_ptr + 3 * s_gpar_f + cell, -2.0 * r * dr)
+        g_p0 = -2.0 * inv_x * g_inv_x
+        g_p1 = -2.0 * inv_y * g_inv_y
+        g_p2 = g_theta * 3.141592653589793 * (1.0 - t * t)
+        g_p3 = -2.0 * r * dr
+        if ADAM:
+            _adam(par_ptr, m_ptr, v_ptr, cell, g_p0, p0, lerp1, beta2, one_minus_beta2,
+                  step_size, bc2_sqrt, eps)  # fmt: skip
+            _adam(par_ptr, m_ptr, v_ptr, s_par_f + cell, g_p1, p1, lerp1, beta2,
+                  one_minus_beta2, step_size, bc2_sqrt, eps)  # fmt: skip
+            _adam(par_ptr, m_ptr, v_ptr, 2 * s_par_f + cell, g_p2, p2, lerp1, beta2,
+                  one_minus_beta2, step_size, bc2_sqrt, eps)  # fmt: skip
+            _adam(par_ptr, m_ptr, v_ptr, 3 * s_par_f + cell, g_p3, p3, lerp1, beta2,
+                  one_minus_beta2, step_size, bc2_sqrt, eps)  # fmt: skip
+        else:
+            tl.store(gpar_ptr + cell, g_p0)
+            tl.store(gpar_ptr + s_gpar_f + cell, g_p1)
+            tl.store(gpar_ptr + 2 * s_gpar_f + cell, g_p2)
+            tl.store(gpar_ptr + 3 * s_gpar_f + cell, g_p3)
+
+    @triton.jit
+    def _adam(par_ptr, m_ptr, v_ptr, off, g, p, lerp1, beta2, one_minus_beta2, step_size,
+              bc2_sqrt, eps):  # fmt: skip
+        """One Adam update of the scalar at ``off`` (as torch's foreach Adam, no weight decay)."""
+        m = tl.load(m_ptr + off)
+        v = tl.load(v_ptr + off)
+        m = m + lerp1 * (g - m)
+        v = v * beta2 + one_minus_beta2 * g * g
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+        tl.store(m_ptr + off, m)
+        tl.store(v_ptr + off, v)
+        tl.store(par_ptr + off, p + step_size * (m / denom))
 
 
 def render_config(k: int, lowp: bool) -> tuple[int, int, int, int]:
@@ -642,7 +689,9 @@ class _PsiFromParams(torch.autograd.Function):
         _psi_grad_kernel[(h * w,)](
             params, gbar, grad_psi, grad_params, h, w, k, float(sy), float(sx), 1.5 / d,
             params.stride(0), gbar.stride(0), *grad_psi.stride(), grad_params.stride(0),
-            D=d, RADIUS=radius, BLOCK_K=_pow2(k, 2), num_warps=1 if k <= 64 else 2,
+            grad_params, grad_params, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
+            D=d, RADIUS=radius, BLOCK_K=_pow2(k, 2), ADAM=False,
+            num_warps=1 if k <= 64 else 2,
         )  # fmt: skip
         return grad_params, None, None, None, None
 
@@ -688,3 +737,84 @@ def build_psi(
         layout.scale,
         int(radius),
     )
+
+
+class AdamFit:
+    """Adam on the GSJBU parameters, each step three fused kernels and no host synchronisation.
+
+    One :meth:`step` does what one iteration of :func:`geoupsample.core.kernels.fit` does with
+    ``torch.optim.Adam(lr, betas, eps)``: ``psi`` from the parameters (:func:`_psi_kernel`),
+    the masked L1 loss and ``grad_psi`` (:func:`fit_loss_and_grad`), then the gradient of the
+    parameters and the Adam update in place (:func:`_psi_grad_kernel` with ``ADAM``). No autograd
+    graph, no optimizer object: ~8 launches per step instead of ~40.
+
+    Args:
+        params: ``[4, h, w]`` float32 raw parameters (copied; read the result from
+            :attr:`params`).
+        gbar: ``[d, h, w]`` cell means; ``cell_valid``: ``[h, w]`` bool.
+        layout, radius: the cell layout and neighbourhood radius.
+        phi: ``[n, P, F]``; ``values``: ``[n, K, d]``; ``target``: ``[n, P, d]``;
+            ``target_valid``: ``[n, P]`` bool (as for :func:`fit_loss_and_grad`).
+        lr, betas, eps: Adam's settings (torch's defaults).
+    """
+
+    def __init__(
+        self,
+        params: torch.Tensor,
+        gbar: torch.Tensor,
+        cell_valid: torch.Tensor,
+        layout: CellLayout,
+        radius: int,
+        phi: torch.Tensor,
+        values: torch.Tensor,
+        target: torch.Tensor,
+        target_valid: torch.Tensor,
+        lr: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if params.dtype != torch.float32 or not available(params.device, interpreter=True):
+            raise RuntimeError(
+                f"AdamFit takes float32 on CUDA; got {params.dtype}, {params.device}"
+            )
+        self.params = params.detach().to(torch.float32).contiguous().clone()
+        self.m = torch.zeros_like(self.params)
+        self.v = torch.zeros_like(self.params)
+        self.gbar = gbar.to(torch.float32).contiguous()
+        self.cell_valid = _as_uint8(cell_valid.contiguous())
+        self.scale = layout.scale
+        self.radius = int(radius)
+        self.phi, self.values = phi, values
+        self.target, self.target_valid = target, target_valid
+        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self.steps = 0
+
+    def step(self, phases: torch.Tensor | None = None) -> torch.Tensor:
+        """One Adam step; returns the loss before it (0-d float32 on the device, not synced)."""
+        d, h, w = self.gbar.shape
+        k = (2 * self.radius + 1) ** 2
+        psi = torch.empty(h * w, 7 + d, k, dtype=torch.float32, device=self.params.device)
+        sy, sx = (float(s) for s in self.scale)
+        block_k = _pow2(k, 2)
+        warps = 1 if k <= 64 else 2
+        _psi_kernel[(h * w,)](
+            self.params, self.gbar, self.cell_valid, psi, h, w, k, sy, sx, 1.5 / d,
+            self.params.stride(0), self.gbar.stride(0), *psi.stride(),
+            D=d, RADIUS=self.radius, BLOCK_K=block_k, num_warps=warps,
+        )  # fmt: skip
+        loss, grad_psi = fit_loss_and_grad(
+            psi, self.phi, self.values, self.target, self.target_valid, phases
+        )
+        self.steps += 1
+        beta1, beta2 = self.betas
+        # The scalars exactly as torch's (non-capturable) Adam computes them, in Python floats.
+        step_size = -(self.lr / (1 - beta1**self.steps))
+        bc2_sqrt = (1 - beta2**self.steps) ** 0.5
+        _psi_grad_kernel[(h * w,)](
+            self.params, self.gbar, grad_psi, self.params, h, w, k, sy, sx, 1.5 / d,
+            self.params.stride(0), self.gbar.stride(0), *grad_psi.stride(),
+            self.params.stride(0), self.m, self.v, 1 - beta1, beta2, 1 - beta2, step_size,
+            bc2_sqrt, self.eps, D=d, RADIUS=self.radius, BLOCK_K=block_k, ADAM=True,
+            num_warps=warps,
+        )  # fmt: skip
+        return loss
