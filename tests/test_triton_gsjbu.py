@@ -156,6 +156,35 @@ def test_fit_loss_and_grad_match_torch(case, sampled):
     assert (grad[~cells] == 0).all()
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_adam_matches_torch_adam(case):
+    """``AdamFit.step`` = build_psi + fit_loss_and_grad + backward + ``torch.optim.Adam``."""
+    prep, params = prepared(case, seed=8)
+    values = gsjbu.neighbours(prep.gbar, prep.radius)
+    data = (prep.phi, values, prep.guide_cells, prep.pixel_valid)
+    p_start = params.clone()
+    p = params.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([p], lr=0.1)
+    fused = triton_gsjbu.AdamFit(
+        params, prep.gbar, prep.cell_valid, prep.layout, prep.radius, *data, lr=0.1
+    )
+    gen = torch.Generator().manual_seed(9)
+    for step in range(4):
+        phases = None if step == 0 else torch.randperm(prep.layout.n_phases, generator=gen)[:6]
+        phases = None if phases is None else phases.to(DEVICE)
+        optimizer.zero_grad()
+        psi = gsjbu.build_psi(p, prep.gbar, prep.cell_valid, prep.layout, prep.radius)
+        loss, grad = gsjbu.fit_loss_and_grad(psi.detach(), *data, phases)
+        psi.backward(grad)
+        optimizer.step()
+        loss_fused = fused.step(phases)
+        assert abs(float(loss_fused) - float(loss)) <= 1e-6 * float(loss)
+        close(fused.params, p, 1e-5)
+    assert fused.steps == 4
+    assert not torch.equal(fused.params, params)  # it moved, on its own copy
+    assert torch.equal(params, p_start)
+
+
 def test_fit_no_valid_pixel():
     prep, params = prepared("int_s4_d1_r1")
     psi = prep.psi(params).detach()
@@ -247,7 +276,11 @@ for has_phases in (False, True):
 for fn in (tg._psi_kernel, tg._psi_grad_kernel):
     ptrs = {n: f32 for n in fn.arg_names if n.endswith("_ptr")}
     ptrs["cvalid_ptr"] = "*u8"
-    build(fn, ptrs, {"D": 4, "RADIUS": 3, "BLOCK_K": 64}, 1)
+    consts = {"D": 4, "RADIUS": 3, "BLOCK_K": 64}
+    if fn is tg._psi_grad_kernel:
+        build(fn, ptrs, dict(consts, ADAM=True), 1)
+        consts["ADAM"] = False
+    build(fn, ptrs, consts, 1)
 print("ALL BUILT")
 """
 
