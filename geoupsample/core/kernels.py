@@ -369,7 +369,7 @@ def fit(
     optimizer = torch.optim.Adam([params], lr=lr)
     history: list[float] = []
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
-    fused = backend.adam_fit(prep, params, values, lr)  # CUDA: whole Adam steps in 3 kernels
+    fused = backend.adam_fit(prep, params, values, lr)  # CUDA: Adam steps fused, no sync
     losses: list[torch.Tensor] = []
     for _ in range(int(iters)):
         phases = None

@@ -14,7 +14,7 @@ compute that cell by cell without ever writing the ``[n, P, K]`` weights to glob
   ``[F, K]`` accumulates over the phase blocks in registers and is written once.
 * :func:`build_psi` — ``psi`` straight from the raw parameters of each cell's neighbours (one
   kernel), differentiable: its backward is one gather kernel (no atomics).
-* :class:`AdamFit` — a whole Adam step of the fit in three kernels (``psi``, loss and
+* :class:`AdamFit` — a whole Adam step of the fit in four kernels (``psi``, a count, loss and
   ``grad_psi``, then the parameter gradient with the Adam update applied in place), with no
   autograd graph and no host synchronisation; the same update as ``torch.optim.Adam``.
 
@@ -745,7 +745,7 @@ def build_psi(
 
 
 class AdamFit:
-    """Adam on the GSJBU parameters, each step three fused kernels and no host synchronisation.
+    """Adam on the GSJBU parameters, each step four fused kernels and no host synchronisation.
 
     One :meth:`step` does what one iteration of :func:`geoupsample.core.kernels.fit` does with
     ``torch.optim.Adam(lr, betas, eps)``: ``psi`` from the parameters (:func:`_psi_kernel`),
