@@ -315,3 +315,11 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
 
 def test_input_error_is_a_value_error():
     assert issubclass(InputError, ValueError)
+
+
+def test_output_path_that_is_a_directory_is_refused(tmp_path):
+    target = tmp_path / "out.tif"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        upsample_raster(LR, HR, str(target), method="bilinear", tile=256, halo=16)
+    assert os.listdir(tmp_path) == ["out.tif"] and os.listdir(target) == []
