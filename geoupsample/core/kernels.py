@@ -370,13 +370,12 @@ def fit(
     history: list[float] = []
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
     fused = backend.adam_fit(prep, params, values, lr)  # CUDA: Adam steps fused, no sync
-    losses: list[torch.Tensor] = []
     for _ in range(int(iters)):
         phases = None
         if n_sample < n_phases:
             phases = torch.randperm(n_phases, generator=generator)[:n_sample].to(dev)
         if fused is not None:
-            losses.append(fused.step(phases))  # no host sync per step
+            fused.step(phases)  # no host sync per step
             continue
         optimizer.zero_grad(set_to_none=True)
         psi = prep.psi(params)
@@ -387,7 +386,7 @@ def fit(
         optimizer.step()
         history.append(float(loss))
     if fused is not None:
-        params, history = fused.params, torch.stack(losses).tolist()
+        params, history = fused.params, fused.history()
     kernels = Kernels(
         params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
     )

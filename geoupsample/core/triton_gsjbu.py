@@ -238,6 +238,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         HAS_PHASES: tl.constexpr,
         PRECISION: tl.constexpr,
+        SCALED: tl.constexpr = True,
     ):
         """Masked L1 loss of one cell (sum, unscaled) and its ``grad_psi [F, K]``.
 
@@ -247,16 +248,24 @@ if HAS_TRITON:
         ``inv_count = 1 / max(count * D, 1)`` rounded to fp32 (``count`` from
         :func:`_count_kernel`); program 0 also writes it to ``inv_count_ptr``. The ``D`` bands
         are few: their products are unrolled rank-1 updates (a padded ``tl.dot`` would waste 4x).
+
+        With ``SCALED=False`` the kernel counts the valid pixels itself (``count += ...``, atomic)
+        and writes the gradient of ``sum |diff|`` (signs, no ``inv_count``): the caller scales
+        it once the count is complete (:class:`AdamFit` does so in its Adam kernel).
         """
         cell = tl.program_id(0).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         offs_f = tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
-        total = tl.maximum(tl.load(count_ptr) * D, 1).to(tl.float32)
-        inv_count = tl.math.div_rn(tl.full([], 1.0, tl.float32), total)
-        if tl.program_id(0) == 0:
-            tl.store(inv_count_ptr, inv_count)
+        if SCALED:
+            total = tl.maximum(tl.load(count_ptr) * D, 1).to(tl.float32)
+            inv_count = tl.math.div_rn(tl.full([], 1.0, tl.float32), total)
+            if tl.program_id(0) == 0:
+                tl.store(inv_count_ptr, inv_count)
+        else:
+            inv_count = 1.0
+            n_valid = tl.zeros([BLOCK_P], dtype=tl.int32)
         val_base = val_ptr + cell * s_val_n + offs_k * s_val_k
         grad = tl.zeros([BLOCK_F, BLOCK_K], dtype=tl.float32)
         loss = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -273,6 +282,8 @@ if HAS_TRITON:
             )  # fmt: skip
             tv = tl.load(tvalid_ptr + cell * s_tv_n + rows * s_tv_p, mask=mask_p, other=0)
             counted = tv != 0
+            if not SCALED:
+                n_valid += counted.to(tl.int32)
             tgt_base = tgt_ptr + cell * s_tgt_n + rows * s_tgt_p
             grad_w = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
             for e in tl.static_range(D):
@@ -291,6 +302,8 @@ if HAS_TRITON:
             ).to(tl.float32)  # [BLOCK_F, BLOCK_P]
             grad += tl.dot(phi_t, grad_l, input_precision=PRECISION)
         tl.store(loss_ptr + cell, tl.sum(loss, axis=0))
+        if not SCALED:
+            tl.atomic_add(count_ptr, tl.sum(n_valid, axis=0))
         tl.store(
             grad_ptr + cell * s_g_n + offs_f[:, None] * s_g_f + offs_k[None, :] * s_g_k,
             grad.to(grad_ptr.dtype.element_ty),
@@ -401,6 +414,8 @@ if HAS_TRITON:
         s_gpar_f,
         m_ptr,
         v_ptr,
+        count_ptr,
+        inv_count_ptr,
         lerp1,
         beta2,
         one_minus_beta2,
@@ -422,7 +437,9 @@ if HAS_TRITON:
         and its moments ``m``, ``v`` (same layout as ``params``), with the update of
         ``torch.optim.Adam`` (``step_size = -lr / (1 - beta1^t)``,
         ``bc2_sqrt = sqrt(1 - beta2^t)``). Program ``q`` reads and writes only cell ``q``'s
-        parameters, so the in-place update is race-free.
+        parameters, so the in-place update is race-free. ``grad_psi`` is then unscaled (from
+        :func:`_fit_kernel` with ``SCALED=False``): the gradient is multiplied here by
+        ``inv_count = 1 / max(count * D, 1)``, which program 0 also writes to ``inv_count_ptr``.
         """
         cell = tl.program_id(0)
         i = cell // w
@@ -480,6 +497,14 @@ if HAS_TRITON:
         g_p2 = g_theta * 3.141592653589793 * (1.0 - t * t)
         g_p3 = -2.0 * r * dr
         if ADAM:
+            total = tl.maximum(tl.load(count_ptr) * D, 1).to(tl.float32)
+            inv_count = tl.math.div_rn(tl.full([], 1.0, tl.float32), total)
+            if cell == 0:
+                tl.store(inv_count_ptr, inv_count)
+            g_p0 = g_p0 * inv_count
+            g_p1 = g_p1 * inv_count
+            g_p2 = g_p2 * inv_count
+            g_p3 = g_p3 * inv_count
             _adam(par_ptr, m_ptr, v_ptr, cell, g_p0, p0, lerp1, beta2, one_minus_beta2,
                   step_size, bc2_sqrt, eps)  # fmt: skip
             _adam(par_ptr, m_ptr, v_ptr, s_par_f + cell, g_p1, p1, lerp1, beta2,
@@ -694,7 +719,7 @@ class _PsiFromParams(torch.autograd.Function):
         _psi_grad_kernel[(h * w,)](
             params, gbar, grad_psi, grad_params, h, w, k, float(sy), float(sx), 1.5 / d,
             params.stride(0), gbar.stride(0), *grad_psi.stride(), grad_params.stride(0),
-            grad_params, grad_params, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
+            grad_params, grad_params, grad_params, grad_params, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
             D=d, RADIUS=radius, BLOCK_K=_pow2(k, 2), ADAM=False,
             num_warps=1 if k <= 64 else 2,
         )  # fmt: skip
@@ -745,13 +770,15 @@ def build_psi(
 
 
 class AdamFit:
-    """Adam on the GSJBU parameters, each step four fused kernels and no host synchronisation.
+    """Adam on the GSJBU parameters, each step three fused kernels and no host synchronisation.
 
     One :meth:`step` does what one iteration of :func:`geoupsample.core.kernels.fit` does with
     ``torch.optim.Adam(lr, betas, eps)``: ``psi`` from the parameters (:func:`_psi_kernel`),
-    the masked L1 loss and ``grad_psi`` (:func:`fit_loss_and_grad`), then the gradient of the
-    parameters and the Adam update in place (:func:`_psi_grad_kernel` with ``ADAM``). No autograd
-    graph, no optimizer object: ~8 launches per step instead of ~40.
+    the masked L1 loss and an unscaled ``grad_psi`` with the valid-pixel count
+    (:func:`_fit_kernel`, ``SCALED=False``), then the gradient of the parameters, its scaling by
+    ``1 / count`` and the Adam update in place (:func:`_psi_grad_kernel`, ``ADAM=True``). No
+    autograd graph, no optimizer object, no torch op per step: three launches instead of ~40.
+    The per-step losses are reduced only when :meth:`history` is called.
 
     Args:
         params: ``[4, h, w]`` float32 raw parameters (copied; read the result from
@@ -762,6 +789,9 @@ class AdamFit:
             ``target_valid``: ``[n, P]`` bool (as for :func:`fit_loss_and_grad`).
         lr, betas, eps: Adam's settings (torch's defaults).
     """
+
+    #: Steps whose counters are allocated (and zeroed) at once.
+    BLOCK_STEPS = 64
 
     def __init__(
         self,
@@ -778,11 +808,11 @@ class AdamFit:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        if params.dtype != torch.float32 or not available(params.device, interpreter=True):
-            raise RuntimeError(
-                f"AdamFit takes float32 on CUDA; got {params.dtype}, {params.device}"
-            )
-        self.params = params.detach().to(torch.float32).contiguous().clone()
+        _check(phi, phi.new_empty(phi.shape[0], phi.shape[2], 1))
+        if params.dtype != torch.float32 or params.device != phi.device:
+            raise RuntimeError(f"AdamFit takes float32 params on {phi.device}; got "
+                               f"{params.dtype} on {params.device}")  # fmt: skip
+        self.params = params.detach().contiguous().clone()
         self.m = torch.zeros_like(self.params)
         self.v = torch.zeros_like(self.params)
         self.gbar = gbar.to(torch.float32).contiguous()
@@ -790,36 +820,73 @@ class AdamFit:
         self.scale = layout.scale
         self.radius = int(radius)
         self.phi, self.values = phi, values
-        self.target, self.target_valid = target, target_valid
+        self.target, self.target_valid = target, _as_uint8(target_valid)
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.steps = 0
+        self._partials: list[torch.Tensor] = []  # [n] loss sums, one per step
+        self._counts: list[torch.Tensor] = []  # [BLOCK_STEPS] int32 blocks of valid counts
+        self._invs: list[torch.Tensor] = []  # [BLOCK_STEPS] float32 blocks of 1 / count
 
-    def step(self, phases: torch.Tensor | None = None) -> torch.Tensor:
-        """One Adam step; returns the loss before it (0-d float32 on the device, not synced)."""
+    def step(self, phases: torch.Tensor | None = None) -> None:
+        """One Adam step (phases: optional ``[m]`` phase indices of this step's loss)."""
         d, h, w = self.gbar.shape
+        n, p, f = self.phi.shape
         k = (2 * self.radius + 1) ** 2
-        psi = torch.empty(h * w, 7 + d, k, dtype=torch.float32, device=self.params.device)
+        dev = self.params.device
+        if phases is not None:
+            phases = phases.to(device=dev, dtype=torch.int64).contiguous()
+        m = p if phases is None else phases.numel()
+        # One 16-byte slot per step, so that every step's pointers have the same alignment (Triton
+        # specialises kernels on it) and a block of steps needs a single fill.
+        slot = 4 * (self.steps % self.BLOCK_STEPS)
+        if slot == 0:
+            size = 4 * self.BLOCK_STEPS
+            self._counts.append(torch.zeros(size, dtype=torch.int32, device=dev))
+            self._invs.append(torch.ones(size, dtype=torch.float32, device=dev))
+        count, inv = self._counts[-1][slot:], self._invs[-1][slot:]
+        psi = torch.empty(n, f, k, dtype=torch.float32, device=dev)
+        grad_psi = torch.empty_like(psi)
+        partial = torch.zeros(n, dtype=torch.float32, device=dev) if m == 0 else psi.new_empty(n)
+        self._partials.append(partial)
         sy, sx = (float(s) for s in self.scale)
         block_k = _pow2(k, 2)
         warps = 1 if k <= 64 else 2
-        _psi_kernel[(h * w,)](
+        _psi_kernel[(n,)](
             self.params, self.gbar, self.cell_valid, psi, h, w, k, sy, sx, 1.5 / d,
             self.params.stride(0), self.gbar.stride(0), *psi.stride(),
             D=d, RADIUS=self.radius, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
-        loss, grad_psi = fit_loss_and_grad(
-            psi, self.phi, self.values, self.target, self.target_valid, phases
-        )
+        if m:
+            fit_k, block_p, fit_warps = fit_config(k)
+            tv = self.target_valid
+            _fit_kernel[(n,)](
+                self.phi, psi, self.values, self.target, tv,
+                phases if phases is not None else count, count, inv, partial, grad_psi, m, k,
+                *self.phi.stride(), *psi.stride(), *self.values.stride(),
+                *self.target.stride(), *tv.stride(), *grad_psi.stride(),
+                F=f, D=d, BLOCK_F=_pow2(f), BLOCK_P=block_p, BLOCK_K=fit_k,
+                HAS_PHASES=phases is not None, PRECISION="ieee", SCALED=False,
+                num_warps=fit_warps,
+            )  # fmt: skip
+        else:
+            grad_psi.zero_()
         self.steps += 1
         beta1, beta2 = self.betas
         # The scalars exactly as torch's (non-capturable) Adam computes them, in Python floats.
         step_size = -(self.lr / (1 - beta1**self.steps))
         bc2_sqrt = (1 - beta2**self.steps) ** 0.5
-        _psi_grad_kernel[(h * w,)](
+        _psi_grad_kernel[(n,)](
             self.params, self.gbar, grad_psi, self.params, h, w, k, sy, sx, 1.5 / d,
             self.params.stride(0), self.gbar.stride(0), *grad_psi.stride(),
-            self.params.stride(0), self.m, self.v, 1 - beta1, beta2, 1 - beta2, step_size,
-            bc2_sqrt, self.eps, D=d, RADIUS=self.radius, BLOCK_K=block_k, ADAM=True,
-            num_warps=warps,
+            self.params.stride(0), self.m, self.v, count, inv, 1 - beta1, beta2, 1 - beta2,
+            step_size, bc2_sqrt, self.eps, D=d, RADIUS=self.radius, BLOCK_K=block_k,
+            ADAM=True, num_warps=warps,
         )  # fmt: skip
-        return loss
+
+    def history(self) -> list[float]:
+        """The loss before each step so far (one host synchronisation)."""
+        if not self.steps:
+            return []
+        sums = torch.stack(self._partials).sum(1, dtype=torch.float64)
+        inv = torch.cat(self._invs)[::4][: self.steps].double()
+        return (sums * inv).to(torch.float32).tolist()
