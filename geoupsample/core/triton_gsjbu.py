@@ -550,10 +550,17 @@ def render_config(k: int, lowp: bool) -> tuple[int, int, int, int]:
     return block_k, block_p, block_c, num_warps
 
 
-def fit_config(k: int) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_P, num_warps)`` of the fit kernel (no spill on sm_90 up to K = 256)."""
+def fit_config(k: int, m: int | None = None) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_P, num_warps)`` of the fit kernel for ``K`` neighbours, ``m`` phases.
+
+    No spill on sm_90 up to K = 256. ``BLOCK_P`` is no larger than ``m`` needs (16 sampled
+    phases would otherwise fill half of a 32-row block with padding).
+    """
     block_k = _pow2(k)
-    return block_k, (32 if block_k <= 64 else 16), (4 if block_k <= 32 else 8)
+    block_p = 32 if block_k <= 64 else 16
+    if m is not None:
+        block_p = min(block_p, _pow2(m))
+    return block_k, block_p, (4 if block_k <= 32 else 8)
 
 
 def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
@@ -674,7 +681,7 @@ def fit_loss_and_grad(
     partial = torch.empty(n, dtype=torch.float32, device=phi.device)
     inv_count = torch.empty(1, dtype=torch.float32, device=phi.device)
     count = torch.zeros(1, dtype=torch.int32, device=phi.device)
-    block_k, block_p, num_warps = fit_config(k)
+    block_k, block_p, num_warps = fit_config(k, m)
     phases_arg = phases if phases is not None else count  # never read without phases
     _count_kernel[(n,)](
         tvalid, phases_arg, count, m, *tvalid.stride(),
@@ -857,7 +864,7 @@ class AdamFit:
             D=d, RADIUS=self.radius, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
         if m:
-            fit_k, block_p, fit_warps = fit_config(k)
+            fit_k, block_p, fit_warps = fit_config(k, m)
             tv = self.target_valid
             _fit_kernel[(n,)](
                 self.phi, psi, self.values, self.target, tv,
