@@ -39,6 +39,7 @@ CASES = {
     "int_s4_d1_r1": ((8, 12), (2, 3), 1, 1),
     "frac_d3_r2": ((11, 13), (3, 4), 3, 2),
     "int_s3_d3_r1_holes": ((12, 9), (4, 3), 3, 1),
+    "s8x10_d2_r1_many_phases": ((24, 20), (3, 2), 2, 1),  # 80 phases: several phase blocks
 }
 
 
