@@ -1,7 +1,8 @@
 """The fused Triton kernels against the torch path (gsjbu.py) on small cases.
 
 Without a GPU they run under Triton's interpreter on the CPU: ``TRITON_INTERPRET=1`` is set here,
-before triton is first imported (it decides how ``@triton.jit`` builds kernels at decoration).
+before the kernels module is imported (it decides how ``@triton.jit`` builds kernels, at
+decoration), and stays set for the session (the interpreter also reads it at launch).
 With a GPU they run compiled on CUDA. Shapes are tiny: the interpreter runs programs one by one.
 """
 
