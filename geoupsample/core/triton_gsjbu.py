@@ -569,6 +569,7 @@ def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check(phi: torch.Tensor, psi: torch.Tensor) -> None:
+    """Raise unless ``phi [n, P, F]`` and ``psi [n, F, K]`` are float32 where the kernels run."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use the torch path (gsjbu.py)")
     if phi.ndim != 3 or psi.ndim != 3 or phi.shape[0] != psi.shape[0]:
