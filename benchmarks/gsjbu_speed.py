@@ -108,8 +108,14 @@ def main() -> None:
             f"C={cfg['channels']},"
             f" {args.iters} steps, sample={args.sample}, {args.device}, {runs[0]['backend']} path),"
             f" median of {len(runs)}: "
-            f"fit {med['fit_s']:.2f} s + render {med['render_s']:.2f} s = {med['total_s']:.2f} s; "
-            f"peak RSS over imports {med['peak_rss_over_imports_mb']:.0f} MB "
+            + (
+                f"fit {1e3 * med['fit_s']:.1f} ms + render {1e3 * med['render_s']:.1f} ms = "
+                f"{1e3 * med['total_s']:.1f} ms; "
+                if args.device.startswith("cuda")
+                else f"fit {med['fit_s']:.2f} s + render {med['render_s']:.2f} s = "
+                f"{med['total_s']:.2f} s; "
+            )
+            + f"peak RSS over imports {med['peak_rss_over_imports_mb']:.0f} MB "
             f"(output {med['output_mb']:.0f} MB)"
             + (f"; GPU peak {med['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in med else "")
         )
