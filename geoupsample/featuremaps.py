@@ -178,9 +178,12 @@ class FeatureTile:
         radius: int = 3,
         device: str | None = None,
         seed: int = 0,
+        render: dict[str, Any] | None = None,
     ) -> None:
         self.features, self.method, self.stats, self.pca = features, method, stats, pca
         self.iters, self.radius, self.device, self.seed = iters, radius, device, seed
+        #: extra rendering arguments of gu.upsample (``consistency``, ``self_guidance``)
+        self.render = dict(render or {})
 
     def lowres(self, guide: np.ndarray) -> np.ndarray:
         f = self.features(guide)
@@ -189,7 +192,7 @@ class FeatureTile:
     def upsample(self, lowres: np.ndarray, guide: np.ndarray) -> np.ndarray:
         """``lowres [C, h, w]`` onto the guide tile ``[d, H, W]``; NaN where the guide is."""
         if self.method in INTERPOLATIONS:
-            out = gu.upsample(lowres, guide, method=self.method)
+            out = gu.upsample(lowres, guide, method=self.method, **self.render)
         else:
             out = gu.upsample(
                 lowres,
@@ -200,6 +203,7 @@ class FeatureTile:
                 device=self.device,
                 seed=self.seed,
                 normalize=self.stats,
+                **self.render,
             )
         out = np.asarray(out, dtype=np.float32)
         out[:, ~np.isfinite(guide).all(0)] = np.nan
@@ -256,6 +260,7 @@ def features_raster(
     compress: str = "deflate",
     device: str | None = None,
     seed: int = 0,
+    consistency: int | None = None,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
@@ -267,6 +272,7 @@ def features_raster(
         backbone: from :func:`geoupsample.backbones.create`; it is given the chosen bands.
         pca: reduce to this many components (PCA on a sample of the scene's LR features).
         method, iters, radius, seed, device: the upsampling (see :func:`geoupsample.upsample`).
+        consistency: back-projection rounds of the render (None: the library default).
         tile, halo: tile core and overlap in pixels (rounded to the backbone's patch size).
     """
     check_method(method, iters)
@@ -281,7 +287,8 @@ def features_raster(
         names = [f"pca_{i + 1}" for i in range(reducer.components.shape[0])]
     else:
         names = backbone.feature_names(len(scene.bands))
-    job = FeatureTile(feats, method, stats, reducer, int(iters), radius, device, seed)
+    render = {} if consistency is None else {"consistency": int(consistency)}
+    job = FeatureTile(feats, method, stats, reducer, int(iters), radius, device, seed, render)
     from geoupsample import __version__
 
     spec = tiling.OutputSpec(
@@ -310,6 +317,7 @@ def features_raster(
         "seed": seed,
         "backbone": backbone.extra_repr(),
         "pca": pca,
+        "render": render,
     }
     return tiling.run(
         job,

@@ -190,6 +190,7 @@ def segment_raster(
     compress: str = "deflate",
     device: str | None = None,
     seed: int = 0,
+    consistency: int | None = None,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> SegmentReport:
@@ -203,6 +204,8 @@ def segment_raster(
         backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
         probs_path, probs_dtype: also keep the probabilities (``uint8`` or ``float32``).
         method, iters, radius, seed, device: upsampling of the probabilities.
+        consistency: back-projection rounds of the render (None: the library default). On
+            predicted probabilities 0 scored best in ``benchmarks/quality_labels.py``.
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
         weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
         probe_path: save the fitted probe there (safetensors).
@@ -272,6 +275,7 @@ def segment_raster(
         radius=radius,
         device=device,
         seed=seed,
+        render={} if consistency is None else {"consistency": int(consistency)},
     )
     params = {
         "kind": "segment",
@@ -280,6 +284,7 @@ def segment_raster(
         "radius": radius,
         "seed": seed,
         "backbone": backbone.extra_repr(),
+        "render": job.render,
         "probe": probe.weight.numpy().round(8).tolist() if probe.weight is not None else None,
     }
     try:
