@@ -14,9 +14,9 @@ compute that cell by cell without ever writing the ``[n, P, K]`` weights to glob
   ``[F, K]`` accumulates over the phase blocks in registers and is written once.
 * :func:`build_psi` — ``psi`` straight from the raw parameters of each cell's neighbours (one
   kernel), differentiable: its backward is one gather kernel (no atomics).
-* :class:`AdamFit` — a whole Adam step of the fit in four kernels (``psi``, a count, loss and
-  ``grad_psi``, then the parameter gradient with the Adam update applied in place), with no
-  autograd graph and no host synchronisation; the same update as ``torch.optim.Adam``.
+* :class:`AdamFit` — a whole Adam step of the fit in three kernels (``psi``; loss, valid-pixel
+  count and ``grad_psi``; then the parameter gradient with the Adam update applied in place),
+  with no autograd graph and no host synchronisation; the same update as ``torch.optim.Adam``.
 
 Masked neighbours carry ``-inf`` in ``psi``'s constant row (``phi``'s constant feature is always 1).
 A pixel whose neighbours are all masked gets all-zero weights here (the torch path gives NaN;
