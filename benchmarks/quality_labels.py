@@ -66,12 +66,16 @@ def miou(pred: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> float:
     return 100.0 * float(np.mean(ious))
 
 
+#: extra arguments of every gu.upsample call (``--consistency``); empty = the defaults
+RENDER: dict = {}
+
+
 def upsample_all(probs: np.ndarray, guide: np.ndarray) -> dict[str, np.ndarray]:
     """Argmax class maps of every method's upsampling of ``probs`` with default arguments."""
     out = {}
     for method in gu.METHODS:
         t0 = time.perf_counter()
-        hr = np.asarray(gu.upsample(probs, guide, method=method))
+        hr = np.asarray(gu.upsample(probs, guide, method=method, **RENDER))
         out[method] = np.nan_to_num(hr, nan=-1.0).argmax(0)
         out[f"_{method}_s"] = time.perf_counter() - t0  # type: ignore[assignment]
     return out
@@ -135,8 +139,10 @@ def segment(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
                                              "properties": {"name": "EPSG:32632"}}}))  # fmt: skip
         for method in gu.METHODS:
             out = Path(tmp) / f"{method}.tif"
-            segment_raster(scene, polys, "class", out, bb, method=method, tile=256, halo=32,
-                           class_weight="balanced")  # fmt: skip
+            segment_raster(
+                scene, polys, "class", out, bb, method=method, tile=256, halo=32,
+                class_weight="balanced", consistency=RENDER.get("consistency"),
+            )  # fmt: skip
             with rasterio.open(out) as ds:
                 cls = ds.read(1).astype(np.int64)
                 names = json.loads(ds.tags()["class_names"])
@@ -150,7 +156,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--regime", choices=("oracle", "predicted", "segment"), action="append")
     ap.add_argument("--scales", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--consistency", type=int, help="back-projection rounds for every method")
     args = ap.parse_args()
+    if args.consistency is not None:
+        RENDER["consistency"] = args.consistency
     img, lab = load()
     for regime in args.regime or ["oracle", "predicted"]:
         fn = {"oracle": oracle, "predicted": predicted, "segment": segment}[regime]
