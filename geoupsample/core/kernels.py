@@ -367,13 +367,15 @@ def fit(
     generator = torch.Generator().manual_seed(int(seed))
     params = params.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([params], lr=lr)
-    history: list[float] = []
+    losses: list[torch.Tensor] = []
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
     fused = backend.adam_fit(prep, params, values, lr)  # CUDA: Adam steps fused, no sync
-    for _ in range(int(iters)):
-        phases = None
-        if n_sample < n_phases:
-            phases = torch.randperm(n_phases, generator=generator)[:n_sample].to(dev)
+    schedule = None  # the sampled phases of every step, drawn up front: one copy to the device
+    if n_sample < n_phases:
+        draws = [torch.randperm(n_phases, generator=generator)[:n_sample] for _ in range(iters)]
+        schedule = torch.stack(draws).to(dev)
+    for step in range(int(iters)):
+        phases = None if schedule is None else schedule[step]
         if fused is not None:
             fused.step(phases)  # no host sync per step
             continue
@@ -384,9 +386,11 @@ def fit(
         )
         psi.backward(grad_psi)
         optimizer.step()
-        history.append(float(loss))
+        losses.append(loss.detach())
     if fused is not None:
         params, history = fused.params, fused.history()
+    else:
+        history = torch.stack(losses).double().cpu().tolist()
     kernels = Kernels(
         params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
     )
