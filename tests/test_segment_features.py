@@ -71,14 +71,14 @@ def test_segment_gsjbu_python_api(tmp_path: Path) -> None:
     with rasterio.open(rep.probs_path) as ds:
         p = ds.read()
     np.testing.assert_allclose(p.sum(0), 1.0, rtol=1e-4)
-    pure = segment_raster(
-        SCENE, LABELS, "class", tmp_path / "s0.tif", bb, probs_path=tmp_path / "p0.tif",
-        probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0, consistency=0,
+    projected = segment_raster(
+        SCENE, LABELS, "class", tmp_path / "s2.tif", bb, probs_path=tmp_path / "p2.tif",
+        probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0, consistency=2,
     )  # fmt: skip
-    with rasterio.open(pure.probs_path) as ds:
-        p0 = ds.read()
-    np.testing.assert_allclose(p0.sum(0), 1.0, rtol=1e-4)
-    assert np.abs(p0 - p).max() > 1e-3  # the back-projection rounds changed the render
+    with rasterio.open(projected.probs_path) as ds:
+        p2 = ds.read()
+    np.testing.assert_allclose(p2.sum(0), 1.0, rtol=1e-4)
+    assert np.abs(p2 - p).max() > 1e-3  # the back-projection rounds changed the render
 
 
 def test_segment_timm_backbone_smoke(tmp_path: Path) -> None:

@@ -73,12 +73,12 @@ def segment_command(
     iters: Annotated[int, typer.Option(help="GSJBU fit steps per tile.")] = 50,
     radius: Annotated[int, typer.Option(help="Kernel radius in low-res pixels.")] = 3,
     consistency: Annotated[
-        int | None,
+        int,
         typer.Option(
-            help="Back-projection rounds making the output average back to the low-res values "
-            "(default: the library's; 0 keeps the pure kernels)."
+            help="Back-projection rounds making the output average back to the low-res "
+            "probabilities (0: the pure kernels, best on predicted probabilities)."
         ),
-    ] = None,
+    ] = 0,
     tile: Annotated[int, typer.Option(help="Tile core size in pixels.")] = 512,
     halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
     compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
