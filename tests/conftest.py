@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
+import os
+import shutil
 
-import numpy as np
-import pytest
-import rasterio
+# The Triton kernels run under Triton's interpreter where no GPU is: the switch must be set before
+# anything (torch, timm) imports triton, so it is set here, before the test modules are collected.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from importlib.resources import files  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import rasterio  # noqa: E402
 
 DATA = files("geoupsample") / "data"
 
