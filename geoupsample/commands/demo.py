@@ -75,7 +75,7 @@ def run_demo(out_dir: Path, iters: int = 50) -> dict[str, float]:
     ms = _unit_scale(ms[:, :size, :size])
     rgb, nir = ms[:3], ms[3:4]
     nir_lr = torch.nn.functional.avg_pool2d(torch.from_numpy(nir)[None], SCALE)[0].numpy()
-    _write(out_dir / "nir_lowres.tif", nir_lr, profile, transform * Affine.scale(SCALE), ["nir"])
+    _write(out_dir / "nir_lowres.tif", nir_lr, profile, transform @ Affine.scale(SCALE), ["nir"])
     scores, timings, results = {}, {}, {}
     for method in gu.METHODS:
         t0 = time.perf_counter()
