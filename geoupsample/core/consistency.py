@@ -17,7 +17,7 @@ from geoupsample.core.layout import CellLayout
 from geoupsample.core.masking import render_with_mask
 
 #: Channels processed at once (bounds the temporary memory to a few ``[H, W]`` planes each).
-CHANNEL_CHUNK = 16
+CHANNEL_CHUNK = 8
 
 
 def cell_average(
