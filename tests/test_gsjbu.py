@@ -224,6 +224,12 @@ def test_nan_in_x_never_leaks(method):
     assert np.isfinite(out).all()
 
 
+def test_torch_guide_that_requires_grad_is_accepted():
+    guide = torch.rand(3, 20, 20, requires_grad=True)
+    out = gu.upsample(torch.rand(1, 5, 5), guide, iters=2)
+    assert out.shape == (1, 20, 20) and torch.isfinite(out).all()
+
+
 def test_guide_nodata_gives_nan_output_for_every_method():
     rng = np.random.default_rng(4)
     guide = rng.integers(1, 255, (3, 24, 24)).astype(np.uint8)

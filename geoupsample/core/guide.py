@@ -64,7 +64,7 @@ class GuideStats:
 
 def check_guide(guide: object) -> torch.Tensor:
     """Validate and convert a guide to a floating tensor ``[d, H, W]`` (float32 unless float64)."""
-    g = as_tensor(guide, "guide")
+    g = as_tensor(guide, "guide").detach()  # the guide is data: the fit never differentiates it
     if g.ndim == 2:
         raise ValueError(
             f"guide must be [bands, H, W]; got a 2-D array {tuple(g.shape)}: "
