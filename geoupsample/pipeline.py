@@ -39,12 +39,14 @@ from rasterio.windows import Window, from_bounds
 import geoupsample as gu
 import tiling
 import tiling.writer
+from tiling.execute import gdal_env
 from tiling.reader import to_float
 
 #: Interpolating methods: no fit, the guide only masks nodata.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-#: Largest side of the regular subsample used for the scene-wide guide statistics.
-STATS_SIDE = 2048
+#: Largest side of the regular subsample used for the scene-wide guide statistics (1024^2 =
+#: about the 1M samples per band that ``gu.guide_stats`` uses at most).
+STATS_SIDE = 1024
 SUPPORTED_INPUT_KINDS = "biuf"
 
 
@@ -212,7 +214,7 @@ def scene_guide_stats(path: str | os.PathLike, bands: Sequence[int] | None = Non
     Reads the file stripe by stripe (bounded memory). Raises :class:`InputError` if the guide
     has no valid pixel.
     """
-    with _open(path, "guide") as ds:
+    with gdal_env(), _open(path, "guide") as ds:  # bounded GDAL cache while scanning
         idx = list(bands) if bands else list(range(1, ds.count + 1))
         nd = nodata if nodata is not None else ds.nodata
 
@@ -312,7 +314,11 @@ def upsample_raster(
             low-res pixels).
         tile, halo: core tile size and context/blend width in guide pixels. Cores are aligned to
             the scale. For an exact match with a whole-array run of a local method the taper
-            needs ``halo >= 2 x support`` (``blend="crop"``: ``halo >= support``).
+            needs ``halo >= 2 x support`` (``blend="crop"``: ``halo >= support``); the support
+            is about ``2 x scale`` guide pixels for bilinear/bicubic and
+            ``(radius + 1) x scale + 1`` for jbu/gsjbu (so the default halo 64 is exact with the
+            taper for bilinear up to scale 16 and jbu up to scale 7; at larger scales raise the
+            halo, or the tiles differ from a whole-array run by tiny amounts in the ramps).
         bands: low-res bands to upsample (1-based indexes or descriptions; default all).
         guide_bands: guide bands to use (default all).
         aoi, aoi_crs: area of interest (shapely geometry or GeoJSON file/dict) and its CRS.
@@ -333,6 +339,23 @@ def upsample_raster(
         low-res nodata when it fits the dtype, else NaN / the dtype's max), the low-res band
         descriptions, and tags recording the method, parameters and package version.
     """
+    with gdal_env():  # GDAL's block cache stays bounded during the checks and the run
+        return _upsample_raster(
+            lowres_path, guide_path, out_path, method=method, iters=iters, radius=radius,
+            tile=tile, halo=halo, bands=bands, guide_bands=guide_bands, aoi=aoi,
+            aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
+            device=device, resume=resume, scheduler=scheduler, workers=workers, blend=blend,
+            seed=seed, progress=progress)
+
+
+def _upsample_raster(
+    lowres_path: str | os.PathLike, guide_path: str | os.PathLike,
+    out_path: str | os.PathLike, *, method: str, iters: int, radius: int, tile: int,
+    halo: int, bands: Sequence[int | str] | None, guide_bands: Sequence[int | str] | None,
+    aoi: Any, aoi_crs: Any, cog: bool, dtype: str | None, compress: str, blocksize: int,
+    device: str | None, resume: bool, scheduler: Any, workers: int | None, blend: str,
+    seed: int, progress: Callable[[tiling.Progress], None] | None,
+) -> tiling.RunReport:
     if method not in gu.METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
     if isinstance(iters, bool) or int(iters) < 0:

