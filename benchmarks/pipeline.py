@@ -10,6 +10,7 @@ same output (same pixels, dtype, compression, blocks, NUM_THREADS) runs beside i
     python benchmarks/pipeline.py                                   # 4096, 8192, 16384; both
     python benchmarks/pipeline.py --sizes 2048 --methods bilinear   # a quick small run
     python benchmarks/pipeline.py --sizes 4096 --methods gsjbu --iters 10 --no-bare
+    python benchmarks/pipeline.py --sizes 16384 --methods gsjbu --rows 2048 --no-bare
 """
 
 from __future__ import annotations
@@ -96,14 +97,23 @@ def child_pipeline(args: argparse.Namespace) -> dict:
 
     guide, lowres = make_scene(args.size)
     out = DATA / f"out_{args.size}_{args.method}.tif"
+    aoi, rows = None, args.size
+    if args.rows:  # only the top rows, full width (memory depends on the width, not rows)
+        import rasterio
+        from shapely.geometry import box
+
+        with rasterio.open(guide) as ds:
+            b, rows = ds.bounds, min(args.rows, ds.height)
+            aoi = box(b.left, b.top - rows * ds.res[1], b.right, b.top)
     rss0 = _rss()
     t0 = time.perf_counter()
     rep = pipeline.upsample_raster(lowres, guide, out, method=args.method, iters=args.iters,
                                    tile=args.tile, halo=args.halo, dtype=args.dtype,
-                                   compress=args.compress)
+                                   compress=args.compress, aoi=aoi)
     sec = time.perf_counter() - t0
-    return {"kind": args.method, "size": args.size, "seconds": round(sec, 2),
-            "mp_per_s": round(args.size ** 2 / 1e6 / sec, 3),
+    kind = args.method + (f" ({rows} rows)" if args.rows else "")
+    return {"kind": kind, "size": args.size, "seconds": round(sec, 2),
+            "mp_per_s": round(args.size * rows / 1e6 / sec, 3),
             "peak_rss_over_imports_mb": round((_peak() - rss0) / 2 ** 20, 1),
             "tiles": rep.tiles, "output": str(out)}
 
@@ -162,6 +172,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compress", default="deflate")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare rasterio write")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="process only the top ROWS rows, full width (an AOI): peak memory "
+                         "depends on the width, so this measures it without the whole area")
     ap.add_argument("--keep", action="store_true", help="keep the outputs in _data/")
     ap.add_argument("--child", choices=["pipeline", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -174,7 +187,7 @@ def main() -> None:
         print(json.dumps(child_bare(args)))
         return
     common = ["--iters", str(args.iters), "--tile", str(args.tile), "--halo", str(args.halo),
-              "--dtype", args.dtype, "--compress", args.compress]
+              "--dtype", args.dtype, "--compress", args.compress, "--rows", str(args.rows)]
     print(f"scale {SCALE}, {CLASSES}-band float32 low-res, 4-band uint16 guide; tile "
           f"{args.tile}, halo {args.halo}, iters {args.iters}, output {args.dtype} "
           f"{args.compress}; {os.cpu_count()} CPUs")
@@ -188,7 +201,7 @@ def main() -> None:
             r = spawn(["--child", "pipeline", "--size", str(n), "--method", method, *common])
             print(f"{n:>6} {r['kind']:<22} {r['seconds']:>9} {r['mp_per_s']:>8} "
                   f"{r['peak_rss_over_imports_mb']:>24}", flush=True)
-            if method == "bilinear" and not args.no_bare:
+            if method == "bilinear" and not args.no_bare and not args.rows:
                 b = spawn(["--child", "bare", "--size", str(n), "--method", method, *common])
                 print(f"{n:>6} {b['kind']:<22} {b['seconds']:>9} {b['mp_per_s']:>8} "
                       f"{b['peak_rss_over_imports_mb']:>24}   pipeline/bare time: "
