@@ -191,6 +191,7 @@ def segment_raster(
     device: str | None = None,
     seed: int = 0,
     consistency: int = 0,
+    self_guidance: float = 1.0,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> SegmentReport:
@@ -208,6 +209,12 @@ def segment_raster(
             pure kernels: on *predicted* probabilities back-projection copies the probe's
             low-res errors back in (Vaihingen x16, benchmarks/quality_labels.py: gsjbu 54.1
             mIoU at 0 against 46.5 at 2; bilinear 48.2).
+        self_guidance: weight of the probabilities themselves in the kernels' range term
+            (unit 1; see :meth:`geoupsample.Kernels.render`). Colour-fitted kernels alone pull
+            labels across class borders that do not follow colour edges; measured on Vaihingen
+            (mIoU, x16 / x8): oracle probabilities 73.9 / 85.8 at 0 and 88.4 / 98.0 at 1
+            (bilinear 91.2 / 99.8); predicted 54.1 / 41.5 at 0 and 57.1 / 43.3 at 1
+            (bilinear 48.2 / 41.7).
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
         weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
         probe_path: save the fitted probe there (safetensors).
@@ -277,7 +284,11 @@ def segment_raster(
         radius=radius,
         device=device,
         seed=seed,
-        render={"consistency": int(consistency)},
+        render={
+            "consistency": int(consistency),
+            "self_guidance": float(self_guidance),
+            "self_guidance_scale": 1.0,  # probabilities: the same unit in every tile
+        },
     )
     params = {
         "kind": "segment",

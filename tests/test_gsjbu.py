@@ -331,3 +331,20 @@ def test_self_guidance_keeps_constants_and_sharpens_raster_edges_under_a_flat_gu
     assert np.isfinite(k.render(many, self_guidance=0.5)).all()
     with pytest.raises(ValueError, match="self_guidance"):
         k.render(step, self_guidance=-1.0)
+
+
+@pytest.mark.parametrize("channels", [3, 20])
+def test_self_guidance_with_a_given_scale_is_tile_independent(channels, rotterdam_ms):
+    """With scene-wide guide statistics and a given scale, a window renders like the whole
+    raster away from its edges (what the tiling engine relies on), projection included."""
+    guide = rotterdam_ms[:3, :128, :128]
+    stats = gu.guide_stats(guide)
+    x = np.random.default_rng(9).random((channels, 32, 32))
+    kw = dict(
+        method="jbu", normalize=stats, consistency=0, self_guidance=1.0, self_guidance_scale=1.0
+    )
+    whole = gu.upsample(x, guide, **kw)
+    window = gu.upsample(x[:, 4:28, 4:28], guide[:, 16:112, 16:112], **kw)
+    np.testing.assert_allclose(
+        window[:, 16:80, 16:80], whole[:, 32:96, 32:96], rtol=1e-5, atol=1e-5
+    )

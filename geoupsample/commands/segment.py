@@ -79,6 +79,13 @@ def segment_command(
             "probabilities (0: the pure kernels, best on predicted probabilities)."
         ),
     ] = 0,
+    self_guidance: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the probabilities themselves in the range term (0: colour only; "
+            "1 keeps labels from following colour edges they do not share)."
+        ),
+    ] = 1.0,
     tile: Annotated[int, typer.Option(help="Tile core size in pixels.")] = 512,
     halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
     compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
@@ -118,6 +125,7 @@ def segment_command(
             iters=iters,
             radius=radius,
             consistency=consistency,
+            self_guidance=self_guidance,
             tile=tile,
             halo=halo,
             class_weight="balanced" if balanced else None,

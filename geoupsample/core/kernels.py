@@ -171,7 +171,11 @@ class Kernels:
 
     # --- rendering ------------------------------------------------------------------------
     def render(
-        self, x: Any, consistency: int = DEFAULT_CONSISTENCY, self_guidance: float = 0.0
+        self,
+        x: Any,
+        consistency: int = DEFAULT_CONSISTENCY,
+        self_guidance: float = 0.0,
+        self_guidance_scale: float | None = None,
     ) -> torch.Tensor | np.ndarray:
         """Render a low-res raster at the guide's resolution with these kernels.
 
@@ -187,6 +191,8 @@ class Kernels:
                 the neighbour (:mod:`geoupsample.core.self_guidance`), so that weight goes to
                 neighbours whose values agree with the local trend of ``x``, not only with
                 the guide's colour.
+            self_guidance_scale: the unit of ``x`` in that term (1 for probabilities); ``None``
+                takes the robust span of ``x`` — pass a scene-wide value when tiling.
 
         Returns:
             ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 input), the same kind
@@ -199,7 +205,7 @@ class Kernels:
         flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
         rounds = check_rounds(consistency)
         if self_guidance:
-            prep = self_guided(self, flat, float(self_guidance))
+            prep = self_guided(self, flat, float(self_guidance), self_guidance_scale)
             with torch.no_grad():
                 psi = prep.psi(self.params)
         else:

@@ -34,7 +34,7 @@ _REGISTRY: dict[str, Method] = {}
 #: over methods with one set of arguments.
 FIT_KWARGS = frozenset(inspect.signature(fit).parameters) - {"guide", "lr_shape"}
 #: Keyword arguments every method takes.
-COMMON_KWARGS = frozenset({"consistency", "self_guidance"})
+COMMON_KWARGS = frozenset({"consistency", "self_guidance", "self_guidance_scale"})
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
@@ -85,13 +85,19 @@ def _gsjbu(
     guide: Any,
     consistency: int = DEFAULT_CONSISTENCY,
     self_guidance: float = 0.0,
+    self_guidance_scale: float | None = None,
     **kwargs: Any,
 ) -> Any:
     xt = as_tensor(x, "x")
     if xt.ndim not in (3, 4):
         check_raster(xt, (0, 0))
     kernels = fit(guide, tuple(xt.shape[-2:]), **kwargs)
-    return kernels.render(x, consistency=consistency, self_guidance=self_guidance)
+    return kernels.render(
+        x,
+        consistency=consistency,
+        self_guidance=self_guidance,
+        self_guidance_scale=self_guidance_scale,
+    )
 
 
 @register_method("jbu")

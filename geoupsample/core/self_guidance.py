@@ -8,9 +8,12 @@ neighbour's own value:
 
     (3 / d) ||G(p) - Gbar(q)||^2  +  s^2 (3 / c) ||xhat_up(p) - xhat(q)||^2
 
-``xhat`` is ``x`` divided by its robust span (1st to 99th percentile over all channels, so
-probabilities stay as they are), reduced to its first ``MAX_CHANNELS`` principal components when
-it has more channels. Implemented by extending the guide, so the same fast render path applies.
+``xhat`` is ``x`` divided by a scale: given (``scale=1`` for probabilities; the tiling engine
+passes one per scene so that tiles agree) or its robust span (1st to 99th percentile over all
+channels). Rasters with more than ``MAX_CHANNELS`` channels are projected onto ``MAX_CHANNELS``
+by a fixed random Gaussian matrix (seeded: the same for every tile), which keeps squared
+distances on average, so ``c`` above stays the raster's own channel count. Implemented by
+extending the guide, so the same fast render path applies.
 """
 
 from __future__ import annotations
@@ -29,28 +32,43 @@ if TYPE_CHECKING:
 MAX_CHANNELS = 8
 
 
-def guidance_channels(x: torch.Tensor) -> torch.Tensor:
-    """``x [C, h, w]`` (NaN = missing) as ``[c, h, w]`` range channels, ``c <= MAX_CHANNELS``."""
-    finite = torch.isfinite(x)
-    values = x[finite]
+def robust_span(x: torch.Tensor) -> float:
+    """1st-to-99th percentile span of the finite values of ``x`` (1.0 if flat or empty)."""
+    values = x[torch.isfinite(x)]
     if values.numel() == 0:
-        return torch.zeros_like(x[:1])
-    lo, hi = torch.quantile(values.double()[:1_000_000], torch.tensor([0.01, 0.99]).double())
-    span = float(hi - lo) if float(hi - lo) > 0 else 1.0
-    xhat = torch.where(finite, x, torch.zeros((), dtype=x.dtype)) / span
+        return 1.0
+    step = max(1, values.numel() // 1_000_000)
+    q = torch.tensor([0.01, 0.99], dtype=torch.float64, device=values.device)
+    lo, hi = torch.quantile(values[::step].double(), q)
+    return float(hi - lo) if float(hi - lo) > 0 else 1.0
+
+
+def guidance_channels(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``x [C, h, w]`` (NaN = missing, set to 0) as ``[c, h, w]`` range channels.
+
+    Divided by ``scale`` (``None``: :func:`robust_span`); more than ``MAX_CHANNELS`` channels
+    are projected by a fixed seeded Gaussian matrix with entries of variance
+    ``1 / MAX_CHANNELS``.
+    """
+    span = robust_span(x) if scale is None else float(scale)
+    if not span > 0:
+        raise ValueError(f"self_guidance_scale must be > 0; got {scale!r}")
+    xhat = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) / span
     if x.shape[0] <= MAX_CHANNELS:
         return xhat
-    flat = xhat.reshape(x.shape[0], -1)
-    centred = flat - flat.mean(1, keepdim=True)
-    u, _, _ = torch.linalg.svd(centred.double(), full_matrices=False)
-    basis = u[:, :MAX_CHANNELS].to(x.dtype)  # [C, c]: the projection keeps distances' bulk
-    return (basis.T @ centred).reshape(MAX_CHANNELS, *x.shape[1:])
+    generator = torch.Generator().manual_seed(0)
+    proj = torch.randn(MAX_CHANNELS, x.shape[0], generator=generator, dtype=torch.float64)
+    proj = (proj / MAX_CHANNELS**0.5).to(x.device, x.dtype)
+    return (proj @ xhat.reshape(x.shape[0], -1)).reshape(MAX_CHANNELS, *x.shape[1:])
 
 
-def self_guided(kernels: Kernels, x: torch.Tensor, strength: float) -> _Prepared:
+def self_guided(
+    kernels: Kernels, x: torch.Tensor, strength: float, scale: float | None = None
+) -> _Prepared:
     """The kernels' prepared guide extended with ``x``'s range channels, weighted by ``strength``.
 
-    ``x`` is ``[C, h, w]`` on the kernels' LR grid and device.
+    ``x`` is ``[C, h, w]`` on the kernels' LR grid and device; ``scale`` as in
+    :func:`guidance_channels`.
     """
     from geoupsample.core.kernels import _Prepared
 
@@ -58,8 +76,9 @@ def self_guided(kernels: Kernels, x: torch.Tensor, strength: float) -> _Prepared
         raise ValueError(f"self_guidance must be >= 0; got {strength!r}")
     base = kernels._prepared
     d = kernels.guide.shape[0]
-    xhat = guidance_channels(x)
-    c = xhat.shape[0]
+    xhat = guidance_channels(x, scale)
+    c = x.shape[0]  # the raster's own channel count, also when projected
+    n_range = xhat.shape[0]
     missing = ~torch.isfinite(x).all(0)
     xhat_nan = xhat.masked_fill(missing[None], float("nan"))
     upsampled = render_with_mask(
@@ -67,7 +86,7 @@ def self_guided(kernels: Kernels, x: torch.Tensor, strength: float) -> _Prepared
     )
     # build_psi scales distances by 3 / (d + c): pre-scale so the guide keeps 3 / d and x gets
     # strength^2 * 3 / c.
-    total = d + c
+    total = d + n_range
     g_scale = (total / d) ** 0.5
     x_scale = strength * (total / c) ** 0.5
     guide = torch.cat([kernels.guide * g_scale, torch.nan_to_num(upsampled) * x_scale])
