@@ -203,7 +203,8 @@ def decimated_stats_sample(read_rows: Callable[[int, int], np.ndarray], height: 
     stripe = k * max(1, 256 // k)
     parts = []
     for r0 in range(0, height, stripe):
-        parts.append(read_rows(r0, min(height, r0 + stripe))[:, ::k, ::k])
+        # a copy, not a strided view that would keep the whole stripe alive
+        parts.append(np.ascontiguousarray(read_rows(r0, min(height, r0 + stripe))[:, ::k, ::k]))
     return np.concatenate(parts, axis=1)
 
 
