@@ -141,7 +141,7 @@ def segment(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
             out = Path(tmp) / f"{method}.tif"
             segment_raster(
                 scene, polys, "class", out, bb, method=method, tile=256, halo=32,
-                class_weight="balanced", consistency=RENDER.get("consistency"),
+                class_weight="balanced", **RENDER,
             )  # fmt: skip
             with rasterio.open(out) as ds:
                 cls = ds.read(1).astype(np.int64)
