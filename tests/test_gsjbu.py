@@ -8,6 +8,7 @@ import torch
 
 import geoupsample as gu
 from geoupsample.core import gsjbu
+from geoupsample.core.adam import Adam
 from geoupsample.core.consistency import cell_average
 from geoupsample.core.layout import CellLayout
 from tests import reference
@@ -348,3 +349,17 @@ def test_self_guidance_with_a_given_scale_is_tile_independent(channels, rotterda
     np.testing.assert_allclose(
         window[:, 16:80, 16:80], whole[:, 32:96, 32:96], rtol=1e-5, atol=1e-5
     )
+
+
+def test_adam_matches_torch_optim_adam():
+    torch.manual_seed(0)
+    ours = torch.randn(4, 3, 5, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    opt_ours = Adam(ours, lr=0.1)
+    opt_theirs = torch.optim.Adam([theirs], lr=0.1)
+    for step in range(5):
+        g = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(step))
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

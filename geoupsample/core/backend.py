@@ -96,8 +96,8 @@ def build_psi(
 def adam_fit(prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float) -> Any | None:
     """The fused Triton Adam loop (:class:`triton_gsjbu.AdamFit`) for this fit, or ``None``.
 
-    ``None`` means the torch path (autograd + ``torch.optim.Adam``). ``prep`` holds the fit's
-    prepared tensors (``gbar``, ``cell_valid``, ``layout``, ``radius``, ``phi``,
+    ``None`` means the torch path (autograd + :class:`geoupsample.core.adam.Adam`). ``prep``
+    holds the fit's prepared tensors (``gbar``, ``cell_valid``, ``layout``, ``radius``, ``phi``,
     ``guide_cells``, ``pixel_valid``); ``values`` are the neighbours' cell means ``[n, K, d]``.
     """
     if name(prep.phi) != "triton":

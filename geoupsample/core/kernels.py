@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from geoupsample.core import backend, gsjbu
+from geoupsample.core.adam import Adam
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import GuideStats, prepare_guide
@@ -372,7 +373,7 @@ def fit(
     n_sample = min(n_phases, max(MIN_SAMPLED_PHASES, round(float(sample) * n_phases)))
     generator = torch.Generator().manual_seed(int(seed))
     params = params.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([params], lr=lr)
+    optimizer = Adam(params, lr=lr)
     losses: list[torch.Tensor] = []
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
     fused = backend.adam_fit(prep, params, values, lr)  # CUDA: Adam steps fused, no sync
@@ -385,7 +386,6 @@ def fit(
         if fused is not None:
             fused.step(phases)  # no host sync per step
             continue
-        optimizer.zero_grad(set_to_none=True)
         psi = prep.psi(params)
         loss, grad_psi = fit_step(
             psi.detach(), prep.phi, values, prep.guide_cells, prep.pixel_valid, phases
