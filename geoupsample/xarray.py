@@ -101,7 +101,10 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                        )
     out.name = lowres.name  # not the dask graph's name
     long_name = lowres.attrs.get("long_name")
-    if long_name is not None:
+    # rioxarray keeps a multi-band file's long_name on a band selection: keep it only when it
+    # names the bands we have (otherwise .rio.to_raster refuses to write).
+    n_names = 1 if isinstance(long_name, str) else len(long_name or ())
+    if long_name is not None and n_names == lowres.shape[0]:
         out.attrs["long_name"] = long_name
     out.attrs.update(geoupsample_version=__version__, geoupsample_method=method)
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)

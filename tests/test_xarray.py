@@ -90,3 +90,18 @@ def test_crs_mismatch_is_refused():
 def test_not_a_dataarray_is_refused():
     with pytest.raises(InputError, match="DataArray"):
         upsample(np.zeros((1, 4, 4)), rioxarray.open_rasterio(HR))
+
+
+def test_band_selection_of_a_multiband_file_writes(tmp_path):
+    """rioxarray keeps the file's 4 band names on a one-band selection; the result must still
+    write (the stale names are dropped)."""
+    from rasterio.transform import Affine
+
+    scene = rioxarray.open_rasterio(LR, chunks={"x": 128, "y": 128})
+    guide = scene.sel(band=[1, 2, 3])
+    lowres = scene.sel(band=[4]).coarsen(x=10, y=10).mean()
+    lowres = lowres.rio.write_transform(guide.rio.transform() @ Affine.scale(10))
+    lowres = lowres.rio.write_crs(guide.rio.crs)
+    out = upsample(lowres, guide, method="bilinear", tile=128, halo=16)
+    out.rio.to_raster(tmp_path / "o.tif")
+    assert rioxarray.open_rasterio(tmp_path / "o.tif").shape == (1, 300, 300)
