@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+
 import numpy as np
+import pytest
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
@@ -77,3 +83,25 @@ class Failing:
         if ctx.tile.id == self.bad:
             raise RuntimeError("boom in tile")
         return ctx.data["img"]
+
+
+def kill_9_after_bands(proc: subprocess.Popen, out: str, bands: int, timeout: float) -> None:
+    """SIGKILL ``proc`` once the resume journal of ``out`` records ``bands`` finished row bands."""
+    from tiling.journal import journal_path
+
+    jpath = journal_path(out)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if os.path.exists(jpath):
+                with open(jpath) as f:
+                    if sum(1 for _ in f) >= 1 + bands:  # a header line, then one per band
+                        break
+            if proc.poll() is not None:
+                pytest.fail("the run finished before it could be killed")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

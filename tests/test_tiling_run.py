@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import dask.array as da
 import numpy as np
@@ -28,6 +26,7 @@ from tests._tiling_helpers import (
     box3,
     box3_whole,
     identity,
+    kill_9_after_bands,
     write_tif,
 )
 from tiling.aoi import load_aoi
@@ -197,22 +196,7 @@ def test_resume_after_kill_9_is_pixel_identical(tmp_path):
     out = str(tmp_path / "out.tif")
     script = RESUME_SCRIPT.format(root=ROOT, src=src, out=out, delay=0.15)
     proc = subprocess.Popen([sys.executable, "-c", script])
-    jpath = journal_path(out)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            if os.path.exists(jpath):
-                with open(jpath) as f:
-                    if sum(1 for _ in f) >= 3:  # header + 2 finished bands
-                        break
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed")
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_9_after_bands(proc, out, bands=2, timeout=120)
     assert not os.path.exists(out), "a killed run must leave nothing at OUT"
     assert os.path.exists(_partial(out))
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from importlib.resources import files
 
 import numpy as np
@@ -25,7 +23,7 @@ from typer.testing import CliRunner
 import geoupsample as gu
 from geoupsample.cli import app
 from geoupsample.pipeline import InputError, scene_guide_stats, upsample_raster
-from tiling.journal import journal_path
+from tests._tiling_helpers import kill_9_after_bands
 
 DATA = files("geoupsample") / "data"
 LR = str(DATA / "rotterdam_ms.tif")
@@ -160,22 +158,7 @@ def test_cli_kill_9_then_resume_is_pixel_identical(small, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "geoupsample", "upsample", *args,
                              "--resume"], env=env)
-    jpath = journal_path(out)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if os.path.exists(jpath):
-                with open(jpath) as f:
-                    if sum(1 for _ in f) >= 2:  # header + 1 finished band
-                        break
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed")
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_9_after_bands(proc, out, bands=1, timeout=180)
     assert not os.path.exists(out)
 
     runner = CliRunner()
