@@ -20,7 +20,7 @@ from rasterio.windows import transform as window_transform
 
 from tiling.accumulate import blend_parts, tile_parts
 from tiling.aoi import window_intersects, window_mask
-from tiling.execute import TileContext, TileFunction
+from tiling.execute import TileContext, TileFunction, share_malloc_arena
 from tiling.grid import Cell, Tile, TileGrid
 from tiling.reader import ArrayInput, to_float
 
@@ -77,6 +77,7 @@ def to_dask(fn: TileFunction, inputs: Mapping[str, ArrayInput], grid: TileGrid, 
     """Lazy float32 ``[count, grid.height, grid.width]`` (NaN = nodata) computing ``fn`` tiled on
     ``grid`` and blended exactly like :func:`tiling.run`. ``geom`` is an AOI already in the output
     CRS (see :func:`tiling.aoi.load_aoi`)."""
+    share_malloc_arena()  # dask runs the tiles in worker threads
     cells = grid.cells()
     live = [c for c in cells
             if geom is None or window_intersects(geom, c.window, out_transform)]
