@@ -319,6 +319,21 @@ def features_raster(
         "pca": pca,
         "render": render,
     }
+    return run_backbone_job(job, scene, spec, backbone, tile, halo, params, workers, progress)
+
+
+def run_backbone_job(
+    job: Any,
+    scene: Scene,
+    spec: tiling.OutputSpec,
+    backbone: Backbone,
+    tile: int,
+    halo: int,
+    params: dict[str, Any],
+    workers: int | None,
+    progress: Callable[[tiling.Progress], None] | None,
+) -> tiling.RunReport:
+    """Run a per-tile backbone ``job`` over ``scene``, tiles aligned to the backbone's stride."""
     return tiling.run(
         job,
         {"guide": scene.reader()},

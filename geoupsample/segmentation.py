@@ -38,6 +38,7 @@ from geoupsample.featuremaps import (
     TileFeatures,
     check_method,
     lr_window_grid,
+    run_backbone_job,
     windows,
 )
 from geoupsample.heads import LinearProbe
@@ -301,17 +302,7 @@ def segment_raster(
         "probe": probe.weight.numpy().round(8).tolist() if probe.weight is not None else None,
     }
     try:
-        run = tiling.run(
-            job,
-            {"guide": scene.reader()},
-            spec,
-            tile=tile,
-            halo=halo,
-            align=backbone.stride,
-            params=params,
-            workers=workers or 1,
-            progress=progress,
-        )
+        run = run_backbone_job(job, scene, spec, backbone, tile, halo, params, workers, progress)
         fractions = write_classes(ppath, out_path, labels.classes, scale, tags, compress)
     finally:
         if not keep_probs and os.path.exists(ppath):

@@ -216,7 +216,7 @@ class Kernels:
             all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
             out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
         out = out.reshape(*lead, *self.hr_shape).to(out_dtype)
-        if isinstance(xt, torch.Tensor) and isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor):
             out = out.to(x.device)
         return like_input(out, x)
 
