@@ -14,7 +14,8 @@ memory::
 
 Modules: :mod:`~tiling.grid` (tile/cell geometry), :mod:`~tiling.blend` (taper weights),
 :mod:`~tiling.reader` (windowed readers), :mod:`~tiling.accumulate` (bounded blending),
-:mod:`~tiling.writer` (GeoTIFF/COG writer), :mod:`~tiling.journal` (resume),
+:mod:`~tiling.writer` (GeoTIFF/COG writer), :mod:`~tiling.zarr_writer` (Zarr stores:
+``run(..., ZarrOutputSpec(...))``), :mod:`~tiling.journal` (resume),
 :mod:`~tiling.aoi` (areas of interest), :mod:`~tiling.execute` (:func:`run`),
 :mod:`~tiling.lazy` (the same blend as a lazy dask array).
 """
@@ -24,9 +25,10 @@ from tiling.grid import Cell, Tile, TileGrid
 from tiling.journal import JournalMismatch
 from tiling.reader import ArrayInput, RasterInput, open_dask
 from tiling.writer import OutputSpec, default_nodata
+from tiling.zarr_writer import ZarrOutputSpec
 
 __all__ = [
     "ArrayInput", "Cell", "JournalMismatch", "OutputSpec", "Progress", "RasterInput",
     "RunReport", "Tile", "TileContext", "TileFunction", "TileGrid", "compute_tile",
-    "default_nodata", "open_dask", "run",
+    "ZarrOutputSpec", "default_nodata", "open_dask", "run",
 ]

@@ -7,6 +7,15 @@ partial file at ``path``. Compression is deflate or zstd with a predictor (2 for
 floats), ``NUM_THREADS=ALL_CPUS``, ``BIGTIFF=IF_SAFER``. ``cog=True`` converts the finished file
 with GDAL's COG driver (:func:`rasterio.shutil.copy`), which builds the overviews from the
 complete file (never from partial data).
+
+``float16`` is written as IEEE half floats (TIFF ``BitsPerSample=16``, ``SampleFormat=IEEEFP``;
+GDAL creation option ``NBITS=16`` on a Float32 band, since GDAL < 3.11 has no Float16 type):
+GDAL and rasterio read it back as float32 holding half-precision values. Values are rounded to
+the nearest float16 by numpy (round half to even) and clipped to its finite range (+-65504).
+
+Other stores: an :class:`OutputSpec` subclass may name its own writer in ``writer_class`` (a
+:class:`Writer` subclass); ``Writer(spec)`` then builds that one (see
+:mod:`tiling.zarr_writer`).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import rasterio
@@ -24,7 +34,10 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+SUPPORTED_DTYPES = (
+    "uint8", "uint16", "int16", "uint32", "int32", "float16", "float32", "float64")
+#: Largest finite float16.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
@@ -44,6 +57,9 @@ class OutputSpec:
         blocksize: tile block size in pixels (multiple of 16).
         cog: convert to a Cloud-Optimized GeoTIFF at the end.
     """
+
+    #: the :class:`Writer` subclass that writes this kind of output (None: the GeoTIFF writer)
+    writer_class: ClassVar[type[Writer] | None] = None
 
     path: str
     crs: CRS | None
@@ -84,14 +100,17 @@ class OutputSpec:
     def profile(self) -> dict:
         """Creation options of the working (tiled GeoTIFF) file."""
         kind = np.dtype(self.dtype).kind
+        half = self.dtype == "float16"  # IEEE half floats on a Float32 band (module docstring)
         prof = dict(driver="GTiff", width=self.width, height=self.height, count=self.count,
-                    dtype=self.dtype, crs=self.crs, transform=self.transform,
+                    dtype="float32" if half else self.dtype, crs=self.crs, transform=self.transform,
                     nodata=self.nodata, tiled=True, blockxsize=self.blocksize,
                     blockysize=self.blocksize, bigtiff="IF_SAFER", num_threads="ALL_CPUS",
                     interleave="pixel" if self.count <= 4 else "band")
         if self.compress.lower() != "none":
             prof["compress"] = self.compress.lower()
             prof["predictor"] = 3 if kind == "f" else 2
+        if half:
+            prof["nbits"] = 16
         return prof
 
 
@@ -108,6 +127,11 @@ def cast(data: np.ndarray, dtype: str, nodata: float) -> np.ndarray:
     """float ``data`` (NaN = nodata) -> ``dtype``; ints are rounded and clipped so that no valid
     pixel collides with ``nodata``."""
     dt = np.dtype(dtype)
+    if dt == np.float16:  # rounded to half here; stored as float32 values (see the docstring)
+        half = np.clip(data, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16).astype(np.float32)
+        if not math.isnan(nodata):
+            half[~np.isfinite(data)] = nodata
+        return half
     if dt.kind == "f":
         if math.isnan(nodata):
             return data.astype(dt, copy=False)
@@ -132,18 +156,25 @@ class Writer:
     Reopening an existing partial file (``resume=True``) keeps what earlier runs wrote.
     Use :meth:`flush` to make everything written so far durable (closes and reopens the file, so
     the TIFF directory on disk lists every block written).
+
+    ``Writer(spec)`` builds ``spec.writer_class`` instead when the spec names one (another store,
+    e.g. :class:`tiling.zarr_writer.ZarrWriter`), with the same four methods.
     """
+
+    def __new__(cls, spec: OutputSpec, resume: bool = False) -> Writer:
+        other = getattr(spec, "writer_class", None)
+        if cls is Writer and other is not None:
+            if not issubclass(other, Writer):
+                raise TypeError(f"{type(spec).__name__}.writer_class must subclass Writer")
+            return super().__new__(other)
+        return super().__new__(cls)
 
     def __init__(self, spec: OutputSpec, resume: bool = False) -> None:
         self.spec = spec
-        out_dir = Path(spec.path).resolve().parent
-        if not out_dir.is_dir():
-            raise FileNotFoundError(f"output directory {out_dir} does not exist; create it first")
+        check_output_dir(spec.path)
         if os.path.isdir(spec.path):
             raise IsADirectoryError(f"the output path {spec.path} is a directory; give a file "
                                     "name such as out.tif")
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(f"cannot write to the output directory {out_dir}")
         self.tmp = spec.partial_path
         if resume and os.path.exists(self.tmp):
             self.ds = rasterio.open(self.tmp, "r+", num_threads="ALL_CPUS")
@@ -170,20 +201,9 @@ class Writer:
         self.ds.close()
         final = self.tmp
         if self.spec.cog:
-            cog_tmp = self.tmp[:-len(".tif")] + ".cog.tif"
-            opts = dict(driver="COG", blocksize=self.spec.blocksize, bigtiff="IF_SAFER",
-                        num_threads="ALL_CPUS", overview_resampling="average"
-                        if np.dtype(self.spec.dtype).kind == "f" else "nearest")
-            if self.spec.compress.lower() != "none":
-                opts["compress"] = self.spec.compress.lower()
-                opts["predictor"] = "YES"
-            try:
-                rasterio.shutil.copy(self.tmp, cog_tmp, **opts)
-            except BaseException:
-                _remove(cog_tmp)
-                raise
+            final = self.tmp[:-len(".tif")] + ".cog.tif"
+            to_cog(self.tmp, final, self.spec.blocksize, self.spec.compress, self.spec.dtype)
             os.remove(self.tmp)
-            final = cog_tmp
         os.replace(final, self.spec.path)
         return self.spec.path
 
@@ -195,6 +215,32 @@ class Writer:
         finally:
             if not keep:
                 _remove(self.tmp)
+
+
+def check_output_dir(path: str) -> None:
+    """Raise unless the directory that will hold ``path`` exists and is writable."""
+    out_dir = Path(path).resolve().parent
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"output directory {out_dir} does not exist; create it first")
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"cannot write to the output directory {out_dir}")
+
+
+def to_cog(src: str, dst: str, blocksize: int = 256, compress: str = "deflate",
+           dtype: str = "float32") -> None:
+    """Copy the finished GeoTIFF ``src`` to a Cloud-Optimized GeoTIFF ``dst`` (overviews:
+    average for floats, nearest for integers; colour tables, tags and half floats are kept).
+    ``dst`` is removed if the copy fails."""
+    opts = dict(driver="COG", blocksize=blocksize, bigtiff="IF_SAFER", num_threads="ALL_CPUS",
+                overview_resampling="average" if np.dtype(dtype).kind == "f" else "nearest")
+    if compress.lower() != "none":
+        opts["compress"] = compress.lower()
+        opts["predictor"] = "YES"
+    try:
+        rasterio.shutil.copy(src, dst, **opts)
+    except BaseException:
+        _remove(dst)
+        raise
 
 
 def _remove(path: str) -> None:
