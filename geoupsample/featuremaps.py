@@ -10,14 +10,21 @@ How a backbone sees the pixels (:class:`TileFeatures`): the weight-free ``spectr
 the raw values (its indices need them); timm backbones get each band scaled to about [0, 1] by the
 scene's 1st/99th percentiles (the guide normalisation), then their own mean/std normalisation;
 nodata pixels are filled with 0 for them. LR cells without any valid pixel get NaN features.
+
+Outputs: a GeoTIFF (float32, or float16 stored as IEEE half floats) or, when the output path
+ends with ``.zarr``, a Zarr store (variable ``features``, see :mod:`tiling.zarr_writer`) for
+many channels. Both are written tile by tile by :func:`tiling.run` (AOI, resume journal,
+dask.distributed scheduler); the journal key holds the backbone (its weights' digest), the PCA
+and every upsampling parameter, so a resume with anything else is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +32,7 @@ import torch
 from affine import Affine
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
+from shapely.geometry.base import BaseGeometry
 
 import geoupsample as gu
 import tiling
@@ -34,9 +42,16 @@ from geoupsample.pipeline import (
     InputError,
     _check_dtype,
     _open,
+    _stats,
+    decimated_stats_sample,
     scene_guide_stats,
     select_bands,
 )
+from tiling.aoi import load_aoi, window_intersects
+from tiling.reader import to_float
+
+#: Output dtypes of a features raster.
+FEATURE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,87 @@ class Scene:
     def read(self, window: Window) -> np.ndarray:
         """float32 ``[d, rows, cols]`` of ``window`` (NaN for nodata and outside the raster)."""
         return self.reader().read(window, self.transform)
+
+    def guide_stats(self) -> gu.GuideStats:
+        """Scene-wide guide statistics (see :func:`geoupsample.pipeline.scene_guide_stats`)."""
+        return scene_guide_stats(self.path, self.bands)
+
+
+@dataclass(frozen=True)
+class ArrayScene:
+    """A scene held in an array ``[d, H, W]`` (numpy or dask): the interface of :class:`Scene`.
+
+    Reading a window computes only that slice of a dask array.
+    """
+
+    array: Any
+    band_names: tuple[str, ...]
+    crs: Any
+    transform: Affine
+    nodata: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.array.shape[1]), int(self.array.shape[2])
+
+    @property
+    def bands(self) -> tuple[int, ...]:
+        return tuple(range(1, int(self.array.shape[0]) + 1))
+
+    def reader(self) -> tiling.ArrayInput:
+        return tiling.ArrayInput(self.array, self.transform, self.nodata)
+
+    def read(self, window: Window) -> np.ndarray:
+        """float32 ``[d, rows, cols]`` of ``window`` (NaN for nodata and outside the array)."""
+        return self.reader().read(window, self.transform)
+
+    def guide_stats(self) -> gu.GuideStats:
+        """The statistics :meth:`Scene.guide_stats` computes, from the same regular subsample."""
+
+        def read_rows(r0: int, r1: int) -> np.ndarray:
+            return to_float(np.asarray(self.array[:, r0:r1, :]), self.nodata)
+
+        return _stats(decimated_stats_sample(read_rows, *self.shape), "scene array")
+
+
+AnyScene = Scene | ArrayScene
+
+
+def scene_aoi(aoi: Any, aoi_crs: Any, scene: AnyScene) -> BaseGeometry | None:
+    """The AOI (shapely geometry, GeoJSON dict/string or file) in the scene's CRS, or None.
+
+    Raises :class:`InputError` when it does not overlap the scene.
+    """
+    if aoi is None:
+        return None
+    geom = load_aoi(aoi, scene.crs, aoi_crs)
+    h, w = scene.shape
+    if not window_intersects(geom, Window(0, 0, w, h), scene.transform):
+        raise InputError(
+            "the AOI does not overlap the scene (a GeoJSON without a 'crs' member is read as "
+            "lon/lat WGS 84; give aoi_crs otherwise)"
+        )
+    return geom
+
+
+def backbone_digest(backbone: Backbone) -> str:
+    """A digest of the backbone's description and all its weights and buffers (for journals)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(backbone).__name__.encode())
+    h.update(backbone.extra_repr().encode())
+    for name, t in backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def array_digest(*arrays: np.ndarray, decimals: int = 6) -> str:
+    """A digest of arrays rounded to ``decimals`` (refits on the same data agree)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.round(np.asarray(a, dtype=np.float64), decimals)))
+    return h.hexdigest()
 
 
 class TileFeatures:
@@ -135,7 +231,7 @@ class PCA:
         return (self.components @ flat).reshape(-1, h, w).astype(np.float32)
 
 
-def windows(scene: Scene, size: int, stride: int) -> Iterator[Window]:
+def windows(scene: AnyScene, size: int, stride: int) -> Iterator[Window]:
     """Non-overlapping windows of ``size`` px (rounded up to ``stride``) covering the scene."""
     size = max(stride, math.ceil(size / stride) * stride)
     h, w = scene.shape
@@ -145,14 +241,18 @@ def windows(scene: Scene, size: int, stride: int) -> Iterator[Window]:
 
 
 def sample_features(
-    scene: Scene,
+    scene: AnyScene,
     features: TileFeatures,
     max_cells: int = 50_000,
     tile: int = 512,
     n_tiles: int = 16,
+    aoi: BaseGeometry | None = None,
 ) -> np.ndarray:
-    """LR features ``[N, C]`` from up to ``n_tiles`` windows spread evenly over the scene."""
+    """LR features ``[N, C]`` from up to ``n_tiles`` windows spread evenly over the scene (over
+    the windows that touch ``aoi``, in the scene's CRS, when given)."""
     wins = list(windows(scene, tile, features.stride))
+    if aoi is not None:
+        wins = [w for w in wins if window_intersects(aoi, w, scene.transform)] or wins
     pick = np.unique(np.linspace(0, len(wins) - 1, min(n_tiles, len(wins))).round().astype(int))
     parts = []
     for i in pick:
@@ -245,6 +345,120 @@ def check_method(method: str, iters: int) -> None:
         raise InputError(f"iters must be an integer >= 0, got {iters!r}")
 
 
+@dataclass
+class FeaturePlan:
+    """Everything a features run needs besides the output: the per-tile job, the band names,
+    the tags of the output and the parameters that identify the run in a resume journal."""
+
+    job: FeatureTile
+    names: list[str]
+    tags: dict[str, str]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_features(
+    scene: AnyScene,
+    backbone: Backbone,
+    *,
+    pca: int | None = None,
+    method: str = "gsjbu",
+    iters: int = 50,
+    radius: int = 3,
+    tile: int = 512,
+    device: str | None = None,
+    seed: int = 0,
+    consistency: int | None = None,
+    aoi: BaseGeometry | None = None,
+) -> FeaturePlan:
+    """Scene statistics, the PCA (fitted on windows touching ``aoi`` when given) and the job."""
+    check_method(method, iters)
+    stats = scene.guide_stats()
+    feats = TileFeatures(backbone, stats)
+    reducer = None
+    if pca is not None:
+        reducer = PCA.fit(sample_features(scene, feats, tile=tile, aoi=aoi), pca)
+        names = [f"pca_{i + 1}" for i in range(reducer.components.shape[0])]
+    else:
+        names = backbone.feature_names(len(scene.bands))
+    render = {} if consistency is None else {"consistency": int(consistency)}
+    job = FeatureTile(feats, method, stats, reducer, int(iters), radius, device, seed, render)
+    from geoupsample import __version__
+
+    tags = {
+        "geoupsample_version": __version__,
+        "geoupsample_method": method,
+        "geoupsample_backbone": repr(backbone.extra_repr()),
+        "geoupsample_stride": str(backbone.stride),
+        "geoupsample_pca": str(pca or 0),
+    }
+    params = {
+        "kind": "features",
+        "method": method,
+        "iters": int(iters),
+        "radius": radius,
+        "seed": seed,
+        "device": str(device),
+        "backbone": backbone.extra_repr(),
+        "backbone_digest": backbone_digest(backbone),
+        "stats": [stats.lo.tolist(), stats.hi.tolist()],
+        "pca": pca,
+        "pca_digest": None if reducer is None else array_digest(reducer.mean, reducer.components),
+        "render": render,
+        "version": __version__,
+    }
+    return FeaturePlan(job, names, tags, params)
+
+
+def is_zarr_path(path: str | os.PathLike[str]) -> bool:
+    """Whether an output path names a Zarr store (ends with ``.zarr``)."""
+    return os.fspath(path).rstrip("/").lower().endswith(".zarr")
+
+
+def check_feature_output(
+    out_path: str | os.PathLike[str], dtype: str, compress: str, cog: bool
+) -> None:
+    """Raise :class:`InputError` for output options that do not fit together."""
+    if dtype not in FEATURE_DTYPES:
+        raise InputError(f"unsupported features dtype {dtype!r}; use {' or '.join(FEATURE_DTYPES)}")
+    if is_zarr_path(out_path):
+        if cog:
+            raise InputError(
+                "--cog (cog=True) applies to GeoTIFF outputs, but the output ends with .zarr; "
+                "drop --cog or write a .tif"
+            )
+        if compress.lower() == "lzw":
+            raise InputError("lzw is not available for Zarr outputs; use deflate, zstd or none")
+
+
+def feature_output(
+    out_path: str | os.PathLike[str],
+    scene: AnyScene,
+    names: Sequence[str],
+    tags: dict[str, str],
+    *,
+    dtype: str = "float32",
+    compress: str = "deflate",
+    cog: bool = False,
+) -> tiling.OutputSpec:
+    """The output of a features run: a GeoTIFF, or a Zarr store when the path ends with .zarr."""
+    check_feature_output(out_path, dtype, compress, cog)
+    common: dict[str, Any] = dict(
+        crs=scene.crs,
+        transform=scene.transform,
+        width=scene.shape[1],
+        height=scene.shape[0],
+        count=len(names),
+        dtype=dtype,
+        descriptions=list(names),
+        tags=tags,
+        compress=compress,
+    )
+    if is_zarr_path(out_path):
+        path = os.fspath(out_path).rstrip("/")
+        return tiling.ZarrOutputSpec(path, variable="features", **common)
+    return tiling.OutputSpec(os.fspath(out_path), cog=cog, **common)
+
+
 def features_raster(
     scene_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -257,74 +471,84 @@ def features_raster(
     radius: int = 3,
     tile: int = 512,
     halo: int = 64,
+    dtype: str = "float32",
     compress: str = "deflate",
+    cog: bool = False,
+    aoi: Any = None,
+    aoi_crs: Any = None,
+    resume: bool = False,
+    scheduler: Any = None,
     device: str | None = None,
     seed: int = 0,
     consistency: int | None = None,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
-    """Write the backbone's features of the scene, upsampled to full resolution (float32).
+    """Write the backbone's features of the scene, upsampled to full resolution.
 
     Args:
         scene_path: the image (any bands; ``bands`` chooses, 1-based or by description).
-        out_path: output GeoTIFF on the scene's grid, one band per feature (or PCA component).
+        out_path: output on the scene's grid, one band per feature (or PCA component): a
+            GeoTIFF, or a Zarr store (variable ``features``) when it ends with ``.zarr``. It
+            appears only when complete.
         backbone: from :func:`geoupsample.backbones.create`; it is given the chosen bands.
-        pca: reduce to this many components (PCA on a sample of the scene's LR features).
+        pca: reduce to this many components (PCA on a sample of the scene's LR features, from
+            the windows that touch the AOI when one is given).
         method, iters, radius, seed, device: the upsampling (see :func:`geoupsample.upsample`).
         consistency: back-projection rounds of the render (None: the library default).
         tile, halo: tile core and overlap in pixels (rounded to the backbone's patch size).
+        dtype: ``float32`` or ``float16`` (half floats: half the size, ~3 significant digits).
+        compress: deflate, zstd, lzw (GeoTIFF only) or none.
+        cog: write a Cloud-Optimized GeoTIFF (not with a Zarr output).
+        aoi, aoi_crs: area of interest (shapely geometry in the scene's CRS unless ``aoi_crs``
+            says otherwise, or a GeoJSON file/dict, EPSG:4326 unless it names a CRS): tiles
+            outside are skipped, pixels outside are nodata.
+        resume: continue an interrupted run with the same inputs and parameters (another
+            backbone, weights, PCA or parameter is refused: :class:`tiling.JournalMismatch`).
+        scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
+        workers: local threads (default 1; torch uses its own threads inside a tile).
     """
     check_method(method, iters)
     scene = Scene.open(scene_path, bands)
     if os.path.abspath(os.fspath(out_path)) == os.path.abspath(scene.path):
         raise InputError("the output path must differ from the scene path")
-    stats = scene_guide_stats(scene.path, scene.bands)
-    feats = TileFeatures(backbone, stats)
-    reducer = None
-    if pca is not None:
-        reducer = PCA.fit(sample_features(scene, feats, tile=tile), pca)
-        names = [f"pca_{i + 1}" for i in range(reducer.components.shape[0])]
-    else:
-        names = backbone.feature_names(len(scene.bands))
-    render = {} if consistency is None else {"consistency": int(consistency)}
-    job = FeatureTile(feats, method, stats, reducer, int(iters), radius, device, seed, render)
-    from geoupsample import __version__
-
-    spec = tiling.OutputSpec(
-        os.fspath(out_path),
-        crs=scene.crs,
-        transform=scene.transform,
-        width=scene.shape[1],
-        height=scene.shape[0],
-        count=len(names),
-        dtype="float32",
-        descriptions=names,
-        tags={
-            "geoupsample_version": __version__,
-            "geoupsample_method": method,
-            "geoupsample_backbone": repr(backbone.extra_repr()),
-            "geoupsample_stride": str(backbone.stride),
-            "geoupsample_pca": str(pca or 0),
-        },
-        compress=compress,
+    check_feature_output(out_path, dtype, compress, cog)
+    geom = scene_aoi(aoi, aoi_crs, scene)
+    plan = plan_features(
+        scene,
+        backbone,
+        pca=pca,
+        method=method,
+        iters=iters,
+        radius=radius,
+        tile=tile,
+        device=device,
+        seed=seed,
+        consistency=consistency,
+        aoi=geom,
     )
-    params = {
-        "kind": "features",
-        "method": method,
-        "iters": int(iters),
-        "radius": radius,
-        "seed": seed,
-        "backbone": backbone.extra_repr(),
-        "pca": pca,
-        "render": render,
-    }
-    return run_backbone_job(job, scene, spec, backbone, tile, halo, params, workers, progress)
+    spec = feature_output(
+        out_path, scene, plan.names, plan.tags, dtype=dtype, compress=compress, cog=cog
+    )
+    return run_backbone_job(
+        plan.job,
+        scene,
+        spec,
+        backbone,
+        tile,
+        halo,
+        plan.params,
+        workers,
+        progress,
+        aoi=geom,
+        resume=resume,
+        scheduler=scheduler,
+    )
 
 
 def run_backbone_job(
     job: Any,
-    scene: Scene,
+    scene: AnyScene,
     spec: tiling.OutputSpec,
     backbone: Backbone,
     tile: int,
@@ -332,8 +556,16 @@ def run_backbone_job(
     params: dict[str, Any],
     workers: int | None,
     progress: Callable[[tiling.Progress], None] | None,
+    *,
+    aoi: BaseGeometry | None = None,
+    resume: bool = False,
+    scheduler: Any = None,
 ) -> tiling.RunReport:
-    """Run a per-tile backbone ``job`` over ``scene``, tiles aligned to the backbone's stride."""
+    """Run a per-tile backbone ``job`` over ``scene``, tiles aligned to the backbone's stride.
+
+    ``aoi`` is a geometry in the scene's CRS (:func:`scene_aoi`); ``resume`` and ``scheduler``
+    as in :func:`tiling.run`.
+    """
     return tiling.run(
         job,
         {"guide": scene.reader()},
@@ -341,7 +573,10 @@ def run_backbone_job(
         tile=tile,
         halo=halo,
         align=backbone.stride,
+        aoi=aoi,
+        resume=resume,
         params=params,
+        scheduler=scheduler,
         workers=workers or 1,
         progress=progress,
     )

@@ -13,14 +13,16 @@
    the tags ``class_names`` (JSON list) and ``class_<i>``.
 
 Probabilities are kept (``probs_path``) as uint8 (p x 254, nodata 255) or float32 (NaN nodata);
-without ``probs_path`` they go to a temporary float32 file beside the output, removed at the end.
+without ``probs_path`` they go to a hidden float32 file beside the output
+(:func:`hidden_probs_path`, a fixed name so that ``resume=True`` can continue it), removed at the
+end. The tiles run through :func:`tiling.run` (AOI, resume journal, dask.distributed); the
+journal key holds the backbone (its weights' digest), the fitted probe and every parameter.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,16 +35,22 @@ import tiling
 from geoupsample import labels as gl
 from geoupsample.backbones import Backbone
 from geoupsample.featuremaps import (
+    AnyScene,
     FeatureTile,
     Scene,
     TileFeatures,
+    array_digest,
+    backbone_digest,
     check_method,
+    is_zarr_path,
     lr_window_grid,
     run_backbone_job,
+    scene_aoi,
     windows,
 )
 from geoupsample.heads import LinearProbe
-from geoupsample.pipeline import InputError, scene_guide_stats
+from geoupsample.pipeline import InputError
+from tiling.writer import to_cog
 
 #: uint8 encodings: probability/confidence p is stored as round(p * 254); 255 is nodata.
 UINT8_SCALE = 254
@@ -100,7 +108,7 @@ class TrainingSet:
 
 
 def training_set(
-    scene: Scene,
+    scene: AnyScene,
     labels: gl.LabelPolygons,
     features: TileFeatures,
     tile: int = 512,
@@ -168,9 +176,115 @@ class SegmentReport:
     probe: LinearProbe
 
 
+def load_labels(
+    labels: str | os.PathLike[str] | gl.LabelPolygons,
+    class_field: str | None,
+    scene: AnyScene,
+    *,
+    labels_crs: str | None = None,
+    layer: str | None = None,
+) -> gl.LabelPolygons:
+    """The polygons (a file, or :class:`~geoupsample.labels.LabelPolygons`) that overlap the
+    scene, in its CRS; at most :data:`UINT8_SCALE` classes."""
+    if isinstance(labels, gl.LabelPolygons):
+        polys = labels
+    else:
+        if class_field is None:
+            raise InputError("class_field is needed to read labels from a file")
+        polys = gl.read_polygons(labels, class_field, crs=labels_crs, layer=layer)
+    polys = gl.check_scene(polys, scene.transform, scene.shape, scene.crs)
+    if len(polys.classes) > UINT8_SCALE:
+        raise InputError(f"{len(polys.classes)} classes: at most {UINT8_SCALE} fit a uint8 raster")
+    return polys
+
+
+@dataclass
+class SegmentPlan:
+    """A fitted probe and the per-tile job predicting with it, with the journal parameters."""
+
+    job: SegmentTile
+    probe: LinearProbe
+    train: TrainingSet
+    params: dict[str, Any]
+
+
+def plan_segment(
+    scene: AnyScene,
+    labels: gl.LabelPolygons,
+    backbone: Backbone,
+    *,
+    scale: float = 1.0,
+    method: str = "gsjbu",
+    iters: int = 50,
+    radius: int = 3,
+    tile: int = 512,
+    weight_decay: float = 1e-3,
+    class_weight: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    consistency: int = 0,
+    self_guidance: float = 1.0,
+) -> SegmentPlan:
+    """Fit the probe on all the polygons (``labels`` in the scene's CRS) and build the job.
+
+    ``scale`` multiplies the probabilities (254 for uint8 outputs, 1 for float32).
+    """
+    check_method(method, iters)
+    stats = scene.guide_stats()
+    feats = TileFeatures(backbone, stats)
+    train = training_set(scene, labels, feats, tile=tile)
+    probe = LinearProbe(weight_decay=weight_decay, class_weight=class_weight, seed=seed)
+    probe.fit(train.features, train.fractions, classes=labels.classes)
+    job = SegmentTile(
+        probe,
+        scale,
+        features=feats,
+        method=method,
+        stats=stats,
+        iters=int(iters),
+        radius=radius,
+        device=device,
+        seed=seed,
+        render={
+            "consistency": int(consistency),
+            "self_guidance": float(self_guidance),
+            "self_guidance_scale": 1.0,  # probabilities: the same unit in every tile
+        },
+    )
+    from geoupsample import __version__
+
+    params = {
+        "kind": "segment",
+        "method": method,
+        "iters": int(iters),
+        "radius": radius,
+        "seed": seed,
+        "device": str(device),
+        "backbone": backbone.extra_repr(),
+        "backbone_digest": backbone_digest(backbone),
+        "stats": [stats.lo.tolist(), stats.hi.tolist()],
+        "render": job.render,
+        "scale": scale,
+        "classes": list(labels.classes),
+        "probe": probe.weight.numpy().round(8).tolist() if probe.weight is not None else None,
+        "probe_digest": array_digest(
+            *(np.asarray(v) for v in (probe.weight, probe.bias, probe.mean, probe.std))
+        ),
+        "version": __version__,
+    }
+    return SegmentPlan(job, probe, train, params)
+
+
+def hidden_probs_path(out_path: str) -> str:
+    """Where the probabilities go when they are not kept: a fixed name beside the output (so
+    that an interrupted run can be resumed), removed at the end."""
+    p = os.path.abspath(out_path)
+    return os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.probs.tif")
+
+
 def segment_raster(
     scene_path: str | os.PathLike[str],
-    labels_path: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str] | gl.LabelPolygons,
     class_field: str,
     out_path: str | os.PathLike[str],
     backbone: Backbone,
@@ -189,6 +303,11 @@ def segment_raster(
     class_weight: str | None = None,
     probe_path: str | os.PathLike[str] | None = None,
     compress: str = "deflate",
+    cog: bool = False,
+    aoi: Any = None,
+    aoi_crs: Any = None,
+    resume: bool = False,
+    scheduler: Any = None,
     device: str | None = None,
     seed: int = 0,
     consistency: int = 0,
@@ -200,8 +319,9 @@ def segment_raster(
 
     Args:
         scene_path: the image; ``bands`` chooses its bands (1-based or descriptions).
-        labels_path, class_field, labels_crs, layer: the polygons (GeoJSON or GeoPackage), the
-            attribute holding the class, their CRS if the file does not say, the GeoPackage layer.
+        labels_path, class_field, labels_crs, layer: the polygons (GeoJSON or GeoPackage, or
+            :class:`~geoupsample.labels.LabelPolygons`), the attribute holding the class, their
+            CRS if the file does not say, the GeoPackage layer.
         out_path: the class raster (2 bands uint8: class, confidence).
         backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
         probs_path, probs_dtype: also keep the probabilities (``uint8`` or ``float32``).
@@ -219,6 +339,15 @@ def segment_raster(
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
         weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
         probe_path: save the fitted probe there (safetensors).
+        compress, cog: GeoTIFF compression; Cloud-Optimized GeoTIFFs (class raster and kept
+            probabilities).
+        aoi, aoi_crs: area of interest (see :func:`geoupsample.featuremaps.features_raster`):
+            the probe is trained on all the polygons, the prediction covers only the AOI
+            (nodata elsewhere).
+        resume: continue an interrupted run (the probabilities' tiles) with the same inputs and
+            parameters; another backbone, probe or parameter is refused
+            (:class:`tiling.JournalMismatch`).
+        scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
     """
     check_method(method, iters)
     if probs_dtype not in ("uint8", "float32"):
@@ -227,41 +356,45 @@ def segment_raster(
     out_path = os.fspath(out_path)
     if os.path.abspath(out_path) == os.path.abspath(scene.path):
         raise InputError("the output path must differ from the scene path")
-    labels = gl.read_polygons(labels_path, class_field, crs=labels_crs, layer=layer)
-    labels = gl.check_scene(labels, scene.transform, scene.shape, scene.crs)
-    if len(labels.classes) > UINT8_SCALE:
-        raise InputError(f"{len(labels.classes)} classes: at most {UINT8_SCALE} fit a uint8 raster")
+    if is_zarr_path(out_path) or (probs_path is not None and is_zarr_path(probs_path)):
+        raise InputError("segment writes GeoTIFFs; give .tif paths (Zarr is for features)")
+    labels = load_labels(labels_path, class_field, scene, labels_crs=labels_crs, layer=layer)
+    geom = scene_aoi(aoi, aoi_crs, scene)
 
-    stats = scene_guide_stats(scene.path, scene.bands)
-    feats = TileFeatures(backbone, stats)
-    train = training_set(scene, labels, feats, tile=tile)
-    probe = LinearProbe(weight_decay=weight_decay, class_weight=class_weight, seed=seed)
-    probe.fit(train.features, train.fractions, classes=labels.classes)
+    keep_probs = probs_path is not None
+    ppath = os.fspath(probs_path) if keep_probs else hidden_probs_path(out_path)
+    pdtype = probs_dtype if keep_probs else "float32"
+    scale = float(UINT8_SCALE) if pdtype == "uint8" else 1.0
+    plan = plan_segment(
+        scene,
+        labels,
+        backbone,
+        scale=scale,
+        method=method,
+        iters=iters,
+        radius=radius,
+        tile=tile,
+        weight_decay=weight_decay,
+        class_weight=class_weight,
+        device=device,
+        seed=seed,
+        consistency=consistency,
+        self_guidance=self_guidance,
+    )
     if probe_path is not None:
-        probe.save(probe_path)
+        plan.probe.save(probe_path)
 
     from geoupsample import __version__
 
+    labels_name = labels.source if isinstance(labels_path, gl.LabelPolygons) else labels_path
     tags = {
         "geoupsample_version": __version__,
         "geoupsample_method": method,
         "geoupsample_backbone": backbone.extra_repr(),
         "class_names": json.dumps(list(labels.classes)),
-        "labels": os.path.basename(os.fspath(labels_path)),
-        "class_field": class_field,
+        "labels": os.path.basename(os.fspath(labels_name)),
+        "class_field": str(class_field),
     }
-    keep_probs = probs_path is not None
-    if keep_probs:
-        ppath = os.fspath(probs_path)
-        pdtype = probs_dtype
-    else:
-        fd, ppath = tempfile.mkstemp(
-            suffix=".tif", prefix=".probs-", dir=os.path.dirname(os.path.abspath(out_path))
-        )
-        os.close(fd)
-        os.remove(ppath)
-        pdtype = "float32"
-    scale = float(UINT8_SCALE) if pdtype == "uint8" else 1.0
     spec = tiling.OutputSpec(
         ppath,
         crs=scene.crs,
@@ -274,36 +407,24 @@ def segment_raster(
         descriptions=list(labels.classes),
         tags={**tags, "probability_scale": str(1.0 / scale)},
         compress=compress,
+        cog=cog and keep_probs,
     )
-    job = SegmentTile(
-        probe,
-        scale,
-        features=feats,
-        method=method,
-        stats=stats,
-        iters=int(iters),
-        radius=radius,
-        device=device,
-        seed=seed,
-        render={
-            "consistency": int(consistency),
-            "self_guidance": float(self_guidance),
-            "self_guidance_scale": 1.0,  # probabilities: the same unit in every tile
-        },
-    )
-    params = {
-        "kind": "segment",
-        "method": method,
-        "iters": int(iters),
-        "radius": radius,
-        "seed": seed,
-        "backbone": backbone.extra_repr(),
-        "render": job.render,
-        "probe": probe.weight.numpy().round(8).tolist() if probe.weight is not None else None,
-    }
     try:
-        run = run_backbone_job(job, scene, spec, backbone, tile, halo, params, workers, progress)
-        fractions = write_classes(ppath, out_path, labels.classes, scale, tags, compress)
+        run = run_backbone_job(
+            plan.job,
+            scene,
+            spec,
+            backbone,
+            tile,
+            halo,
+            plan.params,
+            workers,
+            progress,
+            aoi=geom,
+            resume=resume,
+            scheduler=scheduler,
+        )
+        fractions = write_classes(ppath, out_path, labels.classes, scale, tags, compress, cog)
     finally:
         if not keep_probs and os.path.exists(ppath):
             os.remove(ppath)
@@ -312,11 +433,25 @@ def segment_raster(
         ppath if keep_probs else None,
         labels.classes,
         fractions,
-        train.cells,
-        train.windows,
+        plan.train.cells,
+        plan.train.windows,
         run,
-        probe,
+        plan.probe,
     )
+
+
+def class_bands(probs: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Probabilities ``[K, h, w]`` (times ``scale``; NaN = nodata) -> uint8 ``[2, h, w]``: the
+    winning class and its probability x :data:`UINT8_SCALE`, :data:`UINT8_NODATA` where any
+    probability is missing."""
+    p = np.asarray(probs, dtype=np.float32)
+    valid = np.isfinite(p).all(0)
+    safe = np.where(np.isfinite(p), p, -1.0)
+    cls = safe.argmax(0)
+    conf = np.clip(np.round(safe.max(0) / scale * UINT8_SCALE), 0, UINT8_SCALE)
+    cls = np.where(valid, cls, UINT8_NODATA).astype(np.uint8)
+    conf = np.where(valid, conf, UINT8_NODATA).astype(np.uint8)
+    return np.stack([cls, conf])
 
 
 def write_classes(
@@ -326,14 +461,17 @@ def write_classes(
     scale: float,
     tags: dict[str, str],
     compress: str = "deflate",
+    cog: bool = False,
 ) -> dict[str, float]:
-    """Class + confidence raster from a probabilities raster, block by block, atomically.
+    """Class + confidence raster from a probabilities raster, block by block, atomically
+    (a Cloud-Optimized GeoTIFF with ``cog``).
 
     Returns the share of valid pixels given to each class.
     """
     tmp = os.path.join(
         os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.partial.tif"
     )
+    cog_tmp = tmp[: -len(".tif")] + ".cog.tif"
     counts = np.zeros(len(classes), dtype=np.int64)
     with rasterio.open(probs_path) as src:
         profile = dict(
@@ -356,16 +494,10 @@ def write_classes(
             with rasterio.open(tmp, "w", **profile) as dst:
                 for _, win in dst.block_windows(1):
                     p = src.read(window=win, masked=True).astype(np.float32).filled(np.nan)
-                    valid = np.isfinite(p).all(0)
-                    safe = np.where(np.isfinite(p), p, -1.0)
-                    cls = safe.argmax(0)
-                    conf = np.clip(np.round(safe.max(0) / scale * UINT8_SCALE), 0, UINT8_SCALE)
-                    cls = np.where(valid, cls, UINT8_NODATA).astype(np.uint8)
-                    conf = np.where(valid, conf, UINT8_NODATA).astype(np.uint8)
-                    counts += np.bincount(cls[valid].ravel(), minlength=len(classes))[
-                        : len(classes)
-                    ]
-                    dst.write(np.stack([cls, conf]), window=win)
+                    out = class_bands(p, scale)
+                    cls = out[0][out[0] != UINT8_NODATA]
+                    counts += np.bincount(cls.ravel(), minlength=len(classes))[: len(classes)]
+                    dst.write(out, window=win)
                 dst.write_colormap(1, class_colours(classes))
                 dst.set_band_description(1, "class")
                 dst.set_band_description(2, "confidence")
@@ -374,9 +506,14 @@ def write_classes(
                     **{f"class_{i}": c for i, c in enumerate(classes)},
                     confidence_scale=str(1.0 / UINT8_SCALE),
                 )
-            os.replace(tmp, out_path)
+            if cog:
+                to_cog(tmp, cog_tmp, 256, compress, "uint8")
+                os.replace(cog_tmp, out_path)
+            else:
+                os.replace(tmp, out_path)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            for leftover in (tmp, cog_tmp):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
     total = max(1, int(counts.sum()))
     return {c: float(n) / total for c, n in zip(classes, counts, strict=True)}

@@ -20,8 +20,28 @@ HELP = (
     "tests). A model trained on 3 bands is fed 3 of the scene's bands with --model-bands, or "
     "adapted to all of them with --adapt-stem.\n\n"
     "Tiles are aligned to the backbone's patch size; each tile's features are upsampled with "
-    "kernels fitted on the tile (--method gsjbu) or a baseline."
+    "kernels fitted on the tile (--method gsjbu) or a baseline.\n\n"
+    "OUT is a GeoTIFF (--dtype float32 or float16, --cog for a Cloud-Optimized GeoTIFF) or, "
+    "when it ends with .zarr, a Zarr store (variable 'features', georeferenced the rioxarray "
+    "way: xr.open_zarr(OUT).features.rio.crs) for many channels. It appears only when "
+    "complete; --resume continues an interrupted run with the same inputs and parameters, "
+    "--aoi limits the work to an area, --scheduler runs the tiles on a dask cluster."
 )
+
+#: Shared help of the tiling options (features and segment).
+AOI_HELP = (
+    "GeoJSON area of interest (EPSG:4326 unless it names a CRS); pixels outside are nodata, "
+    "tiles outside are skipped."
+)
+RESUME_HELP = "Continue an interrupted run with the same inputs and parameters."
+SCHEDULER_HELP = (
+    "dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads."
+)
+
+
+class FeatureDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
 
 
 class Method(str, Enum):
@@ -99,7 +119,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def features_command(
     scene: Annotated[Path, typer.Argument(help="Image to compute features of (GeoTIFF).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output GeoTIFF path.")],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Output GeoTIFF (or Zarr store: .zarr).")
+    ],
     backbone: Annotated[
         str, typer.Option(help="'spectral' or 'timm:<model>' (e.g. timm:vit_small_patch14_dinov2).")
     ] = "spectral",
@@ -144,7 +166,16 @@ def features_command(
     ] = None,
     tile: Annotated[int, typer.Option(help="Tile core size in pixels.")] = 512,
     halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
-    compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
+    dtype: Annotated[
+        FeatureDtype, typer.Option(help="Output dtype (float16: half the size, ~3 digits).")
+    ] = FeatureDtype.float32,
+    compress: Annotated[
+        str, typer.Option(help="deflate, zstd, lzw (GeoTIFF only) or none.")
+    ] = "deflate",
+    cog: Annotated[bool, typer.Option(help="Write a Cloud-Optimized GeoTIFF.")] = False,
+    aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
+    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
     device: Annotated[str | None, typer.Option(help="Torch device: cpu or cuda.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -177,7 +208,12 @@ def features_command(
             consistency=consistency,
             tile=tile,
             halo=halo,
+            dtype=dtype.value,
             compress=compress,
+            cog=cog,
+            aoi=aoi,
+            resume=resume,
+            scheduler=scheduler,
             device=device,
             progress=progress,
         )
@@ -191,7 +227,7 @@ def features_command(
     if not quiet:
         typer.echo(
             f"wrote {os.fspath(out)}: {report.megapixels:.1f} MP in {report.seconds:.1f} s, "
-            f"stride {bb.stride} px",
+            f"stride {bb.stride} px, {report.computed} tiles computed, {report.skipped} skipped",
             err=True,
         )
 

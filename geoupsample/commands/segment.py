@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from geoupsample.commands.features import Method, build_backbone, split, user_errors
+from geoupsample.commands.features import (
+    AOI_HELP,
+    RESUME_HELP,
+    SCHEDULER_HELP,
+    Method,
+    build_backbone,
+    split,
+    user_errors,
+)
 
 HELP = (
     "Segment SCENE into the classes of the polygons in --labels (GeoJSON or GeoPackage, any "
@@ -20,7 +28,11 @@ HELP = (
     "per-cell coverage), predicts low-res class probabilities tile by tile, and these are "
     "upsampled to full resolution (--method gsjbu: kernels fitted on each tile) and "
     "renormalised. --probs keeps the probabilities. The default backbone, 'spectral', needs no "
-    "weights and works offline; see `geoupsample features --help` for timm backbones."
+    "weights and works offline; see `geoupsample features --help` for timm backbones.\n\n"
+    "Outputs appear only when complete; --resume continues an interrupted run with the same "
+    "inputs and parameters, --aoi limits the prediction to an area (the probe still learns "
+    "from every polygon), --scheduler runs the tiles on a dask cluster, --cog writes "
+    "Cloud-Optimized GeoTIFFs."
 )
 
 
@@ -89,6 +101,10 @@ def segment_command(
     tile: Annotated[int, typer.Option(help="Tile core size in pixels.")] = 512,
     halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
     compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
+    cog: Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")] = False,
+    aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
+    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
     device: Annotated[str | None, typer.Option(help="Torch device: cpu or cuda.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -131,6 +147,10 @@ def segment_command(
             class_weight="balanced" if balanced else None,
             probe_path=save_probe,
             compress=compress,
+            cog=cog,
+            aoi=aoi,
+            resume=resume,
+            scheduler=scheduler,
             device=device,
             progress=progress,
         )
