@@ -113,6 +113,24 @@ def test_gradcheck_render_function():
     assert torch.autograd.gradcheck(run, (params, x), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [((40, 56), (5, 7), 3), ((37, 50), (9, 11), 1)])
+def test_gradcheck_psi_assembly_with_invalid_cells(shape):
+    """The hand-written backward of psi (and its fold onto the cells) against finite differences."""
+    (hh, ww), (h, w), d = shape
+    torch.manual_seed(1)
+    layout = CellLayout.build((hh, ww), (h, w))
+    gbar = torch.rand(d, h, w, dtype=torch.float64)
+    cell_valid = torch.rand(h, w) > 0.2
+    params = (0.3 * torch.randn(4, h, w, dtype=torch.float64)).requires_grad_(True)
+    finite = torch.isfinite(gsjbu.build_psi(params.detach(), gbar, cell_valid, layout, 2))
+    assert not finite.all()  # some neighbours are outside or invalid: -inf there
+
+    def psi(p):
+        return gsjbu.build_psi(p, gbar, cell_valid, layout, 2).masked_fill(~finite, 0.0)
+
+    assert torch.autograd.gradcheck(psi, (params,), fast_mode=True)
+
+
 def test_fused_fit_gradient_equals_autograd():
     k, prep = _tiny_problem(seed=1)
     params = k.params.clone().requires_grad_(True)

@@ -31,6 +31,7 @@ normalised guide).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -148,12 +149,107 @@ def build_phi(
     return phi.reshape(h * w, p, -1)
 
 
+@dataclass(frozen=True)
+class PsiGeometry:
+    """The parts of ``psi`` fixed by the guide and the layout (built once per fit).
+
+    Attributes:
+        dy, dx: ``[K]`` neighbour-centre offsets in HR pixels.
+        v: ``[n, d, K]`` ``Gbar(q) - Gbar(n)`` for each cell ``n`` and neighbour ``q``.
+        bias: ``[n, K]`` ``mask``: 0, or -inf for neighbours outside the image or invalid.
+        vv: ``[n, K]`` ``|v|^2``.
+        lr_shape: ``(h, w)``.
+        radius: neighbourhood radius in LR pixels.
+    """
+
+    dy: torch.Tensor
+    dx: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor
+    vv: torch.Tensor
+    lr_shape: tuple[int, int]
+    radius: int
+
+
+def psi_geometry(
+    gbar: torch.Tensor,
+    cell_valid: torch.Tensor,
+    layout: CellLayout,
+    radius: int,
+    dtype: torch.dtype | None = None,
+) -> PsiGeometry:
+    """:class:`PsiGeometry` of ``gbar [d, h, w]`` and ``cell_valid [h, w]`` (in ``dtype``)."""
+    dtype = dtype or gbar.dtype
+    d, h, w = gbar.shape
+    g = gbar.to(dtype)
+    v = (neighbours(g, radius) - g.reshape(d, -1).T[:, None, :]).transpose(1, 2).contiguous()
+    valid_nb = neighbours(cell_valid.to(dtype)[None], radius)[..., 0] > 0.5  # [n, K]
+    bias = torch.zeros(valid_nb.shape, dtype=dtype, device=gbar.device)
+    bias = bias.masked_fill(~valid_nb, float("-inf"))
+    dy, dx = (t.to(gbar.device, dtype) for t in layout.offsets(radius))
+    return PsiGeometry(dy, dx, v, bias, (v * v).sum(1), (h, w), int(radius))
+
+
+class AssemblePsi(torch.autograd.Function):
+    """``psi [n, 6 + d, K]`` from the coefficient maps ``[4, h, w]`` (a, b, c, R) of the cells.
+
+    Each cell's row of ``psi`` is linear in its neighbours' ``(a, b, c, R)``, so the backward is
+    written out: four ``[n, K]`` gradients folded back onto the cells (the adjoint of the
+    neighbour gather). Autograd through the dozen ``[n, K]`` temporaries cost more than the
+    loss itself.
+    """
+
+    @staticmethod
+    def forward(ctx, coef, geom):  # type: ignore[override]
+        ctx.geom = geom
+        nb = neighbours(coef, geom.radius)  # [n, K, 4]
+        a, b, c, r = nb.unbind(-1)
+        dx, dy = geom.dx, geom.dy
+        d = geom.v.shape[1]
+        psi = torch.empty(nb.shape[0], N_SPATIAL + 1 + d, nb.shape[1], dtype=coef.dtype,
+                          device=coef.device)  # fmt: skip
+        psi[:, 0] = -0.5 * a
+        psi[:, 1] = -b
+        psi[:, 2] = -0.5 * c
+        psi[:, 3] = a * dx + b * dy
+        psi[:, 4] = c * dy + b * dx
+        psi[:, CONST] = -0.5 * (a * (dx * dx) + 2.0 * b * (dx * dy) + c * (dy * dy))
+        psi[:, CONST] -= r * geom.vv
+        psi[:, CONST] += geom.bias
+        psi[:, N_SPATIAL] = -r
+        torch.mul(geom.v, (2.0 * r)[:, None, :], out=psi[:, N_SPATIAL + 1 :])
+        return psi
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        geom = ctx.geom
+        dx, dy = geom.dx, geom.dy
+        g = grad.unbind(1)
+        g5 = g[CONST]
+        ga = dx * g[3] - 0.5 * g[0] - (0.5 * dx * dx) * g5
+        gb = dy * g[3] + dx * g[4] - g[1] - (dx * dy) * g5
+        gc = dy * g[4] - 0.5 * g[2] - (0.5 * dy * dy) * g5
+        gr = 2.0 * (grad[:, N_SPATIAL + 1 :] * geom.v).sum(1) - g[N_SPATIAL] - geom.vv * g5
+        return gather_adjoint(torch.stack([ga, gb, gc, gr], -1), geom), None
+
+
+def gather_adjoint(grad_nb: torch.Tensor, geom: PsiGeometry) -> torch.Tensor:
+    """Adjoint of :func:`neighbours` over all rows: ``[n, K, C]`` -> ``[C, h, w]`` (summed)."""
+    h, w = geom.lr_shape
+    r = geom.radius
+    k = 2 * r + 1
+    cols = grad_nb.permute(2, 1, 0).reshape(1, -1, grad_nb.shape[0])
+    full = F.fold(cols, (h + 2 * r, w + 2 * r), kernel_size=k)[0]
+    return full[:, r : r + h, r : r + w]
+
+
 def build_psi(
     params: torch.Tensor,
     gbar: torch.Tensor,
     cell_valid: torch.Tensor,
     layout: CellLayout,
     radius: int,
+    geometry: PsiGeometry | None = None,
 ) -> torch.Tensor:
     """Per-(cell, neighbour) coefficients ``psi`` ``[n, 6 + d, K]``; differentiable in params.
 
@@ -161,30 +257,12 @@ def build_psi(
         params: ``[4, h, w]`` raw parameters.
         gbar: ``[d, h, w]`` cell means of the normalised guide.
         cell_valid: ``[h, w]`` bool, False for cells without a valid guide pixel.
+        geometry: :func:`psi_geometry` of the other arguments, to reuse across steps.
     """
-    d = gbar.shape[0]
-    dtype, device = params.dtype, params.device
-    a, b, c, r = kernel_coefficients(params, d)
-    maps = torch.cat([torch.stack([a, b, c, r]), gbar.to(dtype)], 0)
-    nb = neighbours(maps, radius).permute(2, 1, 0)  # [4 + d, K, n]
-    a, b, c, r = nb[0], nb[1], nb[2], nb[3]
-    v = nb[4:] - gbar.to(dtype).reshape(d, 1, -1)
-    dy, dx = (t.to(device, dtype)[:, None] for t in layout.offsets(radius))
-    valid_nb = neighbours(cell_valid.to(dtype)[None], radius)[..., 0].T > 0.5  # [K, n]
-    mask = torch.zeros(valid_nb.shape, dtype=dtype, device=device)
-    mask = mask.masked_fill(~valid_nb, float("-inf"))
-    spatial_const = -0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy)
-    rows = [
-        -0.5 * a,
-        -b,
-        -0.5 * c,
-        a * dx + b * dy,
-        c * dy + b * dx,
-        spatial_const - r * (v * v).sum(0) + mask,
-        -r,
-    ]
-    psi = torch.cat([torch.stack(rows), 2.0 * r[None] * v], 0)  # [F, K, n]
-    return psi.permute(2, 0, 1)
+    if geometry is None:
+        geometry = psi_geometry(gbar, cell_valid, layout, radius, params.dtype)
+    coef = torch.stack(kernel_coefficients(params, gbar.shape[0]))
+    return AssemblePsi.apply(coef, geometry)
 
 
 def rows_per_chunk(layout: CellLayout, width: int) -> int:

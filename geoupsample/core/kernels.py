@@ -76,6 +76,7 @@ class _Prepared:
     gbar: torch.Tensor  # [d, h, w]
     cell_valid: torch.Tensor  # [h, w]
     phi: torch.Tensor  # [n, P, F]
+    geometries: dict = field(default_factory=dict, repr=False)  # dtype -> gsjbu.PsiGeometry
 
     @classmethod
     def build(
@@ -107,7 +108,17 @@ class _Prepared:
         )
 
     def psi(self, params: torch.Tensor) -> torch.Tensor:
-        return backend.build_psi(params, self.gbar, self.cell_valid, self.layout, self.radius)
+        geometry = None
+        if backend.name(params) != "triton":
+            geometry = self.geometries.get(params.dtype)
+            if geometry is None:
+                geometry = gsjbu.psi_geometry(
+                    self.gbar, self.cell_valid, self.layout, self.radius, params.dtype
+                )
+                self.geometries[params.dtype] = geometry
+        return backend.build_psi(
+            params, self.gbar, self.cell_valid, self.layout, self.radius, geometry
+        )
 
 
 @dataclass(eq=False)
