@@ -439,6 +439,7 @@ def feature_output(
     dtype: str = "float32",
     compress: str = "deflate",
     cog: bool = False,
+    blocksize: int = 256,
 ) -> tiling.OutputSpec:
     """The output of a features run: a GeoTIFF, or a Zarr store when the path ends with .zarr."""
     check_feature_output(out_path, dtype, compress, cog)
@@ -452,6 +453,7 @@ def feature_output(
         descriptions=list(names),
         tags=tags,
         compress=compress,
+        blocksize=blocksize,
     )
     if is_zarr_path(out_path):
         path = os.fspath(out_path).rstrip("/")
@@ -474,6 +476,7 @@ def features_raster(
     dtype: str = "float32",
     compress: str = "deflate",
     cog: bool = False,
+    blocksize: int = 256,
     aoi: Any = None,
     aoi_crs: Any = None,
     resume: bool = False,
@@ -500,6 +503,7 @@ def features_raster(
         dtype: ``float32`` or ``float16`` (half floats: half the size, ~3 significant digits).
         compress: deflate, zstd, lzw (GeoTIFF only) or none.
         cog: write a Cloud-Optimized GeoTIFF (not with a Zarr output).
+        blocksize: GeoTIFF block size, or Zarr chunk size along y and x (a multiple of 16).
         aoi, aoi_crs: area of interest (shapely geometry in the scene's CRS unless ``aoi_crs``
             says otherwise, or a GeoJSON file/dict, EPSG:4326 unless it names a CRS): tiles
             outside are skipped, pixels outside are nodata.
@@ -528,7 +532,14 @@ def features_raster(
         aoi=geom,
     )
     spec = feature_output(
-        out_path, scene, plan.names, plan.tags, dtype=dtype, compress=compress, cog=cog
+        out_path,
+        scene,
+        plan.names,
+        plan.tags,
+        dtype=dtype,
+        compress=compress,
+        cog=cog,
+        blocksize=blocksize,
     )
     return run_backbone_job(
         plan.job,

@@ -304,6 +304,7 @@ def segment_raster(
     probe_path: str | os.PathLike[str] | None = None,
     compress: str = "deflate",
     cog: bool = False,
+    blocksize: int = 256,
     aoi: Any = None,
     aoi_crs: Any = None,
     resume: bool = False,
@@ -339,8 +340,8 @@ def segment_raster(
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
         weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
         probe_path: save the fitted probe there (safetensors).
-        compress, cog: GeoTIFF compression; Cloud-Optimized GeoTIFFs (class raster and kept
-            probabilities).
+        compress, cog, blocksize: GeoTIFF compression, Cloud-Optimized GeoTIFFs (class raster
+            and kept probabilities), block size (a multiple of 16).
         aoi, aoi_crs: area of interest (see :func:`geoupsample.featuremaps.features_raster`):
             the probe is trained on all the polygons, the prediction covers only the AOI
             (nodata elsewhere).
@@ -407,6 +408,7 @@ def segment_raster(
         descriptions=list(labels.classes),
         tags={**tags, "probability_scale": str(1.0 / scale)},
         compress=compress,
+        blocksize=blocksize,
         cog=cog and keep_probs,
     )
     try:
@@ -424,7 +426,9 @@ def segment_raster(
             resume=resume,
             scheduler=scheduler,
         )
-        fractions = write_classes(ppath, out_path, labels.classes, scale, tags, compress, cog)
+        fractions = write_classes(
+            ppath, out_path, labels.classes, scale, tags, compress, cog, blocksize
+        )
     finally:
         if not keep_probs and os.path.exists(ppath):
             os.remove(ppath)
@@ -462,6 +466,7 @@ def write_classes(
     tags: dict[str, str],
     compress: str = "deflate",
     cog: bool = False,
+    blocksize: int = 256,
 ) -> dict[str, float]:
     """Class + confidence raster from a probabilities raster, block by block, atomically
     (a Cloud-Optimized GeoTIFF with ``cog``).
@@ -484,8 +489,8 @@ def write_classes(
             transform=src.transform,
             nodata=UINT8_NODATA,
             tiled=True,
-            blockxsize=256,
-            blockysize=256,
+            blockxsize=blocksize,
+            blockysize=blocksize,
             compress=compress if compress != "none" else None,
             bigtiff="IF_SAFER",
         )
@@ -507,7 +512,7 @@ def write_classes(
                     confidence_scale=str(1.0 / UINT8_SCALE),
                 )
             if cog:
-                to_cog(tmp, cog_tmp, 256, compress, "uint8")
+                to_cog(tmp, cog_tmp, blocksize, compress, "uint8")
                 os.replace(cog_tmp, out_path)
             else:
                 os.replace(tmp, out_path)

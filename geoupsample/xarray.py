@@ -10,16 +10,26 @@
 The grids follow the rules of :mod:`geoupsample.pipeline` (same CRS - no reprojection, integer
 scale, origins on the guide's pixel lattice), and the computation is the same tiles blended the
 same way as the CLI, so the values agree exactly.
+
+:func:`features` and :func:`segment` do the same for ``geoupsample features`` and ``geoupsample
+segment`` on a scene DataArray (lazy too; the PCA and the probe are fitted when called)::
+
+    scene = rioxarray.open_rasterio("scene.tif", chunks=True)
+    feats = features(scene, "timm:resnet18", weights="w.safetensors", pca=8)
+    classes = segment(scene, "polygons.geojson", "class", "spectral", cell_size=8)
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 import tiling
+from geoupsample.backbones import Backbone
+from geoupsample.featuremaps import ArrayScene, plan_features, scene_aoi
 from geoupsample.pipeline import (
     INTERPOLATIONS,
     InputError,
@@ -109,3 +119,138 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     out.attrs.update(geoupsample_version=__version__, geoupsample_method=method)
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)
     return out.rio.write_nodata(np.nan, encoded=False)
+
+
+def _scene(scene: xr.DataArray) -> ArrayScene:
+    """An :class:`~geoupsample.featuremaps.ArrayScene` from a rioxarray ``[band, y, x]`` array;
+    band names from ``long_name`` (rioxarray's band descriptions), else ``band1``..."""
+    scene = _as_bands(scene, "scene")
+    if scene.rio.crs is None:
+        raise InputError("the scene has no CRS; assign one (scene.rio.write_crs(...))")
+    n = scene.shape[0]
+    long_name = scene.attrs.get("long_name")
+    names = [long_name] if isinstance(long_name, str) else list(long_name or ())
+    if len(names) != n or not all(names):
+        names = [f"band{i}" for i in range(1, n + 1)]
+    return ArrayScene(scene.data, tuple(str(v) for v in names), scene.rio.crs,
+                      scene.rio.transform(), scene.rio.nodata)
+
+
+def _backbone(backbone: Backbone | str, scene: ArrayScene, options: dict[str, Any]) -> Backbone:
+    if isinstance(backbone, str):
+        from geoupsample.backbones import create
+
+        return create(backbone, band_names=scene.band_names, **options)
+    if options:
+        raise InputError("backbone options are for a backbone given by name")
+    return backbone
+
+
+def _on_scene_grid(arr: Any, scene: xr.DataArray, bands: Any, attrs: dict[str, Any],
+                   nodata: float) -> xr.DataArray:
+    out = xr.DataArray(arr, dims=("band", scene.dims[-2], scene.dims[-1]),
+                       coords={"band": bands, scene.dims[-2]: scene[scene.dims[-2]].values,
+                               scene.dims[-1]: scene[scene.dims[-1]].values},
+                       attrs=attrs)
+    out = out.rio.write_crs(scene.rio.crs).rio.write_transform(scene.rio.transform())
+    return out.rio.write_nodata(nodata, encoded=False)
+
+
+def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
+             pca: int | None = None, method: str = "gsjbu", iters: int = 50, radius: int = 3,
+             tile: int = 512, halo: int = 64, device: str | None = None, seed: int = 0,
+             consistency: int | None = None, aoi: Any = None, aoi_crs: Any = None,
+             blocksize: int = 256, **backbone_options: Any) -> xr.DataArray:
+    """Backbone features of ``scene`` upsampled to its grid; a lazy dask-backed DataArray.
+
+    The same tiles, blended the same way, as :func:`geoupsample.featuremaps.features_raster`
+    (``geoupsample features``): computing the result gives the pixels of its float32 GeoTIFF.
+
+    Args:
+        scene: ``[band, y, x]`` rioxarray DataArray (numpy- or dask-backed) with a CRS.
+        backbone: a :class:`~geoupsample.backbones.Backbone`, or a name for
+            :func:`geoupsample.backbones.create` (``"spectral"``, ``"timm:<model>"``) built with
+            the scene's band names (``long_name``) and ``backbone_options`` (e.g.
+            ``cell_size=10``; ``weights=...``, ``bands=["red", "green", "blue"]`` for timm).
+        pca, method, iters, radius, tile, halo, device, seed, consistency, aoi, aoi_crs: as in
+            :func:`~geoupsample.featuremaps.features_raster`.
+        blocksize: output chunk size (the block size of the file you will write).
+
+    Returns:
+        float32 ``[band, y, x]`` on the scene's coordinates with its CRS and transform, NaN as
+        nodata, ``long_name`` the feature (or ``pca_<i>``) names. Computed eagerly: the
+        scene-wide guide statistics (a regular subsample) and the PCA (a sample of windows);
+        the tiles run when the result is computed.
+    """
+    sc = _scene(scene)
+    bb = _backbone(backbone, sc, backbone_options)
+    geom = scene_aoi(aoi, aoi_crs, sc)
+    plan = plan_features(sc, bb, pca=pca, method=method, iters=iters, radius=radius, tile=tile,
+                         device=device, seed=seed, consistency=consistency, aoi=geom)
+    arr = _lazy(plan.job, sc, bb.stride, len(plan.names), tile, halo, blocksize, geom)
+    attrs = {**plan.tags, "long_name": tuple(plan.names)}
+    return _on_scene_grid(arr, scene, np.arange(1, len(plan.names) + 1), attrs, np.nan)
+
+
+def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
+            backbone: Backbone | str = "spectral", *, probabilities: bool = False,
+            labels_crs: Any = None, layer: str | None = None, method: str = "gsjbu",
+            iters: int = 50, radius: int = 3, tile: int = 512, halo: int = 64,
+            weight_decay: float = 1e-3, class_weight: str | None = None,
+            device: str | None = None, seed: int = 0, consistency: int = 0,
+            self_guidance: float = 1.0, aoi: Any = None, aoi_crs: Any = None,
+            blocksize: int = 256, **backbone_options: Any) -> xr.DataArray:
+    """Segment ``scene`` from labelled polygons; a lazy dask-backed DataArray on its grid.
+
+    The probe is fitted eagerly (as in :func:`geoupsample.segmentation.segment_raster`, on all
+    the polygons); the probabilities' tiles run when the result is computed.
+
+    Args:
+        scene: ``[band, y, x]`` rioxarray DataArray with a CRS.
+        labels, class_field, labels_crs, layer: a GeoJSON/GeoPackage file and the attribute
+            holding the class (or :class:`~geoupsample.labels.LabelPolygons`).
+        backbone, backbone_options: as in :func:`features`.
+        probabilities: return the class probabilities instead of the class raster.
+        Other arguments: as in :func:`~geoupsample.segmentation.segment_raster`.
+
+    Returns:
+        by default uint8 ``[band, y, x]`` with bands ``class`` (index into
+        ``attrs["class_names"]``) and ``confidence`` (winning probability x 254), nodata 255:
+        the pixels of ``geoupsample segment``'s OUT (without ``--probs``). With
+        ``probabilities=True``: float32 ``[band, y, x]``, one band per class (``long_name``),
+        NaN as nodata: the pixels of ``--probs-dtype float32``.
+    """
+    import dask.array as da
+
+    from geoupsample.segmentation import UINT8_NODATA, class_bands, load_labels, plan_segment
+
+    sc = _scene(scene)
+    bb = _backbone(backbone, sc, backbone_options)
+    polys = load_labels(labels, class_field, sc, labels_crs=labels_crs, layer=layer)
+    geom = scene_aoi(aoi, aoi_crs, sc)
+    plan = plan_segment(sc, polys, bb, scale=1.0, method=method, iters=iters, radius=radius,
+                        tile=tile, weight_decay=weight_decay, class_weight=class_weight,
+                        device=device, seed=seed, consistency=consistency,
+                        self_guidance=self_guidance)
+    k = len(polys.classes)
+    probs = _lazy(plan.job, sc, bb.stride, k, tile, halo, blocksize, geom)
+    from geoupsample import __version__
+
+    attrs = {"geoupsample_version": __version__, "geoupsample_method": method,
+             "geoupsample_backbone": bb.extra_repr(),
+             "class_names": json.dumps(list(polys.classes))}
+    if probabilities:
+        return _on_scene_grid(probs, scene, np.arange(1, k + 1),
+                              {**attrs, "long_name": tuple(polys.classes)}, np.nan)
+    classes = da.map_blocks(class_bands, probs, dtype=np.uint8,
+                            chunks=((2,), *probs.chunks[1:]))
+    return _on_scene_grid(classes, scene, np.array([1, 2]),
+                          {**attrs, "long_name": ("class", "confidence")}, UINT8_NODATA)
+
+
+def _lazy(job: Any, scene: ArrayScene, stride: int, count: int, tile: int, halo: int,
+          blocksize: int, geom: Any) -> Any:
+    """The tiles of ``job`` over ``scene`` as a lazy dask array (the grid of tiling.run)."""
+    height, width = scene.shape
+    grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=stride, block=blocksize)
+    return to_dask(job, {"guide": scene.reader()}, grid, count, scene.transform, geom)

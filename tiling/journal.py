@@ -58,14 +58,12 @@ class Journal:
             raise JournalMismatch(f"the resume journal {self.path} is unreadable ({err}); "
                                   "delete it or run without --resume") from err
         if header.get("key") != self.key:
-            old = header.get("params", {})
-            keys = set(old) | set(self.params)
-            diff = sorted(k for k in keys if old.get(k) != self.params.get(k))
+            diff = _differences(header.get("params", {}), self.params)
             raise JournalMismatch(
                 f"the resume journal {self.path} was made with other inputs or parameters "
                 f"(different: {', '.join(diff) or 'unknown'}); rerun without --resume to start "
                 "over (this discards the partial result), or use the original inputs/parameters")
-        self.done = bands
+        self.done = set(bands)  # a copy: the caller's set of resumed bands must not grow
         return bands
 
     def start(self) -> None:
@@ -89,3 +87,17 @@ class Journal:
             os.remove(self.path)
         except FileNotFoundError:
             pass
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ (``params.method``), down into nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{k}.") or [f"{prefix}{k}"])
+        else:
+            out.append(f"{prefix}{k}")
+    return out

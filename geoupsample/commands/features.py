@@ -173,6 +173,9 @@ def features_command(
         str, typer.Option(help="deflate, zstd, lzw (GeoTIFF only) or none.")
     ] = "deflate",
     cog: Annotated[bool, typer.Option(help="Write a Cloud-Optimized GeoTIFF.")] = False,
+    blocksize: Annotated[
+        int, typer.Option(help="Output block (GeoTIFF tile, Zarr chunk) size, a multiple of 16.")
+    ] = 256,
     aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
     scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
@@ -211,6 +214,7 @@ def features_command(
             dtype=dtype.value,
             compress=compress,
             cog=cog,
+            blocksize=blocksize,
             aoi=aoi,
             resume=resume,
             scheduler=scheduler,

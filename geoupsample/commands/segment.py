@@ -102,6 +102,9 @@ def segment_command(
     halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
     compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
     cog: Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")] = False,
+    blocksize: Annotated[
+        int, typer.Option(help="Output block (GeoTIFF tile) size, a multiple of 16.")
+    ] = 256,
     aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
     scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
@@ -148,6 +151,7 @@ def segment_command(
             probe_path=save_probe,
             compress=compress,
             cog=cog,
+            blocksize=blocksize,
             aoi=aoi,
             resume=resume,
             scheduler=scheduler,
