@@ -21,6 +21,7 @@ tile's fit, so tiles agree and no seams appear.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.enums
+import torch
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
@@ -39,6 +41,8 @@ from rasterio.windows import Window, from_bounds
 import geoupsample as gu
 import tiling
 import tiling.writer
+from geoupsample.core import presets
+from geoupsample.core.kernels import check_rounds
 from tiling.execute import gdal_env
 from tiling.reader import to_float
 
@@ -242,9 +246,12 @@ class UpsampleTile:
     """
 
     def __init__(self, method: str, stats: gu.GuideStats | None, iters: int = 50,
-                 radius: int = 3, device: str | None = None, seed: int = 0) -> None:
+                 radius: int = 3, device: str | None = None, seed: int = 0,
+                 render: dict[str, Any] | None = None) -> None:
         self.method, self.stats, self.iters = method, stats, iters
         self.radius, self.device, self.seed = radius, device, seed
+        #: rendering arguments of gu.upsample (``kind``, ``consistency``, ...), scene-wide
+        self.render = dict(render or {})
 
     def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
         x = ctx.data["lowres"]
@@ -254,10 +261,12 @@ class UpsampleTile:
         if not np.isfinite(g).all(0).any() or not np.isfinite(x).any():
             return None
         if self.method in INTERPOLATIONS:
-            out = gu.upsample(x, g, method=self.method)
+            render = {k: v for k, v in self.render.items() if k == "consistency"}
+            out = gu.upsample(x, g, method=self.method, **render)
         else:
             out = gu.upsample(x, g, method=self.method, iters=self.iters, radius=self.radius,
-                              device=self.device, seed=self.seed, normalize=self.stats)
+                              device=self.device, seed=self.seed, normalize=self.stats,
+                              **self.render)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -299,6 +308,8 @@ def upsample_raster(
     workers: int | None = None,
     blend: str = "taper",
     seed: int = 0,
+    kind: str = "auto",
+    consistency: float | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
     """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``.
@@ -333,6 +344,11 @@ def upsample_raster(
         workers: local threads (default: all cores for interpolations, 1 for fits, which use
             torch's own threads).
         blend: ``taper`` or ``crop``.
+        kind: ``continuous``, ``probabilities`` or ``auto`` (jbu/gsjbu render defaults, see
+            :meth:`geoupsample.Kernels.render`): ``auto`` decides once for the whole scene,
+            from a decimated read of the low-res raster (float probabilities in [0, 1] that
+            sum to 1; scaled integer probabilities count as continuous: convert them to float).
+        consistency: back-projection rounds (default: the kind's; 0 for interpolations).
         progress: callback receiving :class:`tiling.Progress` after each tile.
 
     Returns:
@@ -346,7 +362,7 @@ def upsample_raster(
             tile=tile, halo=halo, bands=bands, guide_bands=guide_bands, aoi=aoi,
             aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
             device=device, resume=resume, scheduler=scheduler, workers=workers, blend=blend,
-            seed=seed, progress=progress)
+            seed=seed, kind=kind, consistency=consistency, progress=progress)
 
 
 def _upsample_raster(
@@ -355,7 +371,8 @@ def _upsample_raster(
     halo: int, bands: Sequence[int | str] | None, guide_bands: Sequence[int | str] | None,
     aoi: Any, aoi_crs: Any, cog: bool, dtype: str | None, compress: str, blocksize: int,
     device: str | None, resume: bool, scheduler: Any, workers: int | None, blend: str,
-    seed: int, progress: Callable[[tiling.Progress], None] | None,
+    seed: int, kind: str, consistency: float | None,
+    progress: Callable[[tiling.Progress], None] | None,
 ) -> tiling.RunReport:
     if method not in gu.METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
@@ -384,6 +401,7 @@ def _upsample_raster(
             for i in hr_idx)
         lr_window = from_bounds(*hr.bounds, transform=lr.transform).intersection(
             Window(0, 0, lr.width, lr.height))
+        render = _render_options(method, kind, consistency, lr, lr_idx, lr_window)
         if not _any_valid(lr, lr_idx, lr_window, every_band=False):
             raise InputError(f"the low-res raster {lowres_path} is all nodata where it overlaps "
                              "the guide: nothing to upsample")
@@ -401,9 +419,11 @@ def _upsample_raster(
               "geoupsample_params": _params_text(method, iters, radius, tile, halo, blend, seed),
               "geoupsample_lowres": os.path.basename(lowres_path),
               "geoupsample_guide": os.path.basename(guide_path),
-              "geoupsample_scale": f"{rel.scale[0]}x{rel.scale[1]}"},
+              "geoupsample_scale": f"{rel.scale[0]}x{rel.scale[1]}",
+              "geoupsample_render": json.dumps(render)},
         compress=compress, blocksize=blocksize, cog=cog)
-    job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed)
+    job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
+                       render=render)
     if workers is None and scheduler is None:
         workers = (os.cpu_count() or 1) if method in INTERPOLATIONS else 1
     inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx)}
@@ -411,11 +431,39 @@ def _upsample_raster(
         inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
               "device": str(device), "stats": None if stats is None else
-              [stats.lo.tolist(), stats.hi.tolist()], "version": __version__}
+              [stats.lo.tolist(), stats.hi.tolist()], "render": render, "version": __version__}
     return tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.scale,
                       align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
                       aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                       workers=workers, progress=progress)
+
+
+def _render_options(method: str, kind: str, consistency: float | None,
+                    lr: rasterio.io.DatasetReader, indexes: Sequence[int],
+                    window: Window) -> dict[str, Any]:
+    """The tiles' rendering arguments, decided once for the scene (``kind="auto"`` resolved)."""
+    render: dict[str, Any] = {}
+    if consistency is not None:
+        try:
+            render["consistency"] = check_rounds(consistency)
+        except (TypeError, ValueError) as err:
+            raise InputError(str(err)) from err
+    if method in INTERPOLATIONS:
+        return render
+    if kind not in ("auto", "continuous", "probabilities"):
+        raise InputError(f"kind must be auto, continuous or probabilities; got {kind!r}")
+    if kind == "auto":
+        step = max(1, int(max(window.height, window.width) // 1024))
+        win = window.round_offsets().round_lengths()
+        sample = to_float(lr.read(list(indexes), window=win, out_shape=(
+            len(indexes), max(1, int(win.height) // step), max(1, int(win.width) // step)),
+            resampling=rasterio.enums.Resampling.nearest), lr.nodata)
+        probs = presets.looks_like_probabilities(torch.from_numpy(sample))
+        kind = "probabilities" if probs else "continuous"
+    render["kind"] = kind
+    if kind == "probabilities":
+        render["self_guidance_scale"] = 1.0  # the same unit in every tile
+    return render
 
 
 def _params_text(method: str, iters: int, radius: int, tile: int, halo: int, blend: str,

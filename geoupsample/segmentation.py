@@ -142,6 +142,19 @@ def training_set(
     return TrainingSet(feats, fracs, n_win, n_cells)
 
 
+def probability_render(
+    consistency: float | None = None, self_guidance: float | None = None
+) -> dict[str, Any]:
+    """``gu.upsample`` arguments for probabilities: the probability preset, unit scale (the same
+    in every tile), with the given overrides."""
+    render: dict[str, Any] = {"kind": "probabilities", "self_guidance_scale": 1.0}
+    if consistency is not None:
+        render["consistency"] = float(consistency)
+    if self_guidance is not None:
+        render["self_guidance"] = float(self_guidance)
+    return render
+
+
 class SegmentTile(FeatureTile):
     """Per-tile job: LR probabilities from the probe, upsampled and renormalised, scaled."""
 
@@ -222,8 +235,8 @@ def plan_segment(
     class_weight: str | None = None,
     device: str | None = None,
     seed: int = 0,
-    consistency: int = 0,
-    self_guidance: float = 1.0,
+    consistency: float | None = None,
+    self_guidance: float | None = None,
 ) -> SegmentPlan:
     """Fit the probe on all the polygons (``labels`` in the scene's CRS) and build the job.
 
@@ -245,11 +258,7 @@ def plan_segment(
         radius=radius,
         device=device,
         seed=seed,
-        render={
-            "consistency": int(consistency),
-            "self_guidance": float(self_guidance),
-            "self_guidance_scale": 1.0,  # probabilities: the same unit in every tile
-        },
+        render=probability_render(consistency, self_guidance),
     )
     from geoupsample import __version__
 
@@ -311,8 +320,8 @@ def segment_raster(
     scheduler: Any = None,
     device: str | None = None,
     seed: int = 0,
-    consistency: int = 0,
-    self_guidance: float = 1.0,
+    consistency: float | None = None,
+    self_guidance: float | None = None,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> SegmentReport:
@@ -327,16 +336,10 @@ def segment_raster(
         backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
         probs_path, probs_dtype: also keep the probabilities (``uint8`` or ``float32``).
         method, iters, radius, seed, device: upsampling of the probabilities.
-        consistency: back-projection rounds of the render. 0 (the default here) keeps the
-            pure kernels: on *predicted* probabilities back-projection copies the probe's
-            low-res errors back in (Vaihingen x16, benchmarks/quality_labels.py: gsjbu 54.1
-            mIoU at 0 against 46.5 at 2; bilinear 48.2).
-        self_guidance: weight of the probabilities themselves in the kernels' range term
-            (unit 1; see :meth:`geoupsample.Kernels.render`). Colour-fitted kernels alone pull
-            labels across class borders that do not follow colour edges; measured on Vaihingen
-            (mIoU, x16 / x8): oracle probabilities 73.9 / 85.8 at 0 and 88.4 / 98.0 at 1
-            (bilinear 91.2 / 99.8); predicted 54.1 / 41.5 at 0 and 57.1 / 43.3 at 1
-            (bilinear 48.2 / 41.7).
+        consistency, self_guidance: override the render's defaults for probabilities
+            (:mod:`geoupsample.core.presets`: a quarter back-projection step, the
+            probabilities themselves in the range term at weight 1, range sigmas floored at
+            0.1). Measured on Vaihingen (benchmarks/quality_labels.py) against bilinear.
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
         weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
         probe_path: save the fitted probe there (safetensors).

@@ -197,8 +197,8 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
             labels_crs: Any = None, layer: str | None = None, method: str = "gsjbu",
             iters: int = 50, radius: int = 3, tile: int = 512, halo: int = 64,
             weight_decay: float = 1e-3, class_weight: str | None = None,
-            device: str | None = None, seed: int = 0, consistency: int = 0,
-            self_guidance: float = 1.0, aoi: Any = None, aoi_crs: Any = None,
+            device: str | None = None, seed: int = 0, consistency: float | None = None,
+            self_guidance: float | None = None, aoi: Any = None, aoi_crs: Any = None,
             blocksize: int = 256, **backbone_options: Any) -> xr.DataArray:
     """Segment ``scene`` from labelled polygons; a lazy dask-backed DataArray on its grid.
 

@@ -253,7 +253,7 @@ def _bad_cases(tmp_path):
         "band index": (dict(bands=[7]), "band 7 does not exist"),
         "complex": (dict(lowres=_variant(tmp_path, "c.tif", dtype="complex64")),
                     "unsupported dtype complex64"),
-        "out dtype": (dict(dtype="float16"), "unsupported output dtype"),
+        "out dtype": (dict(dtype="complex64"), "unsupported output dtype"),
         "method": (dict(method="lanczos"), "unknown method"),
         "nodata guide": (dict(guide=_variant(tmp_path, "g0.tif", src=HR, nodata=7,
                                              data=np.full((1, 600, 600), 7, np.uint16))),

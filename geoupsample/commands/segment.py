@@ -85,19 +85,19 @@ def segment_command(
     iters: Annotated[int, typer.Option(help="GSJBU fit steps per tile.")] = 50,
     radius: Annotated[int, typer.Option(help="Kernel radius in low-res pixels.")] = 3,
     consistency: Annotated[
-        int,
+        float | None,
         typer.Option(
             help="Back-projection rounds making the output average back to the low-res "
-            "probabilities (0: the pure kernels, best on predicted probabilities)."
+            "probabilities (default 0.25: a quarter step; 0: the pure kernels)."
         ),
-    ] = 0,
+    ] = None,
     self_guidance: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Weight of the probabilities themselves in the range term (0: colour only; "
-            "1 keeps labels from following colour edges they do not share)."
+            help="Weight of the probabilities themselves in the range term (default 1; 0: "
+            "colour only, which lets labels follow colour edges they do not share)."
         ),
-    ] = 1.0,
+    ] = None,
     tile: Annotated[int, typer.Option(help="Tile core size in pixels.")] = 512,
     halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
     compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",

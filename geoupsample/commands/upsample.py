@@ -46,6 +46,12 @@ def _split(text: str | None) -> list[str] | None:
     return items
 
 
+class Kind(str, Enum):
+    auto = "auto"
+    continuous = "continuous"
+    probabilities = "probabilities"
+
+
 def upsample_command(
     lowres: Annotated[Path, typer.Argument(help="Low-res raster to upsample (any bands).")],
     guide: Annotated[Path, typer.Argument(help="High-res guide raster (same CRS, nesting "
@@ -69,7 +75,7 @@ def upsample_command(
                                                   "tiles outside are skipped.")] = None,
     cog: Annotated[bool, typer.Option(help="Write a Cloud-Optimized GeoTIFF.")] = False,
     dtype: Annotated[str | None, typer.Option(help="Output dtype: uint8, uint16, int16, uint32, "
-                                                   "int32, float32, float64 (default: the "
+                                                   "int32, float16, float32, float64 (default: the "
                                                    "low-res dtype; float64 -> float32).")] = None,
     compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
     blocksize: Annotated[int, typer.Option(help="Output block (internal tile) size, a "
@@ -81,6 +87,16 @@ def upsample_command(
     scheduler: Annotated[str | None, typer.Option(help="dask.distributed scheduler address "
                                                        "(e.g. tcp://host:8786); default: local "
                                                        "threads.")] = None,
+    kind: Annotated[Kind | None, typer.Option(
+        help="What the low-res raster holds, for the jbu/gsjbu render defaults: probabilities "
+             "get label-safe ones (auto: float probabilities summing to 1 are detected).")
+    ] = None,
+    consistency: Annotated[float | None, typer.Option(help="Back-projection rounds (the output "
+                                                           "averages back to the input over "
+                                                           "each low-res cell; default 2 for "
+                                                           "continuous, 0.25 for "
+                                                           "probabilities, 0 for "
+                                                           "interpolations).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     from geoupsample.pipeline import InputError, upsample_raster
@@ -106,7 +122,7 @@ def upsample_command(
             halo=halo, bands=_split(bands), guide_bands=_split(guide_bands), aoi=aoi, cog=cog,
             dtype=dtype, compress=compress, blocksize=blocksize,
             device=device.value if device else None, resume=resume, scheduler=scheduler,
-            progress=progress)
+            kind=(kind or Kind.auto).value, consistency=consistency, progress=progress)
     except (InputError, JournalMismatch, OSError, RasterioError,
             ValueError, TypeError) as err:
         if bar is not None:

@@ -50,16 +50,21 @@ def back_project(
     out: torch.Tensor,
     x: torch.Tensor,
     layout: CellLayout,
-    rounds: int = 1,
+    rounds: float = 1,
     all_finite: bool = False,
 ) -> torch.Tensor:
     """Make ``out [C, H, W]`` consistent with ``x [C, h, w]`` by ``rounds`` of back-projection.
+
+    Each whole round adds the full upsampled residual; a fractional part adds one more round
+    scaled by it (``rounds=0.25``: a quarter step towards consistency).
 
     Pixels that are NaN in ``out`` stay NaN; cells that are NaN in ``x`` (or have no finite
     pixel in ``out``) add no correction. ``all_finite=True`` promises that ``out`` and ``x`` hold
     no NaN (skips the checks). Works in place on ``out`` and returns it.
     """
     hr_shape = layout.hr_shape
+    whole = int(rounds)
+    steps = [1.0] * whole + ([float(rounds) - whole] if float(rounds) > whole else [])
 
     def upsample(r: torch.Tensor) -> torch.Tensor:
         return F.interpolate(r[None], size=hr_shape, mode="bilinear")[0]
@@ -70,8 +75,8 @@ def back_project(
         finite = None if all_finite else torch.isfinite(o)
         if finite is not None and bool(finite.all()):
             finite = None
-        for _ in range(rounds):
-            residual = xc - cell_average(o, layout, finite)
+        for step in steps:
+            residual = (xc - cell_average(o, layout, finite)) * step
             if bool(torch.isfinite(residual).all()):
                 o += upsample(residual)
             else:

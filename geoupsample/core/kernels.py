@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoupsample.core import backend, gsjbu
+from geoupsample.core import backend, gsjbu, presets
 from geoupsample.core.adam import Adam
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
@@ -185,9 +185,11 @@ class Kernels:
     def render(
         self,
         x: Any,
-        consistency: int = DEFAULT_CONSISTENCY,
-        self_guidance: float = 0.0,
+        consistency: float | None = None,
+        self_guidance: float | None = None,
         self_guidance_scale: float | None = None,
+        min_sigma_r: float | None = None,
+        kind: str = "auto",
     ) -> torch.Tensor | np.ndarray:
         """Render a low-res raster at the guide's resolution with these kernels.
 
@@ -197,7 +199,8 @@ class Kernels:
                 weights of the others are renormalised) and never leak into the output.
             consistency: rounds of back-projection (:mod:`geoupsample.core.consistency`) that
                 make the output average back to ``x`` over each LR cell (Wald's consistency
-                property); 0 renders the pure kernels, a convex combination of the neighbours.
+                property); 0 renders the pure kernels, a convex combination of the neighbours;
+                a fraction adds one damped round (0.25: a quarter step).
             self_guidance: weight of ``x`` itself in the range term (0 = off): the range
                 distance also compares ``x`` bilinearly upsampled at the pixel with ``x`` at
                 the neighbour (:mod:`geoupsample.core.self_guidance`), so that weight goes to
@@ -205,6 +208,15 @@ class Kernels:
                 the guide's colour.
             self_guidance_scale: the unit of ``x`` in that term (1 for probabilities); ``None``
                 takes the robust span of ``x`` — pass a scene-wide value when tiling.
+            min_sigma_r: floor on the fitted range sigmas (normalised guide units) while
+                rendering; 0 renders the kernels as fitted.
+            kind: ``"continuous"`` (bands, elevation, features), ``"probabilities"`` (class
+                probabilities or fractions: ``C >= 2`` channels in ``[0, 1]`` summing to 1) or
+                ``"auto"`` (probabilities when ``x`` looks like them). It picks the defaults of
+                the four arguments above (:mod:`geoupsample.core.presets`): continuous
+                ``consistency=2`` and nothing else; probabilities ``consistency=0.25``,
+                ``self_guidance=1`` at scale 1, ``min_sigma_r=0.1``, and outputs kept on the
+                simplex (clipped to [0, 1], renormalised).
 
         Returns:
             ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 input), the same kind
@@ -215,17 +227,32 @@ class Kernels:
         lead = check_raster(xt, self.lr_shape)
         out_dtype = float_dtype(xt)
         flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
-        rounds = check_rounds(consistency)
+        _, preset = presets.resolve(kind, xt)
+        rounds = check_rounds(preset.consistency if consistency is None else consistency)
+        if self_guidance is None:
+            self_guidance = preset.self_guidance
+        if self_guidance_scale is None:
+            self_guidance_scale = preset.self_guidance_scale
+        floor = check_min_sigma_r(preset.min_sigma_r if min_sigma_r is None else min_sigma_r)
+        params = self.params
+        if floor > 0:
+            params = params.clone()
+            params[3].clamp_min_(math.log(floor))
         if self_guidance:
             prep = self_guided(self, flat, float(self_guidance), self_guidance_scale)
-            with torch.no_grad():
-                psi = prep.psi(self.params)
         else:
-            prep, psi = self._prepared, self._psi
+            prep = self._prepared
+        if self_guidance or floor > 0:
+            with torch.no_grad():
+                psi = prep.psi(params)
+        else:
+            psi = self._psi
         out = render_with_mask(flat, lambda v: self._render_flat(v, prep, psi))
         if rounds:
             all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
             out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
+        if preset.simplex:
+            out = presets.to_simplex(out.reshape(*lead, *self.hr_shape))
         out = out.reshape(*lead, *self.hr_shape).to(out_dtype)
         if isinstance(x, torch.Tensor):
             out = out.to(x.device)
@@ -296,13 +323,23 @@ class Kernels:
         )
 
 
-def check_rounds(consistency: object) -> int:
-    """Validate a number of back-projection rounds."""
-    if isinstance(consistency, bool) or not isinstance(consistency, (int, np.integer)):
-        raise TypeError(f"consistency must be an integer >= 0; got {consistency!r}")
-    if consistency < 0:
-        raise ValueError(f"consistency must be an integer >= 0; got {consistency!r}")
-    return int(consistency)
+def check_rounds(consistency: object) -> float:
+    """Validate a number of back-projection rounds (a number >= 0; a fraction is one damped
+    round)."""
+    if isinstance(consistency, bool) or not isinstance(consistency, (int, float, np.number)):
+        raise TypeError(f"consistency must be a number >= 0; got {consistency!r}")
+    if not math.isfinite(consistency) or consistency < 0:
+        raise ValueError(f"consistency must be a number >= 0; got {consistency!r}")
+    return float(consistency)
+
+
+def check_min_sigma_r(value: object) -> float:
+    """Validate a floor on the range sigmas (a number >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"min_sigma_r must be a number >= 0; got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"min_sigma_r must be a number >= 0; got {value!r}")
+    return float(value)
 
 
 def check_raster(x: torch.Tensor, lr_shape: tuple[int, int]) -> tuple[int, ...]:

@@ -19,7 +19,6 @@ from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import check_guide, valid_mask
 from geoupsample.core.kernels import (
-    DEFAULT_CONSISTENCY,
     check_lr_shape,
     check_raster,
     check_rounds,
@@ -34,7 +33,9 @@ _REGISTRY: dict[str, Method] = {}
 #: over methods with one set of arguments.
 FIT_KWARGS = frozenset(inspect.signature(fit).parameters) - {"guide", "lr_shape"}
 #: Keyword arguments every method takes.
-COMMON_KWARGS = frozenset({"consistency", "self_guidance", "self_guidance_scale"})
+COMMON_KWARGS = frozenset(
+    {"consistency", "self_guidance", "self_guidance_scale", "min_sigma_r", "kind"}
+)
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
@@ -60,9 +61,11 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
         guide: ``[d, H, W]`` the high-resolution guide (its shape fixes the output grid).
         method: one of :func:`list_methods`: ``nearest``, ``bilinear``, ``bicubic``, ``jbu``,
             ``gsjbu``.
-        **kwargs: ``consistency`` and ``self_guidance`` (see :meth:`Kernels.render`) and the
-            arguments of :func:`geoupsample.fit` (``iters``, ``radius``, ``nodata``, ...);
-            the non-guided methods ignore all but ``consistency`` and ``nodata``.
+        **kwargs: ``consistency``, ``self_guidance``, ``self_guidance_scale``,
+            ``min_sigma_r`` and ``kind`` (see :meth:`Kernels.render`: class probabilities get
+            label-safe defaults) and the arguments of :func:`geoupsample.fit` (``iters``,
+            ``radius``, ``nodata``, ...); the non-guided methods ignore all but
+            ``consistency`` and ``nodata``.
 
     Returns:
         ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 ``x``), same array kind
@@ -83,9 +86,11 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
 def _gsjbu(
     x: Any,
     guide: Any,
-    consistency: int = DEFAULT_CONSISTENCY,
-    self_guidance: float = 0.0,
+    consistency: float | None = None,
+    self_guidance: float | None = None,
     self_guidance_scale: float | None = None,
+    min_sigma_r: float | None = None,
+    kind: str = "auto",
     **kwargs: Any,
 ) -> Any:
     xt = as_tensor(x, "x")
@@ -97,6 +102,8 @@ def _gsjbu(
         consistency=consistency,
         self_guidance=self_guidance,
         self_guidance_scale=self_guidance_scale,
+        min_sigma_r=min_sigma_r,
+        kind=kind,
     )
 
 

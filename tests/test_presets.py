@@ -1,0 +1,144 @@
+"""Render defaults by kind of raster (:mod:`geoupsample.core.presets`): probabilities are
+detected, rendered with label-safe defaults and kept on the simplex; fractional consistency;
+the whole-raster pipeline decides the kind once per scene."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+
+import geoupsample as gu
+from geoupsample.core.presets import looks_like_probabilities
+from geoupsample.pipeline import InputError, upsample_raster
+
+SCALE = 8
+
+
+def softmax_probs(shape: tuple[int, int], classes: int = 4, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(classes, *shape)) * 3.0
+    e = np.exp(logits - logits.max(0))
+    return (e / e.sum(0)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def guide_and_kernels(rotterdam_ms):
+    guide = rotterdam_ms[:, :160, :160]
+    k = gu.fit(guide, (20, 20), iters=10)
+    return guide, k
+
+
+def test_probabilities_are_told_apart_from_other_rasters():
+    p = softmax_probs((6, 7))
+    assert looks_like_probabilities(torch.from_numpy(p))
+    assert looks_like_probabilities(torch.from_numpy(p[None]))  # batched
+    holes = p.copy()
+    holes[:, 2, 3] = np.nan  # a missing cell is ignored
+    holes[0, 4, 4] = np.nan  # so is a cell with one missing channel
+    assert looks_like_probabilities(torch.from_numpy(holes))
+    assert not looks_like_probabilities(torch.from_numpy(p[:1]))  # one channel
+    assert not looks_like_probabilities(torch.from_numpy(p * 0.9))  # sums to 0.9
+    assert not looks_like_probabilities(torch.from_numpy(p * 254))  # scaled
+    assert not looks_like_probabilities(torch.from_numpy(np.full((2, 3, 3), np.nan)))
+    shifted = p.copy()
+    shifted[0] += 1.5
+    shifted[1] -= 1.5  # sums to 1 but outside [0, 1]
+    assert not looks_like_probabilities(torch.from_numpy(shifted))
+
+
+def test_probabilities_render_on_the_simplex_with_their_preset(guide_and_kernels):
+    guide, k = guide_and_kernels
+    p = softmax_probs((20, 20))
+    auto = np.asarray(k.render(p))
+    explicit = np.asarray(k.render(p, kind="probabilities"))
+    np.testing.assert_array_equal(auto, explicit)
+    assert auto.min() >= 0 and auto.max() <= 1
+    np.testing.assert_allclose(auto.sum(0), 1.0, atol=1e-5)
+    # the preset is the sum of its parts
+    manual = np.asarray(
+        k.render(p, kind="continuous", consistency=0.25, self_guidance=1.0,
+                 self_guidance_scale=1.0, min_sigma_r=0.1)
+    )  # fmt: skip
+    manual = np.clip(manual, 0, 1)
+    np.testing.assert_allclose(auto, manual / manual.sum(0), atol=1e-5)
+    continuous = np.asarray(k.render(p, kind="continuous"))
+    assert np.abs(continuous - auto).max() > 1e-2
+    # through gu.upsample the same defaults apply
+    up = np.asarray(gu.upsample(p, guide, method="gsjbu", iters=10))
+    np.testing.assert_allclose(up, auto, atol=1e-5)
+
+
+def test_fractional_consistency_is_a_damped_round(guide_and_kernels):
+    _, k = guide_and_kernels
+    x = np.random.default_rng(1).normal(size=(3, 20, 20)).astype(np.float32)
+    r0 = np.asarray(k.render(x, consistency=0))
+    r1 = np.asarray(k.render(x, consistency=1))
+    quarter = np.asarray(k.render(x, consistency=0.25))
+    np.testing.assert_allclose(quarter, 0.75 * r0 + 0.25 * r1, atol=1e-5)
+    assert np.abs(quarter - r0).max() > 1e-3
+
+
+def test_min_sigma_r_floors_the_fitted_range_sigmas(guide_and_kernels):
+    _, k = guide_and_kernels
+    x = np.random.default_rng(2).normal(size=(2, 20, 20)).astype(np.float32)
+    smallest = float(k.sigmas()["sigma_r"].min())
+    same = np.asarray(k.render(x, min_sigma_r=smallest * 0.5))
+    np.testing.assert_array_equal(same, np.asarray(k.render(x)))  # a floor below all: no-op
+    floored = np.asarray(k.render(x, min_sigma_r=10.0))  # range term all but gone
+    params = k.params.clone()
+    params[3] = float(np.log(10.0))
+    flat_range = gu.Kernels(params=params, guide=k.guide, valid=k.valid, radius=k.radius)
+    np.testing.assert_allclose(floored, np.asarray(flat_range.render(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kind": "labels"}, ValueError, "kind"),
+        ({"consistency": -0.5}, ValueError, "consistency"),
+        ({"consistency": "2"}, TypeError, "consistency"),
+        ({"min_sigma_r": -1.0}, ValueError, "min_sigma_r"),
+        ({"min_sigma_r": float("nan")}, ValueError, "min_sigma_r"),
+    ],
+)
+def test_bad_render_options_are_named(guide_and_kernels, kwargs, error, match):
+    _, k = guide_and_kernels
+    with pytest.raises(error, match=match):
+        k.render(softmax_probs((20, 20)), **kwargs)
+
+
+def _write(path, data: np.ndarray, transform: Affine) -> str:
+    prof = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                dtype=data.dtype.name, crs="EPSG:32631", transform=transform)  # fmt: skip
+    with rasterio.open(path, "w", **prof) as ds:
+        ds.write(data)
+    return str(path)
+
+
+def test_the_pipeline_decides_the_kind_once_for_the_scene(tmp_path, rotterdam_ms):
+    t_hr = Affine(1.0, 0, 593270.0, 0, -1.0, 5747657.0)
+    t_lr = Affine(1.0 * SCALE, 0, 593270.0, 0, -1.0 * SCALE, 5747657.0)
+    guide = _write(tmp_path / "guide.tif", rotterdam_ms[:, :192, :192].astype(np.float32), t_hr)
+    probs = softmax_probs((24, 24))
+    lr = _write(tmp_path / "probs.tif", probs, t_lr)
+    out = tmp_path / "out.tif"
+    upsample_raster(lr, guide, out, method="gsjbu", iters=3, tile=96, halo=32)
+    with rasterio.open(out) as ds:
+        hr = ds.read()
+        params = json.loads(ds.tags()["geoupsample_render"])
+    assert params["kind"] == "probabilities"
+    np.testing.assert_allclose(hr.sum(0), 1.0, atol=1e-4)  # blended tiles stay on the simplex
+    assert hr.min() >= 0
+    scaled = _write(tmp_path / "scaled.tif", (probs * 100).astype(np.float32), t_lr)
+    out2 = tmp_path / "out2.tif"
+    upsample_raster(scaled, guide, out2, method="gsjbu", iters=3, tile=96, halo=32)
+    with rasterio.open(out2) as ds:
+        assert json.loads(ds.tags()["geoupsample_render"])["kind"] == "continuous"
+    with pytest.raises(InputError, match="kind"):
+        upsample_raster(lr, guide, tmp_path / "x.tif", method="gsjbu", kind="labels")
+    assert not (tmp_path / "x.tif").exists()
