@@ -16,6 +16,8 @@ ignored everywhere). Scores are mIoU (%) over the classes present, at full resol
     python benchmarks/quality_labels.py                 # both regimes, x8 and x16
     python benchmarks/quality_labels.py --regime oracle --scales 16
     python benchmarks/quality_labels.py --regime segment   # the predicted regime end to end
+    python benchmarks/quality_labels.py --render kind=continuous     # colour-fitted defaults
+    python benchmarks/quality_labels.py --render consistency=0 min_sigma_r=0   # sharp
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ def load() -> tuple[np.ndarray, np.ndarray]:
 
 
 def soft_labels(lab: np.ndarray, scale: int) -> np.ndarray:
-    """Per-class share of the labelled pixels of each cell ``[K, h, w]``; 0 where none."""
+    """Per-class share of the labelled pixels of each cell ``[K, h, w]`` (summing to 1: class
+    probabilities); NaN (missing) in cells without a labelled pixel."""
     onehot = np.stack([(lab == k + 1) for k in range(len(CLASSES))]).astype(np.float64)
     frac = F.avg_pool2d(torch.from_numpy(onehot)[None], scale)[0].numpy()
+    total = frac.sum(0, keepdims=True)
+    frac = np.where(total > 0, frac / np.where(total > 0, total, 1.0), np.nan)
     return frac.astype(np.float32)
 
 
@@ -90,7 +95,7 @@ def oracle(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
 def predicted(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
     bb = gb.create("spectral", band_names=("nir", "red", "green"), cell_size=scale)
     feats = bb.extract(img)
-    frac = soft_labels(lab, scale)
+    frac = np.nan_to_num(soft_labels(lab, scale))
     yy, xx = np.mgrid[: lab.shape[0], : lab.shape[1]]
     held_out = ((yy // BLOCK + xx // BLOCK) % 2).astype(bool)  # checkerboard, white squares
     train = frac * ~held_out[::scale, ::scale]
@@ -156,10 +161,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--regime", choices=("oracle", "predicted", "segment"), action="append")
     ap.add_argument("--scales", type=int, nargs="+", default=[8, 16])
-    ap.add_argument("--consistency", type=int, help="back-projection rounds for every method")
+    ap.add_argument("--consistency", type=float, help="back-projection rounds for every method")
+    ap.add_argument("--render", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="render arguments for jbu/gsjbu, e.g. kind=continuous min_sigma_r=0")
     args = ap.parse_args()
     if args.consistency is not None:
         RENDER["consistency"] = args.consistency
+    for item in args.render:
+        key, value = item.split("=", 1)
+        RENDER[key] = value if key == "kind" else float(value)
     img, lab = load()
     for regime in args.regime or ["oracle", "predicted"]:
         fn = {"oracle": oracle, "predicted": predicted, "segment": segment}[regime]

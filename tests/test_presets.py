@@ -13,7 +13,7 @@ import torch
 from affine import Affine
 
 import geoupsample as gu
-from geoupsample.core.presets import looks_like_probabilities
+from geoupsample.core.presets import PROBABILITIES, looks_like_probabilities
 from geoupsample.pipeline import InputError, upsample_raster
 
 SCALE = 8
@@ -60,9 +60,11 @@ def test_probabilities_render_on_the_simplex_with_their_preset(guide_and_kernels
     assert auto.min() >= 0 and auto.max() <= 1
     np.testing.assert_allclose(auto.sum(0), 1.0, atol=1e-5)
     # the preset is the sum of its parts
+    preset = PROBABILITIES
     manual = np.asarray(
-        k.render(p, kind="continuous", consistency=0.25, self_guidance=1.0,
-                 self_guidance_scale=1.0, min_sigma_r=0.1)
+        k.render(p, kind="continuous", consistency=preset.consistency,
+                 self_guidance=preset.self_guidance, self_guidance_scale=1.0,
+                 min_sigma_r=preset.min_sigma_r)
     )  # fmt: skip
     manual = np.clip(manual, 0, 1)
     np.testing.assert_allclose(auto, manual / manual.sum(0), atol=1e-5)

@@ -88,7 +88,7 @@ def segment_command(
         float | None,
         typer.Option(
             help="Back-projection rounds making the output average back to the low-res "
-            "probabilities (default 0.25: a quarter step; 0: the pure kernels)."
+            "probabilities (default 1; 0: the pure kernels, sharper)."
         ),
     ] = None,
     self_guidance: Annotated[

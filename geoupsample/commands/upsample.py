@@ -94,7 +94,7 @@ def upsample_command(
     consistency: Annotated[float | None, typer.Option(help="Back-projection rounds (the output "
                                                            "averages back to the input over "
                                                            "each low-res cell; default 2 for "
-                                                           "continuous, 0.25 for "
+                                                           "continuous, 1 for "
                                                            "probabilities, 0 for "
                                                            "interpolations).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,

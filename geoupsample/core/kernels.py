@@ -214,8 +214,8 @@ class Kernels:
                 probabilities or fractions: ``C >= 2`` channels in ``[0, 1]`` summing to 1) or
                 ``"auto"`` (probabilities when ``x`` looks like them). It picks the defaults of
                 the four arguments above (:mod:`geoupsample.core.presets`): continuous
-                ``consistency=2`` and nothing else; probabilities ``consistency=0.25``,
-                ``self_guidance=1`` at scale 1, ``min_sigma_r=0.1``, and outputs kept on the
+                ``consistency=2`` and nothing else; probabilities ``consistency=1``,
+                ``self_guidance=1`` at scale 1, ``min_sigma_r=0.3``, and outputs kept on the
                 simplex (clipped to [0, 1], renormalised).
 
         Returns:

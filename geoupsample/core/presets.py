@@ -1,22 +1,28 @@
 """Render defaults by the kind of raster: continuous quantities or class probabilities.
 
 Kernels fitted to rebuild the guide's colours are right for quantities that follow the guide
-(bands, elevation, features) and can be wrong for class probabilities: where a class boundary
-does not follow a colour edge (a grey roof beside a grey road, one crop beside another), sharp
-colour kernels copy each pixel's own cell and pull the class across the boundary; on the
-Vaihingen crop the continuous defaults lost 2.7 mIoU to bilinear with oracle labels at x8
-(``benchmarks/quality_labels.py``). Probabilities therefore render with
+(bands, elevation, features) and wrong for class probabilities wherever a class boundary does
+not follow a colour edge (a grey roof beside a grey road, one crop beside another): the fit
+makes the kernels sharp in colour (small range sigmas) and tight in space, so a pixel takes its
+class from the neighbours of its colour, across the true boundary, and the rest copy their own
+cell (blocky borders). Probabilities therefore render with
 
 - ``self_guidance=1`` (scale 1): the range term also compares the probabilities' bilinear trend
   at the pixel with each neighbour's probabilities, so weight goes to neighbours of the locally
   likely class, not only to those of the same colour;
-- ``min_sigma_r=0.1``: the fitted range sigmas are floored, so colour alone cannot cut a cell off;
-- ``consistency=0.25``: one damped back-projection step (exact fractions average back to
-  ``x``; a predictor's over-smooth probabilities do not need to);
+- ``min_sigma_r=0.3``: the fitted range sigmas are floored, so colour alone cannot cut a pixel
+  off from the neighbours of its class;
+- ``consistency=1``: one back-projection round, so each cell's class shares average back to
+  ``x`` (for exact fractions the truth does);
 - outputs clipped to ``[0, 1]`` and renormalised to sum to 1.
 
-Measured on that crop (mIoU minus bilinear, oracle x8 / x16, probe-predicted x8 / x16): the
-continuous defaults -2.66 / -2.23 / -0.69 / -1.73; these -0.27 / -0.31 / -0.22 / +2.40.
+Measured on the Vaihingen crop (``benchmarks/quality_labels.py``, mIoU minus bilinear's; oracle
+= area fractions of the true labels, predicted = a spectral linear probe's probabilities),
+x8 / x16: these defaults oracle -0.1 / +0.5, predicted -0.1 / +0.4; the continuous defaults
+oracle -3.1 / -3.8, predicted -0.8 / -1.2. Sharp rendering (``consistency=0, min_sigma_r=0``)
+gains on a predictor's over-smooth probabilities at x16 (+10.4) but loses on oracle fractions
+(-1.7 / -2.5): no setting measured did both, so the default is the safe one and sharp is an
+explicit choice.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class RenderDefaults:
 
 
 CONTINUOUS = RenderDefaults(2, 0.0, None, 0.0, simplex=False)
-PROBABILITIES = RenderDefaults(0.25, 1.0, 1.0, 0.1, simplex=True)
+PROBABILITIES = RenderDefaults(1, 1.0, 1.0, 0.3, simplex=True)
 KINDS = {"continuous": CONTINUOUS, "probabilities": PROBABILITIES}
 
 
