@@ -384,3 +384,44 @@ def test_adam_matches_torch_optim_adam():
         opt_ours.step()
         opt_theirs.step()
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("hr", "lr"), [((64, 48), (8, 6)), ((37, 50), (9, 11))])
+def test_back_projected_objective_is_the_rendered_error(hr, lr):
+    """With every pixel, the fit objective equals the L1 error of ``render(Gbar)`` with its
+    default back-projection; the integer-scale stencil equals full HR upsampling."""
+    from geoupsample.core.objective import BilinearStencil, back_projected_l1
+
+    torch.manual_seed(3)
+    k = gu.fit(torch.rand(3, *hr), lr, iters=0)
+    prep = k._prepared
+    psi = prep.psi(k.params)
+    values = gsjbu.neighbours(prep.gbar, k.radius)
+    stencil = BilinearStencil.build(prep, torch.float32)
+    assert (stencil is None) == (hr[0] % lr[0] != 0)
+    full = back_projected_l1(gsjbu.render_cells(psi, values, prep.phi), prep, stencil=stencil)
+    rendered = k.render(prep.gbar, kind="continuous")  # consistency=2, as the fit assumes
+    expected = (rendered - k.guide).abs().mean()
+    assert float(full) == pytest.approx(float(expected), rel=1e-5)
+    phases = torch.tensor([0, 2, 5])
+    sampled = gsjbu.render_cells(psi, values, prep.phi.index_select(1, phases))
+    via_hr = back_projected_l1(sampled, prep, phases, stencil=None)
+    via_stencil = back_projected_l1(sampled, prep, phases, stencil=stencil)
+    assert float(via_stencil) == pytest.approx(float(via_hr), rel=1e-6)
+
+
+def test_fit_objectives_each_lower_their_own_error(rotterdam_ms):
+    guide = rotterdam_ms[:3, :96, :96]
+    k0 = gu.fit(guide, (12, 12), iters=0)
+    gbar = k0._prepared.gbar
+
+    def error(k, consistency):
+        out = k.render(gbar, consistency=consistency, kind="continuous")
+        return float((out - k.guide).abs().mean())
+
+    bp = gu.fit(guide, (12, 12), iters=30)  # objective="back_projected" by default
+    plain = gu.fit(guide, (12, 12), iters=30, objective="plain")
+    assert error(bp, 2) < error(k0, 2) and error(plain, 0) < error(k0, 0)
+    assert error(bp, 2) < error(plain, 2)  # each is best at what it optimises
+    with pytest.raises(ValueError, match="objective"):
+        gu.fit(guide, (12, 12), objective="l2")
