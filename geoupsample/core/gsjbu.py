@@ -44,6 +44,9 @@ N_SPATIAL = 6
 CONST = 5
 #: Rough element budget of one chunk's ``[cells, P, K]`` tensors.
 CHUNK_ELEMENTS = 1 << 21
+#: Most weight elements ``[cells, P, K]`` :class:`RenderCells` keeps for its backward (128 MB
+#: in float32; a sampled fit step's); beyond, the backward recomputes them chunk by chunk.
+KEEP_WEIGHTS_ELEMENTS = 1 << 25
 
 
 def initial_params(
@@ -297,9 +300,17 @@ class RenderCells(torch.autograd.Function):
         out = torch.empty(
             phi.shape[0], phi.shape[1], values.shape[2], dtype=phi.dtype, device=phi.device
         )
+        # a sampled fit step's weights are small: keep them for backward rather than recompute
+        keep = phi.shape[0] * phi.shape[1] * psi.shape[2] <= KEEP_WEIGHTS_ELEMENTS and any(
+            ctx.needs_input_grad[:2]
+        )
+        ctx.weights = []
         for s in range(0, phi.shape[0], chunk):
             e = s + chunk
-            out[s:e] = torch.bmm(chunk_weights(phi[s:e], psi[s:e]), values[s:e])
+            w = chunk_weights(phi[s:e], psi[s:e])
+            out[s:e] = torch.bmm(w, values[s:e])
+            if keep:
+                ctx.weights.append(w)
         return out
 
     @staticmethod
@@ -307,9 +318,10 @@ class RenderCells(torch.autograd.Function):
         psi, values, phi = ctx.saved_tensors
         grad_psi = torch.zeros_like(psi) if ctx.needs_input_grad[0] else None
         grad_values = torch.zeros_like(values) if ctx.needs_input_grad[1] else None
-        for s in range(0, phi.shape[0], ctx.chunk):
+        kept, ctx.weights = ctx.weights, []
+        for i, s in enumerate(range(0, phi.shape[0], ctx.chunk)):
             e = s + ctx.chunk
-            w = chunk_weights(phi[s:e], psi[s:e])
+            w = kept[i] if kept else chunk_weights(phi[s:e], psi[s:e])
             g = grad_out[s:e]
             if grad_psi is not None:
                 grad_w = torch.bmm(g, values[s:e].transpose(1, 2))
