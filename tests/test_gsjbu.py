@@ -101,7 +101,10 @@ def _tiny_problem(dtype=torch.float64, seed=0):
     return k, k._prepared
 
 
-def test_gradcheck_render_function():
+@pytest.mark.parametrize("keep_weights", [True, False])
+def test_gradcheck_render_function(keep_weights, monkeypatch):
+    if not keep_weights:  # the backward that recomputes the weights chunk by chunk
+        monkeypatch.setattr(gsjbu, "KEEP_WEIGHTS_ELEMENTS", 0)
     k, prep = _tiny_problem()
     params = k.params.clone().requires_grad_(True)
     x = torch.randn(2, *k.lr_shape, dtype=torch.float64, requires_grad=True)
