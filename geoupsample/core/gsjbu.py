@@ -316,8 +316,8 @@ class RenderCells(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         psi, values, phi = ctx.saved_tensors
-        grad_psi = torch.zeros_like(psi) if ctx.needs_input_grad[0] else None
-        grad_values = torch.zeros_like(values) if ctx.needs_input_grad[1] else None
+        grad_psi = torch.empty_like(psi) if ctx.needs_input_grad[0] else None
+        grad_values = torch.empty_like(values) if ctx.needs_input_grad[1] else None
         kept, ctx.weights = ctx.weights, []
         for i, s in enumerate(range(0, phi.shape[0], ctx.chunk)):
             e = s + ctx.chunk
