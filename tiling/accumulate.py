@@ -61,36 +61,64 @@ def tile_parts(grid: TileGrid, tile_id: tuple[int, int], data: np.ndarray,
 
 def blend_parts(parts: list[_Part], count: int, window: Window) -> np.ndarray:
     """Weighted mean of ``parts`` over ``window``: float32 ``[count, rows, cols]``, NaN where no
-    finite value has weight. Parts are summed in tile order (deterministic)."""
+    finite value has weight. Parts are summed in tile order (deterministic).
+
+    Only where parts overlap (the taper strips) or a weight is 0 is there anything to average;
+    elsewhere a single part with positive weight covers the pixel, and its value (the weighted
+    mean of one value) is copied as it is.
+    """
     h, w = int(window.height), int(window.width)
     parts = sorted(parts, key=lambda p: p.tile)
-    if not parts:
-        return np.full((count, h, w), np.nan, dtype=np.float32)
-    if (len(parts) == 1 and parts[0].data.shape[1:] == (h, w) and (parts[0].wy == 1).all()
-            and (parts[0].wx == 1).all()):
-        return parts[0].data.copy()  # one tile owns the whole cell: nothing to blend
+    out = np.full((count, h, w), np.nan, dtype=np.float32)
+    rects = [(p.r0, p.r0 + p.data.shape[1], p.c0, p.c0 + p.data.shape[2]) for p in parts]
+    for p, (y0, y1, x0, x1) in zip(parts, rects, strict=True):
+        out[:, y0:y1, x0:x1] = p.data
+    for y0, y1, x0, x1 in _mixed_rects(parts, rects):
+        out[:, y0:y1, x0:x1] = _weighted_mean(parts, rects, count, (y0, y1, x0, x1))
+    return out
+
+
+def _mixed_rects(parts: list[_Part], rects: list[tuple[int, int, int, int]]
+                 ) -> list[tuple[int, int, int, int]]:
+    """Rectangles (cell coordinates) holding every pixel covered by two or more parts or by a
+    part with zero weight there; they may overlap each other."""
+    mixed = []
+    for i, a in enumerate(rects):
+        for b in rects[i + 1:]:
+            y0, y1 = max(a[0], b[0]), min(a[1], b[1])
+            x0, x1 = max(a[2], b[2]), min(a[3], b[3])
+            if y1 > y0 and x1 > x0:
+                mixed.append((y0, y1, x0, x1))
+    for p, (y0, y1, x0, x1) in zip(parts, rects, strict=True):
+        for r in np.flatnonzero(p.wy <= 0):
+            mixed.append((y0 + int(r), y0 + int(r) + 1, x0, x1))
+        for c in np.flatnonzero(p.wx <= 0):
+            mixed.append((y0, y1, x0 + int(c), x0 + int(c) + 1))
+    return mixed
+
+
+def _weighted_mean(parts: list[_Part], rects: list[tuple[int, int, int, int]], count: int,
+                   box: tuple[int, int, int, int]) -> np.ndarray:
+    """The NaN-aware weighted mean of the parts over ``box`` (float64 sums, float32 result)."""
+    by0, by1, bx0, bx1 = box
+    h, w = by1 - by0, bx1 - bx0
+    pieces = []  # (part, source slices, target slices) of the parts meeting the box
+    for p, (y0, y1, x0, x1) in zip(parts, rects, strict=True):
+        iy0, iy1, ix0, ix1 = max(y0, by0), min(y1, by1), max(x0, bx0), min(x1, bx1)
+        if iy1 <= iy0 or ix1 <= ix0:
+            continue
+        src = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
+        dst = (slice(iy0 - by0, iy1 - by0), slice(ix0 - bx0, ix1 - bx0))
+        wgt = np.outer(p.wy[src[0]].astype(np.float64), p.wx[src[1]])
+        pieces.append((p.data[:, src[0], src[1]], dst, wgt))
     out = np.empty((count, h, w), dtype=np.float32)
-    weights = [np.outer(p.wy.astype(np.float64), p.wx) for p in parts]
-    slices = [(slice(p.r0, p.r0 + p.data.shape[1]), slice(p.c0, p.c0 + p.data.shape[2]))
-              for p in parts]
-    if all(np.isfinite(p.data).all() for p in parts):
-        den = np.zeros((h, w), dtype=np.float64)  # the same for every band
-        for sl, wgt in zip(slices, weights, strict=True):
-            den[sl] += wgt
-        inv = np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), np.nan)
-        for b in range(count):
-            num = np.zeros((h, w), dtype=np.float64)
-            for p, sl, wgt in zip(parts, slices, weights, strict=True):
-                num[sl] += p.data[b] * wgt
-            out[b] = num * inv
-        return out
     for b in range(count):  # one band at a time keeps the float64 buffers small
         num = np.zeros((h, w), dtype=np.float64)
         den = np.zeros((h, w), dtype=np.float64)
-        for p, sl, wgt in zip(parts, slices, weights, strict=True):
-            ok = np.isfinite(p.data[b])
-            num[sl] += np.where(ok, p.data[b], 0.0) * wgt
-            den[sl] += ok * wgt
+        for data, dst, wgt in pieces:
+            ok = np.isfinite(data[b])
+            num[dst] += np.where(ok, data[b], 0.0) * wgt
+            den[dst] += ok * wgt
         with np.errstate(invalid="ignore", divide="ignore"):
             out[b] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
     return out
