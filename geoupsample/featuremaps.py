@@ -221,6 +221,9 @@ class PCA:
             raise InputError(f"--pca must be between 1 and {min(x.shape)} here, got {k}")
         mean = x.mean(0)
         _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+        # one sign per component (its largest entry positive): SVD signs are arbitrary
+        peak = vt.abs().argmax(1, keepdim=True)
+        vt = vt * torch.sign(vt.gather(1, peak))
         var = s**2
         return cls(mean.numpy(), vt[:k].numpy(), (var[:k] / var.sum()).numpy())
 

@@ -31,3 +31,21 @@ def rotterdam_pan() -> np.ndarray:
     """``[1, 600, 600]`` uint16 panchromatic at 0.5 m, same bounds as the MS image."""
     with rasterio.open(DATA / "rotterdam_pan.tif") as src:
         return src.read()
+
+
+#: Variables dask.distributed's LocalCluster sets in the *parent's* environment for its workers
+#: and leaves behind (OMP_NUM_THREADS=1, ...): later subprocesses would compute with one thread
+#: while this process uses all cores, so float results (and journal digests) would differ.
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "MALLOC_TRIM_THRESHOLD_")
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_environment():
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

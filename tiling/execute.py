@@ -23,6 +23,7 @@ from rasterio.windows import transform as window_transform
 
 from tiling.accumulate import Accumulator
 from tiling.aoi import load_aoi, window_intersects, window_mask
+from tiling.background import BackgroundWriter
 from tiling.grid import Tile, TileGrid
 from tiling.journal import Journal
 from tiling.writer import OutputSpec, Writer
@@ -312,12 +313,11 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
             if geom is not None:
                 inside = window_mask(geom, cell.window, output.transform)
                 values[:, ~inside] = np.nan
-            writer.write(values, cell.window)
+            background.write(values, cell.window)
             state["mp"] += cell.window.width * cell.window.height / 1e6
             band_left[cell.row] -= 1
             if band_left[cell.row] == 0:
-                writer.flush()
-                journal.mark(cell.row)
+                background.flush(cell.row)  # the journal marks the row once it is on disk
         del data
         trim_memory()
         state["done"] += 1
@@ -334,6 +334,7 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
 
     keep = finished = False
     writer = Writer(output, resume=bool(done_bands))
+    background = BackgroundWriter(writer, on_flushed=journal.mark)
     try:
         if not done_bands:
             journal.start()
@@ -350,6 +351,7 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
             consume(tile_id, data)
         if acc.pending:
             raise RuntimeError(f"internal error: {acc.pending} cells were never completed")
+        background.close()
         path = writer.finish()
         finished = True
     except KeyboardInterrupt:
@@ -357,6 +359,10 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
         raise
     finally:
         if not finished:
+            try:
+                background.close()  # let the thread stop before the file goes
+            except BaseException:  # noqa: BLE001 - the error being handled already says more
+                pass
             writer.abort(keep=keep)
             if not keep:
                 journal.remove()
