@@ -12,16 +12,18 @@ same output (same pixels, dtype, compression, blocks, NUM_THREADS) runs beside i
     python benchmarks/pipeline.py --sizes 4096 --methods gsjbu --iters 10 --no-bare
     python benchmarks/pipeline.py --sizes 16384 --methods gsjbu --rows 2048 --no-bare
 
-Measured 2026-11-22 on the shared 2-core CPU machine (load average 6-9 from other jobs, so the
-times are noisy), tile 1024, halo 64, float32 deflate output:
+Measured 2026-11-22 on the 2-core CPU machine, quiet (one run each; tile 1024, halo 64, float32
+deflate output, NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare write alike):
 
-    --methods bilinear (whole scenes)     MP/s   peak RSS - imports   bare write   ratio
-      4096                                0.78       503 MB             1.12 MP/s   1.44x
-      8192                                1.17       598 MB             1.20 MP/s   1.02x
-     16384                                0.95       668 MB             1.09 MP/s   1.14x
-    --methods gsjbu bilinear --iters 2 --rows 1024 (full width, one tile row)
-      width 4096 / 8192 / 16384: gsjbu 941 / 1026 / 1079 MB, bilinear 406 / 427 / 532 MB
-    --methods gsjbu --iters 2 (whole scenes): 2048 0.133 MP/s, 4096 0.123 MP/s, 8192 0.146 MP/s
+    --methods bilinear (whole scenes)     MP/s   peak RSS - imports   bare write (RSS)    ratio
+      4096                                3.00       474 MB             3.71 MP/s (150 MB)  1.24x
+      4096 (second run)                   3.37       494 MB             4.22 MP/s (150 MB)  1.25x
+      8192                                3.48       595 MB             4.25 MP/s (214 MB)  1.22x
+     16384                                3.34       687 MB             3.92 MP/s (343 MB)  1.17x
+    (RSS grows with the width as the bare write's does: GDAL holds a row of output blocks.)
+    --methods gsjbu (iters 50; the synthetic low-res raster is 8-class probabilities, so the
+    probability render preset applies)
+      2048 0.096-0.099 MP/s, 861 MB;  4096 0.095 MP/s, 982 MB
 """
 
 from __future__ import annotations

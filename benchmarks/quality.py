@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--radius", type=int, default=3)
-    ap.add_argument("--sample", type=float, default=0.25)
+    ap.add_argument("--sample", type=float, default=0.1875)
     ap.add_argument("--lr", type=float, default=0.1)
     args = ap.parse_args()
     fit_kwargs = {"iters": args.iters, "radius": args.radius, "sample": args.sample, "lr": args.lr}

@@ -144,3 +144,32 @@ def test_the_pipeline_decides_the_kind_once_for_the_scene(tmp_path, rotterdam_ms
     with pytest.raises(InputError, match="kind"):
         upsample_raster(lr, guide, tmp_path / "x.tif", method="gsjbu", kind="labels")
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_cli_kind_and_consistency_reach_the_tiles(tmp_path, rotterdam_ms):
+    from typer.testing import CliRunner
+
+    from geoupsample.cli import app
+
+    t_hr = Affine(1.0, 0, 593270.0, 0, -1.0, 5747657.0)
+    t_lr = Affine(1.0 * SCALE, 0, 593270.0, 0, -1.0 * SCALE, 5747657.0)
+    guide = _write(tmp_path / "guide.tif", rotterdam_ms[:, :96, :96].astype(np.float32), t_hr)
+    lr = _write(tmp_path / "probs.tif", softmax_probs((12, 12)), t_lr)
+    outs = {}
+    for name, extra in {"auto": [], "continuous": ["--kind", "continuous"],
+                        "c0": ["--kind", "continuous", "--consistency", "0"]}.items():
+        out = str(tmp_path / f"{name}.tif")
+        res = CliRunner().invoke(app, ["upsample", lr, guide, "-o", out, "--iters", "2",
+                                       "--tile", "48", "--halo", "16", "--quiet", *extra])
+        assert res.exit_code == 0, res.output
+        with rasterio.open(out) as ds:
+            outs[name] = (ds.read(), json.loads(ds.tags()["geoupsample_render"]))
+    assert outs["auto"][1]["kind"] == "probabilities"
+    assert outs["continuous"][1] == {"kind": "continuous"}
+    assert outs["c0"][1] == {"kind": "continuous", "consistency": 0.0}
+    assert np.abs(outs["auto"][0] - outs["continuous"][0]).max() > 1e-3
+    assert np.abs(outs["c0"][0] - outs["continuous"][0]).max() > 1e-4
+    res = CliRunner().invoke(app, ["upsample", lr, guide, "-o", str(tmp_path / "bad.tif"),
+                                   "--consistency", "-1", "--quiet"])
+    assert res.exit_code == 2 and "consistency" in res.output
+    assert not (tmp_path / "bad.tif").exists()
