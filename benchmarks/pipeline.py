@@ -21,9 +21,11 @@ deflate output, NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare writ
       8192                                3.48       595 MB             4.25 MP/s (214 MB)  1.22x
      16384                                3.34       687 MB             3.92 MP/s (343 MB)  1.17x
     (RSS grows with the width as the bare write's does: GDAL holds a row of output blocks.)
-    --methods gsjbu (iters 50; the synthetic low-res raster is 8-class probabilities, so the
-    probability render preset applies)
-      2048 0.096-0.099 MP/s, 861 MB;  4096 0.095 MP/s, 982 MB
+    --methods gsjbu --no-bare (iters 50; the synthetic low-res raster is 8-class probabilities,
+    so the probability render preset applies)
+      2048 0.126 MP/s, 1057 MB;  4096 0.125 MP/s, 1126 MB;  8192 0.117 MP/s, 1277 MB
+    --methods gsjbu --iters 2 --no-bare (memory of a whole 16384^2 scene; a tile's memory does
+    not depend on the steps): 16384 0.67 MP/s, 1258 MB (before the fit sampled 12 pixels/cell)
 """
 
 from __future__ import annotations
