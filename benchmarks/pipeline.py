@@ -25,7 +25,7 @@ deflate output, NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare writ
     so the probability render preset applies)
       2048 0.126 MP/s, 1057 MB;  4096 0.125 MP/s, 1126 MB;  8192 0.117 MP/s, 1277 MB
     --methods gsjbu --iters 2 --no-bare (memory of a whole 16384^2 scene; a tile's memory does
-    not depend on the steps): 16384 0.67 MP/s, 1258 MB (before the fit sampled 12 pixels/cell)
+    not depend on the steps): 16384 0.625 MP/s, 1299 MB
 """
 
 from __future__ import annotations
