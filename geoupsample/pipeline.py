@@ -261,8 +261,7 @@ class UpsampleTile:
         if not np.isfinite(g).all(0).any() or not np.isfinite(x).any():
             return None
         if self.method in INTERPOLATIONS:
-            render = {k: v for k, v in self.render.items() if k == "consistency"}
-            out = gu.upsample(x, g, method=self.method, **render)
+            out = gu.upsample(x, g, method=self.method, **self.render)
         else:
             out = gu.upsample(x, g, method=self.method, iters=self.iters, radius=self.radius,
                               device=self.device, seed=self.seed, normalize=self.stats,
@@ -450,16 +449,17 @@ def _render_options(method: str, kind: str, consistency: float | None,
             raise InputError(str(err)) from err
     if method in INTERPOLATIONS:
         return render
-    if kind not in ("auto", "continuous", "probabilities"):
-        raise InputError(f"kind must be auto, continuous or probabilities; got {kind!r}")
+    sample = None
     if kind == "auto":
         step = max(1, int(max(window.height, window.width) // 1024))
         win = window.round_offsets().round_lengths()
-        sample = to_float(lr.read(list(indexes), window=win, out_shape=(
+        sample = torch.from_numpy(to_float(lr.read(list(indexes), window=win, out_shape=(
             len(indexes), max(1, int(win.height) // step), max(1, int(win.width) // step)),
-            resampling=rasterio.enums.Resampling.nearest), lr.nodata)
-        probs = presets.looks_like_probabilities(torch.from_numpy(sample))
-        kind = "probabilities" if probs else "continuous"
+            resampling=rasterio.enums.Resampling.nearest), lr.nodata))
+    try:
+        kind, _ = presets.resolve(kind, sample)
+    except ValueError as err:
+        raise InputError(str(err)) from err
     render["kind"] = kind
     if kind == "probabilities":
         render["self_guidance_scale"] = 1.0  # the same unit in every tile

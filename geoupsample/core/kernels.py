@@ -255,9 +255,10 @@ class Kernels:
         if rounds:
             all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
             out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
+        out = out.reshape(*lead, *self.hr_shape)
         if preset.simplex:
-            out = presets.to_simplex(out.reshape(*lead, *self.hr_shape))
-        out = out.reshape(*lead, *self.hr_shape).to(out_dtype)
+            out = presets.to_simplex(out)
+        out = out.to(out_dtype)
         if isinstance(x, torch.Tensor):
             out = out.to(x.device)
         return like_input(out, x)
@@ -330,19 +331,19 @@ class Kernels:
 def check_rounds(consistency: object) -> float:
     """Validate a number of back-projection rounds (a number >= 0; a fraction is one damped
     round)."""
-    if isinstance(consistency, bool) or not isinstance(consistency, (int, float, np.number)):
-        raise TypeError(f"consistency must be a number >= 0; got {consistency!r}")
-    if not math.isfinite(consistency) or consistency < 0:
-        raise ValueError(f"consistency must be a number >= 0; got {consistency!r}")
-    return float(consistency)
+    return _non_negative_number(consistency, "consistency")
 
 
 def check_min_sigma_r(value: object) -> float:
     """Validate a floor on the range sigmas (a number >= 0)."""
+    return _non_negative_number(value, "min_sigma_r")
+
+
+def _non_negative_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"min_sigma_r must be a number >= 0; got {value!r}")
+        raise TypeError(f"{name} must be a number >= 0; got {value!r}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"min_sigma_r must be a number >= 0; got {value!r}")
+        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
     return float(value)
 
 
@@ -414,6 +415,8 @@ def fit(
         raise ValueError(f"sample must be in (0, 1]; got {sample!r}")
     if not sigma_r > 0:
         raise ValueError(f"sigma_r must be > 0; got {sigma_r!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     dev = resolve_device(device)
     g, valid = prepare_guide(guide, nodata, normalize)
     hr_shape = (int(g.shape[1]), int(g.shape[2]))
@@ -432,13 +435,12 @@ def fit(
     params = params.clone().requires_grad_(True)
     optimizer = Adam(params, lr=lr)
     losses: list[torch.Tensor] = []
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
-    fused = None  # CUDA: the plain objective's Adam steps fused, no sync
+    fused = stencil = None  # CUDA: the plain objective's Adam steps fused, no sync
     if objective == "plain":
         fused = backend.adam_fit(prep, params, values, lr)
-    stencil = BilinearStencil.build(prep, params.dtype)
+    else:
+        stencil = BilinearStencil.build(prep, params.dtype)
     schedule = None  # the sampled phases of every step, drawn up front: one copy to the device
     if n_sample < n_phases:
         draws = [torch.randperm(n_phases, generator=generator)[:n_sample] for _ in range(iters)]

@@ -70,9 +70,12 @@ def looks_like_probabilities(x: torch.Tensor) -> bool:
     return bool(((values.double().sum(-1) - 1.0).abs() <= tol).all())
 
 
-def resolve(kind: str, x: torch.Tensor) -> tuple[str, RenderDefaults]:
-    """``(kind, defaults)`` for ``kind`` in ``"auto"``, ``"continuous"``, ``"probabilities"``."""
+def resolve(kind: str, x: torch.Tensor | None) -> tuple[str, RenderDefaults]:
+    """``(kind, defaults)`` for ``kind`` in ``"auto"``, ``"continuous"``, ``"probabilities"``;
+    ``x`` (the raster, or a sample of it) is looked at only for ``"auto"``."""
     if kind == "auto":
+        if x is None:
+            raise ValueError("kind='auto' needs the raster to look at")
         kind = "probabilities" if looks_like_probabilities(x) else "continuous"
     if kind not in KINDS:
         raise ValueError(f"kind must be 'auto', 'continuous' or 'probabilities'; got {kind!r}")
