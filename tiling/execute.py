@@ -85,7 +85,7 @@ class RunReport:
 def compute_tile(fn: TileFunction, inputs: Mapping[str, Any], tile: Tile,
                  out_transform: Affine, count: int) -> tuple[tuple[int, int], np.ndarray | None]:
     """Read the inputs for ``tile``, call ``fn``, check the result's shape. Runs on workers."""
-    _share_arena_once()
+    share_malloc_arena()
     wt = window_transform(tile.read, out_transform)
     with gdal_env():  # also on dask workers (other processes)
         data = {name: src.read(tile.read, out_transform) for name, src in inputs.items()}
@@ -168,32 +168,29 @@ def _malloc_trim() -> Callable[[], None]:
 trim_memory = _malloc_trim()
 
 
+_ARENA_SHARED = False
+
+
 def share_malloc_arena() -> None:
-    """On glibc, let every thread allocate from one malloc arena (``mallopt(M_ARENA_MAX, 1)``).
+    """On glibc, let every thread allocate from one malloc arena (``mallopt(M_ARENA_MAX, 1)``);
+    once per process (dask workers, other processes, call it from :func:`compute_tile`).
 
     Per-tile work in worker threads otherwise gets per-thread arenas, whose large temporaries
     are mapped and unmapped on every allocation (system time in worker threads, and RSS per
     arena). Added when GSJBU fits ran 5-8x slower in worker threads; most of that turned out to
     be a strided batched matmul (fixed in geoupsample's psi), so this is a secondary measure.
-    Affects threads created afterwards; a no-op elsewhere. Dask workers call it per process.
+    Affects threads created afterwards; a no-op elsewhere.
     """
+    global _ARENA_SHARED
+    if _ARENA_SHARED:
+        return
+    _ARENA_SHARED = True
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
-
-
-_ARENA_SHARED = False
-
-
-def _share_arena_once() -> None:
-    """:func:`share_malloc_arena` once per process (dask workers are other processes)."""
-    global _ARENA_SHARED
-    if not _ARENA_SHARED:
-        share_malloc_arena()
-        _ARENA_SHARED = True
 
 
 def gdal_env() -> rasterio.Env:
