@@ -29,10 +29,6 @@ from geoupsample.core.self_guidance import self_guided
 
 #: Format version written by :meth:`Kernels.save`.
 FORMAT_VERSION = 1
-#: Rounds of back-projection in :meth:`Kernels.render` unless told otherwise. Measured on the
-#: Wald-protocol benchmark (benchmarks/quality.py): +0.9 dB (MS from pan) and +1.5 dB (NIR from
-#: RGB) over the pure kernels; the second round adds ~0.1 dB, more add nothing.
-DEFAULT_CONSISTENCY = 2
 #: Fraction of each cell's pixels in each fit step's loss, and the least number of pixels per
 #: cell kept. Measured on the quality benchmark (x8): 3/16 (12 of 64) against 1/4: MS from pan
 #: -0.01 dB, NIR +0.01 dB; the fit ~4x faster than with every pixel.

@@ -9,8 +9,8 @@ back-projection needs are estimated from the sample, and the bilinear residual's
 are exact, so the whole estimate stays differentiable. For integer scales the bilinear
 upsampling is a fixed 3 x 3 stencil per phase (:class:`BilinearStencil`), so the
 back-projection costs LR-sized work only; fractional scales go through full HR images.
-Measured (``benchmarks/quality.py``, PSNR): MS from pan 22.48 -> 22.56 dB
-(above JBU on every image), NIR from RGB 23.40 -> 23.32 dB.
+Measured (``benchmarks/quality.py``, PSNR, 1/4 of the pixels per step): MS from pan 22.48 ->
+22.56 dB (above JBU on every image), NIR from RGB 23.40 -> 23.32 dB.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from geoupsample.core.presets import DEFAULT_CONSISTENCY
+
 if TYPE_CHECKING:
     from geoupsample.core.kernels import _Prepared
 
-#: Back-projection rounds seen by the fit (``Kernels.render``'s default consistency).
-FIT_ROUNDS = 2
+#: Back-projection rounds seen by the fit (``Kernels.render``'s default for continuous rasters).
+FIT_ROUNDS = DEFAULT_CONSISTENCY
 
 
 @dataclass(frozen=True)
