@@ -121,10 +121,11 @@ class ArrayScene:
     def guide_stats(self) -> gu.GuideStats:
         """The statistics :meth:`Scene.guide_stats` computes, from the same regular subsample."""
 
-        def read_rows(r0: int, r1: int) -> np.ndarray:
-            return to_float(np.asarray(self.array[:, r0:r1, :]), self.nodata)
+        def read(window: Window) -> np.ndarray:
+            return to_float(np.asarray(self.array[(slice(None), *window.toslices())]),
+                            self.nodata)
 
-        return _stats(decimated_stats_sample(read_rows, *self.shape), "scene array")
+        return _stats(decimated_stats_sample(read, *self.shape), "scene array")
 
 
 AnyScene = Scene | ArrayScene

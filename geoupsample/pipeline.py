@@ -199,17 +199,22 @@ def _check_dtype(ds: rasterio.io.DatasetReader, indexes: Sequence[int], what: st
                              "integer or floating-point bands (e.g. split complex data)")
 
 
-def decimated_stats_sample(read_rows: Callable[[int, int], np.ndarray], height: int,
-                           width: int, side: int = STATS_SIDE) -> np.ndarray:
+def decimated_stats_sample(read: Callable[[Window], np.ndarray], height: int, width: int,
+                           side: int = STATS_SIDE) -> np.ndarray:
     """A regular subsample ``[:, ::k, ::k]`` (``k = ceil(max(H, W) / side)``) of a raster read
-    in row stripes by ``read_rows(r0, r1) -> [bands, r1 - r0, W]`` float32 (NaN = nodata)."""
+    window by window by ``read(window) -> float32 [bands, rows, cols]`` (NaN = nodata).
+
+    Windows are at most about 256 x 2048 pixels, so memory does not grow with the raster."""
     k = max(1, math.ceil(max(height, width) / side))
-    stripe = k * max(1, 256 // k)
-    parts = []
+    stripe, chunk = k * max(1, 256 // k), k * max(1, 2048 // k)  # multiples of k: one lattice
+    rows = []
     for r0 in range(0, height, stripe):
-        # a copy, not a strided view that would keep the whole stripe alive
-        parts.append(np.ascontiguousarray(read_rows(r0, min(height, r0 + stripe))[:, ::k, ::k]))
-    return np.concatenate(parts, axis=1)
+        h = min(height, r0 + stripe) - r0
+        # copies, not strided views that would keep whole windows alive
+        cols = [np.ascontiguousarray(read(Window(c0, r0, min(width, c0 + chunk) - c0, h))
+                                     [:, ::k, ::k]) for c0 in range(0, width, chunk)]
+        rows.append(np.concatenate(cols, axis=2))
+    return np.concatenate(rows, axis=1)
 
 
 def scene_guide_stats(path: str | os.PathLike, bands: Sequence[int] | None = None,
@@ -223,10 +228,10 @@ def scene_guide_stats(path: str | os.PathLike, bands: Sequence[int] | None = Non
         idx = list(bands) if bands else list(range(1, ds.count + 1))
         nd = nodata if nodata is not None else ds.nodata
 
-        def read_rows(r0: int, r1: int) -> np.ndarray:
-            return to_float(ds.read(idx, window=Window(0, r0, ds.width, r1 - r0)), nd)
+        def read(window: Window) -> np.ndarray:
+            return to_float(ds.read(idx, window=window), nd)
 
-        sample = decimated_stats_sample(read_rows, ds.height, ds.width)
+        sample = decimated_stats_sample(read, ds.height, ds.width)
     return _stats(sample, str(path))
 
 

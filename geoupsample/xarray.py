@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from rasterio.windows import Window
 
 import tiling
 from geoupsample.backbones import Backbone
@@ -90,11 +91,12 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
     stats = None
     if method not in INTERPOLATIONS:
-        def read_rows(r0: int, r1: int) -> np.ndarray:
-            return to_float(np.asarray(guide.data[:, r0:r1, :]), hr_nodata)
+        def read(window: Window) -> np.ndarray:
+            return to_float(np.asarray(guide.data[(slice(None), *window.toslices())]),
+                            hr_nodata)
 
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
-            stats = _stats(decimated_stats_sample(read_rows, *guide.shape[1:]), "DataArray")
+            stats = _stats(decimated_stats_sample(read, *guide.shape[1:]), "DataArray")
     height, width = guide.shape[1:]
     grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.scale,
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend)

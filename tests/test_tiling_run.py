@@ -341,3 +341,28 @@ def test_open_dask_chunks_follow_file_blocks_and_read_like_rasterio(tmp_path):
     out_of_bounds = Window(-10, -10, 50, 50)
     np.testing.assert_array_equal(a.read(out_of_bounds, tr), r.read(out_of_bounds, tr))
     assert np.isnan(r.read(out_of_bounds, tr)[:, :10]).all()
+
+
+def test_spilled_frontier_gives_identical_pixels_and_leaves_no_file(tmp_path):
+    """With no memory budget every part waiting for the next tile row goes through the scratch
+    file; the output is bit-identical to an all-in-memory run and the scratch file is gone."""
+    with rasterio.open(RGBN if os.path.exists(RGBN) else BUNDLED_MS) as ds:
+        x = ds.read().astype(np.float32)
+        tr = ds.transform
+    src = write_tif(tmp_path / "in.tif", x, tr)
+    outs = {}
+    for budget in (2 ** 40, 0):
+        d = tmp_path / f"b{budget}"
+        d.mkdir()
+        out = str(d / "out.tif")
+        rep = tiling.run(box3, {"img": tiling.RasterInput(src)}, _spec(src, out), tile=96,
+                         halo=16, frontier_budget=budget)
+        with rasterio.open(out) as ds:
+            outs[budget] = ds.read()
+        assert sorted(os.listdir(d)) == ["out.tif"]
+        if budget == 0:
+            assert rep.extra["spill_file_mb"] > 0
+        else:
+            assert rep.extra["spill_file_mb"] == 0
+    assert len(outs) == 2
+    np.testing.assert_array_equal(outs[0], outs[2 ** 40])

@@ -4,7 +4,10 @@ Each tile's output is cut into the parts that fall on the write cells its weight
 (at most 2 x 2 cells when ``tile >= halo + block``); a cell is finalised as soon as every tile
 contributing to it has arrived, then dropped. With tiles submitted in row-major order this holds
 about one row of cell *edges* (the overlap strip with the next tile row) plus the tiles in flight,
-so memory does not grow with the number of tile rows.
+so memory does not grow with the number of tile rows. That row of edges (the *frontier*: parts
+waiting for a later tile row) grows with the scene's width; past ``frontier_budget`` bytes its
+parts go to a scratch file (:mod:`tiling.spill`) and come back when their cell completes, so
+memory does not grow with the width either.
 
 The blend is deterministic: parts are summed in tile order whatever order they arrived in, so a
 run on a thread pool, on a dask cluster or resumed after a crash gives identical pixels.
@@ -12,6 +15,7 @@ run on a thread pool, on a dask cluster or resumed after a crash gives identical
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,12 +23,16 @@ from rasterio.windows import Window
 
 from tiling.blend import axis_weights
 from tiling.grid import Cell, TileGrid
+from tiling.spill import Spilled, SpillFile
+
+FRONTIER_BUDGET = 16 * 2 ** 20
+"""Default bytes of frontier parts held in memory before the rest go to the scratch file."""
 
 
 @dataclass
 class _Part:
     tile: tuple[int, int]
-    data: np.ndarray  # float32 [count, rows, cols], NaN = missing
+    data: np.ndarray | Spilled  # float32 [count, rows, cols], NaN = missing; or its spill handle
     wy: np.ndarray  # float32 [rows]
     wx: np.ndarray  # float32 [cols]
     r0: int  # offsets inside the cell
@@ -132,11 +140,22 @@ class Accumulator:
         count: bands per tile output.
         skip_cells: indices (into ``grid.cells()``) that will not be written (outside the AOI or
             already finished in a resumed run); contributions to them are dropped at once.
+        spill: scratch file for frontier parts beyond ``frontier_budget`` (None: keep all in
+            memory).
+        frontier_budget: bytes of frontier parts (parts whose cell still waits for a later tile
+            row) kept in memory before further ones are spilled.
     """
 
-    def __init__(self, grid: TileGrid, count: int, skip_cells: set[int] | None = None) -> None:
+    def __init__(self, grid: TileGrid, count: int, skip_cells: set[int] | None = None,
+                 spill: SpillFile | None = None,
+                 frontier_budget: int = FRONTIER_BUDGET) -> None:
         self.grid = grid
         self.count = count
+        self.spill = spill
+        self.frontier_budget = frontier_budget
+        self.frontier_bytes = 0  # frontier parts held in memory
+        self.held_bytes = 0  # all parts held in memory
+        self.peak_held_bytes = 0
         self.cells = grid.cells()
         skip = skip_cells or set()
         self.state: dict[int, _CellState] = {
@@ -153,27 +172,63 @@ class Accumulator:
         return bool(self.by_tile.get(tile_id))
 
     def add(self, tile_id: tuple[int, int],
-            data: np.ndarray | None) -> list[tuple[Cell, np.ndarray]]:
-        """Add tile ``tile_id``'s output (None = no data / skipped); return completed cells as
-        ``(cell, float32 [count, rows, cols])`` in row-major order."""
+            data: np.ndarray | None) -> Iterator[tuple[Cell, np.ndarray]]:
+        """Add tile ``tile_id``'s output (None = no data / skipped); return the cells it
+        completes as ``(cell, float32 [count, rows, cols])`` in row-major order, blended lazily
+        as they are iterated (iterate it to the end before the next ``add``)."""
         done = []
         for i in self.by_tile.pop(tile_id, []):
             st = self.state[i]
             if data is not None:
                 part = tile_parts(self.grid, tile_id, data, st.cell)
                 if part is not None:
+                    self._hold(part, st)
                     st.parts.append(part)
                     self.parts += 1
                     self.peak_parts = max(self.peak_parts, self.parts)
             st.remaining -= 1
             if st.remaining == 0:
                 done.append(i)
-        out = []
-        for i in sorted(done):
-            st = self.state.pop(i)
+        return self._blend_each([self.state.pop(i) for i in sorted(done)])
+
+    def _blend_each(self, states: list[_CellState]) -> Iterator[tuple[Cell, np.ndarray]]:
+        """Blend completed cells one at a time, as the caller takes them (one cell's pixels in
+        hand at a time, however many cells a tile completes)."""
+        for st in states:
             self.parts -= len(st.parts)
-            out.append((st.cell, blend_parts(st.parts, self.count, st.cell.window)))
-        return out
+            for p in st.parts:
+                self._release(p, st)
+            values = blend_parts(st.parts, self.count, st.cell.window)
+            st.parts.clear()
+            yield st.cell, values
+
+    @staticmethod
+    def _frontier(part: _Part, st: _CellState) -> bool:
+        """Whether the part's cell also waits for a tile of a later tile row."""
+        return max(r for r, _ in st.cell.tiles) > part.tile[0]
+
+    def _hold(self, part: _Part, st: _CellState) -> None:
+        """Account for a new part; spill it if it is frontier beyond the budget."""
+        assert isinstance(part.data, np.ndarray)
+        size = part.data.nbytes
+        if self._frontier(part, st):
+            if self.spill is not None and self.frontier_bytes + size > self.frontier_budget:
+                part.data = self.spill.put(part.data)
+                return
+            self.frontier_bytes += size
+        self.held_bytes += size
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+
+    def _release(self, part: _Part, st: _CellState) -> None:
+        """Bring a spilled part back (it is blended at once) or drop a held one's bytes."""
+        if isinstance(part.data, Spilled):
+            assert self.spill is not None
+            part.data = self.spill.take(part.data)
+            return
+        size = part.data.nbytes
+        self.held_bytes -= size
+        if self._frontier(part, st):
+            self.frontier_bytes -= size
 
     @property
     def pending(self) -> int:
