@@ -14,6 +14,7 @@ memory::
 
 Modules: :mod:`~tiling.grid` (tile/cell geometry), :mod:`~tiling.blend` (taper weights),
 :mod:`~tiling.reader` (windowed readers), :mod:`~tiling.accumulate` (bounded blending),
+:mod:`~tiling.spill` (its scratch file),
 :mod:`~tiling.writer` (GeoTIFF/COG writer), :mod:`~tiling.zarr_writer` (Zarr stores:
 ``run(..., ZarrOutputSpec(...))``), :mod:`~tiling.journal` (resume),
 :mod:`~tiling.aoi` (areas of interest), :mod:`~tiling.execute` (:func:`run`),
