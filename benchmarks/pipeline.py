@@ -12,20 +12,24 @@ same output (same pixels, dtype, compression, blocks, NUM_THREADS) runs beside i
     python benchmarks/pipeline.py --sizes 4096 --methods gsjbu --iters 10 --no-bare
     python benchmarks/pipeline.py --sizes 16384 --methods gsjbu --rows 2048 --no-bare
 
-Measured 2026-11-22 on the 2-core CPU machine, quiet (one run each; tile 1024, halo 64, float32
-deflate output, NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare write alike):
+Measured 2026-11-22 on the 2-core CPU machine, quiet (tile 1024, halo 64, float32 deflate output,
+NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare write alike). Final code (frontier
+spill past 16 MB, GDAL cache 32 MB), three runs of ``--methods bilinear``, median (runs):
 
-    --methods bilinear (whole scenes)     MP/s   peak RSS - imports   bare write (RSS)    ratio
-      4096                                3.00       474 MB             3.71 MP/s (150 MB)  1.24x
-      4096 (second run)                   3.37       494 MB             4.22 MP/s (150 MB)  1.25x
-      8192                                3.48       595 MB             4.25 MP/s (214 MB)  1.22x
-     16384                                3.34       687 MB             3.92 MP/s (343 MB)  1.17x
-    (RSS grows with the width as the bare write's does: GDAL holds a row of output blocks.)
-    --methods gsjbu --no-bare (iters 50; the synthetic low-res raster is 8-class probabilities,
-    so the probability render preset applies)
-      2048 0.126 MP/s, 1057 MB;  4096 0.125 MP/s, 1126 MB;  8192 0.117 MP/s, 1277 MB
-    --methods gsjbu --iters 2 --no-bare (memory of a whole 16384^2 scene; a tile's memory does
-    not depend on the steps): 16384 0.625 MP/s, 1299 MB
+    size    MP/s               peak RSS - imports (MB)   bare write MP/s   pipeline / bare
+    4096    2.95 (2.78-3.38)   445 (439, 451, 445)       3.68              1.25x (1.26, 1.25, 1.16)
+    8192    3.23 (2.90-3.46)   521 (521, 525, 504)       3.65              1.19x (1.19, 1.13, 1.20)
+    16384   3.29 (2.93-3.31)   525 (525, 522, 528)       3.70              1.13x (1.27, 1.13, 1.06)
+
+    Before the spill (one row of cell edges held in memory, 64 MB GDAL cache): 474 / 595 / 687 MB.
+    The 4096^2 scene (4 x 4 tiles) does not fill the pipeline's buffers; from 8192^2 on the
+    figure no longer moves.
+
+    --methods gsjbu --no-bare (8-class probabilities: the probability render preset applies)
+      4096, iters 50: 0.104 MP/s, 1072 MB
+      memory with --iters 2 (a tile's memory does not depend on the steps):
+      4096 1004 MB, 8192 1035 MB, 16384 1065 MB (GDAL cache 16 MB); 8192 1074 MB (32 MB)
+      before the spill: 1126 / 1277 / 1299 MB
 """
 
 from __future__ import annotations
