@@ -366,3 +366,10 @@ def test_spilled_frontier_gives_identical_pixels_and_leaves_no_file(tmp_path):
             assert rep.extra["spill_file_mb"] == 0
     assert len(outs) == 2
     np.testing.assert_array_equal(outs[0], outs[2 ** 40])
+
+
+def test_missing_output_directory_is_named_by_the_writer(tmp_path):
+    src = _real_raster(tmp_path)
+    out = str(tmp_path / "no-such-dir" / "out.tif")
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        tiling.run(identity, {"img": tiling.RasterInput(src)}, _spec(src, out), tile=256, halo=8)

@@ -54,3 +54,12 @@ def test_zero_budget_spills_the_frontier_and_blends_the_same(tmp_path):
     assert in_memory.keys() == spilled.keys()
     for k, v in in_memory.items():
         np.testing.assert_array_equal(spilled[k], v)
+
+
+def test_nothing_is_created_until_something_is_spilled(tmp_path):
+    missing = tmp_path / "not-there"
+    with SpillFile(missing) as spill:  # no file yet, so no error for the missing directory
+        assert spill.size == 0
+    with SpillFile(tmp_path) as spill:
+        spill.put(np.zeros(3, np.float32))
+        assert spill.size == 12

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 
@@ -42,7 +43,8 @@ class SpillFile:
     """
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        self.file = tempfile.TemporaryFile(dir=directory, prefix=".tiling-spill-")
+        self.directory = directory
+        self._file: IO[bytes] | None = None  # created by the first put: most runs never spill
         self.end = 0
         self.free: dict[int, list[int]] = {}  # byte size -> offsets of free slots
         self.held = 0  # bytes in live slots
@@ -56,17 +58,19 @@ class SpillFile:
             offset = slots.pop()
         else:
             offset, self.end = self.end, self.end + size
-        self.file.seek(offset)
-        self.file.write(memoryview(data).cast("B"))
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".tiling-spill-")
+        self._file.seek(offset)
+        self._file.write(memoryview(data).cast("B"))
         self.held += size
         return Spilled(offset, tuple(data.shape), data.dtype.str)
 
     def take(self, handle: Spilled) -> np.ndarray:
         """Read the array back and free its slot."""
         out = np.empty(handle.shape, dtype=np.dtype(handle.dtype))
-        self.file.seek(handle.offset)
-        view = memoryview(out).cast("B")
-        got = self.file.readinto(view)
+        assert self._file is not None, "take() of a handle this file never gave"
+        self._file.seek(handle.offset)
+        got = self._file.readinto(memoryview(out).cast("B"))
         if got != handle.nbytes:
             raise OSError(f"spill file: read {got} of {handle.nbytes} bytes at {handle.offset}")
         self.free.setdefault(handle.nbytes, []).append(handle.offset)
@@ -79,7 +83,8 @@ class SpillFile:
         return self.end
 
     def close(self) -> None:
-        self.file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> SpillFile:
         return self
