@@ -42,13 +42,11 @@ from geoupsample.pipeline import (
     InputError,
     _check_dtype,
     _open,
-    _stats,
-    decimated_stats_sample,
+    array_guide_stats,
     scene_guide_stats,
     select_bands,
 )
 from tiling.aoi import load_aoi, window_intersects
-from tiling.reader import to_float
 
 #: Output dtypes of a features raster.
 FEATURE_DTYPES = ("float32", "float16")
@@ -120,12 +118,7 @@ class ArrayScene:
 
     def guide_stats(self) -> gu.GuideStats:
         """The statistics :meth:`Scene.guide_stats` computes, from the same regular subsample."""
-
-        def read(window: Window) -> np.ndarray:
-            return to_float(np.asarray(self.array[(slice(None), *window.toslices())]),
-                            self.nodata)
-
-        return _stats(decimated_stats_sample(read, *self.shape), "scene array")
+        return array_guide_stats(self.array, self.nodata, "scene array")
 
 
 AnyScene = Scene | ArrayScene

@@ -235,6 +235,16 @@ def scene_guide_stats(path: str | os.PathLike, bands: Sequence[int] | None = Non
     return _stats(sample, str(path))
 
 
+def array_guide_stats(array: Any, nodata: float | None, name: str) -> gu.GuideStats:
+    """:func:`scene_guide_stats` of an array ``[bands, H, W]`` (numpy, dask or anything that
+    slices like one), from the same regular subsample, read window by window."""
+
+    def read(window: Window) -> np.ndarray:
+        return to_float(np.asarray(array[(slice(None), *window.toslices())]), nodata)
+
+    return _stats(decimated_stats_sample(read, int(array.shape[1]), int(array.shape[2])), name)
+
+
 def _stats(sample: np.ndarray, name: str) -> gu.GuideStats:
     if not np.isfinite(sample).all(0).any():
         raise InputError(f"the guide {name} has no valid pixel (all nodata): nothing to "

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from rasterio.windows import Window
 
 import tiling
 from geoupsample.backbones import Backbone
@@ -35,14 +34,12 @@ from geoupsample.pipeline import (
     INTERPOLATIONS,
     InputError,
     UpsampleTile,
-    _stats,
-    decimated_stats_sample,
+    array_guide_stats,
     relate_grids,
 )
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask
-from tiling.reader import to_float
 
 
 def _as_bands(a: xr.DataArray, what: str) -> xr.DataArray:
@@ -91,12 +88,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
     stats = None
     if method not in INTERPOLATIONS:
-        def read(window: Window) -> np.ndarray:
-            return to_float(np.asarray(guide.data[(slice(None), *window.toslices())]),
-                            hr_nodata)
-
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
-            stats = _stats(decimated_stats_sample(read, *guide.shape[1:]), "DataArray")
+            stats = array_guide_stats(guide.data, hr_nodata, "DataArray")
     height, width = guide.shape[1:]
     grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.scale,
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend)
