@@ -17,12 +17,14 @@ cell (blocky borders). Probabilities therefore render with
 - outputs clipped to ``[0, 1]`` and renormalised to sum to 1.
 
 Measured on the Vaihingen crop (``benchmarks/quality_labels.py``, mIoU minus bilinear's; oracle
-= area fractions of the true labels, predicted = a spectral linear probe's probabilities),
-x8 / x16: these defaults oracle -0.1 / +0.5, predicted -0.1 / +0.4; the continuous defaults
-oracle -3.1 / -3.8, predicted -0.8 / -1.2. Sharp rendering (``consistency=0, min_sigma_r=0``)
-gains on a predictor's over-smooth probabilities at x16 (+10.4) but loses on oracle fractions
-(-1.7 / -2.5): no setting measured did both, so the default is the safe one and sharp is an
-explicit choice.
+= area fractions of the true labels, predicted = a spectral linear probe's probabilities, mean of
+four train/test splits), x8 / x16: these defaults oracle -0.2 / +0.0, predicted -0.5 / -0.5; the
+continuous defaults oracle -1.8 / -2.7, predicted -1.3 / -0.6. With the border pixels scored
+(``--borders nearest``) these defaults give oracle -0.2 / +0.7, predicted -0.4 / +0.2. Sharp
+rendering (``consistency=0, min_sigma_r=0``) gains on the probe's probabilities at x16 (+1.1 on
+average, but -3.2 to +8.4 from one split to another) and loses at x8 (-0.6) and on exact
+fractions (-3.3 / -5.5): no setting measured did both, so the default is the safe one and sharp is
+an explicit choice.
 """
 
 from __future__ import annotations
