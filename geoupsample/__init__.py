@@ -6,6 +6,7 @@
 >>> hr = gu.upsample(x, guide, method="gsjbu") # or nearest | bilinear | bicubic | jbu
 """
 
+from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.guide import GuideStats, guide_stats
 from geoupsample.core.kernels import Kernels, fit
 from geoupsample.core.methods import list_methods, register_method, upsample
@@ -24,5 +25,6 @@ __all__ = [
     "guide_stats",
     "list_methods",
     "register_method",
+    "tune_allocator",
     "upsample",
 ]

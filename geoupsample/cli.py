@@ -9,6 +9,8 @@ import importlib
 
 import typer
 
+from geoupsample.core.allocator import tune_allocator
+
 app = typer.Typer(
     name="geoupsample",
     help="Guided upsampling of coarse rasters (features, probabilities, bands) to full resolution.",
@@ -32,6 +34,7 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     """Console-script entry point."""
+    tune_allocator()  # before any thread allocates: see geoupsample.core.allocator
     app()
 
 

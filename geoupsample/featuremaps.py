@@ -510,6 +510,7 @@ def features_raster(
         workers: local threads (default 1; torch uses its own threads inside a tile).
     """
     check_method(method, iters)
+    gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     scene = Scene.open(scene_path, bands)
     if os.path.abspath(os.fspath(out_path)) == os.path.abspath(scene.path):
         raise InputError("the output path must differ from the scene path")

@@ -42,6 +42,7 @@ import geoupsample as gu
 import tiling
 import tiling.writer
 from geoupsample.core import presets
+from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.kernels import check_rounds
 from tiling.execute import gdal_env
 from tiling.reader import to_float
@@ -370,6 +371,7 @@ def upsample_raster(
         low-res nodata when it fits the dtype, else NaN / the dtype's max), the low-res band
         descriptions, and tags recording the method, parameters and package version.
     """
+    tune_allocator()  # the fits' large temporaries: see geoupsample.core.allocator
     with gdal_env():  # GDAL's block cache stays bounded during the checks and the run
         return _upsample_raster(
             lowres_path, guide_path, out_path, method=method, iters=iters, radius=radius,

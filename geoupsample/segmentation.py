@@ -34,6 +34,7 @@ import shapely
 import tiling
 from geoupsample import labels as gl
 from geoupsample.backbones import Backbone
+from geoupsample.core.allocator import tune_allocator
 from geoupsample.featuremaps import (
     AnyScene,
     FeatureTile,
@@ -356,6 +357,7 @@ def segment_raster(
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
     """
     check_method(method, iters)
+    tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     if probs_dtype not in ("uint8", "float32"):
         raise InputError(f"probs dtype must be uint8 or float32, got {probs_dtype!r}")
     scene = Scene.open(scene_path, bands)

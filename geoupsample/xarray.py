@@ -77,8 +77,9 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         scene-wide guide statistics (for ``jbu``/``gsjbu``) are computed eagerly from a regular
         subsample; everything else runs when the result is computed.
     """
-    from geoupsample import METHODS, __version__
+    from geoupsample import METHODS, __version__, tune_allocator
 
+    tune_allocator()  # before dask's threads allocate: see geoupsample.core.allocator
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     lowres, guide = _as_bands(lowres, "lowres"), _as_bands(guide, "guide")
