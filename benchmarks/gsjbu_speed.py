@@ -10,6 +10,7 @@ printed are medians over the repeats.
     python benchmarks/gsjbu_speed.py --case A -n 5    # one case
     python benchmarks/gsjbu_speed.py --device cuda    # on a GPU (fused Triton kernels)
     GEOUPSAMPLE_BACKEND=torch python benchmarks/gsjbu_speed.py --device cuda  # torch on GPU
+    GEOUPSAMPLE_TUNE_MALLOC=0 python benchmarks/gsjbu_speed.py   # glibc's default malloc
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_once(case: str, device: str, iters: int, sample: float) -> dict:
     import geoupsample as gu
     from geoupsample.core import backend
 
+    tuned = gu.tune_allocator()  # as the CLI does; GEOUPSAMPLE_TUNE_MALLOC=0 to compare
     cfg = CASES[case]
     rng = np.random.default_rng(0)
     hr, lr = cfg["hr"], cfg["lr"]
@@ -71,6 +73,7 @@ def run_once(case: str, device: str, iters: int, sample: float) -> dict:
         "output_mb": out.numel() * out.element_size() / 2**20,
         "final_loss": kernels.loss_history[-1] if kernels.loss_history else None,
         "backend": backend.name(kernels.params),
+        "malloc_tuned": tuned,
     }
     if device == "cuda":
         result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -106,7 +109,8 @@ def main() -> None:
         print(
             f"case {case} ({cfg['hr']}^2, {cfg['bands']} bands, {cfg['lr']}^2 LR, "
             f"C={cfg['channels']},"
-            f" {args.iters} steps, sample={args.sample}, {args.device}, {runs[0]['backend']} path),"
+            f" {args.iters} steps, sample={args.sample}, {args.device}, {runs[0]['backend']} path,"
+            f" malloc {'tuned' if runs[0]['malloc_tuned'] else 'default'}),"
             f" median of {len(runs)}: "
             + (
                 f"fit {1e3 * med['fit_s']:.1f} ms + render {1e3 * med['render_s']:.1f} ms = "

@@ -30,6 +30,10 @@ spill past 16 MB, GDAL cache 32 MB), three runs of ``--methods bilinear``, media
       memory with --iters 2 (a tile's memory does not depend on the steps):
       4096 1004 MB, 8192 1035 MB, 16384 1065 MB (GDAL cache 16 MB); 8192 1074 MB (32 MB)
       before the spill: 1126 / 1277 / 1299 MB
+    With gu.tune_allocator() (upsample_raster calls it; GEOUPSAMPLE_TUNE_MALLOC=0 turns it off),
+    three alternating runs each at 4096, iters 50: 0.150 MP/s (0.142, 0.154, 0.150) against
+    0.132 (0.132, 0.147, 0.131) untuned; peak RSS 1091 against 1095 MB. Memory with --iters 2:
+    8192 1064 MB, 16384 1082 MB.
 """
 
 from __future__ import annotations
