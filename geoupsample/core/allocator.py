@@ -4,8 +4,8 @@ Each Adam step of a fit allocates and frees several hundred MB of CPU tensors of
 (measured with the torch profiler: ~700 MB per step on a 1152 x 1152 tile at scale 8). With
 glibc's defaults, blocks above the mmap threshold go back to the kernel when freed and are
 faulted in again, page by page, on the next step, and threads other than the main one allocate
-from arenas whose heaps are capped at 64 MB, created and unmapped step after step. About a third
-of a fit's time went to the kernel (``sys``) that way.
+from arenas whose heaps are capped at 64 MB, created and unmapped step after step. On a
+1152 x 1152 tile that cost about 3 s of kernel (``sys``) time for a 6 s fit.
 
 :func:`tune_allocator` sets, once per process:
 
@@ -15,13 +15,16 @@ of a fit's time went to the kernel (``sys``) that way.
 - ``M_TRIM_THRESHOLD = 256 MB``: at most 256 MB of free heap is kept for reuse before it is given
   back to the kernel, so memory stays bounded.
 
-Measured on the 2-core development machine (``benchmarks/pipeline.py --sizes 2048 --methods
-gsjbu``, three runs each): 0.108 -> 0.139 MP/s, peak RSS unchanged (about 1.04 GB); the bilinear
-pipeline is unchanged. Results are bit-identical: only where memory comes from changes.
+Measured on the 2-core development machine, ``benchmarks/pipeline.py --sizes 4096 --methods gsjbu
+--no-bare``, three alternating runs each: 0.150 MP/s against 0.132 untuned, peak RSS 1091 against
+1095 MB; a single 1152 x 1152 tile fit went from 6.1 to 4.9 s with ``sys`` time from 3.0 to 1.0 s.
+The bilinear pipeline is unchanged. Results are bit-identical: only where memory comes from
+changes.
 
 The command line and the whole-scene entry points (``upsample_raster``, ``features_raster``,
 ``segment_raster``, ``geoupsample.xarray.upsample``) call it before starting their threads; call
-it yourself early in a script or notebook that fits directly with :func:`geoupsample.fit`. Set
+it yourself early in a script or notebook that fits directly with :func:`geoupsample.fit`, and
+on each dask.distributed worker (``client.run(gu.tune_allocator)``) when tiles run there. Set
 the environment variable ``GEOUPSAMPLE_TUNE_MALLOC=0`` to leave the allocator alone. Arena
 assignment happens at a thread's first allocation, so threads that already allocated keep
 their arena; the thresholds apply to every thread.
