@@ -73,10 +73,8 @@ def tune_allocator() -> bool:
     with _lock:
         if _applied is not None:
             return _applied
-        if not allocator_tuning_enabled() or platform.system() != "Linux":
-            _applied = False
-            return False
-        if platform.libc_ver()[0] != "glibc":
+        glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+        if not (glibc and allocator_tuning_enabled()):
             _applied = False
             return False
         try:
@@ -87,5 +85,6 @@ def tune_allocator() -> bool:
             return False
         mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         mallopt.restype = ctypes.c_int
-        _applied = all(mallopt(param, value) == 1 for _, param, value in SETTINGS)
+        accepted = [mallopt(param, value) == 1 for _, param, value in SETTINGS]  # try each one
+        _applied = all(accepted)
         return _applied
