@@ -13,8 +13,8 @@ two of the true one, far finer than a cell), so that boundary placement counts.
 - ``predicted``: a linear probe on ``spectral`` features (per-cell band means/stds and NDVI,
   cell = the scale) trained under the soft labels of half the crop predicts LR probabilities of
   the whole crop; these are upsampled by each method; mIoU on the other half (held out). Mean
-  over four splits (the white or the black squares of a checkerboard of 128 px blocks, the left
-  or the right half held out); the per-split gsjbu - bilinear gaps are printed too.
+  over six splits (the white or the black squares of a checkerboard of 128 px blocks, or the
+  left, right, top or bottom half held out); the per-split gsjbu - bilinear gaps are printed too.
 - ``segment``: the same, end to end through ``segment_raster`` (the ``geoupsample segment``
   command: polygons, tiles, GeoTIFFs); not run by default.
 
@@ -107,12 +107,13 @@ def oracle(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
 
 
 def held_out_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """The four train/test splits of the ``predicted`` regime: the held-out pixels of each (the
+    """The six train/test splits of the ``predicted`` regime: the held-out pixels of each (the
     probe is trained under the soft labels of the rest)."""
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     white = ((yy // BLOCK + xx // BLOCK) % 2).astype(bool)  # checkerboard of 128 px squares
     return {"white": white, "black": ~white, "left": xx < shape[1] // 2,
-            "right": xx >= shape[1] // 2}
+            "right": xx >= shape[1] // 2, "top": yy < shape[0] // 2,
+            "bottom": yy >= shape[0] // 2}  # fmt: skip
 
 
 #: per-split gsjbu - bilinear gaps of the last ``predicted`` call (printed by main)
@@ -120,7 +121,7 @@ SPLIT_GAPS: dict[str, float] = {}
 
 
 def predicted(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
-    """Mean mIoU over the four splits of :func:`held_out_masks` (one split alone swings the
+    """Mean mIoU over the six splits of :func:`held_out_masks` (one split alone swings the
     gsjbu - bilinear gap by several points on this small crop)."""
     bb = gb.create("spectral", band_names=("nir", "red", "green"), cell_size=scale)
     feats = bb.extract(img)

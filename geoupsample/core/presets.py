@@ -18,11 +18,11 @@ cell (blocky borders). Probabilities therefore render with
 
 Measured on the Vaihingen crop (``benchmarks/quality_labels.py``, mIoU minus bilinear's; oracle
 = area fractions of the true labels, predicted = a spectral linear probe's probabilities, mean of
-four train/test splits), x8 / x16: these defaults oracle -0.2 / +0.0, predicted -0.5 / -0.5; the
-continuous defaults oracle -1.8 / -2.7, predicted -1.3 / -0.6. With the border pixels scored
-(``--borders nearest``) these defaults give oracle -0.2 / +0.7, predicted -0.4 / +0.2. Sharp
-rendering (``consistency=0, min_sigma_r=0``) gains on the probe's probabilities at x16 (+1.1 on
-average, but -3.2 to +8.4 from one split to another) and loses at x8 (-0.6) and on exact
+six train/test splits), x8 / x16: these defaults oracle -0.2 / +0.0, predicted -0.4 / -0.4; the
+continuous defaults oracle -1.8 / -2.7, predicted -1.1 / -0.8. With the border pixels scored
+(``--borders nearest``) these defaults give oracle -0.2 / +0.7, predicted -0.5 / +0.0. Sharp
+rendering (``consistency=0, min_sigma_r=0``) gains little on the probe's probabilities at x16
+(+0.4 on average, from -3.2 to +8.4 between splits) and loses at x8 (-0.6) and on exact
 fractions (-3.3 / -5.5): no setting measured did both, so the default is the safe one and sharp is
 an explicit choice.
 """
