@@ -46,6 +46,7 @@ from geoupsample.pipeline import (
     scene_guide_stats,
     select_bands,
 )
+from geoupsample.workers import check_workers, threads_per_worker
 from tiling.aoi import load_aoi, window_intersects
 
 #: Output dtypes of a features raster.
@@ -507,9 +508,12 @@ def features_raster(
         resume: continue an interrupted run with the same inputs and parameters (another
             backbone, weights, PCA or parameter is refused: :class:`tiling.JournalMismatch`).
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
-        workers: local threads (default 1; torch uses its own threads inside a tile).
+        workers: tiles computed at once by local threads (default 1: torch uses every core inside
+            a tile; with more, each tile gets ``cores // workers`` torch threads and its own
+            working memory, see :mod:`geoupsample.workers`).
     """
     check_method(method, iters)
+    check_workers(workers)
     gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     scene = Scene.open(scene_path, bands)
     if os.path.abspath(os.fspath(out_path)) == os.path.abspath(scene.path):
@@ -552,6 +556,7 @@ def features_raster(
         aoi=geom,
         resume=resume,
         scheduler=scheduler,
+        device=device,
     )
 
 
@@ -569,26 +574,31 @@ def run_backbone_job(
     aoi: BaseGeometry | None = None,
     resume: bool = False,
     scheduler: Any = None,
+    device: str | None = None,
 ) -> tiling.RunReport:
     """Run a per-tile backbone ``job`` over ``scene``, tiles aligned to the backbone's stride.
 
     ``aoi`` is a geometry in the scene's CRS (:func:`scene_aoi`); ``resume`` and ``scheduler``
-    as in :func:`tiling.run`.
+    as in :func:`tiling.run`. With ``workers > 1`` local tiles at once, each gets
+    ``cores // workers`` torch threads (:func:`geoupsample.workers.threads_per_worker`; ``device``
+    is the fits' device: nothing changes on CUDA).
     """
-    return tiling.run(
-        job,
-        {"guide": scene.reader()},
-        spec,
-        tile=tile,
-        halo=halo,
-        align=backbone.stride,
-        aoi=aoi,
-        resume=resume,
-        params=params,
-        scheduler=scheduler,
-        workers=workers or 1,
-        progress=progress,
-    )
+    check_workers(workers)
+    with threads_per_worker(None if scheduler is not None else workers, device):
+        return tiling.run(
+            job,
+            {"guide": scene.reader()},
+            spec,
+            tile=tile,
+            halo=halo,
+            align=backbone.stride,
+            aoi=aoi,
+            resume=resume,
+            params=params,
+            scheduler=scheduler,
+            workers=workers or 1,
+            progress=progress,
+        )
 
 
 def lr_window_grid(

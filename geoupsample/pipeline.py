@@ -44,6 +44,7 @@ import tiling.writer
 from geoupsample.core import presets
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.kernels import check_rounds
+from geoupsample.workers import check_workers, threads_per_worker
 from tiling.execute import gdal_env
 from tiling.reader import to_float
 
@@ -356,8 +357,10 @@ def upsample_raster(
         device: torch device for the fits (``cpu``/``cuda``; default CUDA when available).
         resume: continue an interrupted run with the same inputs and parameters.
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
-        workers: local threads (default: all cores for interpolations, 1 for fits, which use
-            torch's own threads).
+        workers: tiles computed at once by local threads (default: all cores for
+            interpolations; 1 for fits, which use every core through torch's threads). With
+            more fits at once each gets ``cores // workers`` torch threads and its own working
+            memory (about 0.6 GB per 1024 px gsjbu tile): see :mod:`geoupsample.workers`.
         blend: ``taper`` or ``crop``.
         kind: ``continuous``, ``probabilities`` or ``auto`` (jbu/gsjbu render defaults, see
             :meth:`geoupsample.Kernels.render`): ``auto`` decides once for the whole scene,
@@ -372,6 +375,7 @@ def upsample_raster(
         descriptions, and tags recording the method, parameters and package version.
     """
     tune_allocator()  # the fits' large temporaries: see geoupsample.core.allocator
+    check_workers(workers)
     with gdal_env():  # GDAL's block cache stays bounded during the checks and the run
         return _upsample_raster(
             lowres_path, guide_path, out_path, method=method, iters=iters, radius=radius,
@@ -448,10 +452,12 @@ def _upsample_raster(
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
               "device": str(device), "stats": None if stats is None else
               [stats.lo.tolist(), stats.hi.tolist()], "render": render, "version": __version__}
-    return tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.scale,
-                      align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
-                      aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
-                      workers=workers, progress=progress)
+    fits_at_once = workers if method not in INTERPOLATIONS and scheduler is None else None
+    with threads_per_worker(fits_at_once, device):  # cores // workers torch threads per fit
+        return tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.scale,
+                          align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
+                          aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
+                          workers=workers, progress=progress)
 
 
 def _render_options(method: str, kind: str, consistency: float | None,

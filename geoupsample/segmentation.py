@@ -51,6 +51,7 @@ from geoupsample.featuremaps import (
 )
 from geoupsample.heads import LinearProbe
 from geoupsample.pipeline import InputError
+from geoupsample.workers import check_workers
 from tiling.writer import to_cog
 
 #: uint8 encodings: probability/confidence p is stored as round(p * 254); 255 is nodata.
@@ -357,6 +358,7 @@ def segment_raster(
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
     """
     check_method(method, iters)
+    check_workers(workers)
     tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     if probs_dtype not in ("uint8", "float32"):
         raise InputError(f"probs dtype must be uint8 or float32, got {probs_dtype!r}")
@@ -432,6 +434,7 @@ def segment_raster(
             aoi=geom,
             resume=resume,
             scheduler=scheduler,
+            device=device,
         )
         fractions = write_classes(
             ppath, out_path, labels.classes, scale, tags, compress, cog, blocksize

@@ -37,6 +37,11 @@ RESUME_HELP = "Continue an interrupted run with the same inputs and parameters."
 SCHEDULER_HELP = (
     "dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads."
 )
+WORKERS_HELP = (
+    "Tiles computed at once by local threads (default 1: torch uses every core inside a tile). "
+    "With more, each tile gets cores/workers torch threads and its own memory (about 0.6 GB "
+    "per 1024 px gsjbu tile); often faster where memory allows."
+)
 
 
 class FeatureDtype(str, Enum):
@@ -179,6 +184,7 @@ def features_command(
     aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
     scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help=WORKERS_HELP)] = None,
     device: Annotated[str | None, typer.Option(help="Torch device: cpu or cuda.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -218,6 +224,7 @@ def features_command(
             aoi=aoi,
             resume=resume,
             scheduler=scheduler,
+            workers=workers,
             device=device,
             progress=progress,
         )

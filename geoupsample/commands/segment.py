@@ -13,6 +13,7 @@ from geoupsample.commands.features import (
     AOI_HELP,
     RESUME_HELP,
     SCHEDULER_HELP,
+    WORKERS_HELP,
     Method,
     build_backbone,
     split,
@@ -108,6 +109,7 @@ def segment_command(
     aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
     scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help=WORKERS_HELP)] = None,
     device: Annotated[str | None, typer.Option(help="Torch device: cpu or cuda.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -155,6 +157,7 @@ def segment_command(
             aoi=aoi,
             resume=resume,
             scheduler=scheduler,
+            workers=workers,
             device=device,
             progress=progress,
         )
