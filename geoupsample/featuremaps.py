@@ -583,7 +583,6 @@ def run_backbone_job(
     ``cores // workers`` torch threads (:func:`geoupsample.workers.threads_per_worker`; ``device``
     is the fits' device: nothing changes on CUDA).
     """
-    check_workers(workers)
     with threads_per_worker(None if scheduler is not None else workers, device):
         return tiling.run(
             job,
