@@ -21,6 +21,7 @@ and every upsampling parameter, so a resume with anything else is refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -43,10 +44,11 @@ from geoupsample.pipeline import (
     _check_dtype,
     _open,
     array_guide_stats,
+    checked_overrides,
     scene_guide_stats,
     select_bands,
 )
-from geoupsample.workers import check_workers, threads_per_worker
+from geoupsample.workers import check_device, check_workers, threads_per_worker
 from tiling.aoi import load_aoi, window_intersects
 
 #: Output dtypes of a features raster.
@@ -314,28 +316,6 @@ class FeatureTile:
         return self.upsample(self.lowres(g), g)
 
 
-def progress_printer(
-    desc: str, quiet: bool
-) -> tuple[Any, Callable[[tiling.Progress], None] | None]:
-    """A tqdm bar on stderr and its tiling progress callback (``(None, None)`` when quiet)."""
-    if quiet:
-        return None, None
-    import sys
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="tile", desc=desc, dynamic_ncols=True, file=sys.stderr)
-
-    def progress(p: tiling.Progress) -> None:
-        bar.total = p.total
-        bar.n = p.done
-        rate = p.megapixels / p.seconds if p.seconds > 0 else 0.0
-        bar.set_postfix_str(f"{p.megapixels:.1f} MP, {rate:.2f} MP/s", refresh=False)
-        bar.refresh()
-
-    return bar, progress
-
-
 def check_method(method: str, iters: int) -> None:
     if method not in gu.METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
@@ -365,7 +345,7 @@ def plan_features(
     tile: int = 512,
     device: str | None = None,
     seed: int = 0,
-    consistency: int | None = None,
+    consistency: float | None = None,
     aoi: BaseGeometry | None = None,
 ) -> FeaturePlan:
     """Scene statistics, the PCA (fitted on windows touching ``aoi`` when given) and the job."""
@@ -378,7 +358,7 @@ def plan_features(
         names = [f"pca_{i + 1}" for i in range(reducer.components.shape[0])]
     else:
         names = backbone.feature_names(len(scene.bands))
-    render = {} if consistency is None else {"consistency": int(consistency)}
+    render = checked_overrides(method, consistency=consistency)
     job = FeatureTile(feats, method, stats, reducer, int(iters), radius, device, seed, render)
     from geoupsample import __version__
 
@@ -388,6 +368,7 @@ def plan_features(
         "geoupsample_backbone": repr(backbone.extra_repr()),
         "geoupsample_stride": str(backbone.stride),
         "geoupsample_pca": str(pca or 0),
+        "geoupsample_render": json.dumps(render),
     }
     params = {
         "kind": "features",
@@ -481,7 +462,7 @@ def features_raster(
     scheduler: Any = None,
     device: str | None = None,
     seed: int = 0,
-    consistency: int | None = None,
+    consistency: float | None = None,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
@@ -514,6 +495,8 @@ def features_raster(
     """
     check_method(method, iters)
     check_workers(workers)
+    check_device(device, local=scheduler is None)
+    checked_overrides(method, consistency=consistency)  # refuse a bad value before any work
     gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     scene = Scene.open(scene_path, bands)
     if os.path.abspath(os.fspath(out_path)) == os.path.abspath(scene.path):

@@ -43,8 +43,14 @@ import tiling
 import tiling.writer
 from geoupsample.core import presets
 from geoupsample.core.allocator import tune_allocator
-from geoupsample.core.kernels import check_rounds
-from geoupsample.workers import check_workers, threads_per_worker
+from geoupsample.core.kernels import render_overrides
+from geoupsample.core.self_guidance import robust_span
+from geoupsample.workers import (
+    available_cores,
+    check_device,
+    check_workers,
+    threads_per_worker,
+)
 from tiling.execute import gdal_env
 from tiling.reader import to_float
 
@@ -326,6 +332,8 @@ def upsample_raster(
     seed: int = 0,
     kind: str = "auto",
     consistency: float | None = None,
+    self_guidance: float | None = None,
+    min_sigma_r: float | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
     """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``.
@@ -367,6 +375,9 @@ def upsample_raster(
             from a decimated read of the low-res raster (float probabilities in [0, 1] that
             sum to 1; scaled integer probabilities count as continuous: convert them to float).
         consistency: back-projection rounds (default: the kind's; 0 for interpolations).
+        self_guidance, min_sigma_r: jbu/gsjbu render overrides (default: the kind's; see
+            :meth:`geoupsample.Kernels.render`); ``consistency=0, min_sigma_r=0`` is the sharp
+            render of probabilities.
         progress: callback receiving :class:`tiling.Progress` after each tile.
 
     Returns:
@@ -376,13 +387,15 @@ def upsample_raster(
     """
     tune_allocator()  # the fits' large temporaries: see geoupsample.core.allocator
     check_workers(workers)
+    check_device(device, local=scheduler is None)
     with gdal_env():  # GDAL's block cache stays bounded during the checks and the run
         return _upsample_raster(
             lowres_path, guide_path, out_path, method=method, iters=iters, radius=radius,
             tile=tile, halo=halo, bands=bands, guide_bands=guide_bands, aoi=aoi,
             aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
             device=device, resume=resume, scheduler=scheduler, workers=workers, blend=blend,
-            seed=seed, kind=kind, consistency=consistency, progress=progress)
+            seed=seed, kind=kind, consistency=consistency, self_guidance=self_guidance,
+            min_sigma_r=min_sigma_r, progress=progress)
 
 
 def _upsample_raster(
@@ -391,8 +404,8 @@ def _upsample_raster(
     halo: int, bands: Sequence[int | str] | None, guide_bands: Sequence[int | str] | None,
     aoi: Any, aoi_crs: Any, cog: bool, dtype: str | None, compress: str, blocksize: int,
     device: str | None, resume: bool, scheduler: Any, workers: int | None, blend: str,
-    seed: int, kind: str, consistency: float | None,
-    progress: Callable[[tiling.Progress], None] | None,
+    seed: int, kind: str, consistency: float | None, self_guidance: float | None,
+    min_sigma_r: float | None, progress: Callable[[tiling.Progress], None] | None,
 ) -> tiling.RunReport:
     if method not in gu.METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
@@ -421,7 +434,8 @@ def _upsample_raster(
             for i in hr_idx)
         lr_window = from_bounds(*hr.bounds, transform=lr.transform).intersection(
             Window(0, 0, lr.width, lr.height))
-        render = _render_options(method, kind, consistency, lr, lr_idx, lr_window)
+        render = _render_options(method, kind, lr, lr_idx, lr_window, consistency=consistency,
+                                 self_guidance=self_guidance, min_sigma_r=min_sigma_r)
         if not _any_valid(lr, lr_idx, lr_window, every_band=False):
             raise InputError(f"the low-res raster {lowres_path} is all nodata where it overlaps "
                              "the guide: nothing to upsample")
@@ -445,7 +459,7 @@ def _upsample_raster(
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        render=render)
     if workers is None and scheduler is None:
-        workers = (os.cpu_count() or 1) if method in INTERPOLATIONS else 1
+        workers = available_cores() if method in INTERPOLATIONS else 1
     inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx)}
     if guide_needed:
         inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
@@ -460,20 +474,31 @@ def _upsample_raster(
                           workers=workers, progress=progress)
 
 
-def _render_options(method: str, kind: str, consistency: float | None,
-                    lr: rasterio.io.DatasetReader, indexes: Sequence[int],
-                    window: Window) -> dict[str, Any]:
-    """The tiles' rendering arguments, decided once for the scene (``kind="auto"`` resolved)."""
-    render: dict[str, Any] = {}
-    if consistency is not None:
-        try:
-            render["consistency"] = check_rounds(consistency)
-        except (TypeError, ValueError) as err:
-            raise InputError(str(err)) from err
+def checked_overrides(method: str, **overrides: float | None) -> dict[str, float]:
+    """:func:`~geoupsample.core.kernels.render_overrides` of ``method``'s run, validated;
+    ``InputError`` for a bad value, or for kernel settings (``self_guidance``, ``min_sigma_r``)
+    given to an interpolation, which has no kernels to apply them to."""
+    try:
+        render = render_overrides(**overrides)
+    except (TypeError, ValueError) as err:
+        raise InputError(str(err)) from err
+    kernel_only = sorted(set(render) - {"consistency"})
+    if method in INTERPOLATIONS and kernel_only:
+        raise InputError(f"only jbu and gsjbu use {' and '.join(kernel_only)}; {method} has no "
+                         "kernels: leave it out or use method gsjbu")
+    return render
+
+
+def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
+                    indexes: Sequence[int], window: Window, **overrides: float | None,
+                    ) -> dict[str, Any]:
+    """The tiles' rendering arguments, decided once for the scene (``kind="auto"`` resolved);
+    ``overrides``: ``consistency``, ``self_guidance``, ``min_sigma_r`` (None = the default)."""
+    render: dict[str, Any] = checked_overrides(method, **overrides)
     if method in INTERPOLATIONS:
         return render
     sample = None
-    if kind == "auto":
+    if kind == "auto" or render.get("self_guidance"):
         step = max(1, int(max(window.height, window.width) // 1024))
         win = window.round_offsets().round_lengths()
         sample = torch.from_numpy(to_float(lr.read(list(indexes), window=win, out_shape=(
@@ -486,6 +511,8 @@ def _render_options(method: str, kind: str, consistency: float | None,
     render["kind"] = kind
     if kind == "probabilities":
         render["self_guidance_scale"] = 1.0  # the same unit in every tile
+    elif render.get("self_guidance"):  # the scene's span, not each tile's: tiles agree
+        render["self_guidance_scale"] = robust_span(sample)
     return render
 
 

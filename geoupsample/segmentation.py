@@ -50,8 +50,8 @@ from geoupsample.featuremaps import (
     windows,
 )
 from geoupsample.heads import LinearProbe
-from geoupsample.pipeline import InputError
-from geoupsample.workers import check_workers
+from geoupsample.pipeline import InputError, checked_overrides
+from geoupsample.workers import check_device, check_workers
 from tiling.writer import to_cog
 
 #: uint8 encodings: probability/confidence p is stored as round(p * 254); 255 is nodata.
@@ -145,15 +145,16 @@ def training_set(
 
 
 def probability_render(
-    consistency: float | None = None, self_guidance: float | None = None
+    method: str,
+    consistency: float | None = None,
+    self_guidance: float | None = None,
+    min_sigma_r: float | None = None,
 ) -> dict[str, Any]:
     """``gu.upsample`` arguments for probabilities: the probability preset, unit scale (the same
-    in every tile), with the given overrides."""
+    in every tile), with the given overrides (validated: :func:`checked_overrides`)."""
     render: dict[str, Any] = {"kind": "probabilities", "self_guidance_scale": 1.0}
-    if consistency is not None:
-        render["consistency"] = float(consistency)
-    if self_guidance is not None:
-        render["self_guidance"] = float(self_guidance)
+    render.update(checked_overrides(method, consistency=consistency,
+                                    self_guidance=self_guidance, min_sigma_r=min_sigma_r))
     return render
 
 
@@ -239,6 +240,7 @@ def plan_segment(
     seed: int = 0,
     consistency: float | None = None,
     self_guidance: float | None = None,
+    min_sigma_r: float | None = None,
 ) -> SegmentPlan:
     """Fit the probe on all the polygons (``labels`` in the scene's CRS) and build the job.
 
@@ -260,7 +262,7 @@ def plan_segment(
         radius=radius,
         device=device,
         seed=seed,
-        render=probability_render(consistency, self_guidance),
+        render=probability_render(method, consistency, self_guidance, min_sigma_r),
     )
     from geoupsample import __version__
 
@@ -324,6 +326,7 @@ def segment_raster(
     seed: int = 0,
     consistency: float | None = None,
     self_guidance: float | None = None,
+    min_sigma_r: float | None = None,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> SegmentReport:
@@ -338,12 +341,12 @@ def segment_raster(
         backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
         probs_path, probs_dtype: also keep the probabilities (``uint8`` or ``float32``).
         method, iters, radius, seed, device: upsampling of the probabilities.
-        consistency, self_guidance: override the render's defaults for probabilities
-            (:mod:`geoupsample.core.presets`: one back-projection round, the probabilities
-            themselves in the range term at weight 1, range sigmas floored at 0.3; measured on
-            Vaihingen in benchmarks/quality_labels.py). ``consistency=0`` renders sharper:
-            better on a probe's over-smooth probabilities at large scales, worse where the
-            probabilities are right.
+        consistency, self_guidance, min_sigma_r: override the render's defaults for
+            probabilities (:mod:`geoupsample.core.presets`: one back-projection round, the
+            probabilities themselves in the range term at weight 1, range sigmas floored at
+            0.3; measured on Vaihingen in benchmarks/quality_labels.py). ``consistency=0,
+            min_sigma_r=0`` renders sharper: it can help on a probe's over-smooth
+            probabilities at large scales and loses where the probabilities are right.
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
         weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
         probe_path: save the fitted probe there (safetensors).
@@ -359,6 +362,8 @@ def segment_raster(
     """
     check_method(method, iters)
     check_workers(workers)
+    check_device(device, local=scheduler is None)
+    probability_render(method, consistency, self_guidance, min_sigma_r)  # refuse bad ones now
     tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     if probs_dtype not in ("uint8", "float32"):
         raise InputError(f"probs dtype must be uint8 or float32, got {probs_dtype!r}")
@@ -390,6 +395,7 @@ def segment_raster(
         seed=seed,
         consistency=consistency,
         self_guidance=self_guidance,
+        min_sigma_r=min_sigma_r,
     )
     if probe_path is not None:
         plan.probe.save(probe_path)
@@ -401,6 +407,7 @@ def segment_raster(
         "geoupsample_version": __version__,
         "geoupsample_method": method,
         "geoupsample_backbone": backbone.extra_repr(),
+        "geoupsample_render": json.dumps(plan.job.render),
         "class_names": json.dumps(list(labels.classes)),
         "labels": os.path.basename(os.fspath(labels_name)),
         "class_field": str(class_field),

@@ -1,4 +1,5 @@
-"""How the CPU's cores are shared between the tiles a local run computes at once.
+"""Where a run's tile work goes: the device it runs on, and how the CPU's cores are shared
+between the tiles a local run computes at once.
 
 A fit (``jbu``/``gsjbu``) or a backbone runs one tile at a time by default and uses every core
 inside it through torch's intra-op threads. Those threads do not keep every core busy all the time
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
+from geoupsample.core.kernels import parse_device, resolve_device
+
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity where known, else the CPU count)."""
@@ -37,8 +40,7 @@ def threads_per_worker(workers: int | None, device: str | torch.device | None) -
     Nothing changes for ``workers`` None or 1, or on CUDA (``device`` ``"cuda"``, or None on a
     machine with a GPU: the GPU does the work). The setting is process-wide while the block runs.
     """
-    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if cuda or workers is None or workers <= 1:
+    if workers is None or workers <= 1 or parse_device(device).type == "cuda":
         yield
         return
     before = torch.get_num_threads()
@@ -54,3 +56,11 @@ def check_workers(workers: int | None) -> None:
     if workers is not None and (isinstance(workers, bool) or int(workers) != workers
                                 or workers < 1):  # fmt: skip
         raise ValueError(f"workers must be a whole number >= 1 (tiles at once); got {workers!r}")
+
+
+def check_device(device: str | torch.device | None, local: bool = True) -> None:
+    """Refuse, before any work, a device torch does not know and (``local``: the tiles run in
+    this process) CUDA where torch sees no GPU; ``ValueError`` naming what to pass. With a
+    dask.distributed cluster (``local=False``) only the name is checked: the workers may have
+    the GPU."""
+    (resolve_device if local else parse_device)(device)

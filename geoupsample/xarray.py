@@ -155,7 +155,7 @@ def _on_scene_grid(arr: Any, scene: xr.DataArray, bands: Any, attrs: dict[str, A
 def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
              pca: int | None = None, method: str = "gsjbu", iters: int = 50, radius: int = 3,
              tile: int = 512, halo: int = 64, device: str | None = None, seed: int = 0,
-             consistency: int | None = None, aoi: Any = None, aoi_crs: Any = None,
+             consistency: float | None = None, aoi: Any = None, aoi_crs: Any = None,
              blocksize: int = 256, **backbone_options: Any) -> xr.DataArray:
     """Backbone features of ``scene`` upsampled to its grid; a lazy dask-backed DataArray.
 
@@ -194,8 +194,9 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
             iters: int = 50, radius: int = 3, tile: int = 512, halo: int = 64,
             weight_decay: float = 1e-3, class_weight: str | None = None,
             device: str | None = None, seed: int = 0, consistency: float | None = None,
-            self_guidance: float | None = None, aoi: Any = None, aoi_crs: Any = None,
-            blocksize: int = 256, **backbone_options: Any) -> xr.DataArray:
+            self_guidance: float | None = None, min_sigma_r: float | None = None,
+            aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256,
+            **backbone_options: Any) -> xr.DataArray:
     """Segment ``scene`` from labelled polygons; a lazy dask-backed DataArray on its grid.
 
     The probe is fitted eagerly (as in :func:`geoupsample.segmentation.segment_raster`, on all
@@ -227,7 +228,7 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
     plan = plan_segment(sc, polys, bb, scale=1.0, method=method, iters=iters, radius=radius,
                         tile=tile, weight_decay=weight_decay, class_weight=class_weight,
                         device=device, seed=seed, consistency=consistency,
-                        self_guidance=self_guidance)
+                        self_guidance=self_guidance, min_sigma_r=min_sigma_r)
     k = len(polys.classes)
     probs = _lazy(plan.job, sc, bb.stride, k, tile, halo, blocksize, geom)
     from geoupsample import __version__

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from geoupsample.commands import options as opt
+
 HELP = (
     "Compute features of SCENE with a backbone and write them upsampled to SCENE's full "
     "resolution (one float32 band per feature, or per PCA component with --pca) into OUT.\n\n"
@@ -28,40 +30,10 @@ HELP = (
     "--aoi limits the work to an area, --scheduler runs the tiles on a dask cluster."
 )
 
-#: Shared help of the tiling options (features and segment).
-AOI_HELP = (
-    "GeoJSON area of interest (EPSG:4326 unless it names a CRS); pixels outside are nodata, "
-    "tiles outside are skipped."
-)
-RESUME_HELP = "Continue an interrupted run with the same inputs and parameters."
-SCHEDULER_HELP = (
-    "dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads."
-)
-WORKERS_HELP = (
-    "Tiles computed at once by local threads (default 1: torch uses every core inside a tile). "
-    "With more, each tile gets cores/workers torch threads and its own memory (about 0.6 GB "
-    "per 1024 px gsjbu tile); often faster where memory allows."
-)
-
 
 class FeatureDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
-
-
-class Method(str, Enum):
-    gsjbu = "gsjbu"
-    jbu = "jbu"
-    bilinear = "bilinear"
-    bicubic = "bicubic"
-    nearest = "nearest"
-
-
-def split(text: str | None) -> list[str] | None:
-    """``"a, b,c"`` -> ``["a", "b", "c"]``; None stays None."""
-    if text is None:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_backbone(
@@ -88,7 +60,7 @@ def build_backbone(
         return create("spectral", band_names=band_names, cell_size=cell_size)
     chosen: list[int | str] | None = None
     if model_bands:
-        chosen = [int(b) - 1 if b.isdigit() else b for b in split(model_bands) or []]
+        chosen = [int(b) - 1 if b.isdigit() else b for b in opt.split(model_bands) or []]
     return create(
         name,
         in_chans=len(band_names),
@@ -102,97 +74,48 @@ def build_backbone(
     )
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's to fix: printed as ``error: ...``, exit status 2."""
-    from rasterio.errors import RasterioError
-
-    from geoupsample.backbones import WeightsNotFoundError
-    from geoupsample.pipeline import InputError
-    from tiling import JournalMismatch
-
-    return (
-        InputError,
-        JournalMismatch,
-        WeightsNotFoundError,
-        FileNotFoundError,
-        PermissionError,
-        RasterioError,
-        ValueError,
-        TypeError,
-    )
-
-
 def features_command(
     scene: Annotated[Path, typer.Argument(help="Image to compute features of (GeoTIFF).")],
     out: Annotated[
         Path, typer.Option("-o", "--out", help="Output GeoTIFF (or Zarr store: .zarr).")
     ],
-    backbone: Annotated[
-        str, typer.Option(help="'spectral' or 'timm:<model>' (e.g. timm:vit_small_patch14_dinov2).")
-    ] = "spectral",
-    weights: Annotated[
-        Path | None, typer.Option(help="Weight file for a timm model (safetensors or state dict).")
-    ] = None,
-    pretrained: Annotated[
-        bool, typer.Option(help="Use the model's weights from your Hugging Face cache (offline).")
-    ] = False,
-    random_init: Annotated[
-        bool, typer.Option("--random-init", help="Random weights (smoke tests only).")
-    ] = False,
-    layer: Annotated[
-        int, typer.Option(help="Transformer block or CNN stage (timm out_indices; -1 = last).")
-    ] = -1,
-    bands: Annotated[
-        str | None,
-        typer.Option(help="Scene bands to use: 1-based indexes or descriptions (default: all)."),
-    ] = None,
-    model_bands: Annotated[
-        str | None,
-        typer.Option(help="Which of those the model sees (e.g. red,green,blue); default all."),
-    ] = None,
-    adapt_stem: Annotated[
-        bool, typer.Option(help="Adapt a 3-band stem to the bands fed (timm in_chans).")
-    ] = False,
-    cell_size: Annotated[int, typer.Option(help="Cell size in pixels (spectral).")] = 8,
+    backbone: opt.BackboneOption = "spectral",
+    weights: opt.WeightsOption = None,
+    pretrained: opt.PretrainedOption = False,
+    random_init: opt.RandomInitOption = False,
+    layer: opt.LayerOption = -1,
+    bands: opt.BandsOption = None,
+    model_bands: opt.ModelBandsOption = None,
+    adapt_stem: opt.AdaptStemOption = False,
+    cell_size: opt.CellSizeOption = 8,
     pca: Annotated[
         int | None, typer.Option(help="Reduce to K principal components (fitted on the scene).")
     ] = None,
-    method: Annotated[Method, typer.Option("--method", "-m", help="Upsampling method.")] = (
-        Method.gsjbu
-    ),
-    iters: Annotated[int, typer.Option(help="GSJBU fit steps per tile.")] = 50,
-    radius: Annotated[int, typer.Option(help="Kernel radius in low-res pixels.")] = 3,
-    consistency: Annotated[
-        int | None,
-        typer.Option(
-            help="Back-projection rounds making the output average back to the low-res values "
-            "(default: the library's; 0 keeps the pure kernels)."
-        ),
-    ] = None,
-    tile: Annotated[int, typer.Option(help="Tile core size in pixels.")] = 512,
-    halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
+    method: opt.MethodOption = opt.Method.gsjbu,
+    iters: opt.ItersOption = 50,
+    radius: opt.RadiusOption = 3,
+    consistency: opt.ConsistencyOption = None,
+    tile: opt.TileOption = 512,
+    halo: opt.HaloOption = 64,
     dtype: Annotated[
         FeatureDtype, typer.Option(help="Output dtype (float16: half the size, ~3 digits).")
     ] = FeatureDtype.float32,
     compress: Annotated[
         str, typer.Option(help="deflate, zstd, lzw (GeoTIFF only) or none.")
     ] = "deflate",
-    cog: Annotated[bool, typer.Option(help="Write a Cloud-Optimized GeoTIFF.")] = False,
-    blocksize: Annotated[
-        int, typer.Option(help="Output block (GeoTIFF tile, Zarr chunk) size, a multiple of 16.")
-    ] = 256,
-    aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
-    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
-    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help=WORKERS_HELP)] = None,
-    device: Annotated[str | None, typer.Option(help="Torch device: cpu or cuda.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    cog: opt.CogOption = False,
+    blocksize: opt.BlocksizeOption = 256,
+    aoi: opt.AoiOption = None,
+    resume: opt.ResumeOption = False,
+    scheduler: opt.SchedulerOption = None,
+    workers: opt.WorkersOption = None,
+    device: opt.DeviceOption = None,
+    quiet: opt.QuietOption = False,
 ) -> None:
-    from geoupsample.featuremaps import Scene, features_raster, progress_printer
+    from geoupsample.featuremaps import Scene, features_raster
 
-    bar = None
-    try:
-        sc = Scene.open(scene, split(bands))
+    def work(progress: Any) -> tuple[Any, Any]:
+        sc = Scene.open(scene, opt.split(bands))
         bb = build_backbone(
             backbone,
             sc.band_names,
@@ -204,12 +127,11 @@ def features_command(
             adapt_stem=adapt_stem,
             cell_size=cell_size,
         )
-        bar, progress = progress_printer("features", quiet)
         report = features_raster(
             scene,
             out,
             bb,
-            bands=split(bands),
+            bands=opt.split(bands),
             pca=pca,
             method=method.value,
             iters=iters,
@@ -228,13 +150,9 @@ def features_command(
             device=device,
             progress=progress,
         )
-    except user_errors() as err:
-        if bar is not None:
-            bar.close()
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    if bar is not None:
-        bar.close()
+        return bb, report
+
+    bb, report = opt.run_command("features", quiet, work)
     if not quiet:
         typer.echo(
             f"wrote {os.fspath(out)}: {report.megapixels:.1f} MP in {report.seconds:.1f} s, "

@@ -5,20 +5,12 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from geoupsample.commands.features import (
-    AOI_HELP,
-    RESUME_HELP,
-    SCHEDULER_HELP,
-    WORKERS_HELP,
-    Method,
-    build_backbone,
-    split,
-    user_errors,
-)
+from geoupsample.commands import options as opt
+from geoupsample.commands.features import build_backbone
 
 HELP = (
     "Segment SCENE into the classes of the polygons in --labels (GeoJSON or GeoPackage, any "
@@ -47,23 +39,15 @@ def segment_command(
     labels: Annotated[Path, typer.Option(help="Labelled polygons: GeoJSON or GeoPackage.")],
     class_field: Annotated[str, typer.Option(help="Attribute holding each polygon's class.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output class raster (GeoTIFF).")],
-    backbone: Annotated[str, typer.Option(help="'spectral' or 'timm:<model>'.")] = "spectral",
-    weights: Annotated[Path | None, typer.Option(help="Weight file for a timm model.")] = None,
-    pretrained: Annotated[
-        bool, typer.Option(help="Use the model's weights from your Hugging Face cache (offline).")
-    ] = False,
-    random_init: Annotated[
-        bool, typer.Option("--random-init", help="Random weights (smoke tests only).")
-    ] = False,
-    layer: Annotated[int, typer.Option(help="Transformer block or CNN stage (-1 = last).")] = -1,
-    bands: Annotated[
-        str | None, typer.Option(help="Scene bands: 1-based indexes or descriptions (default all).")
-    ] = None,
-    model_bands: Annotated[
-        str | None, typer.Option(help="Which of those a timm model sees (e.g. red,green,blue).")
-    ] = None,
-    adapt_stem: Annotated[bool, typer.Option(help="Adapt a 3-band stem to the bands fed.")] = False,
-    cell_size: Annotated[int, typer.Option(help="Cell size in pixels (spectral).")] = 8,
+    backbone: opt.BackboneOption = "spectral",
+    weights: opt.WeightsOption = None,
+    pretrained: opt.PretrainedOption = False,
+    random_init: opt.RandomInitOption = False,
+    layer: opt.LayerOption = -1,
+    bands: opt.BandsOption = None,
+    model_bands: opt.ModelBandsOption = None,
+    adapt_stem: opt.AdaptStemOption = False,
+    cell_size: opt.CellSizeOption = 8,
     labels_crs: Annotated[
         str | None, typer.Option(help="CRS of the polygons if the file does not say.")
     ] = None,
@@ -80,45 +64,29 @@ def segment_command(
     balanced: Annotated[bool, typer.Option(help="Weight the classes equally in the probe.")] = (
         False
     ),
-    method: Annotated[Method, typer.Option("--method", "-m", help="Upsampling method.")] = (
-        Method.gsjbu
-    ),
-    iters: Annotated[int, typer.Option(help="GSJBU fit steps per tile.")] = 50,
-    radius: Annotated[int, typer.Option(help="Kernel radius in low-res pixels.")] = 3,
-    consistency: Annotated[
-        float | None,
-        typer.Option(
-            help="Back-projection rounds making the output average back to the low-res "
-            "probabilities (default 1; 0: the pure kernels, sharper)."
-        ),
-    ] = None,
-    self_guidance: Annotated[
-        float | None,
-        typer.Option(
-            help="Weight of the probabilities themselves in the range term (default 1; 0: "
-            "colour only, which lets labels follow colour edges they do not share)."
-        ),
-    ] = None,
-    tile: Annotated[int, typer.Option(help="Tile core size in pixels.")] = 512,
-    halo: Annotated[int, typer.Option(help="Tile overlap (context, blending) in pixels.")] = 64,
-    compress: Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")] = "deflate",
-    cog: Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")] = False,
-    blocksize: Annotated[
-        int, typer.Option(help="Output block (GeoTIFF tile) size, a multiple of 16.")
-    ] = 256,
-    aoi: Annotated[Path | None, typer.Option(help=AOI_HELP)] = None,
-    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = False,
-    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help=WORKERS_HELP)] = None,
-    device: Annotated[str | None, typer.Option(help="Torch device: cpu or cuda.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    method: opt.MethodOption = opt.Method.gsjbu,
+    iters: opt.ItersOption = 50,
+    radius: opt.RadiusOption = 3,
+    consistency: opt.ConsistencyOption = None,
+    self_guidance: opt.SelfGuidanceOption = None,
+    min_sigma_r: opt.MinSigmaROption = None,
+    tile: opt.TileOption = 512,
+    halo: opt.HaloOption = 64,
+    compress: opt.CompressOption = "deflate",
+    cog: opt.CogOption = False,
+    blocksize: opt.BlocksizeOption = 256,
+    aoi: opt.AoiOption = None,
+    resume: opt.ResumeOption = False,
+    scheduler: opt.SchedulerOption = None,
+    workers: opt.WorkersOption = None,
+    device: opt.DeviceOption = None,
+    quiet: opt.QuietOption = False,
 ) -> None:
-    from geoupsample.featuremaps import Scene, progress_printer
+    from geoupsample.featuremaps import Scene
     from geoupsample.segmentation import segment_raster
 
-    bar = None
-    try:
-        sc = Scene.open(scene, split(bands))
+    def work(progress: Any) -> tuple[Any, Any]:
+        sc = Scene.open(scene, opt.split(bands))
         bb = build_backbone(
             backbone,
             sc.band_names,
@@ -130,14 +98,13 @@ def segment_command(
             adapt_stem=adapt_stem,
             cell_size=cell_size,
         )
-        bar, progress = progress_printer("segment", quiet)
         report = segment_raster(
             scene,
             labels,
             class_field,
             out,
             bb,
-            bands=split(bands),
+            bands=opt.split(bands),
             labels_crs=labels_crs,
             layer=layer_name,
             probs_path=probs,
@@ -147,6 +114,7 @@ def segment_command(
             radius=radius,
             consistency=consistency,
             self_guidance=self_guidance,
+            min_sigma_r=min_sigma_r,
             tile=tile,
             halo=halo,
             class_weight="balanced" if balanced else None,
@@ -161,13 +129,9 @@ def segment_command(
             device=device,
             progress=progress,
         )
-    except user_errors() as err:
-        if bar is not None:
-            bar.close()
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    if bar is not None:
-        bar.close()
+        return bb, report
+
+    bb, report = opt.run_command("segment", quiet, work)
     if not quiet:
         shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in report.class_fractions.items())
         typer.echo(

@@ -38,11 +38,27 @@ MIN_SAMPLED_PHASES = 12
 OBJECTIVES = ("back_projected", "plain")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``, without
+    asking whether that device exists here (a cluster's workers may have a GPU the client lacks).
+
+    Raises:
+        ValueError: ``device`` names no torch device (e.g. ``"gpu"``).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be 'cpu', 'cuda' or 'cuda:N' (or None: CUDA when available); "
+            f"got {device!r}"
+        ) from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """:func:`parse_device`, and refuse CUDA where torch sees no CUDA GPU (``ValueError``)."""
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
     return dev
@@ -333,6 +349,16 @@ def check_rounds(consistency: object) -> float:
 def check_min_sigma_r(value: object) -> float:
     """Validate a floor on the range sigmas (a number >= 0)."""
     return _non_negative_number(value, "min_sigma_r")
+
+
+def render_overrides(
+    consistency: object = None, self_guidance: object = None, min_sigma_r: object = None
+) -> dict[str, float]:
+    """The given :meth:`Kernels.render` overrides, validated (``None`` = the kind's default,
+    left out): ``{"consistency": ..., "self_guidance": ..., "min_sigma_r": ...}``."""
+    given = {"consistency": consistency, "self_guidance": self_guidance,
+             "min_sigma_r": min_sigma_r}  # fmt: skip
+    return {k: _non_negative_number(v, k) for k, v in given.items() if v is not None}
 
 
 def _non_negative_number(value: object, name: str) -> float:

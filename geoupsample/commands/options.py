@@ -1,0 +1,149 @@
+"""What the tiled commands (``upsample``, ``features``, ``segment``) share: each option defined
+once (typer ``Annotated`` aliases; a command sets its own default), the progress bar, and which
+errors are the user's to fix.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+
+class Method(str, Enum):
+    gsjbu = "gsjbu"
+    jbu = "jbu"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    nearest = "nearest"
+
+
+def split(text: str | None) -> list[str] | None:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``; None stays None."""
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# --- upsampling ---------------------------------------------------------------------------
+MethodOption = Annotated[Method, typer.Option("--method", "-m", help="Upsampling method.")]
+ItersOption = Annotated[int, typer.Option(help="GSJBU fit steps per tile (gsjbu only).")]
+RadiusOption = Annotated[int, typer.Option(help="Kernel radius in low-res pixels (jbu/gsjbu).")]
+ConsistencyOption = Annotated[float | None, typer.Option(
+    help="Back-projection rounds: the output averages back to the low-res values over each "
+         "cell (default 2 for continuous rasters, 1 for probabilities, 0 for the "
+         "interpolations; 0 renders the pure kernels).")]
+SelfGuidanceOption = Annotated[float | None, typer.Option(
+    help="jbu/gsjbu: weight of the low-res values themselves in the range term (default 1 for "
+         "probabilities, 0 otherwise; 0 = colour only, which lets labels follow colour edges "
+         "they do not share).")]
+MinSigmaROption = Annotated[float | None, typer.Option(
+    help="jbu/gsjbu: floor on the kernels' range sigmas, in normalised guide units (default "
+         "0.3 for probabilities, 0 otherwise). --min-sigma-r 0 --consistency 0 is the sharp "
+         "render.")]
+DeviceOption = Annotated[str | None, typer.Option(
+    help="Torch device of the fits and backbones: cpu, cuda or cuda:N (default: cuda when "
+         "available).")]
+
+# --- tiling and output --------------------------------------------------------------------
+TileOption = Annotated[int, typer.Option(help="Tile core size in output pixels.")]
+HaloOption = Annotated[int, typer.Option(
+    help="Context and blend width around each tile (output pixels).")]
+CompressOption = Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")]
+CogOption = Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")]
+BlocksizeOption = Annotated[int, typer.Option(
+    help="Output block (GeoTIFF tile, Zarr chunk) size, a multiple of 16.")]
+AoiOption = Annotated[Path | None, typer.Option(
+    help="GeoJSON area of interest (EPSG:4326 unless it names a CRS); pixels outside are "
+         "nodata, tiles outside are skipped.")]
+ResumeOption = Annotated[bool, typer.Option(
+    help="Continue an interrupted run with the same inputs and parameters.")]
+SchedulerOption = Annotated[str | None, typer.Option(
+    help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")]
+WorkersOption = Annotated[int | None, typer.Option(
+    min=1, help="Tiles computed at once by local threads (default: all cores for "
+                "bilinear/bicubic/nearest, 1 for fits and backbones, which use every core "
+                "inside a tile). With more, each tile gets cores/workers torch threads and its "
+                "own memory (about 0.6 GB per 1024 px gsjbu tile): often faster where memory "
+                "allows.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+# --- backbones (features, segment) --------------------------------------------------------
+BackboneOption = Annotated[str, typer.Option(
+    help="'spectral' or 'timm:<model>' (e.g. timm:vit_small_patch14_dinov2).")]
+WeightsOption = Annotated[Path | None, typer.Option(
+    help="Weight file for a timm model (safetensors or state dict).")]
+PretrainedOption = Annotated[bool, typer.Option(
+    help="Use the model's weights from your Hugging Face cache (offline).")]
+RandomInitOption = Annotated[bool, typer.Option(
+    "--random-init", help="Random weights (smoke tests only).")]
+LayerOption = Annotated[int, typer.Option(
+    help="Transformer block or CNN stage (timm out_indices; -1 = last).")]
+BandsOption = Annotated[str | None, typer.Option(
+    help="Scene bands to use: 1-based indexes or descriptions (default: all).")]
+ModelBandsOption = Annotated[str | None, typer.Option(
+    help="Which of those a timm model sees (e.g. red,green,blue); default all.")]
+AdaptStemOption = Annotated[bool, typer.Option(
+    help="Adapt a 3-band stem to the bands fed (timm in_chans).")]
+CellSizeOption = Annotated[int, typer.Option(help="Cell size in pixels (spectral).")]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix: printed as ``error: ...``, exit status 2."""
+    from rasterio.errors import RasterioError
+
+    from geoupsample.backbones import WeightsNotFoundError
+    from geoupsample.pipeline import InputError
+    from tiling import JournalMismatch
+
+    return (InputError, JournalMismatch, WeightsNotFoundError, OSError, RasterioError,
+            ValueError, TypeError)  # fmt: skip
+
+
+class ProgressBar:
+    """A tqdm bar on stderr fed by :class:`tiling.Progress` callbacks; it appears with the first
+    tile (not before: an input error leaves no empty bar) and never when ``quiet``."""
+
+    def __init__(self, desc: str, quiet: bool) -> None:
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    @property
+    def callback(self) -> Callable[[Any], None] | None:
+        return None if self.quiet else self._update
+
+    def _update(self, p: Any) -> None:  # p: tiling.Progress
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, unit="tile", desc=self.desc, dynamic_ncols=True,
+                            file=sys.stderr)  # fmt: skip
+        self.bar.total = p.total
+        self.bar.n = p.done
+        rate = p.megapixels / p.seconds if p.seconds > 0 else 0.0
+        self.bar.set_postfix_str(f"{p.megapixels:.1f} MP, {rate:.2f} MP/s", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_command(desc: str, quiet: bool, work: Callable[[Callable[[Any], None] | None], T]) -> T:
+    """Run ``work(progress)`` under a progress bar; a user error (:func:`user_errors`) is printed
+    as ``error: ...`` and exits with status 2, with the bar closed first."""
+    bar = ProgressBar(desc, quiet)
+    try:
+        return work(bar.callback)
+    except user_errors() as err:
+        bar.close()
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        bar.close()
