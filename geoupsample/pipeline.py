@@ -492,27 +492,52 @@ def checked_overrides(method: str, **overrides: float | None) -> dict[str, float
 def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
                     indexes: Sequence[int], window: Window, **overrides: float | None,
                     ) -> dict[str, Any]:
-    """The tiles' rendering arguments, decided once for the scene (``kind="auto"`` resolved);
-    ``overrides``: ``consistency``, ``self_guidance``, ``min_sigma_r`` (None = the default)."""
+    """:func:`scene_render` for a low-res raster file, sampled by a decimated read of
+    ``window``."""
+
+    def sample() -> torch.Tensor:
+        step = max(1, int(max(window.height, window.width) // SAMPLE_SIDE))
+        win = window.round_offsets().round_lengths()
+        return torch.from_numpy(to_float(lr.read(list(indexes), window=win, out_shape=(
+            len(indexes), max(1, int(win.height) // step), max(1, int(win.width) // step)),
+            resampling=rasterio.enums.Resampling.nearest), lr.nodata))
+
+    return scene_render(method, kind, sample, **overrides)
+
+
+#: Longest side, in cells, of the decimated sample of a low-res raster that decides its kind.
+SAMPLE_SIDE = 1024
+
+
+def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
+                 **overrides: float | None) -> dict[str, Any]:
+    """The tiles' rendering arguments, decided once for the scene so that tiles agree.
+
+    Args:
+        method: the upsampling method (the interpolations take ``consistency`` alone).
+        kind: ``auto`` (resolved here from the sample), ``continuous`` or ``probabilities``.
+        sample: returns a decimated sample of the low-res raster ``[C, h', w']`` float, NaN as
+            nodata; called only when needed (``auto``, or self-guidance on a continuous
+            raster, whose unit is then the sample's robust span).
+        overrides: ``consistency``, ``self_guidance``, ``min_sigma_r`` (None = the default).
+
+    Returns:
+        ``gu.upsample`` keyword arguments: the overrides, ``kind`` and, where self-guidance
+        applies, ``self_guidance_scale`` (1 for probabilities).
+    """
     render: dict[str, Any] = checked_overrides(method, **overrides)
     if method in INTERPOLATIONS:
         return render
-    sample = None
-    if kind == "auto" or render.get("self_guidance"):
-        step = max(1, int(max(window.height, window.width) // 1024))
-        win = window.round_offsets().round_lengths()
-        sample = torch.from_numpy(to_float(lr.read(list(indexes), window=win, out_shape=(
-            len(indexes), max(1, int(win.height) // step), max(1, int(win.width) // step)),
-            resampling=rasterio.enums.Resampling.nearest), lr.nodata))
+    x = sample() if kind == "auto" or render.get("self_guidance") else None
     try:
-        kind, _ = presets.resolve(kind, sample)
+        kind, _ = presets.resolve(kind, x)
     except ValueError as err:
         raise InputError(str(err)) from err
     render["kind"] = kind
     if kind == "probabilities":
         render["self_guidance_scale"] = 1.0  # the same unit in every tile
     elif render.get("self_guidance"):  # the scene's span, not each tile's: tiles agree
-        render["self_guidance_scale"] = robust_span(sample)
+        render["self_guidance_scale"] = robust_span(x)
     return render
 
 

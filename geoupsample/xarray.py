@@ -25,6 +25,7 @@ import json
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
 import tiling
@@ -32,14 +33,17 @@ from geoupsample.backbones import Backbone
 from geoupsample.featuremaps import ArrayScene, plan_features, scene_aoi
 from geoupsample.pipeline import (
     INTERPOLATIONS,
+    SAMPLE_SIDE,
     InputError,
     UpsampleTile,
     array_guide_stats,
     relate_grids,
+    scene_render,
 )
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask
+from tiling.reader import to_float
 
 
 def _as_bands(a: xr.DataArray, what: str) -> xr.DataArray:
@@ -60,7 +64,9 @@ def _as_bands(a: xr.DataArray, what: str) -> xr.DataArray:
 def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              tile: int = 1024, halo: int = 64, iters: int = 50, radius: int = 3,
              device: str | None = None, seed: int = 0, blend: str = "taper",
-             aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256) -> xr.DataArray:
+             aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256, kind: str = "auto",
+             consistency: float | None = None, self_guidance: float | None = None,
+             min_sigma_r: float | None = None) -> xr.DataArray:
     """Upsample ``lowres`` onto ``guide``'s grid; returns a lazy dask-backed DataArray.
 
     Args:
@@ -70,12 +76,16 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         method, tile, halo, iters, radius, device, seed, blend, aoi, aoi_crs: as in
             :func:`geoupsample.pipeline.upsample_raster`.
         blocksize: output chunk alignment (use the block size you will write with).
+        kind, consistency, self_guidance, min_sigma_r: the render, decided once for the whole
+            array (``kind="auto"`` from a decimated sample of ``lowres``) as in
+            :func:`~geoupsample.pipeline.upsample_raster`, so that every chunk renders alike.
 
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
-        nodata, band ``long_name`` from ``lowres`` and attributes recording the method. The
-        scene-wide guide statistics (for ``jbu``/``gsjbu``) are computed eagerly from a regular
-        subsample; everything else runs when the result is computed.
+        nodata, band ``long_name`` from ``lowres`` and attributes recording the method and the
+        render (``geoupsample_render``, JSON). The scene-wide guide statistics (for
+        ``jbu``/``gsjbu``) and the render's sample are computed eagerly from regular
+        subsamples; everything else runs when the result is computed.
     """
     from geoupsample import METHODS, __version__, tune_allocator
 
@@ -87,6 +97,14 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     rel = relate_grids(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
                        guide.shape[1:])
     lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
+
+    def sample() -> torch.Tensor:
+        step = max(1, max(lowres.shape[1:]) // SAMPLE_SIDE)
+        part = np.asarray(lowres.data[:, ::step, ::step])  # computes a dask array's sample
+        return torch.from_numpy(to_float(part, lr_nodata))
+
+    render = scene_render(method, kind, sample, consistency=consistency,
+                          self_guidance=self_guidance, min_sigma_r=min_sigma_r)
     stats = None
     if method not in INTERPOLATIONS:
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
@@ -95,7 +113,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.scale,
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend)
     geom = load_aoi(aoi, guide.rio.crs, aoi_crs) if aoi is not None else None
-    job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed)
+    job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
+                       render=render)
     inputs = {"lowres": tiling.ArrayInput(lowres.data, lr_t, lr_nodata),
               "guide": tiling.ArrayInput(guide.data, hr_t, hr_nodata)}
     arr = to_dask(job, inputs, grid, lowres.shape[0], hr_t, geom)
@@ -112,7 +131,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     n_names = 1 if isinstance(long_name, str) else len(long_name or ())
     if long_name is not None and n_names == lowres.shape[0]:
         out.attrs["long_name"] = long_name
-    out.attrs.update(geoupsample_version=__version__, geoupsample_method=method)
+    out.attrs.update(geoupsample_version=__version__, geoupsample_method=method,
+                     geoupsample_render=json.dumps(render))
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)
     return out.rio.write_nodata(np.nan, encoded=False)
 

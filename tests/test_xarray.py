@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 
 import dask.array as da
@@ -105,3 +106,25 @@ def test_band_selection_of_a_multiband_file_writes(tmp_path):
     out = upsample(lowres, guide, method="bilinear", tile=128, halo=16)
     out.rio.to_raster(tmp_path / "o.tif")
     assert rioxarray.open_rasterio(tmp_path / "o.tif").shape == (1, 300, 300)
+
+
+def test_render_overrides_match_cli(small, tmp_path):
+    """Render overrides are decided once for the array (self-guidance's unit included), so the
+    lazy chunks and the CLI's tiles agree exactly; interpolations refuse kernel settings."""
+    lr_path, hr_path = small
+    overrides = dict(self_guidance=0.5, min_sigma_r=0.1, consistency=1)
+    cli = str(tmp_path / "cli.tif")
+    upsample_raster(lr_path, hr_path, cli, method="jbu", tile=48, halo=16, blocksize=16,
+                    **overrides)
+    lr = rioxarray.open_rasterio(lr_path, chunks={"x": 32, "y": 32})
+    g = rioxarray.open_rasterio(hr_path, chunks={"x": 64, "y": 64})
+    hr = upsample(lr, g, method="jbu", tile=48, halo=16, blocksize=16, **overrides)
+    render = json.loads(hr.attrs["geoupsample_render"])
+    assert render["kind"] == "continuous" and render["self_guidance_scale"] > 0
+    with rasterio.open(cli) as a:
+        assert json.loads(a.tags()["geoupsample_render"]) == render
+        np.testing.assert_array_equal(a.read(), hr.values)
+    plain = upsample(lr, g, method="jbu", tile=48, halo=16, blocksize=16)
+    assert np.abs(plain.values - hr.values).max() > 1e-3
+    with pytest.raises(InputError, match="only jbu and gsjbu use min_sigma_r"):
+        upsample(lr, g, method="bilinear", min_sigma_r=0.0)
