@@ -18,12 +18,29 @@ two of the true one, far finer than a cell), so that boundary placement counts.
 - ``segment``: the same, end to end through ``segment_raster`` (the ``geoupsample segment``
   command: polygons, tiles, GeoTIFFs); not run by default.
 
+Other predictors and scenes, for those who have them (nothing here downloads anything):
+
+- ``--backbone timm:<model> --weights FILE --layer N``: the probe is fitted on the model's
+  features (the scene scaled by its 1st/99th percentiles, as ``geoupsample segment`` does) and
+  the scale is the backbone's stride (16 for a ViT with 16 px patches, 8 for ResNet stage 2);
+  ``--random-init`` for a smoke test only.
+- ``--scene IMAGE LABELS`` (repeatable) replaces the development crop: any image rasterio reads
+  (GeoTIFF, PNG) and its label raster of the same size, either one band of class numbers
+  1..K (0 = ignored) or the ISPRS colour code (RGB: impervious white, building blue, low
+  vegetation cyan, tree green, car yellow; clutter red and black borders are ignored).
+  ``--band-names`` names the image's bands for ``spectral`` (default nir,red,green: IRRG).
+  Scores are then the mean over the scenes.
+
     python benchmarks/quality_labels.py                 # both regimes, x8 and x16
     python benchmarks/quality_labels.py --regime oracle --scales 16
     python benchmarks/quality_labels.py --regime segment   # the predicted regime end to end
     python benchmarks/quality_labels.py --render kind=continuous     # colour-fitted defaults
     python benchmarks/quality_labels.py --render consistency=0 min_sigma_r=0   # sharp
     python benchmarks/quality_labels.py --borders nearest   # boundary pixels scored too
+    python benchmarks/quality_labels.py --regime predicted --backbone timm:resnet18 \
+        --random-init --layer 2                             # a timm backbone (stride 8)
+    python benchmarks/quality_labels.py --scene top_mosaic_09cm_area1.tif area1_gt.tif \
+        --scene top_mosaic_09cm_area3.tif area3_gt.tif      # full ISPRS tiles, if you have them
 """
 
 from __future__ import annotations
@@ -34,13 +51,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import ndimage
 
 import geoupsample as gu
 import geoupsample.backbones as gb
+from geoupsample.featuremaps import TileFeatures
 from geoupsample.heads import LinearProbe
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vaihingen-dev"
@@ -49,10 +67,29 @@ BLOCK = 128
 CLASSES = ("impervious", "building", "low_vegetation", "tree", "car")
 
 
-def load() -> tuple[np.ndarray, np.ndarray]:
-    """Image ``float32 [3, 512, 512]`` (NIR, R, G; raw 0..255) and labels ``int [512, 512]``."""
-    img = np.asarray(Image.open(DATA / f"{STEM}_irrg.png"), dtype=np.float32).transpose(2, 0, 1)
-    lab = np.asarray(Image.open(DATA / f"{STEM}_labels.png")).astype(np.int64)
+#: ISPRS label colours -> class number (1-based, in CLASSES' order); other colours are ignored
+ISPRS_COLOURS = {(255, 255, 255): 1, (0, 0, 255): 2, (0, 255, 255): 3, (0, 255, 0): 4,
+                 (255, 255, 0): 5}  # fmt: skip
+
+
+def load(image: Path | None = None, labels: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``float32 [d, H, W]`` (raw values) and labels ``int [H, W]`` (1..K, 0 ignored);
+    the development crop when no paths are given."""
+    if image is None or labels is None:
+        image, labels = DATA / f"{STEM}_irrg.png", DATA / f"{STEM}_labels.png"
+    with warnings.catch_warnings():  # PNGs carry no georeferencing; none is needed here
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(image) as ds:
+            img = ds.read().astype(np.float32)
+        with rasterio.open(labels) as ds:
+            raw = ds.read()
+    if raw.shape[-2:] != img.shape[-2:]:
+        raise SystemExit(f"{labels} is {raw.shape[-2:]} but {image} is {img.shape[-2:]}")
+    if raw.shape[0] == 1:
+        return img, raw[0].astype(np.int64)
+    lab = np.zeros(raw.shape[-2:], np.int64)
+    for colour, k in ISPRS_COLOURS.items():
+        lab[np.all(raw[:3] == np.array(colour)[:, None, None], axis=0)] = k
     return img, lab
 
 
@@ -120,11 +157,33 @@ def held_out_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
 SPLIT_GAPS: dict[str, float] = {}
 
 
+#: The predictor's features (``--backbone``): ``[d, H, W]`` image, scale -> ``[C, h, w]``.
+BACKBONE: dict = {"name": "spectral"}
+#: Band names of the image (``--band-names``), for ``spectral``'s indices.
+BAND_NAMES: tuple[str, ...] = ("nir", "red", "green")
+
+
+def backbone(scale: int) -> gb.Backbone:
+    """The ``--backbone`` (``spectral`` with cells of ``scale`` px; timm: its own stride)."""
+    opts = dict(BACKBONE)
+    name = opts.pop("name")
+    if name == "spectral":
+        return gb.create("spectral", band_names=BAND_NAMES, cell_size=scale)
+    return gb.create(name, band_names=BAND_NAMES, **opts)
+
+
+def features(img: np.ndarray, scale: int) -> np.ndarray:
+    """LR features ``[C, H / scale, W / scale]`` of the image, as ``geoupsample segment`` makes
+    them (timm backbones see the image scaled by its 1st/99th percentiles)."""
+    bb = backbone(scale)
+    stats = None if isinstance(bb, gb.SpectralBackbone) else gu.guide_stats(img)
+    return TileFeatures(bb, stats)(img)
+
+
 def predicted(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
     """Mean mIoU over the six splits of :func:`held_out_masks` (one split alone swings the
     gsjbu - bilinear gap by several points on this small crop)."""
-    bb = gb.create("spectral", band_names=("nir", "red", "green"), cell_size=scale)
-    feats = bb.extract(img)
+    feats = features(img, scale)
     frac = np.nan_to_num(soft_labels(lab, scale))
     runs = {}
     for name, held_out in held_out_masks(lab.shape).items():
@@ -158,15 +217,15 @@ def segment(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
     yy, xx = np.mgrid[: lab.shape[0], : lab.shape[1]]
     held_out = ((yy // BLOCK + xx // BLOCK) % 2).astype(bool)
     transform = from_origin(500000.0, 5400000.0, 1.0, 1.0)
-    bb = gb.create("spectral", band_names=("nir", "red", "green"), cell_size=scale)
+    bb = backbone(scale)
     scores = {}
     with tempfile.TemporaryDirectory() as tmp:
         scene = Path(tmp) / "scene.tif"
-        profile = dict(driver="GTiff", width=lab.shape[1], height=lab.shape[0], count=3,
+        profile = dict(driver="GTiff", width=lab.shape[1], height=lab.shape[0], count=len(img),
                        dtype="float32", crs="EPSG:32632", transform=transform)  # fmt: skip
         with rasterio.open(scene, "w", **profile) as dst:
             dst.write(img)
-            dst.descriptions = ("nir", "red", "green")
+            dst.descriptions = BAND_NAMES
         train = np.where(~held_out, lab, 0).astype(np.int32)
         feats = [
             {"type": "Feature", "properties": {"class": CLASSES[int(v) - 1]}, "geometry": g}
@@ -191,7 +250,19 @@ def segment(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
     return scores
 
 
+def report(regime: str, scale: int, scores: dict[str, float], seconds: float, where: str) -> None:
+    cells = "  ".join(f"{m} {v:.1f}" for m, v in scores.items())
+    gap = scores["gsjbu"] - scores["bilinear"]
+    splits = ""
+    if regime == "predicted" and where != "mean":
+        splits = " (splits: " + ", ".join(f"{k} {v:+.1f}" for k, v in SPLIT_GAPS.items()) + ")"
+    label = f"{regime} x{scale}" + ("" if where == "" else f" [{where}]")
+    print(f"{label:14s} mIoU %: {cells}   gsjbu - bilinear = {gap:+.1f}{splits}"
+          f"   ({seconds:.0f} s)", flush=True)  # fmt: skip
+
+
 def main() -> None:
+    global CLASSES, BAND_NAMES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--regime", choices=("oracle", "predicted", "segment"), action="append")
     ap.add_argument("--scales", type=int, nargs="+", default=[8, 16])
@@ -200,31 +271,52 @@ def main() -> None:
                     help="render arguments for jbu/gsjbu, e.g. kind=continuous min_sigma_r=0")
     ap.add_argument("--borders", choices=("ignore", "nearest"), default="ignore",
                     help="class-border pixels: left out (ISPRS) or given their nearest class")
+    ap.add_argument("--scene", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABELS"),
+                    help="a labelled scene instead of the development crop (repeatable)")
+    ap.add_argument("--band-names", help="the image's band names, comma-separated "
+                    "(default nir,red,green)")
+    ap.add_argument("--backbone", default="spectral", help="spectral or timm:<model>")
+    ap.add_argument("--weights", type=Path, help="weight file of a timm backbone")
+    ap.add_argument("--random-init", action="store_true", help="random timm weights (smoke test)")
+    ap.add_argument("--layer", type=int, default=-1, help="timm block or stage")
     args = ap.parse_args()
     if args.consistency is not None:
         RENDER["consistency"] = args.consistency
     for item in args.render:
         key, value = item.split("=", 1)
         RENDER[key] = value if key == "kind" else float(value)
-    img, lab = load()
+    if args.band_names:
+        BAND_NAMES = tuple(b.strip() for b in args.band_names.split(","))
+    BACKBONE["name"] = args.backbone
+    if args.backbone != "spectral":
+        BACKBONE.update(weights=args.weights, random_init=args.random_init, layer=args.layer)
+    regimes = args.regime or ["oracle", "predicted"]
+    scales = args.scales
+    if args.backbone != "spectral":
+        if "segment" in regimes:
+            raise SystemExit("--regime segment runs the spectral backbone only")
+        scales = [backbone(1).stride]  # a timm backbone's grid is its own
+        print(f"{args.backbone}: stride {scales[0]} px, so --scales {scales[0]}", flush=True)
+    scenes = [load(i, lab) for i, lab in args.scene] if args.scene else [load()]
+    top = max(int(lab.max()) for _, lab in scenes)
+    if top > len(CLASSES):
+        CLASSES = tuple(f"class_{k}" for k in range(1, top + 1))
     if args.borders == "nearest":
-        lab = fill_borders(lab)
-    for regime in args.regime or ["oracle", "predicted"]:
+        scenes = [(img, fill_borders(lab)) for img, lab in scenes]
+    for regime in regimes:
         fn = {"oracle": oracle, "predicted": predicted, "segment": segment}[regime]
-        for s in args.scales:
-            t0 = time.perf_counter()
-            scores = fn(img, lab, s)
-            cells = "  ".join(f"{m} {v:.1f}" for m, v in scores.items())
-            gap = scores["gsjbu"] - scores["bilinear"]
-            splits = ""
-            if regime == "predicted":
-                splits = " (splits: " + ", ".join(f"{k} {v:+.1f}" for k, v in SPLIT_GAPS.items())
-                splits += ")"
-            print(
-                f"{regime:9s} x{s:<2d} mIoU %: {cells}   gsjbu - bilinear = {gap:+.1f}{splits}"
-                f"   ({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+        for s in scales:
+            runs = []
+            t_all = time.perf_counter()
+            for i, (img, lab) in enumerate(scenes):
+                h, w = (lab.shape[0] // s) * s, (lab.shape[1] // s) * s  # whole cells only
+                t0 = time.perf_counter()
+                runs.append(fn(img[:, :h, :w], lab[:h, :w], s))
+                where = "" if len(scenes) == 1 else str(args.scene[i][0].name)
+                report(regime, s, runs[-1], time.perf_counter() - t0, where)
+            if len(scenes) > 1:
+                mean = {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
+                report(regime, s, mean, time.perf_counter() - t_all, "mean")
 
 
 if __name__ == "__main__":
