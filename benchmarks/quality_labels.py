@@ -299,7 +299,7 @@ def main() -> None:
         print(f"{args.backbone}: stride {scales[0]} px, so --scales {scales[0]}", flush=True)
     scenes = [load(i, lab) for i, lab in args.scene] if args.scene else [load()]
     top = max(int(lab.max()) for _, lab in scenes)
-    if top > len(CLASSES):
+    if top != len(CLASSES):  # as many probability channels as classes (self-guidance sees them)
         CLASSES = tuple(f"class_{k}" for k in range(1, top + 1))
     if args.borders == "nearest":
         scenes = [(img, fill_borders(lab)) for img, lab in scenes]
