@@ -38,16 +38,16 @@ from shapely.geometry.base import BaseGeometry
 import geoupsample as gu
 import tiling
 from geoupsample.backbones import Backbone, SpectralBackbone
-from geoupsample.pipeline import (
-    INTERPOLATIONS,
+from geoupsample.core.methods import INTERPOLATIONS
+from geoupsample.inputs import (
     InputError,
-    _check_dtype,
-    _open,
     array_guide_stats,
-    checked_overrides,
+    check_dtype,
+    open_raster,
     scene_guide_stats,
     select_bands,
 )
+from geoupsample.render_settings import checked_overrides
 from geoupsample.workers import check_device, check_workers, threads_per_worker
 from tiling.aoi import load_aoi, window_intersects
 
@@ -71,9 +71,9 @@ class Scene:
     def open(cls, path: str | os.PathLike[str], bands: Sequence[int | str] | None = None) -> Scene:
         """Open ``path`` and choose ``bands`` (1-based indexes or descriptions; default all)."""
         p = os.fspath(path)
-        with _open(p, "scene") as ds:
+        with open_raster(p, "scene") as ds:
             idx = select_bands(ds, bands, "scene")
-            _check_dtype(ds, idx, "scene")
+            check_dtype(ds, idx, "scene")
             names = tuple(ds.descriptions[i - 1] or f"band{i}" for i in idx)
             if ds.crs is None:
                 raise InputError(f"the scene {p} has no CRS; assign one (gdal_edit.py -a_srs)")
@@ -87,7 +87,7 @@ class Scene:
         return self.reader().read(window, self.transform)
 
     def guide_stats(self) -> gu.GuideStats:
-        """Scene-wide guide statistics (see :func:`geoupsample.pipeline.scene_guide_stats`)."""
+        """Scene-wide guide statistics (see :func:`geoupsample.inputs.scene_guide_stats`)."""
         return scene_guide_stats(self.path, self.bands)
 
 

@@ -50,7 +50,8 @@ from geoupsample.featuremaps import (
     windows,
 )
 from geoupsample.heads import LinearProbe
-from geoupsample.pipeline import InputError, checked_overrides
+from geoupsample.inputs import InputError
+from geoupsample.render_settings import checked_overrides
 from geoupsample.workers import check_device, check_workers
 from tiling.writer import to_cog
 

@@ -7,7 +7,7 @@
 >>> hr = upsample(lr, guide, method="gsjbu", tile=1024, halo=64)   # lazy, on the guide's grid
 >>> hr.rio.to_raster("probs_2m.tif")     # same pixels as `geoupsample upsample ... --dtype float32`
 
-The grids follow the rules of :mod:`geoupsample.pipeline` (same CRS - no reprojection, integer
+The grids follow the rules of :mod:`geoupsample.grids` (same CRS - no reprojection, integer
 scale, origins on the guide's pixel lattice), and the computation is the same tiles blended the
 same way as the CLI, so the values agree exactly.
 
@@ -30,16 +30,12 @@ import xarray as xr
 
 import tiling
 from geoupsample.backbones import Backbone
+from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import ArrayScene, plan_features, scene_aoi
-from geoupsample.pipeline import (
-    INTERPOLATIONS,
-    SAMPLE_SIDE,
-    InputError,
-    UpsampleTile,
-    array_guide_stats,
-    relate_grids,
-    scene_render,
-)
+from geoupsample.grids import relate_grids
+from geoupsample.inputs import InputError, array_guide_stats
+from geoupsample.pipeline import UpsampleTile
+from geoupsample.render_settings import SAMPLE_SIDE, scene_render
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 import geoupsample as gu
 from geoupsample.cli import app
-from geoupsample.pipeline import InputError, scene_guide_stats, upsample_raster
+from geoupsample.inputs import InputError, scene_guide_stats
+from geoupsample.pipeline import upsample_raster
 from tests._tiling_helpers import kill_9_after_bands
 
 DATA = files("geoupsample") / "data"

@@ -99,7 +99,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rasterio.errors import RasterioError
 
     from geoupsample.backbones import WeightsNotFoundError
-    from geoupsample.pipeline import InputError
+    from geoupsample.inputs import InputError
     from tiling import JournalMismatch
 
     return (InputError, JournalMismatch, WeightsNotFoundError, OSError, RasterioError,

@@ -29,6 +29,9 @@ from geoupsample.core.masking import render_with_mask
 
 Method = Callable[..., Any]
 _REGISTRY: dict[str, Method] = {}
+#: The interpolating methods: no kernels to fit; a guide only gives the output grid and masks
+#: nodata.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 #: Keyword arguments of :func:`fit`; baselines accept and ignore them so callers can loop
 #: over methods with one set of arguments.
 FIT_KWARGS = frozenset(inspect.signature(fit).parameters) - {"guide", "lr_shape"}

@@ -1,0 +1,118 @@
+"""How a low-res raster's grid sits on a guide's grid, and the rules it must follow.
+
+* Both rasters must be in the same CRS. Rasters in different CRSs are **refused** (not silently
+  reprojected): resampling the low-res raster is a modelling choice (nearest for classes, average
+  for probabilities...) that the user should make; the error message gives a ``gdalwarp`` command
+  that puts the low-res raster on a grid nesting with the guide's.
+* The grids must nest: north-up, the low-res pixel an integer multiple ``s`` of the guide pixel
+  (per axis) and the low-res origin on the guide's pixel lattice (tolerance: 0.25 guide pixels of
+  accumulated misfit across the scene).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.transform import array_bounds
+from rasterio.windows import Window
+
+from geoupsample.inputs import InputError
+
+
+@dataclass(frozen=True)
+class GridRelation:
+    """How a low-res grid sits on a high-res (guide) grid.
+
+    Attributes:
+        scale: ``(sy, sx)`` guide pixels per low-res pixel (integers).
+        offset: ``(row, col)`` guide pixel where low-res pixel ``(0, 0)`` starts (may be < 0).
+        region: the guide window covered by the low-res raster (clipped to the guide).
+    """
+
+    scale: tuple[int, int]
+    offset: tuple[int, int]
+    region: Window
+
+
+def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, int],
+                 hr_crs: CRS | None, hr_transform: Affine, hr_shape: tuple[int, int],
+                 tolerance: float = 0.25) -> GridRelation:
+    """Check that the low-res grid nests in the guide grid; raise :class:`InputError` if not.
+
+    Args:
+        lr_shape, hr_shape: ``(rows, cols)``.
+        tolerance: allowed misfit in guide pixels (origin, and scale error accumulated across
+            the low-res raster).
+    """
+    if (lr_crs is None) != (hr_crs is None):
+        which = "low-res raster" if lr_crs is None else "guide"
+        raise InputError(f"the {which} has no CRS; both rasters need one (assign it with "
+                         "`gdal_edit.py -a_srs EPSG:XXXX file.tif`)")
+    if lr_crs is not None and CRS.from_user_input(lr_crs) != CRS.from_user_input(hr_crs):
+        raise InputError(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform))
+    for name, t in (("low-res raster", lr_transform), ("guide", hr_transform)):
+        if t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
+            raise InputError(f"the {name} is not north-up (transform {tuple(t)[:6]}); warp it "
+                             "to a north-up grid first (gdalwarp)")
+    lr_b = array_bounds(lr_shape[0], lr_shape[1], lr_transform)  # (west, south, east, north)
+    hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
+    if not (lr_b[0] < hr_b[2] and hr_b[0] < lr_b[2] and lr_b[1] < hr_b[3] and hr_b[1] < lr_b[3]):
+        raise InputError(f"the low-res raster and the guide do not overlap (low-res bounds "
+                         f"{tuple(round(v, 3) for v in lr_b)}, guide bounds "
+                         f"{tuple(round(v, 3) for v in hr_b)}, both in {hr_crs})")
+    sy_f, sx_f = lr_transform.e / hr_transform.e, lr_transform.a / hr_transform.a
+    sy, sx = round(sy_f), round(sx_f)
+    h, w = lr_shape
+    if sy_f < 0.9 and sx_f < 0.9:
+        raise InputError(
+            f"the low-res raster's pixel ({lr_transform.a:g}) is smaller than the guide's "
+            f"({hr_transform.a:g}): did you swap LOWRES and GUIDE? The guide is the "
+            "high-resolution image")
+    if sy < 1 or sx < 1 or abs(sy_f - sy) * h > tolerance or abs(sx_f - sx) * w > tolerance:
+        raise InputError(
+            f"the grids do not nest: a low-res pixel is {sx_f:.4f} x {sy_f:.4f} guide pixels; it "
+            "must be a whole number (e.g. 10 m on 2.5 m = 4). Resample the low-res raster to a "
+            "multiple of the guide's pixel size (gdalwarp -tr ... -tap)")
+    col_f, row_f = ~hr_transform * (lr_transform.c, lr_transform.f)
+    oy, ox = round(row_f), round(col_f)
+    if abs(row_f - oy) > tolerance or abs(col_f - ox) > tolerance:
+        raise InputError(
+            f"the grids do not nest: the low-res raster's origin falls at guide pixel "
+            f"({row_f:.3f}, {col_f:.3f}), not on a pixel corner; warp the low-res raster onto "
+            "the guide's pixel lattice (gdalwarp -te/-tr aligned to the guide)")
+    r0, c0 = max(0, oy), max(0, ox)
+    r1, c1 = min(hr_shape[0], oy + h * sy), min(hr_shape[1], ox + w * sx)
+    if r1 <= r0 or c1 <= c0:
+        raise InputError("the low-res raster and the guide do not overlap")
+    return GridRelation((sy, sx), (oy, ox), Window(c0, r0, c1 - c0, r1 - r0))
+
+
+def _crs_message(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
+                 hr_transform: Affine) -> str:
+    from rasterio.warp import transform_bounds
+
+    msg = (f"the low-res raster is in {lr_crs} but the guide is in {hr_crs}; geoupsample does "
+           "not reproject (the right resampling depends on what the raster holds). Warp the "
+           "low-res raster onto a grid nesting with the guide's first")
+    try:
+        h, w = lr_shape
+        left, bottom, right, top = transform_bounds(
+            lr_crs, hr_crs, lr_transform.c, lr_transform.f + h * lr_transform.e,
+            lr_transform.c + w * lr_transform.a, lr_transform.f)
+        res = hr_transform.a
+        s = max(1, round(((right - left) / w) / res))
+        step = s * res
+        x0 = hr_transform.c + math.floor((left - hr_transform.c) / step) * step
+        y1 = hr_transform.f - math.floor((hr_transform.f - top) / step) * step
+        x1 = x0 + math.ceil((right - x0) / step) * step
+        y0 = y1 - math.ceil((y1 - bottom) / step) * step
+        msg += (f", e.g.: gdalwarp -t_srs {CRS.from_user_input(hr_crs).to_string()} "
+                f"-tr {step:g} {step:g} -te {x0:.6f} {y0:.6f} {x1:.6f} {y1:.6f} "
+                "-r average LOWRES.tif lowres_on_guide.tif")
+    except Exception:  # noqa: BLE001 - the hint is optional
+        pass
+    return msg

@@ -1,0 +1,145 @@
+"""The input rasters: opening them, choosing and checking their bands, and the scene-wide
+guide statistics (from a regular subsample read window by window, so tiles agree and memory stays
+bounded). Every problem is an :class:`InputError` whose message says what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+import geoupsample as gu
+from tiling.execute import gdal_env
+from tiling.reader import to_float
+
+#: Largest side of the regular subsample used for the scene-wide guide statistics (1024^2 =
+#: about the 1M samples per band that ``gu.guide_stats`` uses at most).
+STATS_SIDE = 1024
+SUPPORTED_INPUT_KINDS = "biuf"
+
+
+class InputError(ValueError):
+    """A problem with the inputs or parameters; the message says what and how to fix it."""
+
+
+def open_raster(path: str | os.PathLike, what: str) -> rasterio.io.DatasetReader:
+    """Open ``path`` with rasterio; :class:`InputError` naming ``what`` if missing or unreadable."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{what} not found: {path}")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as err:
+        raise InputError(f"cannot read the {what} {path}: not a raster GDAL can open ({err})"
+                         ) from err
+
+
+def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int | str] | None,
+                 what: str) -> tuple[int, ...]:
+    """1-based band indexes from indexes (1-based ints or digit strings) or band descriptions."""
+    if ds.count == 0:
+        raise InputError(f"the {what} has no bands")
+    if bands is None:
+        return tuple(range(1, ds.count + 1))
+    if len(bands) == 0:
+        raise InputError(f"no bands selected from the {what}; pass band indexes (1-based) or "
+                         "descriptions")
+    out = []
+    descs = [d or "" for d in ds.descriptions]
+    for b in bands:
+        if isinstance(b, str) and not b.strip().isdigit():
+            if b not in descs:
+                raise InputError(f"the {what} has no band described {b!r}; its bands are "
+                                 f"{', '.join(repr(d) for d in descs)}")
+            out.append(descs.index(b) + 1)
+        else:
+            i = int(b)
+            if not 1 <= i <= ds.count:
+                raise InputError(f"band {i} does not exist in the {what} (it has {ds.count} "
+                                 "bands, numbered from 1)")
+            out.append(i)
+    return tuple(out)
+
+
+def check_dtype(ds: rasterio.io.DatasetReader, indexes: Sequence[int], what: str) -> None:
+    """Refuse bands that are not integers or floats (complex, boolean)."""
+    for i in indexes:
+        dt = np.dtype(ds.dtypes[i - 1])
+        if dt.kind not in SUPPORTED_INPUT_KINDS or dt.kind == "b":
+            raise InputError(f"band {i} of the {what} has unsupported dtype {dt.name}; use "
+                             "integer or floating-point bands (e.g. split complex data)")
+
+
+def decimated_stats_sample(read: Callable[[Window], np.ndarray], height: int, width: int,
+                           side: int = STATS_SIDE) -> np.ndarray:
+    """A regular subsample ``[:, ::k, ::k]`` (``k = ceil(max(H, W) / side)``) of a raster read
+    window by window by ``read(window) -> float32 [bands, rows, cols]`` (NaN = nodata).
+
+    Windows are at most about 256 x 2048 pixels, so memory does not grow with the raster."""
+    k = max(1, math.ceil(max(height, width) / side))
+    stripe, chunk = k * max(1, 256 // k), k * max(1, 2048 // k)  # multiples of k: one lattice
+    rows = []
+    for r0 in range(0, height, stripe):
+        h = min(height, r0 + stripe) - r0
+        # copies, not strided views that would keep whole windows alive
+        cols = [np.ascontiguousarray(read(Window(c0, r0, min(width, c0 + chunk) - c0, h))
+                                     [:, ::k, ::k]) for c0 in range(0, width, chunk)]
+        rows.append(np.concatenate(cols, axis=2))
+    return np.concatenate(rows, axis=1)
+
+
+def scene_guide_stats(path: str | os.PathLike, bands: Sequence[int] | None = None,
+                      nodata: float | None = None) -> gu.GuideStats:
+    """Scene-wide guide statistics from a regular subsample of the whole guide file.
+
+    Reads the file stripe by stripe (bounded memory). Raises :class:`InputError` if the guide
+    has no valid pixel.
+    """
+    with gdal_env(), open_raster(path, "guide") as ds:  # bounded GDAL cache while scanning
+        idx = list(bands) if bands else list(range(1, ds.count + 1))
+        nd = nodata if nodata is not None else ds.nodata
+
+        def read(window: Window) -> np.ndarray:
+            return to_float(ds.read(idx, window=window), nd)
+
+        sample = decimated_stats_sample(read, ds.height, ds.width)
+    return _stats(sample, str(path))
+
+
+def array_guide_stats(array: Any, nodata: float | None, name: str) -> gu.GuideStats:
+    """:func:`scene_guide_stats` of an array ``[bands, H, W]`` (numpy, dask or anything that
+    slices like one), from the same regular subsample, read window by window."""
+
+    def read(window: Window) -> np.ndarray:
+        return to_float(np.asarray(array[(slice(None), *window.toslices())]), nodata)
+
+    return _stats(decimated_stats_sample(read, int(array.shape[1]), int(array.shape[2])), name)
+
+
+def _stats(sample: np.ndarray, name: str) -> gu.GuideStats:
+    if not np.isfinite(sample).all(0).any():
+        raise InputError(f"the guide {name} has no valid pixel (all nodata): nothing to "
+                         "upsample; check its nodata value")
+    return gu.guide_stats(sample)
+
+
+def any_valid(ds: rasterio.io.DatasetReader, indexes: Sequence[int], window: Window,
+               every_band: bool) -> bool:
+    """Whether ``window`` of ``ds`` holds a valid pixel; reads block by block, stops early."""
+    win = window.round_offsets().round_lengths()
+    for _, bw in ds.block_windows(1):
+        try:
+            part = bw.intersection(win)
+        except rasterio.errors.WindowError:
+            continue
+        v = np.isfinite(to_float(ds.read(list(indexes), window=part), ds.nodata))
+        if (v.all(0) if every_band else v.any(0)).any():
+            return True
+    return False
