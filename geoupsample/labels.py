@@ -1,8 +1,8 @@
 """Labelled polygons -> soft labels (per-class coverage fractions) on a low-resolution grid.
 
-Polygons come from a GeoJSON file (read with :mod:`json` and shapely) or a GeoPackage (read with
-:mod:`sqlite3`, no GDAL vector bindings needed), each feature carrying a class in an attribute
-("class field"). They may be in any CRS and are reprojected to the raster's with
+Polygons come from any vector file GDAL reads (GeoJSON, GeoPackage, Shapefile, FlatGeobuf, KML,
+GML...; read with :mod:`pyogrio`) or from shapely geometries, each feature carrying a class in an
+attribute ("class field"). They may be in any CRS and are reprojected to the raster's with
 :func:`rasterio.warp.transform_geom`.
 
 On a grid with affine ``transform`` and ``shape (h, w)``, :func:`rasterize_fractions` returns
@@ -15,11 +15,8 @@ labelled share of the cell (0 = unlabelled, 1 = fully labelled).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sqlite3
-import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -34,9 +31,6 @@ from rasterio.features import rasterize
 from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
-
-#: CRS of GeoJSON without a ``crs`` member (RFC 7946: longitude, latitude on WGS 84).
-GEOJSON_DEFAULT_CRS = "OGC:CRS84"
 
 
 class LabelError(ValueError):
@@ -120,13 +114,14 @@ def read_polygons(
     layer: str | None = None,
     classes: Sequence[str] | None = None,
 ) -> LabelPolygons:
-    """Read labelled polygons from GeoJSON (``.geojson``/``.json``) or GeoPackage (``.gpkg``).
+    """Read labelled polygons from a vector file: GeoJSON, GeoPackage, Shapefile, FlatGeobuf...
+    (anything GDAL's vector drivers read).
 
     Args:
         path: the file.
         class_field: attribute holding each polygon's class (name or number).
         crs: CRS of the coordinates, overriding the file's (GeoJSON default: lon/lat WGS 84).
-        layer: GeoPackage feature table (needed only when the file has several).
+        layer: the layer to read (needed only when the file has several, e.g. a GeoPackage).
         classes: the class order of the output bands; default: sorted distinct values
             (numerically when all are numbers). Values not listed are an error.
 
@@ -136,15 +131,7 @@ def read_polygons(
     p = Path(path).expanduser()
     if not p.is_file():
         raise LabelError(f"label file not found: {p}")
-    suffix = p.suffix.lower()
-    if suffix == ".gpkg":
-        geoms, values, file_crs, fields = _read_gpkg(p, class_field, layer)
-    elif suffix in (".geojson", ".json"):
-        geoms, values, file_crs, fields = _read_geojson(p, class_field)
-    else:
-        raise LabelError(
-            f"unsupported label format {p.suffix!r}: use GeoJSON or GeoPackage (.gpkg)"
-        )
+    geoms, values, file_crs, fields = _read_vector(p, class_field, layer)
     if class_field not in fields:
         raise LabelError(
             f"class field {class_field!r} not found in {p.name}; its fields are "
@@ -240,121 +227,40 @@ def _polygonal(g: BaseGeometry) -> BaseGeometry | None:
     return None
 
 
-def _read_geojson(
-    p: Path, class_field: str
-) -> tuple[list[BaseGeometry | None], list[Any], CRS | str | None, set[str]]:
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LabelError(f"cannot read {p} as GeoJSON: {err}") from err
-    kind = doc.get("type") if isinstance(doc, dict) else None
-    if kind == "FeatureCollection":
-        features = doc.get("features") or []
-    elif kind == "Feature":
-        features = [doc]
-    elif kind is not None:
-        raise LabelError(f"{p.name} is a bare {kind} geometry without attributes: no class field")
-    else:
-        raise LabelError(f"{p.name} is not GeoJSON (no 'type' member)")
-    crs: CRS | str | None = GEOJSON_DEFAULT_CRS
-    crs_member = doc.get("crs")
-    if isinstance(crs_member, dict):
-        name = (crs_member.get("properties") or {}).get("name")
-        if name:
-            crs = CRS.from_user_input(name)
-    fields: set[str] = set()
-    geoms: list[BaseGeometry | None] = []
-    values: list[Any] = []
-    missing = 0
-    for f in features:
-        props = f.get("properties") or {}
-        fields.update(props)
-        if class_field not in props:
-            missing += 1
-        geom = f.get("geometry")
-        geoms.append(shape(geom) if geom else None)
-        values.append(props.get(class_field))
-    if class_field in fields and missing:
-        warnings.warn(f"{p.name}: {missing} feature(s) lack {class_field!r}", stacklevel=3)
-    return geoms, values, crs, fields
-
-
-# GeoPackage: a SQLite file (OGC 12-128r18). Geometry blobs are a small header + WKB.
-_ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
-
-
-def _gpkg_geometry(blob: bytes | None) -> BaseGeometry | None:
-    if blob is None:
-        return None
-    if blob[:2] != b"GP":
-        raise LabelError("not a GeoPackage geometry blob (no 'GP' magic)")
-    flags = blob[3]
-    envelope = (flags >> 1) & 0b111
-    if envelope not in _ENVELOPE_BYTES:
-        raise LabelError(f"invalid GeoPackage envelope code {envelope}")
-    if (flags >> 4) & 1:  # empty geometry
-        return None
-    return shapely.from_wkb(bytes(blob[8 + _ENVELOPE_BYTES[envelope] :]))
-
-
-def _gpkg_srs_id(blob: bytes) -> int:
-    return struct.unpack("<i" if blob[3] & 1 else ">i", blob[4:8])[0]
-
-
-def _read_gpkg(
+def _read_vector(
     p: Path, class_field: str, layer: str | None
 ) -> tuple[list[BaseGeometry | None], list[Any], CRS | None, set[str]]:
+    """Geometries, class values, CRS and field names of one layer of the vector file ``p``."""
+    import pyogrio
+    from pyogrio.errors import DataLayerError, DataSourceError
+
     try:
-        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
-    except sqlite3.Error as err:
-        raise LabelError(f"cannot open {p} as GeoPackage: {err}") from err
-    try:
-        try:
-            tables = [
-                r[0]
-                for r in con.execute(
-                    "SELECT table_name FROM gpkg_contents WHERE data_type = 'features'"
-                )
-            ]
-        except sqlite3.DatabaseError as err:
-            raise LabelError(f"{p.name} is not a GeoPackage ({err})") from err
+        layers = [str(name) for name, _ in pyogrio.list_layers(p)]
         if layer is None:
-            if len(tables) != 1:
-                raise LabelError(f"{p.name} has feature layers {tables}: choose one (layer=...)")
-            layer = tables[0]
-        elif layer not in tables:
-            raise LabelError(f"{p.name} has no feature layer {layer!r}; it has {tables}")
-        row = con.execute(
-            "SELECT column_name, srs_id FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)
-        ).fetchone()
-        if row is None:
-            raise LabelError(f"{p.name}: layer {layer!r} has no geometry column")
-        geom_col, srs_id = row
-        crs = _gpkg_crs(con, int(srs_id))
-        columns = [r[1] for r in con.execute(f'PRAGMA table_info("{layer}")')]
-        fields = set(columns) - {geom_col}
+            if len(layers) != 1:
+                raise LabelError(f"{p.name} has layers {layers}: choose one (layer=..., "
+                                 "--labels-layer)")  # fmt: skip
+            layer = layers[0]
+        elif layer not in layers:
+            raise LabelError(f"{p.name} has no layer {layer!r}; it has {layers}")
+        info = pyogrio.read_info(p, layer=layer)
+        fields = {str(f) for f in info["fields"]}
+        crs = CRS.from_user_input(info["crs"]) if info["crs"] else None
         if class_field not in fields:
             return [], [], crs, fields
-        rows = con.execute(f'SELECT "{geom_col}", "{class_field}" FROM "{layer}"').fetchall()
-    finally:
-        con.close()
-    return [_gpkg_geometry(g) for g, _ in rows], [v for _, v in rows], crs, fields
+        _, _, wkb, columns = pyogrio.raw.read(p, layer=layer, columns=[class_field])
+    except (DataSourceError, DataLayerError) as err:
+        raise LabelError(
+            f"cannot read {p} as a vector file (GeoJSON, GeoPackage, Shapefile, FlatGeobuf...): "
+            f"{err}"
+        ) from err
+    geoms = [None if g is None else shapely.from_wkb(g) for g in wkb]
+    return geoms, [_plain(v) for v in columns[0]], crs, fields
 
 
-def _gpkg_crs(con: sqlite3.Connection, srs_id: int) -> CRS | None:
-    row = con.execute(
-        "SELECT organization, organization_coordsys_id, definition FROM gpkg_spatial_ref_sys "
-        "WHERE srs_id = ?",
-        (srs_id,),
-    ).fetchone()
-    if row is None or srs_id in (0, -1):
-        return None
-    org, code, definition = row
-    if str(org).upper() == "EPSG" and code is not None:
-        return CRS.from_epsg(int(code))
-    if definition and definition.strip().lower() != "undefined":
-        return CRS.from_wkt(definition)
-    return None
+def _plain(v: Any) -> Any:
+    """A numpy scalar from a vector file's column as a Python value (None stays None)."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 # -------------------------------------------------------------------------------- rasterising

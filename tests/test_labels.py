@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sqlite3
-import struct
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import pyogrio
 import pytest
 import rasterio
 import shapely
@@ -43,43 +42,14 @@ def write_geojson(path: Path, features: list[tuple], crs: str | None = None) -> 
     return path
 
 
-def write_gpkg(path: Path, features: list[tuple], epsg: int, field: str = "class") -> Path:
-    """A minimal GeoPackage (OGC 12-128r18 core tables) with one feature table, by hand."""
-    con = sqlite3.connect(path)
-    con.executescript(
-        """
-        CREATE TABLE gpkg_spatial_ref_sys (srs_name TEXT, srs_id INTEGER PRIMARY KEY,
-            organization TEXT, organization_coordsys_id INTEGER, definition TEXT,
-            description TEXT);
-        CREATE TABLE gpkg_contents (table_name TEXT PRIMARY KEY, data_type TEXT,
-            identifier TEXT, description TEXT, last_change TEXT, min_x REAL, min_y REAL,
-            max_x REAL, max_y REAL, srs_id INTEGER);
-        CREATE TABLE gpkg_geometry_columns (table_name TEXT, column_name TEXT,
-            geometry_type_name TEXT, srs_id INTEGER, z INTEGER, m INTEGER);
-        """
-    )
-    con.execute(
-        "INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, ?, '')",
-        (f"EPSG:{epsg}", epsg, epsg, CRS.from_epsg(epsg).to_wkt()),
-    )
-    con.execute(
-        "INSERT INTO gpkg_contents (table_name, data_type, srs_id) VALUES "
-        "('parcels', 'features', ?)",
-        (epsg,),
-    )
-    con.execute(
-        "INSERT INTO gpkg_geometry_columns VALUES ('parcels', 'geom', 'POLYGON', ?, 0, 0)", (epsg,)
-    )
-    con.execute(f"CREATE TABLE parcels (fid INTEGER PRIMARY KEY, geom BLOB, {field} TEXT)")
-    for g, cls in features:
-        xmin, ymin, xmax, ymax = g.bounds
-        header = b"GP" + bytes([0, 0b011]) + struct.pack("<i4d", epsg, xmin, xmax, ymin, ymax)
-        con.execute(
-            f"INSERT INTO parcels (geom, {field}) VALUES (?, ?)",
-            (header + shapely.to_wkb(g, byte_order=1), cls),
-        )
-    con.commit()
-    con.close()
+def write_vector(path: Path, features: list[tuple], epsg: int, field: str = "class",
+                 layer: str = "parcels") -> Path:
+    """``(geometry, class)`` pairs written by GDAL (pyogrio) in the format of ``path``'s suffix
+    (GeoPackage, Shapefile, FlatGeobuf); a GeoPackage gains ``layer`` beside any it has."""
+    geoms = np.array([shapely.to_wkb(g) for g, _ in features], dtype=object)
+    values = np.array([c for _, c in features], dtype=object)
+    pyogrio.raw.write(path, geoms, [values], [field], layer=layer, crs=f"EPSG:{epsg}",
+                      geometry_type="MultiPolygon", promote_to_multi=True)  # fmt: skip
     return path
 
 
@@ -87,7 +57,7 @@ def test_bundled_labels_read_and_rasterised(scene: tuple) -> None:
     transform, shp, crs = scene
     lab = gl.read_polygons(LABELS, "class")
     assert lab.classes == ("bright_impervious", "dark_impervious", "vegetation")
-    assert len(lab) == 30 and lab.crs == CRS.from_user_input("OGC:CRS84")
+    assert len(lab) == 30 and lab.crs == CRS.from_epsg(4326)  # GeoJSON: lon/lat (RFC 7946)
     inside = gl.check_scene(lab, transform, shp, crs)
     assert inside.crs == crs and len(inside) == 30
     lr_t, lr_shape = gl.lr_grid(transform, shp, 10)
@@ -105,12 +75,13 @@ def test_bundled_labels_read_and_rasterised(scene: tuple) -> None:
     np.testing.assert_array_equal(chunked, frac)
 
 
-def test_any_crs_geojson_and_geopackage(tmp_path: Path, scene: tuple) -> None:
+def test_any_crs_and_vector_format(tmp_path: Path, scene: tuple) -> None:
     transform, shp, crs = scene
     ref = gl.check_scene(gl.read_polygons(LABELS, "class"), transform, shp, crs)
     lr_t, lr_shape = gl.lr_grid(transform, shp, 15)
     expected = gl.rasterize_fractions(ref, lr_t, lr_shape, supersample=15)
-    # the same polygons in UTM with a legacy 'crs' member, and in Web Mercator in a GeoPackage
+    # the same polygons in UTM with a legacy 'crs' member, in Web Mercator in a GeoPackage and a
+    # FlatGeobuf, and in UTM in a Shapefile
     utm = write_geojson(
         tmp_path / "utm.geojson",
         [
@@ -120,8 +91,12 @@ def test_any_crs_geojson_and_geopackage(tmp_path: Path, scene: tuple) -> None:
         crs="urn:ogc:def:crs:EPSG::32631",
     )
     merc = [shape(transform_geom(crs, "EPSG:3857", mapping(g))) for g in ref.geometries]
-    gpkg = write_gpkg(tmp_path / "labels.gpkg", list(zip(merc, ref.labels, strict=True)), 3857)
-    for path in (utm, gpkg):
+    merc_features = list(zip(merc, ref.labels, strict=True))
+    gpkg = write_vector(tmp_path / "labels.gpkg", merc_features, 3857)
+    utm_features = list(zip(ref.geometries, ref.labels, strict=True))
+    shapefile = write_vector(tmp_path / "labels.shp", utm_features, 32631)
+    fgb = write_vector(tmp_path / "labels.fgb", merc_features, 3857)
+    for path in (utm, gpkg, shapefile, fgb):
         lab = gl.read_polygons(path, "class")
         assert lab.classes == ref.classes
         got = gl.rasterize_fractions(lab, lr_t, lr_shape, crs=crs, supersample=15)
@@ -149,8 +124,8 @@ def test_class_field_missing(tmp_path: Path) -> None:
     with pytest.raises(gl.LabelError, match=r"class field 'landuse' not found.*\['class'\]"):
         gl.read_polygons(LABELS, "landuse")
     box = shapely.box(593300, 5747400, 593400, 5747500)
-    gpkg = write_gpkg(tmp_path / "l.gpkg", [(box, "a")], 32631, field="kind")
-    with pytest.raises(gl.LabelError, match=r"class field 'class' not found.*\['fid', 'kind'\]"):
+    gpkg = write_vector(tmp_path / "l.gpkg", [(box, "a")], 32631, field="kind")
+    with pytest.raises(gl.LabelError, match=r"class field 'class' not found.*\['kind'\]"):
         gl.read_polygons(gpkg, "class")
 
 
@@ -165,7 +140,7 @@ def test_polygons_outside_scene(tmp_path: Path, scene: tuple) -> None:
         gl.check_scene(gl.read_polygons(path, "class"), transform, shp, crs)
     # right numbers, wrong CRS: UTM coordinates in a file without a 'crs' member
     lonlat_claim = write_geojson(tmp_path / "nocrs.geojson", far)
-    with pytest.raises(gl.LabelError, match="cannot reproject.*really in OGC:CRS84"):
+    with pytest.raises(gl.LabelError, match="cannot reproject.*really in EPSG:4326"):
         gl.check_scene(gl.read_polygons(lonlat_claim, "class"), transform, shp, crs)
 
 
@@ -191,15 +166,28 @@ def test_bad_files(tmp_path: Path) -> None:
         gl.read_polygons(tmp_path / "missing.geojson", "class")
     shp_file = tmp_path / "x.shp"
     shp_file.write_bytes(b"\0")
-    with pytest.raises(gl.LabelError, match="GeoJSON or GeoPackage"):
+    with pytest.raises(gl.LabelError, match="cannot read .*x.shp as a vector file"):
         gl.read_polygons(shp_file, "class")
     bare = tmp_path / "bare.geojson"
     bare.write_text(json.dumps(mapping(shapely.box(0, 0, 1, 1))))
-    with pytest.raises(gl.LabelError, match="bare Polygon geometry without attributes"):
+    with pytest.raises(gl.LabelError, match="class field 'class' not found.*fields are none"):
         gl.read_polygons(bare, "class")
     not_gpkg = tmp_path / "x.gpkg"
     not_gpkg.write_text("hello")
-    with pytest.raises(gl.LabelError, match="not a GeoPackage"):
+    with pytest.raises(gl.LabelError, match="cannot read .*x.gpkg as a vector file"):
         gl.read_polygons(not_gpkg, "class")
     with pytest.raises(gl.LabelError, match=r"classes \['vegetation'\] are not in the given"):
         gl.read_polygons(LABELS, "class", classes=["bright_impervious", "dark_impervious"])
+
+
+def test_geopackage_layers(tmp_path: Path, scene: tuple) -> None:
+    transform, shp, crs = scene
+    x0, y1 = transform.c, transform.f
+    a, b = shapely.box(x0, y1 - 40, x0 + 40, y1), shapely.box(x0 + 50, y1 - 40, x0 + 90, y1)
+    path = write_vector(tmp_path / "two.gpkg", [(a, "roof"), (b, "tree")], 32631, layer="first")
+    write_vector(path, [(a, "water"), (b, "field")], 32631, layer="second")
+    with pytest.raises(gl.LabelError, match=r"two.gpkg has layers \['first', 'second'\]"):
+        gl.read_polygons(path, "class")
+    assert gl.read_polygons(path, "class", layer="second").classes == ("field", "water")
+    with pytest.raises(gl.LabelError, match="has no layer 'third'"):
+        gl.read_polygons(path, "class", layer="third")

@@ -14,6 +14,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import rasterio
+import shapely
 from affine import Affine
 from rasterio.windows import Window
 from shapely.geometry import box, mapping
@@ -275,6 +276,38 @@ def test_aoi_geojson_in_other_crs_skips_tiles_and_masks_pixels(tmp_path):
     assert m.any() and (~m).any()
     np.testing.assert_array_equal(y[:, m], x[:, m])
     assert np.isnan(y[:, ~m]).all()
+
+
+def test_aoi_from_other_vector_formats(tmp_path):
+    """A GeoPackage AOI (Web Mercator, two features: their union) masks like the same area in
+    the raster's CRS; a Shapefile without a .prj is refused unless its CRS is given."""
+    import pyogrio
+    from rasterio.warp import transform_geom
+
+    from tiling.aoi import window_mask
+
+    src = _real_raster(tmp_path)
+    with rasterio.open(src) as ds:
+        b, crs, transform, shape_ = ds.bounds, ds.crs, ds.transform, ds.shape
+    w, h = b.right - b.left, b.top - b.bottom
+    halves = [box(b.left, b.top - h / 4, b.left + w / 8, b.top),
+              box(b.left + w / 8, b.top - h / 4, b.left + w / 4, b.top)]
+    merc = [shapely.geometry.shape(transform_geom(crs, "EPSG:3857", mapping(g))) for g in halves]
+    gpkg = tmp_path / "aoi.gpkg"
+    pyogrio.raw.write(gpkg, np.array([shapely.to_wkb(g) for g in merc], dtype=object), [], [],
+                      crs="EPSG:3857", geometry_type="Polygon")
+    full = Window(0, 0, shape_[1], shape_[0])
+    got = window_mask(load_aoi(str(gpkg), crs), full, transform)
+    want = window_mask(shapely.union_all(halves), full, transform)
+    assert want.sum() > 1000 and (got != want).sum() <= 0.01 * want.sum()  # edges re-projected
+    shp = tmp_path / "aoi.shp"
+    with pytest.warns(UserWarning, match="'crs' was not provided"):  # no CRS: no .prj
+        pyogrio.raw.write(shp, np.array([shapely.to_wkb(g) for g in halves], dtype=object), [],
+                          [], geometry_type="Polygon")
+    with pytest.raises(ValueError, match="declares no CRS; pass its CRS"):
+        load_aoi(str(shp), crs)
+    np.testing.assert_array_equal(window_mask(load_aoi(str(shp), crs, crs=crs), full, transform),
+                                  want)
 
 
 def test_aoi_shapely_geometry_in_raster_crs(tmp_path):

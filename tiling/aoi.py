@@ -1,12 +1,14 @@
-"""Area of interest: a shapely geometry or GeoJSON (file, dict or string) in any CRS.
+"""Area of interest: a shapely geometry, GeoJSON (file, dict or string) or any vector file GDAL
+reads (GeoPackage, Shapefile, FlatGeobuf..., through pyogrio), in any CRS.
 
 The AOI is reprojected to the output raster's CRS (:func:`rasterio.warp.transform_geom`). Tiles
 whose weighted support misses it are skipped; output pixels whose centres lie outside it are
 nodata (:func:`rasterio.features.geometry_mask`).
 
 CRS conventions: a GeoJSON file or dict is in EPSG:4326 (RFC 7946) unless it carries a legacy
-``"crs": {"properties": {"name": ...}}`` member; a shapely geometry is in the raster's CRS unless
-``crs`` is given.
+``"crs": {"properties": {"name": ...}}`` member; another vector file is in the CRS it declares;
+a shapely geometry is in the raster's CRS unless ``crs`` is given. An AOI of several features is
+their union.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 
-def _geojson_geometry(obj: dict) -> tuple[BaseGeometry, CRS | None]:
-    crs = None
+def _geojson_geometry(obj: dict) -> tuple[BaseGeometry, CRS]:
+    crs = CRS.from_epsg(4326)  # RFC 7946, unless a legacy 'crs' member says otherwise
     name = (obj.get("crs") or {}).get("properties", {}).get("name")
     if name:
         crs = CRS.from_user_input(name)
@@ -46,11 +48,50 @@ def _geojson_geometry(obj: dict) -> tuple[BaseGeometry, CRS | None]:
     return shapely.union_all(geoms), crs
 
 
+def _vector_file_geometry(path: str) -> tuple[BaseGeometry, CRS | None]:
+    """Union of the geometries of the only layer of a vector file, and its CRS."""
+    import pyogrio
+    from pyogrio.errors import DataLayerError, DataSourceError
+
+    try:
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+        if len(layers) != 1:
+            raise ValueError(f"the AOI file {path} has layers {layers}; write the AOI to a file "
+                             "with one layer")  # fmt: skip
+        meta, _, wkb, _ = pyogrio.raw.read(path, read_geometry=True, columns=[])
+    except (DataSourceError, DataLayerError) as err:
+        raise ValueError(f"cannot read the AOI file {path}: {err}") from err
+    geoms = [shapely.from_wkb(g) for g in wkb if g is not None]
+    if not geoms:
+        raise ValueError(f"the AOI file {path} contains no geometry")
+    crs = CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
+    return shapely.union_all(geoms), crs
+
+
+def _read_aoi(aoi: Any) -> tuple[BaseGeometry, CRS | None]:
+    """The geometry and CRS of a vector file path, or a GeoJSON string or dict: the declared
+    CRS, else EPSG:4326 for GeoJSON (RFC 7946), else None."""
+    if isinstance(aoi, (str, os.PathLike)) and os.path.exists(aoi):
+        if os.path.splitext(os.fspath(aoi))[1].lower() not in (".json", ".geojson"):
+            return _vector_file_geometry(os.fspath(aoi))
+        try:
+            with open(aoi) as f:
+                return _geojson_geometry(json.load(f))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the AOI file {aoi}: {err}") from err
+    if isinstance(aoi, str) and aoi.lstrip().startswith("{"):
+        return _geojson_geometry(json.loads(aoi))
+    if isinstance(aoi, dict):
+        return _geojson_geometry(aoi)
+    raise FileNotFoundError(f"AOI file {aoi} not found")
+
+
 def load_aoi(aoi: Any, dst_crs: CRS | None, crs: Any = None) -> BaseGeometry:
     """The AOI as a shapely geometry in ``dst_crs``.
 
     Args:
-        aoi: a shapely geometry, a GeoJSON dict/string, or a path to a GeoJSON file.
+        aoi: a shapely geometry, a GeoJSON dict/string, or a path to a vector file (GeoJSON,
+            or any format GDAL reads with a single layer).
         dst_crs: the raster's CRS.
         crs: the AOI's CRS (overrides the conventions in the module docstring).
     """
@@ -60,21 +101,10 @@ def load_aoi(aoi: Any, dst_crs: CRS | None, crs: Any = None) -> BaseGeometry:
         if src_crs is None:
             src_crs = dst_crs
     else:
-        if isinstance(aoi, (str, os.PathLike)) and os.path.exists(aoi):
-            try:
-                with open(aoi) as f:
-                    obj = json.load(f)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot read the AOI file {aoi}: {err}") from err
-        elif isinstance(aoi, str) and aoi.lstrip().startswith("{"):
-            obj = json.loads(aoi)
-        elif isinstance(aoi, dict):
-            obj = aoi
-        else:
-            raise FileNotFoundError(f"AOI file {aoi} not found")
-        geom, file_crs = _geojson_geometry(obj)
+        geom, file_crs = _read_aoi(aoi)
+        src_crs = src_crs or file_crs
         if src_crs is None:
-            src_crs = file_crs or CRS.from_epsg(4326)
+            raise ValueError(f"the AOI file {aoi} declares no CRS; pass its CRS (aoi_crs)")
     if geom.is_empty:
         raise ValueError("the AOI geometry is empty")
     if dst_crs is not None and src_crs is not None and CRS.from_user_input(src_crs) != dst_crs:

@@ -13,9 +13,10 @@ from geoupsample.commands import options as opt
 from geoupsample.commands.features import build_backbone
 
 HELP = (
-    "Segment SCENE into the classes of the polygons in --labels (GeoJSON or GeoPackage, any "
-    "CRS; the class is the attribute --class-field) and write OUT: band 1 the class (uint8 with "
-    "a colour table; class names in the tags), band 2 the confidence (winning probability x "
+    "Segment SCENE into the classes of the polygons in --labels (GeoJSON, GeoPackage, Shapefile, "
+    "FlatGeobuf or any vector file GDAL reads, in any CRS; the class is the attribute "
+    "--class-field) and write OUT: band 1 the class (uint8 with a colour table; class names in "
+    "the tags), band 2 the confidence (winning probability x "
     "254); 255 is nodata.\n\n"
     "A linear probe is fitted on the backbone's low-res features under the polygons (their "
     "per-cell coverage), predicts low-res class probabilities tile by tile, and these are "
@@ -36,7 +37,8 @@ class ProbsDtype(str, Enum):
 
 def segment_command(
     scene: Annotated[Path, typer.Argument(help="Image to segment (GeoTIFF).")],
-    labels: Annotated[Path, typer.Option(help="Labelled polygons: GeoJSON or GeoPackage.")],
+    labels: Annotated[Path, typer.Option(
+        help="Labelled polygons: GeoJSON, GeoPackage, Shapefile, FlatGeobuf...")],
     class_field: Annotated[str, typer.Option(help="Attribute holding each polygon's class.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output class raster (GeoTIFF).")],
     backbone: opt.BackboneOption = "spectral",
@@ -52,7 +54,8 @@ def segment_command(
         str | None, typer.Option(help="CRS of the polygons if the file does not say.")
     ] = None,
     layer_name: Annotated[
-        str | None, typer.Option("--labels-layer", help="GeoPackage layer with the polygons.")
+        str | None,
+        typer.Option("--labels-layer", help="Layer with the polygons (files with several layers)."),
     ] = None,
     probs: Annotated[Path | None, typer.Option(help="Also write the probabilities here.")] = None,
     probs_dtype: Annotated[
