@@ -40,7 +40,7 @@ from geoupsample.inputs import (
     scene_guide_stats,
     select_bands,
 )
-from geoupsample.render_settings import SAMPLE_SIDE, scene_render
+from geoupsample.render_settings import SAMPLE_SIDE, SceneRender, declared_unit, scene_render
 from geoupsample.workers import (
     available_cores,
     check_device,
@@ -63,11 +63,13 @@ class UpsampleTile:
 
     def __init__(self, method: str, stats: gu.GuideStats | None, iters: int = 50,
                  radius: int = 3, device: str | None = None, seed: int = 0,
-                 render: dict[str, Any] | None = None) -> None:
+                 render: dict[str, Any] | None = None, unit: float | None = None) -> None:
         self.method, self.stats, self.iters = method, stats, iters
         self.radius, self.device, self.seed = radius, device, seed
         #: rendering arguments of gu.upsample (``kind``, ``consistency``, ...), scene-wide
         self.render = dict(render or {})
+        #: probabilities stored as fractions of ``unit`` (e.g. 255): rendered as fractions of 1
+        self.unit = unit
 
     def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
         x = ctx.data["lowres"]
@@ -79,9 +81,13 @@ class UpsampleTile:
         if self.method in INTERPOLATIONS:
             out = gu.upsample(x, g, method=self.method, **self.render)
         else:
+            if self.unit is not None:
+                x = x / np.float32(self.unit)
             out = gu.upsample(x, g, method=self.method, iters=self.iters, radius=self.radius,
                               device=self.device, seed=self.seed, normalize=self.stats,
                               **self.render)
+            if self.unit is not None:
+                out = out * np.float32(self.unit)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -150,8 +156,11 @@ def upsample_raster(
         blend: ``taper`` or ``crop``.
         kind: ``continuous``, ``probabilities`` or ``auto`` (jbu/gsjbu render defaults, see
             :meth:`geoupsample.Kernels.render`): ``auto`` decides once for the whole scene,
-            from a decimated read of the low-res raster (float probabilities in [0, 1] that
-            sum to 1; scaled integer probabilities count as continuous: convert them to float).
+            from a decimated read of the low-res raster: class probabilities when its channels
+            sum to one value, 1 for fractions, 255 or 254 for 8-bit storage, 100 for percent
+            (or as its ``probability_scale`` tag declares). Scaled probabilities are rendered
+            as fractions and written back in their unit. ``probabilities`` refuses a raster
+            whose channels do not sum to one value.
         consistency: back-projection rounds (default: the kind's; 0 for interpolations).
         self_guidance, min_sigma_r: jbu/gsjbu render overrides (default: the kind's; see
             :meth:`geoupsample.Kernels.render`); ``consistency=0, min_sigma_r=0`` is the sharp
@@ -212,8 +221,9 @@ def _upsample_raster(
             for i in hr_idx)
         lr_window = from_bounds(*hr.bounds, transform=lr.transform).intersection(
             Window(0, 0, lr.width, lr.height))
-        render = _render_options(method, kind, lr, lr_idx, lr_window, consistency=consistency,
-                                 self_guidance=self_guidance, min_sigma_r=min_sigma_r)
+        scene = _render_options(method, kind, lr, lr_idx, lr_window, consistency=consistency,
+                                self_guidance=self_guidance, min_sigma_r=min_sigma_r)
+        render = scene.arguments
         if not any_valid(lr, lr_idx, lr_window, every_band=False):
             raise InputError(f"the low-res raster {lowres_path} is all nodata where it overlaps "
                              "the guide: nothing to upsample")
@@ -232,10 +242,11 @@ def _upsample_raster(
               "geoupsample_lowres": os.path.basename(lowres_path),
               "geoupsample_guide": os.path.basename(guide_path),
               "geoupsample_scale": f"{rel.scale[0]}x{rel.scale[1]}",
-              "geoupsample_render": json.dumps(render)},
+              "geoupsample_render": json.dumps(render),
+              **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {})},
         compress=compress, blocksize=blocksize, cog=cog)
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       render=render)
+                       render=render, unit=scene.unit)
     if workers is None and scheduler is None:
         workers = available_cores() if method in INTERPOLATIONS else 1
     inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx)}
@@ -243,7 +254,8 @@ def _upsample_raster(
         inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
               "device": str(device), "stats": None if stats is None else
-              [stats.lo.tolist(), stats.hi.tolist()], "render": render, "version": __version__}
+              [stats.lo.tolist(), stats.hi.tolist()], "render": render, "unit": scene.unit,
+              "version": __version__}
     fits_at_once = workers if method not in INTERPOLATIONS and scheduler is None else None
     with threads_per_worker(fits_at_once, device):  # cores // workers torch threads per fit
         return tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.scale,
@@ -254,9 +266,9 @@ def _upsample_raster(
 
 def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
                     indexes: Sequence[int], window: Window, **overrides: float | None,
-                    ) -> dict[str, Any]:
+                    ) -> SceneRender:
     """:func:`scene_render` for a low-res raster file, sampled by a decimated read of
-    ``window``."""
+    ``window``; its ``probability_scale`` tag, if any, declares the probability unit."""
 
     def sample() -> torch.Tensor:
         step = max(1, int(max(window.height, window.width) // SAMPLE_SIDE))
@@ -265,7 +277,7 @@ def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
             len(indexes), max(1, int(win.height) // step), max(1, int(win.width) // step)),
             resampling=rasterio.enums.Resampling.nearest), lr.nodata))
 
-    return scene_render(method, kind, sample, **overrides)
+    return scene_render(method, kind, sample, declared_unit(lr.tags()), **overrides)
 
 
 def _params_text(method: str, iters: int, radius: int, tile: int, halo: int, blend: str,

@@ -5,7 +5,9 @@ unit of self-guidance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,33 +38,74 @@ def checked_overrides(method: str, **overrides: float | None) -> dict[str, float
 SAMPLE_SIDE = 1024
 
 
+@dataclass(frozen=True)
+class SceneRender:
+    """How every tile of a scene renders.
+
+    Attributes:
+        arguments: ``gu.upsample`` keyword arguments: the overrides, ``kind`` and, where
+            self-guidance applies, ``self_guidance_scale`` (1 for probabilities).
+        unit: for probabilities stored as fractions of ``unit`` (e.g. 255 for uint8): tiles
+            divide the low-res values by it before rendering and multiply the output back;
+            None otherwise (or 1).
+    """
+
+    arguments: dict[str, Any]
+    unit: float | None = None
+
+
+def declared_unit(tags: Mapping[str, Any]) -> float | None:
+    """The probability unit a raster's tags declare: ``probability_scale`` (the factor from
+    stored values to probabilities, as ``geoupsample segment --probs`` writes it) inverted."""
+    value = tags.get("probability_scale")
+    try:
+        scale = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return 1.0 / scale if scale and math.isfinite(scale) and scale > 0 else None
+
+
 def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
-                 **overrides: float | None) -> dict[str, Any]:
-    """The tiles' rendering arguments, decided once for the scene so that tiles agree.
+                 unit: float | None = None, **overrides: float | None) -> SceneRender:
+    """The tiles' rendering, decided once for the scene so that tiles agree.
 
     Args:
         method: the upsampling method (the interpolations take ``consistency`` alone).
         kind: ``auto`` (resolved here from the sample), ``continuous`` or ``probabilities``.
         sample: returns a decimated sample of the low-res raster ``[C, h', w']`` float, NaN as
-            nodata; called only when needed (``auto``, or self-guidance on a continuous
-            raster, whose unit is then the sample's robust span).
+            nodata; called only when needed (``auto``, probabilities, or self-guidance on a
+            continuous raster, whose unit is then the sample's robust span).
+        unit: the probability unit the raster declares (:func:`declared_unit`), if any.
+            Otherwise probabilities are recognised by their channels summing to one value: 1
+            for fractions, 255 for 8-bit storage... (:func:`presets.probability_unit`).
         overrides: ``consistency``, ``self_guidance``, ``min_sigma_r`` (None = the default).
 
-    Returns:
-        ``gu.upsample`` keyword arguments: the overrides, ``kind`` and, where self-guidance
-        applies, ``self_guidance_scale`` (1 for probabilities).
+    Raises:
+        InputError: bad overrides, or ``kind="probabilities"`` for a raster whose channels do
+            not sum to one value.
     """
     render: dict[str, Any] = checked_overrides(method, **overrides)
     if method in INTERPOLATIONS:
-        return render
-    x = sample() if kind == "auto" or render.get("self_guidance") else None
-    try:
-        kind, _ = presets.resolve(kind, x)
-    except ValueError as err:
-        raise InputError(str(err)) from err
+        return SceneRender(render)
+    x = None
+    if kind in ("auto", "probabilities") or render.get("self_guidance"):
+        x = sample()
+    if kind not in ("auto", "continuous", "probabilities"):
+        raise InputError(f"kind must be 'auto', 'continuous' or 'probabilities'; got {kind!r}")
+    if kind != "continuous":
+        found = unit or presets.probability_unit(x)
+        if kind == "probabilities" and found is None:
+            try:
+                presets.check_probabilities(x)  # names what is wrong
+            except ValueError as err:
+                raise InputError(str(err)) from err
+            found = 1.0
+        kind = "probabilities" if found is not None else "continuous"
+        unit = found
     render["kind"] = kind
     if kind == "probabilities":
         render["self_guidance_scale"] = 1.0  # the same unit in every tile
-    elif render.get("self_guidance"):  # the scene's span, not each tile's: tiles agree
+        return SceneRender(render, None if unit == 1.0 else unit)
+    if render.get("self_guidance"):  # the scene's span, not each tile's: tiles agree
         render["self_guidance_scale"] = robust_span(x)
-    return render
+    return SceneRender(render)

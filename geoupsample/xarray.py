@@ -35,7 +35,7 @@ from geoupsample.featuremaps import ArrayScene, plan_features, scene_aoi
 from geoupsample.grids import relate_grids
 from geoupsample.inputs import InputError, array_guide_stats
 from geoupsample.pipeline import UpsampleTile
-from geoupsample.render_settings import SAMPLE_SIDE, scene_render
+from geoupsample.render_settings import SAMPLE_SIDE, declared_unit, scene_render
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask
@@ -99,8 +99,9 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         part = np.asarray(lowres.data[:, ::step, ::step])  # computes a dask array's sample
         return torch.from_numpy(to_float(part, lr_nodata))
 
-    render = scene_render(method, kind, sample, consistency=consistency,
-                          self_guidance=self_guidance, min_sigma_r=min_sigma_r)
+    scene = scene_render(method, kind, sample, declared_unit(lowres.attrs),
+                         consistency=consistency, self_guidance=self_guidance,
+                         min_sigma_r=min_sigma_r)
     stats = None
     if method not in INTERPOLATIONS:
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
@@ -110,7 +111,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend)
     geom = load_aoi(aoi, guide.rio.crs, aoi_crs) if aoi is not None else None
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       render=render)
+                       render=scene.arguments, unit=scene.unit)
     inputs = {"lowres": tiling.ArrayInput(lowres.data, lr_t, lr_nodata),
               "guide": tiling.ArrayInput(guide.data, hr_t, hr_nodata)}
     arr = to_dask(job, inputs, grid, lowres.shape[0], hr_t, geom)
@@ -128,7 +129,9 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     if long_name is not None and n_names == lowres.shape[0]:
         out.attrs["long_name"] = long_name
     out.attrs.update(geoupsample_version=__version__, geoupsample_method=method,
-                     geoupsample_render=json.dumps(render))
+                     geoupsample_render=json.dumps(scene.arguments))
+    if scene.unit:
+        out.attrs["geoupsample_probability_unit"] = f"{scene.unit:g}"
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)
     return out.rio.write_nodata(np.nan, encoded=False)
 

@@ -13,7 +13,12 @@ import torch
 from affine import Affine
 
 import geoupsample as gu
-from geoupsample.core.presets import PROBABILITIES, looks_like_probabilities
+from geoupsample.core.presets import (
+    PROBABILITIES,
+    check_probabilities,
+    looks_like_probabilities,
+    probability_unit,
+)
 from geoupsample.pipeline import InputError, upsample_raster
 
 SCALE = 8
@@ -49,6 +54,38 @@ def test_probabilities_are_told_apart_from_other_rasters():
     shifted[0] += 1.5
     shifted[1] -= 1.5  # sums to 1 but outside [0, 1]
     assert not looks_like_probabilities(torch.from_numpy(shifted))
+
+
+def test_probability_units():
+    p = softmax_probs((6, 7))
+    t = torch.from_numpy
+    assert probability_unit(t(p)) == pytest.approx(1.0)
+    assert probability_unit(t(p * 100)) == pytest.approx(100.0)  # percent
+    as_uint8 = np.round(p * 255).astype(np.uint8)  # rounding: sums 253..257 for 4 classes
+    assert probability_unit(t(as_uint8.astype(np.float32))) == 255.0
+    assert probability_unit(t(p[:1])) is None  # one channel
+    bands = np.random.default_rng(1).uniform(0, 1, (4, 6, 7)).astype(np.float32)
+    assert probability_unit(t(bands)) is None  # sums vary
+    shifted = p.copy()
+    shifted[0] -= 2.0
+    shifted[1] += 2.0  # a constant sum, but negative values
+    assert probability_unit(t(shifted)) is None
+    check_probabilities(t(as_uint8 / np.float32(255)))  # 8-bit rounding is accepted
+    with pytest.raises(ValueError, match="scaled by 255: divide by 255 first"):
+        check_probabilities(t(as_uint8.astype(np.float32)))
+    with pytest.raises(ValueError, match="not class probabilities.*kind='continuous'"):
+        check_probabilities(t(bands))
+
+
+def test_declared_probabilities_that_are_not_are_refused(guide_and_kernels):
+    """Probabilities stored as 0..255 and declared as probabilities would be clipped to [0, 1]
+    and renormalised into uniform classes: refused, with the fix in the message."""
+    _, k = guide_and_kernels
+    p = np.round(softmax_probs((20, 20)) * 255).astype(np.float32)
+    with pytest.raises(ValueError, match="divide by 255 first"):
+        k.render(p, kind="probabilities")
+    out = np.asarray(k.render(p / 255, kind="probabilities"))
+    np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
 
 
 def test_probabilities_render_on_the_simplex_with_their_preset(guide_and_kernels):
@@ -136,11 +173,24 @@ def test_the_pipeline_decides_the_kind_once_for_the_scene(tmp_path, rotterdam_ms
     assert params["kind"] == "probabilities"
     np.testing.assert_allclose(hr.sum(0), 1.0, atol=1e-4)  # blended tiles stay on the simplex
     assert hr.min() >= 0
+    # the same in percent: recognised by the channels' common sum, rendered as fractions
     scaled = _write(tmp_path / "scaled.tif", (probs * 100).astype(np.float32), t_lr)
     out2 = tmp_path / "out2.tif"
     upsample_raster(scaled, guide, out2, method="gsjbu", iters=3, tile=96, halo=32)
     with rasterio.open(out2) as ds:
+        assert json.loads(ds.tags()["geoupsample_render"])["kind"] == "probabilities"
+        assert ds.tags()["geoupsample_probability_unit"] == "100"
+        np.testing.assert_allclose(ds.read() / 100, hr, atol=1e-5)
+    # a continuous raster stays continuous; declared as probabilities it is refused
+    bands = _write(tmp_path / "bands.tif", rotterdam_ms[:, :24, :24].astype(np.float32), t_lr)
+    out3 = tmp_path / "out3.tif"
+    upsample_raster(bands, guide, out3, method="gsjbu", iters=3, tile=96, halo=32)
+    with rasterio.open(out3) as ds:
         assert json.loads(ds.tags()["geoupsample_render"])["kind"] == "continuous"
+        assert "geoupsample_probability_unit" not in ds.tags()
+    with pytest.raises(InputError, match="not class probabilities.*pass kind='continuous'"):
+        upsample_raster(bands, guide, tmp_path / "x.tif", method="gsjbu",
+                        kind="probabilities")  # fmt: skip
     with pytest.raises(InputError, match="kind"):
         upsample_raster(lr, guide, tmp_path / "x.tif", method="gsjbu", kind="labels")
     assert not (tmp_path / "x.tif").exists()
@@ -173,3 +223,33 @@ def test_cli_kind_and_consistency_reach_the_tiles(tmp_path, rotterdam_ms):
                                    "--consistency", "-1", "--quiet"])
     assert res.exit_code == 2 and "consistency" in res.output
     assert not (tmp_path / "bad.tif").exists()
+
+
+def test_8bit_probabilities_through_the_pipeline(tmp_path, rotterdam_ms):
+    """Probabilities stored as uint8 fractions of 200, declared by a ``probability_scale`` tag (as
+    ``geoupsample segment --probs`` writes them): rendered as fractions, written back in their
+    unit, by the CLI's pipeline and by the xarray API alike."""
+    import rioxarray
+
+    from geoupsample.xarray import upsample as xr_upsample
+
+    t_hr = Affine(1.0, 0, 593270.0, 0, -1.0, 5747657.0)
+    t_lr = Affine(1.0 * SCALE, 0, 593270.0, 0, -1.0 * SCALE, 5747657.0)
+    guide = _write(tmp_path / "guide.tif", rotterdam_ms[:, :192, :192].astype(np.float32), t_hr)
+    stored = np.round(softmax_probs((24, 24)) * 200).astype(np.uint8)
+    lr = _write(tmp_path / "p8.tif", stored, t_lr)
+    with rasterio.open(lr, "r+") as ds:
+        ds.update_tags(probability_scale=str(1 / 200))
+    exact = _write(tmp_path / "p.tif", stored.astype(np.float32) / 200, t_lr)
+    common = dict(method="gsjbu", iters=3, tile=96, halo=32, kind="probabilities")
+    upsample_raster(lr, guide, tmp_path / "o8.tif", **common)
+    upsample_raster(exact, guide, tmp_path / "o.tif", **common)
+    with rasterio.open(tmp_path / "o8.tif") as a, rasterio.open(tmp_path / "o.tif") as b:
+        assert a.dtypes[0] == "uint8" and a.tags()["geoupsample_probability_unit"] == "200"
+        got, want = a.read().astype(np.float32), b.read() * 200
+    assert np.abs(got - want).max() <= 0.5 + 1e-3  # the same render, rounded to the unit
+    assert abs(float(got.sum(0).mean()) - 200) < 1
+    lazy = xr_upsample(rioxarray.open_rasterio(lr), rioxarray.open_rasterio(guide),
+                       method="gsjbu", iters=3, tile=96, halo=32)  # fmt: skip
+    assert lazy.attrs["geoupsample_probability_unit"] == "200"
+    np.testing.assert_allclose(lazy.values, want, atol=1e-3)

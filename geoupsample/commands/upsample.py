@@ -60,7 +60,8 @@ def upsample_command(
     workers: opt.WorkersOption = None,
     kind: Annotated[Kind | None, typer.Option(
         help="What the low-res raster holds, for the jbu/gsjbu render defaults: probabilities "
-             "get label-safe ones (auto: float probabilities summing to 1 are detected).")
+             "get label-safe ones (auto: bands summing to one value, e.g. 1, 100 or 255, are "
+             "probabilities, rendered as fractions and written back in that unit).")
     ] = None,
     consistency: opt.ConsistencyOption = None,
     self_guidance: opt.SelfGuidanceOption = None,

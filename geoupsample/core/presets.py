@@ -35,6 +35,8 @@ import torch
 
 #: Tolerance on ``sum_c x = 1`` and on the range ``[0, 1]`` when telling probabilities apart.
 SIMPLEX_TOLERANCE = 1e-3
+#: Tolerance on ``sum_c x = 1`` for rasters the user declares to be probabilities.
+DECLARED_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,59 @@ def looks_like_probabilities(x: torch.Tensor) -> bool:
     if bool((values < -tol).any()) or bool((values > 1 + tol).any()):
         return False
     return bool(((values.double().sum(-1) - 1.0).abs() <= tol).all())
+
+
+def probability_unit(x: torch.Tensor) -> float | None:
+    """The unit ``S`` of class probabilities stored as fractions of ``S`` (1, 100, 254, 255,
+    10000...) in ``x [..., C, h, w]``, or None when ``x`` does not hold such probabilities.
+
+    ``S`` is the channels' common sum: ``C >= 2``, no negative value, and every complete cell
+    (all channels finite) sums to ``S`` up to rounding (0.5 per channel for whole numbers, e.g.
+    uint8 storage; :data:`SIMPLEX_TOLERANCE` x ``S`` otherwise). At least one cell must be
+    complete.
+    """
+    if x.ndim < 3 or x.shape[-3] < 2 or x.dtype == torch.bool or x.is_complex():
+        return None
+    complete = torch.isfinite(x).all(-3)
+    if not bool(complete.any()):
+        return None
+    values = x.movedim(-3, -1)[complete].double()  # [cells, C]
+    if bool((values < 0).any()):
+        return None
+    sums = values.sum(-1)
+    unit = float(sums.median())
+    whole = bool((values == values.round()).all())
+    if whole:
+        unit = float(round(unit))
+    tolerance = 0.5 * values.shape[-1] if whole else SIMPLEX_TOLERANCE * unit
+    if not unit > 0 or float((sums - unit).abs().max()) > tolerance:
+        return None
+    return unit
+
+
+def check_probabilities(x: torch.Tensor) -> None:
+    """Refuse ``x`` declared as class probabilities (``kind="probabilities"``) when it clearly is
+    not: a finite value outside ``[-0.01, 1.01]`` or a complete cell whose channels do not sum
+    to 1 within :data:`DECLARED_TOLERANCE` (loose enough for probabilities rounded to 8 bits and
+    rescaled). Rendering such a raster as probabilities (clipped to [0, 1], renormalised) would
+    return garbage, e.g. uniform classes for probabilities stored as 0..255.
+    """
+    complete = torch.isfinite(x).all(-3)
+    if x.ndim < 3 or not bool(complete.any()):
+        return
+    values = x.movedim(-3, -1)[complete].double()
+    sums = values.sum(-1)
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= -0.01 and hi <= 1.01 and float((sums - 1.0).abs().max()) <= DECLARED_TOLERANCE:
+        return
+    unit = probability_unit(x)
+    hint = (f"these look like probabilities scaled by {unit:g}: divide by {unit:g} first"
+            if unit else "pass kind='continuous' for other rasters")  # fmt: skip
+    raise ValueError(
+        f"kind='probabilities' but the raster is not class probabilities: values from {lo:.4g} "
+        f"to {hi:.4g}, channel sums from {float(sums.min()):.4g} to {float(sums.max()):.4g} "
+        f"(probabilities lie in [0, 1] and sum to 1 over the channels); {hint}"
+    )
 
 
 def resolve(kind: str, x: torch.Tensor | None) -> tuple[str, RenderDefaults]:
