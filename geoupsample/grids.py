@@ -4,15 +4,20 @@
   reprojected): resampling the low-res raster is a modelling choice (nearest for classes, average
   for probabilities...) that the user should make; the error message gives a ``gdalwarp`` command
   that puts the low-res raster on a grid nesting with the guide's.
-* The grids must nest: north-up, the low-res pixel an integer multiple ``s`` of the guide pixel
-  (per axis) and the low-res origin on the guide's pixel lattice (tolerance: 0.25 guide pixels of
-  accumulated misfit across the scene).
+* The grids must nest: north-up, the low-res pixel a whole number or a simple fraction ``p / q``
+  (``q <=`` :data:`MAX_SCALE_DENOMINATOR`) of guide pixels per axis, e.g. 4 for 10 m on 2.5 m or
+  10/3 for 10 m on 3 m, and the low-res origin on the guide's pixel lattice (tolerance: 0.25
+  guide pixels of accumulated misfit across the scene). With ``p / q``, every ``p`` guide pixels
+  (``q`` low-res pixels) the two lattices meet again: tiles are aligned to that period, so each
+  tile is an exact piece of the whole (a guide pixel belongs to the low-res cell holding its
+  centre, see :mod:`geoupsample.core.layout`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from affine import Affine
@@ -22,20 +27,35 @@ from rasterio.windows import Window
 
 from geoupsample.inputs import InputError
 
+#: Largest denominator of a fractional scale (10/3, 20/3, 25/3... are accepted).
+MAX_SCALE_DENOMINATOR = 8
+
 
 @dataclass(frozen=True)
 class GridRelation:
     """How a low-res grid sits on a high-res (guide) grid.
 
     Attributes:
-        scale: ``(sy, sx)`` guide pixels per low-res pixel (integers).
+        scale: ``(sy, sx)`` guide pixels per low-res pixel (whole numbers or fractions).
         offset: ``(row, col)`` guide pixel where low-res pixel ``(0, 0)`` starts (may be < 0).
-        region: the guide window covered by the low-res raster (clipped to the guide).
+        region: the guide window covered by the low-res raster (clipped to the guide): the
+            guide pixels whose centres lie in its footprint.
     """
 
-    scale: tuple[int, int]
+    scale: tuple[Fraction, Fraction]
     offset: tuple[int, int]
     region: Window
+
+    @property
+    def period(self) -> tuple[int, int]:
+        """``(rows, cols)`` guide pixels after which the two lattices meet again (the scale's
+        numerator): tiles align to multiples of it."""
+        return (self.scale[0].numerator, self.scale[1].numerator)
+
+    @property
+    def scale_text(self) -> str:
+        """``"sy x sx"`` as written in the output's tags, e.g. ``"2x2"`` or ``"10/3x10/3"``."""
+        return f"{self.scale[0]}x{self.scale[1]}"
 
 
 def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, int],
@@ -65,7 +85,7 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
                          f"{tuple(round(v, 3) for v in lr_b)}, guide bounds "
                          f"{tuple(round(v, 3) for v in hr_b)}, both in {hr_crs})")
     sy_f, sx_f = lr_transform.e / hr_transform.e, lr_transform.a / hr_transform.a
-    sy, sx = round(sy_f), round(sx_f)
+    sy, sx = (Fraction(v).limit_denominator(MAX_SCALE_DENOMINATOR) for v in (sy_f, sx_f))
     h, w = lr_shape
     if sy_f < 0.9 and sx_f < 0.9:
         raise InputError(
@@ -75,8 +95,9 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
     if sy < 1 or sx < 1 or abs(sy_f - sy) * h > tolerance or abs(sx_f - sx) * w > tolerance:
         raise InputError(
             f"the grids do not nest: a low-res pixel is {sx_f:.4f} x {sy_f:.4f} guide pixels; it "
-            "must be a whole number (e.g. 10 m on 2.5 m = 4). Resample the low-res raster to a "
-            "multiple of the guide's pixel size (gdalwarp -tr ... -tap)")
+            "must be a whole number or a simple fraction of them (e.g. 10 m on 2.5 m = 4, 10 m "
+            f"on 3 m = 10/3; denominators up to {MAX_SCALE_DENOMINATOR}). Resample the low-res "
+            "raster to such a multiple of the guide's pixel size (gdalwarp -tr ... -tap)")
     col_f, row_f = ~hr_transform * (lr_transform.c, lr_transform.f)
     oy, ox = round(row_f), round(col_f)
     if abs(row_f - oy) > tolerance or abs(col_f - ox) > tolerance:
@@ -85,7 +106,9 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
             f"({row_f:.3f}, {col_f:.3f}), not on a pixel corner; warp the low-res raster onto "
             "the guide's pixel lattice (gdalwarp -te/-tr aligned to the guide)")
     r0, c0 = max(0, oy), max(0, ox)
-    r1, c1 = min(hr_shape[0], oy + h * sy), min(hr_shape[1], ox + w * sx)
+    # the guide pixels whose centres lie in the low-res footprint (all of them for whole scales)
+    r1 = min(hr_shape[0], math.ceil(oy + h * sy - Fraction(1, 2)))
+    c1 = min(hr_shape[1], math.ceil(ox + w * sx - Fraction(1, 2)))
     if r1 <= r0 or c1 <= c0:
         raise InputError("the low-res raster and the guide do not overlap")
     return GridRelation((sy, sx), (oy, ox), Window(c0, r0, c1 - c0, r1 - r0))

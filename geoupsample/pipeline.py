@@ -126,8 +126,9 @@ def upsample_raster(
         lowres_path: georeferenced low-res raster (probabilities, features, a coarse band,
             elevation...), any number of bands, integer or float.
         guide_path: the high-resolution guide (e.g. multispectral image) in the **same CRS**;
-            its pixel must divide the low-res pixel (integer scale) and the origins must lie on
-            its pixel lattice. Rasters in other CRSs are refused (see the module docstring).
+            the low-res pixel must be a whole number or a simple fraction of guide pixels (4, or
+            10/3 for 10 m on 3 m: :mod:`geoupsample.grids`) and the origins must lie on its
+            pixel lattice. Rasters in other CRSs are refused (see the module docstring).
         out_path: output GeoTIFF (COG with ``cog=True``); written atomically.
         method: ``gsjbu`` | ``jbu`` | ``bilinear`` | ``bicubic`` | ``nearest``.
         iters, radius, seed: GSJBU fit parameters (``iters`` Adam steps per tile; ``radius`` in
@@ -241,7 +242,7 @@ def _upsample_raster(
               "geoupsample_params": _params_text(method, iters, radius, tile, halo, blend, seed),
               "geoupsample_lowres": os.path.basename(lowres_path),
               "geoupsample_guide": os.path.basename(guide_path),
-              "geoupsample_scale": f"{rel.scale[0]}x{rel.scale[1]}",
+              "geoupsample_scale": rel.scale_text,
               "geoupsample_render": json.dumps(render),
               **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {})},
         compress=compress, blocksize=blocksize, cog=cog)
@@ -258,7 +259,7 @@ def _upsample_raster(
               "version": __version__}
     fits_at_once = workers if method not in INTERPOLATIONS and scheduler is None else None
     with threads_per_worker(fits_at_once, device):  # cores // workers torch threads per fit
-        return tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.scale,
+        return tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.period,
                           align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
                           aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                           workers=workers, progress=progress)

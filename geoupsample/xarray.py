@@ -107,7 +107,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
             stats = array_guide_stats(guide.data, hr_nodata, "DataArray")
     height, width = guide.shape[1:]
-    grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.scale,
+    grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.period,
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend)
     geom = load_aoi(aoi, guide.rio.crs, aoi_crs) if aoi is not None else None
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,

@@ -21,8 +21,8 @@ HELP = (
     "run).\n\n"
     "Grids: LOWRES and GUIDE must be in the same CRS. Rasters in different CRSs are refused, "
     "not reprojected (the error shows a gdalwarp command that aligns LOWRES to GUIDE). The "
-    "low-res pixel must be a whole multiple of the guide pixel, with the origins on the "
-    "guide's pixel lattice."
+    "low-res pixel must be a whole number or a simple fraction of guide pixels (4 for 10 m on "
+    "2.5 m, 10/3 for 10 m on 3 m), with the origins on the guide's pixel lattice."
 )
 
 
