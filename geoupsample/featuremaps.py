@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,109 +38,15 @@ import geoupsample as gu
 import tiling
 from geoupsample.backbones import Backbone, SpectralBackbone
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.inputs import (
-    InputError,
-    array_guide_stats,
-    check_dtype,
-    open_raster,
-    scene_guide_stats,
-    select_bands,
-)
+from geoupsample.inputs import InputError
+from geoupsample.pca import PCA
 from geoupsample.render_settings import checked_overrides
+from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
 from geoupsample.workers import check_device, check_workers, threads_per_worker
-from tiling.aoi import load_aoi, window_intersects
+from tiling.aoi import window_intersects
 
 #: Output dtypes of a features raster.
 FEATURE_DTYPES = ("float32", "float16")
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A scene raster: path, the bands used (1-based), their names, grid and nodata."""
-
-    path: str
-    bands: tuple[int, ...]
-    band_names: tuple[str, ...]
-    crs: Any
-    transform: Affine
-    shape: tuple[int, int]
-    nodata: float | None
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], bands: Sequence[int | str] | None = None) -> Scene:
-        """Open ``path`` and choose ``bands`` (1-based indexes or descriptions; default all)."""
-        p = os.fspath(path)
-        with open_raster(p, "scene") as ds:
-            idx = select_bands(ds, bands, "scene")
-            check_dtype(ds, idx, "scene")
-            names = tuple(ds.descriptions[i - 1] or f"band{i}" for i in idx)
-            if ds.crs is None:
-                raise InputError(f"the scene {p} has no CRS; assign one (gdal_edit.py -a_srs)")
-            return cls(p, idx, names, ds.crs, ds.transform, (ds.height, ds.width), ds.nodata)
-
-    def reader(self) -> tiling.RasterInput:
-        return tiling.RasterInput(self.path, self.bands)
-
-    def read(self, window: Window) -> np.ndarray:
-        """float32 ``[d, rows, cols]`` of ``window`` (NaN for nodata and outside the raster)."""
-        return self.reader().read(window, self.transform)
-
-    def guide_stats(self) -> gu.GuideStats:
-        """Scene-wide guide statistics (see :func:`geoupsample.inputs.scene_guide_stats`)."""
-        return scene_guide_stats(self.path, self.bands)
-
-
-@dataclass(frozen=True)
-class ArrayScene:
-    """A scene held in an array ``[d, H, W]`` (numpy or dask): the interface of :class:`Scene`.
-
-    Reading a window computes only that slice of a dask array.
-    """
-
-    array: Any
-    band_names: tuple[str, ...]
-    crs: Any
-    transform: Affine
-    nodata: float | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.array.shape[1]), int(self.array.shape[2])
-
-    @property
-    def bands(self) -> tuple[int, ...]:
-        return tuple(range(1, int(self.array.shape[0]) + 1))
-
-    def reader(self) -> tiling.ArrayInput:
-        return tiling.ArrayInput(self.array, self.transform, self.nodata)
-
-    def read(self, window: Window) -> np.ndarray:
-        """float32 ``[d, rows, cols]`` of ``window`` (NaN for nodata and outside the array)."""
-        return self.reader().read(window, self.transform)
-
-    def guide_stats(self) -> gu.GuideStats:
-        """The statistics :meth:`Scene.guide_stats` computes, from the same regular subsample."""
-        return array_guide_stats(self.array, self.nodata, "scene array")
-
-
-AnyScene = Scene | ArrayScene
-
-
-def scene_aoi(aoi: Any, aoi_crs: Any, scene: AnyScene) -> BaseGeometry | None:
-    """The AOI (shapely geometry, GeoJSON dict/string or file) in the scene's CRS, or None.
-
-    Raises :class:`InputError` when it does not overlap the scene.
-    """
-    if aoi is None:
-        return None
-    geom = load_aoi(aoi, scene.crs, aoi_crs)
-    h, w = scene.shape
-    if not window_intersects(geom, Window(0, 0, w, h), scene.transform):
-        raise InputError(
-            "the AOI does not overlap the scene (a GeoJSON without a 'crs' member is read as "
-            "lon/lat WGS 84; give aoi_crs otherwise)"
-        )
-    return geom
 
 
 def backbone_digest(backbone: Backbone) -> str:
@@ -197,47 +102,6 @@ class TileFeatures:
         cell_ok = valid[: h * s, : w * s].reshape(h, s, w, s).any(dim=(1, 3))
         feats[:, ~cell_ok] = float("nan")
         return feats.numpy().astype(np.float32, copy=False)
-
-
-@dataclass(frozen=True)
-class PCA:
-    """A PCA of LR features: ``mean [C]`` and ``components [K, C]`` (rows orthonormal)."""
-
-    mean: np.ndarray
-    components: np.ndarray
-    explained: np.ndarray
-
-    @classmethod
-    def fit(cls, samples: np.ndarray, k: int) -> PCA:
-        """Fit on ``samples [N, C]`` (finite rows only); ``k <= min(N, C)``."""
-        x = torch.from_numpy(samples[np.isfinite(samples).all(1)]).double()
-        if x.shape[0] < 2:
-            raise InputError("too few valid feature cells to fit a PCA")
-        k = int(k)
-        if not 1 <= k <= min(x.shape):
-            raise InputError(f"--pca must be between 1 and {min(x.shape)} here, got {k}")
-        mean = x.mean(0)
-        _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        # one sign per component (its largest entry positive): SVD signs are arbitrary
-        peak = vt.abs().argmax(1, keepdim=True)
-        vt = vt * torch.sign(vt.gather(1, peak))
-        var = s**2
-        return cls(mean.numpy(), vt[:k].numpy(), (var[:k] / var.sum()).numpy())
-
-    def transform(self, feats: np.ndarray) -> np.ndarray:
-        """``[C, h, w]`` -> ``[K, h, w]`` float32 (NaN cells stay NaN)."""
-        c, h, w = feats.shape
-        flat = feats.reshape(c, -1).astype(np.float64) - self.mean[:, None]
-        return (self.components @ flat).reshape(-1, h, w).astype(np.float32)
-
-
-def windows(scene: AnyScene, size: int, stride: int) -> Iterator[Window]:
-    """Non-overlapping windows of ``size`` px (rounded up to ``stride``) covering the scene."""
-    size = max(stride, math.ceil(size / stride) * stride)
-    h, w = scene.shape
-    for r in range(0, h, size):
-        for c in range(0, w, size):
-            yield Window(c, r, size, size)
 
 
 def sample_features(

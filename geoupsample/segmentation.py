@@ -36,9 +36,7 @@ from geoupsample import labels as gl
 from geoupsample.backbones import Backbone
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.featuremaps import (
-    AnyScene,
     FeatureTile,
-    Scene,
     TileFeatures,
     array_digest,
     backbone_digest,
@@ -46,12 +44,11 @@ from geoupsample.featuremaps import (
     is_zarr_path,
     lr_window_grid,
     run_backbone_job,
-    scene_aoi,
-    windows,
 )
 from geoupsample.heads import LinearProbe
 from geoupsample.inputs import InputError
 from geoupsample.render_settings import checked_overrides
+from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
 from geoupsample.workers import check_device, check_workers
 from tiling.writer import to_cog
 

@@ -31,11 +31,12 @@ import xarray as xr
 import tiling
 from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.featuremaps import ArrayScene, plan_features, scene_aoi
+from geoupsample.featuremaps import plan_features
 from geoupsample.grids import relate_grids
 from geoupsample.inputs import InputError, array_guide_stats
 from geoupsample.pipeline import UpsampleTile
 from geoupsample.render_settings import SAMPLE_SIDE, declared_unit, scene_render
+from geoupsample.scenes import ArrayScene, scene_aoi
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask

@@ -112,7 +112,8 @@ def features_command(
     device: opt.DeviceOption = None,
     quiet: opt.QuietOption = False,
 ) -> None:
-    from geoupsample.featuremaps import Scene, features_raster
+    from geoupsample.featuremaps import features_raster
+    from geoupsample.scenes import Scene
 
     def work(progress: Any) -> tuple[Any, Any]:
         sc = Scene.open(scene, opt.split(bands))

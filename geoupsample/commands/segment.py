@@ -85,7 +85,7 @@ def segment_command(
     device: opt.DeviceOption = None,
     quiet: opt.QuietOption = False,
 ) -> None:
-    from geoupsample.featuremaps import Scene
+    from geoupsample.scenes import Scene
     from geoupsample.segmentation import segment_raster
 
     def work(progress: Any) -> tuple[Any, Any]:
