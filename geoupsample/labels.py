@@ -150,6 +150,34 @@ def from_geometries(
     return _assemble(list(geometries), list(labels), crs, classes, "<memory>")
 
 
+def from_frame(
+    frame: Any,
+    class_field: str,
+    *,
+    crs: CRS | str | None = None,
+    classes: Sequence[str] | None = None,
+) -> LabelPolygons:
+    """Build :class:`LabelPolygons` from a GeoDataFrame (geopandas, or anything with a
+    ``geometry`` column of shapely geometries, a ``crs`` and columns by name).
+
+    ``crs`` overrides the frame's; the other arguments are those of :func:`read_polygons`.
+    """
+    columns = [str(c) for c in getattr(frame, "columns", [])]
+    if class_field not in columns:
+        fields = sorted(c for c in columns if c != "geometry")
+        raise LabelError(
+            f"class field {class_field!r} not found in the GeoDataFrame; its columns are "
+            f"{fields or 'none'}: pass one of them as the class field"
+        )
+    values = [_plain(v) for v in frame[class_field]]
+    return _assemble(list(frame.geometry), values, crs or frame.crs, classes, "<GeoDataFrame>")
+
+
+def is_frame(obj: Any) -> bool:
+    """Whether ``obj`` looks like a GeoDataFrame (a ``geometry`` column and a ``crs``)."""
+    return hasattr(obj, "geometry") and hasattr(obj, "crs") and hasattr(obj, "columns")
+
+
 def _assemble(
     geoms: list[BaseGeometry | None],
     values: list[Any],

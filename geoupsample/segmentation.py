@@ -198,10 +198,14 @@ def load_labels(
     labels_crs: str | None = None,
     layer: str | None = None,
 ) -> gl.LabelPolygons:
-    """The polygons (a file, or :class:`~geoupsample.labels.LabelPolygons`) that overlap the
-    scene, in its CRS; at most :data:`UINT8_SCALE` classes."""
+    """The polygons (a vector file, a GeoDataFrame or :class:`~geoupsample.labels.LabelPolygons`)
+    that overlap the scene, in its CRS; at most :data:`UINT8_SCALE` classes."""
     if isinstance(labels, gl.LabelPolygons):
         polys = labels
+    elif gl.is_frame(labels):
+        if class_field is None:
+            raise InputError("class_field is needed to read labels from a GeoDataFrame")
+        polys = gl.from_frame(labels, class_field, crs=labels_crs)
     else:
         if class_field is None:
             raise InputError("class_field is needed to read labels from a file")
@@ -295,7 +299,7 @@ def hidden_probs_path(out_path: str) -> str:
 
 def segment_raster(
     scene_path: str | os.PathLike[str],
-    labels_path: str | os.PathLike[str] | gl.LabelPolygons,
+    labels_path: str | os.PathLike[str] | gl.LabelPolygons | Any,
     class_field: str,
     out_path: str | os.PathLike[str],
     backbone: Backbone,
@@ -332,8 +336,9 @@ def segment_raster(
 
     Args:
         scene_path: the image; ``bands`` chooses its bands (1-based or descriptions).
-        labels_path, class_field, labels_crs, layer: the polygons (any vector file GDAL reads, or
-            :class:`~geoupsample.labels.LabelPolygons`), the attribute holding the class, their
+        labels_path, class_field, labels_crs, layer: the polygons (any vector file GDAL reads,
+            a GeoDataFrame, or :class:`~geoupsample.labels.LabelPolygons`), the attribute
+            holding the class, their
             CRS if the file does not say, the layer (files with several).
         out_path: the class raster (2 bands uint8: class, confidence).
         backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
@@ -400,7 +405,8 @@ def segment_raster(
 
     from geoupsample import __version__
 
-    labels_name = labels.source if isinstance(labels_path, gl.LabelPolygons) else labels_path
+    from_file = not (isinstance(labels_path, gl.LabelPolygons) or gl.is_frame(labels_path))
+    labels_name = labels_path if from_file else labels.source
     tags = {
         "geoupsample_version": __version__,
         "geoupsample_method": method,

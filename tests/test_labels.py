@@ -191,3 +191,21 @@ def test_geopackage_layers(tmp_path: Path, scene: tuple) -> None:
     assert gl.read_polygons(path, "class", layer="second").classes == ("field", "water")
     with pytest.raises(gl.LabelError, match="has no layer 'third'"):
         gl.read_polygons(path, "class", layer="third")
+
+
+def test_geodataframe_labels(scene: tuple) -> None:
+    """A geopandas GeoDataFrame (here in Web Mercator) gives the polygons the file gives."""
+    import geopandas
+
+    transform, shp, crs = scene
+    lr_t, lr_shape = gl.lr_grid(transform, shp, 15)
+    ref = gl.check_scene(gl.read_polygons(LABELS, "class"), transform, shp, crs)
+    expected = gl.rasterize_fractions(ref, lr_t, lr_shape, supersample=15)
+    frame = geopandas.read_file(LABELS).to_crs("EPSG:3857")
+    assert gl.is_frame(frame) and not gl.is_frame(str(LABELS))
+    lab = gl.from_frame(frame, "class")
+    assert lab.classes == ref.classes and lab.crs == CRS.from_epsg(3857)
+    got = gl.rasterize_fractions(lab, lr_t, lr_shape, crs=crs, supersample=15)
+    assert np.abs(got - expected).max() < 0.05
+    with pytest.raises(gl.LabelError, match=r"class field 'landuse' not found.*\['class'\]"):
+        gl.from_frame(frame, "landuse")

@@ -81,6 +81,20 @@ def test_segment_gsjbu_python_api(tmp_path: Path) -> None:
     assert np.abs(p2 - p).max() > 1e-3  # the back-projection rounds changed the render
 
 
+def test_segment_from_a_geodataframe(tmp_path: Path) -> None:
+    import geopandas
+
+    bb = gb.create("spectral", band_names=("red", "green", "blue", "nir"), cell_size=8)
+    common = dict(probs_dtype="float32", method="bilinear", tile=320, halo=0)
+    segment_raster(SCENE, LABELS, "class", tmp_path / "f.tif", bb,
+                   probs_path=tmp_path / "fp.tif", **common)  # fmt: skip
+    frame = geopandas.read_file(LABELS)
+    segment_raster(SCENE, frame, "class", tmp_path / "g.tif", bb,
+                   probs_path=tmp_path / "gp.tif", **common)  # fmt: skip
+    with rasterio.open(tmp_path / "fp.tif") as a, rasterio.open(tmp_path / "gp.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
 def test_segment_timm_backbone_smoke(tmp_path: Path) -> None:
     code, text = cli(
         "segment", SCENE, "--labels", LABELS, "--class-field", "class", "-o", tmp_path / "t.tif",
