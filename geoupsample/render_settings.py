@@ -93,6 +93,15 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
     if kind not in ("auto", "continuous", "probabilities"):
         raise InputError(f"kind must be 'auto', 'continuous' or 'probabilities'; got {kind!r}")
     if kind != "continuous":
+        if unit is not None:  # a stale tag (values rescaled since) would scale the output wrongly
+            try:
+                presets.check_probabilities(x / unit)
+            except ValueError as err:
+                raise InputError(
+                    f"the raster's probability_scale tag declares probabilities in units of "
+                    f"{unit:g}, but its values do not fit that: {err}. Fix or remove the tag "
+                    "(gdal_edit.py -mo probability_scale=)"
+                ) from err
         found = unit or presets.probability_unit(x)
         if kind == "probabilities" and found is None:
             try:

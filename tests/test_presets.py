@@ -253,3 +253,10 @@ def test_8bit_probabilities_through_the_pipeline(tmp_path, rotterdam_ms):
                        method="gsjbu", iters=3, tile=96, halo=32)  # fmt: skip
     assert lazy.attrs["geoupsample_probability_unit"] == "200"
     np.testing.assert_allclose(lazy.values, want, atol=1e-3)
+    # a stale tag (float fractions that still say 1/200) is refused, not applied
+    stale = _write(tmp_path / "stale.tif", stored.astype(np.float32) / 200, t_lr)
+    with rasterio.open(stale, "r+") as ds:
+        ds.update_tags(probability_scale=str(1 / 200))
+    with pytest.raises(InputError, match="probability_scale tag declares .* units of 200"):
+        upsample_raster(stale, guide, tmp_path / "x.tif", **common)
+    assert not (tmp_path / "x.tif").exists()
