@@ -83,16 +83,17 @@ def build_psi(
     layout: CellLayout,
     radius: int,
     geometry: gsjbu.PsiGeometry | None = None,
+    workspace: gsjbu.Workspace | None = None,
 ) -> torch.Tensor:
     """``psi [n, 6 + d, K]`` from ``params [4, h, w]`` (see :func:`gsjbu.build_psi`), on the path
     :func:`name` picks for ``params``: one fused kernel (and one for its backward) with Triton.
-    ``geometry`` (torch path only) is reused instead of rebuilt.
+    ``geometry`` and ``workspace`` (torch path only) are reused instead of rebuilt.
     """
     if name(params) == "triton":
         from geoupsample.core import triton_gsjbu
 
         return triton_gsjbu.build_psi(params, gbar, cell_valid, layout, radius)
-    return gsjbu.build_psi(params, gbar, cell_valid, layout, radius, geometry)
+    return gsjbu.build_psi(params, gbar, cell_valid, layout, radius, geometry, workspace)
 
 
 def adam_fit(prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float) -> Any | None:

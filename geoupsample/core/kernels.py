@@ -123,7 +123,8 @@ class _Prepared:
             phi,
         )
 
-    def psi(self, params: torch.Tensor) -> torch.Tensor:
+    def psi(self, params: torch.Tensor, workspace: gsjbu.Workspace | None = None) -> torch.Tensor:
+        """``psi`` of ``params`` (into ``workspace``'s buffer during a fit, else a new tensor)."""
         geometry = None
         if backend.name(params) != "triton":
             geometry = self.geometries.get(params.dtype)
@@ -133,7 +134,7 @@ class _Prepared:
                 )
                 self.geometries[params.dtype] = geometry
         return backend.build_psi(
-            params, self.gbar, self.cell_valid, self.layout, self.radius, geometry
+            params, self.gbar, self.cell_valid, self.layout, self.radius, geometry, workspace
         )
 
 
@@ -465,6 +466,7 @@ def fit(
         fused = backend.adam_fit(prep, params, values, lr)
     else:
         stencil = BilinearStencil.build(prep, params.dtype)
+    workspace = gsjbu.Workspace()  # psi and its gradient: the same buffers at every step
     schedule = None  # the sampled phases of every step, drawn up front: one copy to the device
     if n_sample < n_phases:
         draws = [torch.randperm(n_phases, generator=generator)[:n_sample] for _ in range(iters)]
@@ -474,10 +476,10 @@ def fit(
         if fused is not None:
             fused.step(phases)  # no host sync per step
             continue
-        psi = prep.psi(params)
+        psi = prep.psi(params, workspace)
         if objective == "back_projected":
             phi = prep.phi if phases is None else prep.phi.index_select(1, phases)
-            rendered = gsjbu.render_cells(psi, values, phi)
+            rendered = gsjbu.render_cells(psi, values, phi, workspace)
             loss = back_projected_l1(rendered, prep, phases, stencil=stencil)
             loss.backward()
         else:
