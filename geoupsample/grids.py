@@ -23,7 +23,7 @@ from typing import Any
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.transform import array_bounds
-from rasterio.windows import Window
+from rasterio.windows import Window, from_bounds
 
 from geoupsample.inputs import InputError
 
@@ -56,6 +56,14 @@ class GridRelation:
     def scale_text(self) -> str:
         """``"sy x sx"`` as written in the output's tags, e.g. ``"2x2"`` or ``"10/3x10/3"``."""
         return f"{self.scale[0]}x{self.scale[1]}"
+
+
+def overlap_window(lr_transform: Affine, lr_shape: tuple[int, int],
+                   hr_bounds: tuple[float, float, float, float]) -> Window:
+    """The window of the low-res grid (``lr_shape`` rows, cols) that the guide's
+    ``hr_bounds`` (west, south, east, north) cover, clipped to the low-res raster."""
+    return from_bounds(*hr_bounds, transform=lr_transform).intersection(
+        Window(0, 0, lr_shape[1], lr_shape[0]))
 
 
 def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, int],

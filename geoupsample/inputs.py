@@ -113,13 +113,21 @@ def scene_guide_stats(path: str | os.PathLike, bands: Sequence[int] | None = Non
     return _stats(sample, str(path))
 
 
-def array_guide_stats(array: Any, nodata: float | None, name: str) -> gu.GuideStats:
-    """:func:`scene_guide_stats` of an array ``[bands, H, W]`` (numpy, dask or anything that
-    slices like one), from the same regular subsample, read window by window."""
+def array_reader(array: Any, nodata: float | None) -> Callable[[Window], np.ndarray]:
+    """``read(window) -> float32 [bands, rows, cols]`` (NaN = nodata) of an array
+    ``[bands, H, W]`` (numpy, dask or anything that slices like one); a dask array computes
+    only that slice."""
 
     def read(window: Window) -> np.ndarray:
         return to_float(np.asarray(array[(slice(None), *window.toslices())]), nodata)
 
+    return read
+
+
+def array_guide_stats(array: Any, nodata: float | None, name: str) -> gu.GuideStats:
+    """:func:`scene_guide_stats` of an array ``[bands, H, W]`` (numpy, dask or anything that
+    slices like one), from the same regular subsample, read window by window."""
+    read = array_reader(array, nodata)
     return _stats(decimated_stats_sample(read, int(array.shape[1]), int(array.shape[2])), name)
 
 

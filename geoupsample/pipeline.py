@@ -23,15 +23,14 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.enums
-import torch
-from rasterio.windows import Window, from_bounds
+from rasterio.windows import Window
 
 import geoupsample as gu
 import tiling
 import tiling.writer
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.grids import relate_grids
+from geoupsample.grids import overlap_window, relate_grids
 from geoupsample.inputs import (
     InputError,
     any_valid,
@@ -40,7 +39,7 @@ from geoupsample.inputs import (
     scene_guide_stats,
     select_bands,
 )
-from geoupsample.render_settings import SAMPLE_SIDE, SceneRender, declared_unit, scene_render
+from geoupsample.render_settings import SceneRender, declared_unit, lowres_sample, scene_render
 from geoupsample.workers import (
     available_cores,
     check_device,
@@ -220,8 +219,7 @@ def _upsample_raster(
             np.dtype(hr.dtypes[i - 1]).kind == "f" for i in hr_idx) or any(
             rasterio.enums.MaskFlags.all_valid not in hr.mask_flag_enums[i - 1]
             for i in hr_idx)
-        lr_window = from_bounds(*hr.bounds, transform=lr.transform).intersection(
-            Window(0, 0, lr.width, lr.height))
+        lr_window = overlap_window(lr.transform, lr.shape, hr.bounds)
         scene = _render_options(method, kind, lr, lr_idx, lr_window, consistency=consistency,
                                 self_guidance=self_guidance, min_sigma_r=min_sigma_r)
         render = scene.arguments
@@ -268,17 +266,14 @@ def _upsample_raster(
 def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
                     indexes: Sequence[int], window: Window, **overrides: float | None,
                     ) -> SceneRender:
-    """:func:`scene_render` for a low-res raster file, sampled by a decimated read of
-    ``window``; its ``probability_scale`` tag, if any, declares the probability unit."""
+    """:func:`scene_render` for a low-res raster file, sampled over ``window``
+    (:func:`lowres_sample`); its ``probability_scale`` tag, if any, declares the unit."""
 
-    def sample() -> torch.Tensor:
-        step = max(1, int(max(window.height, window.width) // SAMPLE_SIDE))
-        win = window.round_offsets().round_lengths()
-        return torch.from_numpy(to_float(lr.read(list(indexes), window=win, out_shape=(
-            len(indexes), max(1, int(win.height) // step), max(1, int(win.width) // step)),
-            resampling=rasterio.enums.Resampling.nearest), lr.nodata))
+    def read(w: Window) -> np.ndarray:
+        return to_float(lr.read(list(indexes), window=w), lr.nodata)
 
-    return scene_render(method, kind, sample, declared_unit(lr.tags()), **overrides)
+    return scene_render(method, kind, lambda: lowres_sample(read, window),
+                        declared_unit(lr.tags()), **overrides)
 
 
 def _params_text(method: str, iters: int, radius: int, tile: int, halo: int, blend: str,

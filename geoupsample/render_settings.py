@@ -10,13 +10,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from rasterio.windows import Window
 
 from geoupsample.core import presets
 from geoupsample.core.kernels import render_overrides
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.core.self_guidance import robust_span
-from geoupsample.inputs import InputError
+from geoupsample.inputs import InputError, decimated_stats_sample
 
 
 def checked_overrides(method: str, **overrides: float | None) -> dict[str, float]:
@@ -36,6 +38,20 @@ def checked_overrides(method: str, **overrides: float | None) -> dict[str, float
 
 #: Longest side, in cells, of the decimated sample of a low-res raster that decides its kind.
 SAMPLE_SIDE = 1024
+
+
+def lowres_sample(read: Callable[[Window], np.ndarray], window: Window) -> torch.Tensor:
+    """A regular subsample (at most :data:`SAMPLE_SIDE` cells a side) of ``window`` of a
+    low-res raster read by ``read(window) -> float32 [bands, rows, cols]`` (NaN = nodata), window
+    by window (:func:`~geoupsample.inputs.decimated_stats_sample`): the same cells whether the
+    raster is a file or an array, so the CLI and the xarray API decide alike."""
+    win = window.round_offsets().round_lengths()
+
+    def read_within(w: Window) -> np.ndarray:
+        return read(Window(win.col_off + w.col_off, win.row_off + w.row_off, w.width, w.height))
+
+    sample = decimated_stats_sample(read_within, int(win.height), int(win.width), SAMPLE_SIDE)
+    return torch.from_numpy(sample)
 
 
 @dataclass(frozen=True)

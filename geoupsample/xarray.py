@@ -25,22 +25,20 @@ import json
 from typing import Any
 
 import numpy as np
-import torch
 import xarray as xr
 
 import tiling
 from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import plan_features
-from geoupsample.grids import relate_grids
-from geoupsample.inputs import InputError, array_guide_stats
+from geoupsample.grids import overlap_window, relate_grids
+from geoupsample.inputs import InputError, array_guide_stats, array_reader
 from geoupsample.pipeline import UpsampleTile
-from geoupsample.render_settings import SAMPLE_SIDE, declared_unit, scene_render
+from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, scene_aoi
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask
-from tiling.reader import to_float
 
 
 def _as_bands(a: xr.DataArray, what: str) -> xr.DataArray:
@@ -95,12 +93,10 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                        guide.shape[1:])
     lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
 
-    def sample() -> torch.Tensor:
-        step = max(1, max(lowres.shape[1:]) // SAMPLE_SIDE)
-        part = np.asarray(lowres.data[:, ::step, ::step])  # computes a dask array's sample
-        return torch.from_numpy(to_float(part, lr_nodata))
-
-    scene = scene_render(method, kind, sample, declared_unit(lowres.attrs),
+    window = overlap_window(lr_t, lowres.shape[1:], guide.rio.bounds())
+    read = array_reader(lowres.data, lr_nodata)  # computes only the sampled slices of dask data
+    scene = scene_render(method, kind, lambda: lowres_sample(read, window),
+                         declared_unit(lowres.attrs),
                          consistency=consistency, self_guidance=self_guidance,
                          min_sigma_r=min_sigma_r)
     stats = None

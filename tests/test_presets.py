@@ -260,3 +260,28 @@ def test_8bit_probabilities_through_the_pipeline(tmp_path, rotterdam_ms):
     with pytest.raises(InputError, match="probability_scale tag declares .* units of 200"):
         upsample_raster(stale, guide, tmp_path / "x.tif", **common)
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_lowres_sample_is_the_same_for_files_and_arrays(tmp_path):
+    """The CLI (a file) and the xarray API (an array) decide the render from the same cells: a
+    regular subsample of the low-res window over the guide, at most SAMPLE_SIDE a side."""
+    from rasterio.windows import Window
+
+    from geoupsample.inputs import array_reader
+    from geoupsample.render_settings import SAMPLE_SIDE, lowres_sample
+    from tiling.reader import to_float
+
+    data = np.random.default_rng(0).random((2, 1300, 2500)).astype(np.float32)
+    data[:, 50:56] = -1.0  # nodata, inside the window
+    path = _write(tmp_path / "big.tif", data, Affine(1.0, 0, 500000.0, 0, -1.0, 5000000.0))
+    window = Window(100, 50, 2300, 1200)
+    with rasterio.open(path, "r+") as ds:
+        ds.nodata = -1.0
+    with rasterio.open(path) as ds:
+        from_file = lowres_sample(lambda w: to_float(ds.read(window=w), ds.nodata), window)
+    from_array = lowres_sample(array_reader(data, -1.0), window)
+    torch.testing.assert_close(from_file, from_array, rtol=0, atol=0, equal_nan=True)
+    assert max(from_file.shape[1:]) <= SAMPLE_SIDE and from_file.shape[1:] == (400, 767)
+    expected = data[:, 50:1250:3, 100:2400:3]
+    np.testing.assert_array_equal(from_file.numpy(), np.where(expected == -1.0, np.nan, expected))
+    assert np.isnan(from_file.numpy()[:, :2]).all()
