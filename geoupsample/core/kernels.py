@@ -244,9 +244,9 @@ class Kernels:
         lead = check_raster(xt, self.lr_shape)
         out_dtype = float_dtype(xt)
         flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
-        kind, preset = presets.resolve(kind, xt)
-        if kind == "probabilities":
+        if kind == "probabilities":  # declared, not detected (detection already checked it)
             presets.check_probabilities(xt)
+        _, preset = presets.resolve(kind, xt)
         rounds = check_rounds(preset.consistency if consistency is None else consistency)
         if self_guidance is None:
             self_guidance = preset.self_guidance

@@ -59,6 +59,18 @@ PROBABILITIES = RenderDefaults(1, 1.0, 1.0, 0.3, simplex=True)
 KINDS = {"continuous": CONTINUOUS, "probabilities": PROBABILITIES}
 
 
+def complete_cells(x: torch.Tensor, min_channels: int = 2) -> torch.Tensor | None:
+    """The channel values ``[cells, C]`` (float64) of the cells of ``x [..., C, h, w]`` whose
+    channels are all finite; None when ``x`` has fewer than ``min_channels`` channels, is not
+    real-valued, or has no complete cell."""
+    if x.ndim < 3 or x.shape[-3] < min_channels or x.dtype == torch.bool or x.is_complex():
+        return None
+    complete = torch.isfinite(x).all(-3)
+    if not bool(complete.any()):
+        return None
+    return x.movedim(-3, -1)[complete].double()
+
+
 def looks_like_probabilities(x: torch.Tensor) -> bool:
     """Whether ``x [..., C, h, w]`` holds class probabilities (or fractions).
 
@@ -66,16 +78,13 @@ def looks_like_probabilities(x: torch.Tensor) -> bool:
     whose channels are all finite sum to 1 (within :data:`SIMPLEX_TOLERANCE`); cells with a
     missing channel are ignored, and at least one cell must be complete.
     """
-    if x.ndim < 3 or x.shape[-3] < 2 or x.dtype == torch.bool or x.is_complex():
+    values = complete_cells(x)
+    if values is None:
         return False
-    complete = torch.isfinite(x).all(-3)
-    if not bool(complete.any()):
-        return False
-    values = x.movedim(-3, -1)[complete]  # [cells, C]
     tol = SIMPLEX_TOLERANCE
     if bool((values < -tol).any()) or bool((values > 1 + tol).any()):
         return False
-    return bool(((values.double().sum(-1) - 1.0).abs() <= tol).all())
+    return bool(((values.sum(-1) - 1.0).abs() <= tol).all())
 
 
 def probability_unit(x: torch.Tensor) -> float | None:
@@ -87,13 +96,8 @@ def probability_unit(x: torch.Tensor) -> float | None:
     uint8 storage; :data:`SIMPLEX_TOLERANCE` x ``S`` otherwise). At least one cell must be
     complete.
     """
-    if x.ndim < 3 or x.shape[-3] < 2 or x.dtype == torch.bool or x.is_complex():
-        return None
-    complete = torch.isfinite(x).all(-3)
-    if not bool(complete.any()):
-        return None
-    values = x.movedim(-3, -1)[complete].double()  # [cells, C]
-    if bool((values < 0).any()):
+    values = complete_cells(x)
+    if values is None or bool((values < 0).any()):
         return None
     sums = values.sum(-1)
     unit = float(sums.median())
@@ -113,10 +117,9 @@ def check_probabilities(x: torch.Tensor) -> None:
     rescaled). Rendering such a raster as probabilities (clipped to [0, 1], renormalised) would
     return garbage, e.g. uniform classes for probabilities stored as 0..255.
     """
-    complete = torch.isfinite(x).all(-3)
-    if x.ndim < 3 or not bool(complete.any()):
+    values = complete_cells(x, min_channels=1)  # one channel is no probabilities either
+    if values is None:
         return
-    values = x.movedim(-3, -1)[complete].double()
     sums = values.sum(-1)
     lo, hi = float(values.min()), float(values.max())
     if lo >= -0.01 and hi <= 1.01 and float((sums - 1.0).abs().max()) <= DECLARED_TOLERANCE:
