@@ -103,11 +103,13 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
     render: dict[str, Any] = checked_overrides(method, **overrides)
     if method in INTERPOLATIONS:
         return SceneRender(render)
+    try:
+        presets.check_kind(kind)
+    except ValueError as err:
+        raise InputError(str(err)) from err
     x = None
     if kind in ("auto", "probabilities") or render.get("self_guidance"):
         x = sample()
-    if kind not in ("auto", "continuous", "probabilities"):
-        raise InputError(f"kind must be 'auto', 'continuous' or 'probabilities'; got {kind!r}")
     if kind != "continuous":
         if unit is not None:  # a stale tag (values rescaled since) would scale the output wrongly
             try:
@@ -118,15 +120,14 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
                     f"{unit:g}, but its values do not fit that: {err}. Fix or remove the tag "
                     "(gdal_edit.py -mo probability_scale=)"
                 ) from err
-        found = unit or presets.probability_unit(x)
-        if kind == "probabilities" and found is None:
+        unit = unit or presets.probability_unit(x)
+        if kind == "probabilities" and unit is None:
             try:
                 presets.check_probabilities(x)  # names what is wrong
             except ValueError as err:
                 raise InputError(str(err)) from err
-            found = 1.0
-        kind = "probabilities" if found is not None else "continuous"
-        unit = found
+            unit = 1.0
+        kind = "probabilities" if unit is not None else "continuous"
     render["kind"] = kind
     if kind == "probabilities":
         render["self_guidance_scale"] = 1.0  # the same unit in every tile

@@ -134,15 +134,20 @@ def check_probabilities(x: torch.Tensor) -> None:
     )
 
 
+def check_kind(kind: object) -> None:
+    """Refuse a ``kind`` other than ``"auto"``, ``"continuous"``, ``"probabilities"``."""
+    if kind != "auto" and kind not in KINDS:
+        raise ValueError(f"kind must be 'auto', 'continuous' or 'probabilities'; got {kind!r}")
+
+
 def resolve(kind: str, x: torch.Tensor | None) -> tuple[str, RenderDefaults]:
     """``(kind, defaults)`` for ``kind`` in ``"auto"``, ``"continuous"``, ``"probabilities"``;
     ``x`` (the raster, or a sample of it) is looked at only for ``"auto"``."""
+    check_kind(kind)
     if kind == "auto":
         if x is None:
             raise ValueError("kind='auto' needs the raster to look at")
         kind = "probabilities" if looks_like_probabilities(x) else "continuous"
-    if kind not in KINDS:
-        raise ValueError(f"kind must be 'auto', 'continuous' or 'probabilities'; got {kind!r}")
     return kind, KINDS[kind]
 
 
