@@ -338,8 +338,8 @@ def segment_raster(
         scene_path: the image; ``bands`` chooses its bands (1-based or descriptions).
         labels_path, class_field, labels_crs, layer: the polygons (any vector file GDAL reads,
             a GeoDataFrame, or :class:`~geoupsample.labels.LabelPolygons`), the attribute
-            holding the class, their
-            CRS if the file does not say, the layer (files with several).
+            holding the class, their CRS if the file does not say, the layer (files with
+            several).
         out_path: the class raster (2 bands uint8: class, confidence).
         backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
         probs_path, probs_dtype: also keep the probabilities (``uint8`` or ``float32``).

@@ -221,7 +221,7 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
     Args:
         scene: ``[band, y, x]`` rioxarray DataArray with a CRS.
         labels, class_field, labels_crs, layer: a vector file (GeoJSON, GeoPackage,
-            Shapefile...) and the attribute holding the class (or
+            Shapefile...) or a GeoDataFrame, and the attribute holding the class (or
             :class:`~geoupsample.labels.LabelPolygons`).
         backbone, backbone_options: as in :func:`features`.
         probabilities: return the class probabilities instead of the class raster.

@@ -199,7 +199,7 @@ class Workspace:
 
     Allocated fresh at every step they came as new pages from the kernel (about 45 MB each for
     a 1152² tile at x8, above any allocator's cache): measured over a 50-step fit of such a
-    tile, 220-250 k page faults and 0.4-1.0 s of kernel time, against 20-30 k and 0.04 s with
+    tile, 125-233 k page faults and 0.35-1.4 s of kernel time, against 37-43 k and 0.1 s with
     the buffers reused. A workspace belongs to one fit; fits running at once have their own.
     """
 
