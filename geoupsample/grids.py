@@ -3,7 +3,8 @@
 * Both rasters must be in the same CRS. Rasters in different CRSs are **refused** (not silently
   reprojected): resampling the low-res raster is a modelling choice (nearest for classes, average
   for probabilities...) that the user should make; the error message gives a ``gdalwarp`` command
-  that puts the low-res raster on a grid nesting with the guide's.
+  that puts the low-res raster on a grid nesting with the guide's, and the whole-scene pipeline
+  warps it itself when told which resampling to use (``warp=``).
 * The grids must nest: north-up, the low-res pixel a whole number or a simple fraction ``p / q``
   (``q <=`` :data:`MAX_SCALE_DENOMINATOR`) of guide pixels per axis, e.g. 4 for 10 m on 2.5 m or
   10/3 for 10 m on 3 m, and the low-res origin on the guide's pixel lattice (tolerance: 0.25
@@ -11,6 +12,11 @@
   (``q`` low-res pixels) the two lattices meet again: tiles are aligned to that period, so each
   tile is an exact piece of the whole (a guide pixel belongs to the low-res cell holding its
   centre, see :mod:`geoupsample.core.layout`).
+
+A low-res raster that breaks these rules only by its grid (another CRS, a rotated grid, a
+misaligned origin, a scale that is no simple fraction) raises :class:`GridMismatch`; the whole
+scene pipeline can then warp it, with a resampling the user chooses, onto
+:func:`nesting_grid`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,18 @@ from typing import Any
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.transform import array_bounds
+from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from geoupsample.inputs import InputError
 
 #: Largest denominator of a fractional scale (10/3, 20/3, 25/3... are accepted).
 MAX_SCALE_DENOMINATOR = 8
+
+
+class GridMismatch(InputError):
+    """The low-res grid does not nest in the guide's (CRS, rotation, origin or scale), a
+    problem that warping the low-res raster onto :func:`nesting_grid` solves."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +93,12 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
         raise InputError(f"the {which} has no CRS; both rasters need one (assign it with "
                          "`gdal_edit.py -a_srs EPSG:XXXX file.tif`)")
     if lr_crs is not None and CRS.from_user_input(lr_crs) != CRS.from_user_input(hr_crs):
-        raise InputError(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform))
-    for name, t in (("low-res raster", lr_transform), ("guide", hr_transform)):
-        if t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
-            raise InputError(f"the {name} is not north-up (transform {tuple(t)[:6]}); warp it "
-                             "to a north-up grid first (gdalwarp)")
+        raise GridMismatch(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform))
+    _check_north_up(hr_transform, "guide")
+    if not _north_up(lr_transform):
+        raise GridMismatch(f"the low-res raster is not north-up (transform "
+                           f"{tuple(lr_transform)[:6]}); warp it to a north-up grid first "
+                           "(gdalwarp)")
     lr_b = array_bounds(lr_shape[0], lr_shape[1], lr_transform)  # (west, south, east, north)
     hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
     if not (lr_b[0] < hr_b[2] and hr_b[0] < lr_b[2] and lr_b[1] < hr_b[3] and hr_b[1] < lr_b[3]):
@@ -101,7 +114,7 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
             f"({hr_transform.a:g}): did you swap LOWRES and GUIDE? The guide is the "
             "high-resolution image")
     if sy < 1 or sx < 1 or abs(sy_f - sy) * h > tolerance or abs(sx_f - sx) * w > tolerance:
-        raise InputError(
+        raise GridMismatch(
             f"the grids do not nest: a low-res pixel is {sx_f:.4f} x {sy_f:.4f} guide pixels; it "
             "must be a whole number or a simple fraction of them (e.g. 10 m on 2.5 m = 4, 10 m "
             f"on 3 m = 10/3; denominators up to {MAX_SCALE_DENOMINATOR}). Resample the low-res "
@@ -109,7 +122,7 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
     col_f, row_f = ~hr_transform * (lr_transform.c, lr_transform.f)
     oy, ox = round(row_f), round(col_f)
     if abs(row_f - oy) > tolerance or abs(col_f - ox) > tolerance:
-        raise InputError(
+        raise GridMismatch(
             f"the grids do not nest: the low-res raster's origin falls at guide pixel "
             f"({row_f:.3f}, {col_f:.3f}), not on a pixel corner; warp the low-res raster onto "
             "the guide's pixel lattice (gdalwarp -te/-tr aligned to the guide)")
@@ -122,13 +135,82 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
     return GridRelation((sy, sx), (oy, ox), Window(c0, r0, c1 - c0, r1 - r0))
 
 
+def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
+                   hr_transform: Affine, hr_shape: tuple[int, int], warp: str | None,
+                   ) -> tuple[GridRelation, tuple[Affine, int, int] | None]:
+    """:func:`relate_grids`, or, when the low-res grid does not nest (:class:`GridMismatch`) and
+    ``warp`` names a resampling, the :func:`nesting_grid` to warp the low-res raster onto.
+
+    Returns:
+        The relation of the low-res grid (or of the nesting grid) to the guide's, and the
+        nesting grid ``(transform, height, width)`` or None when the raster is used as it is.
+    """
+    try:
+        return relate_grids(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform, hr_shape), None
+    except GridMismatch as err:
+        if warp is None:
+            raise GridMismatch(
+                f"{err}; or let geoupsample warp it as it reads, choosing the resampling: "
+                "bilinear or average for probabilities, features and other continuous values, "
+                "nearest or mode for class numbers (--warp bilinear on the command line, "
+                "warp='bilinear' in Python)") from None
+    grid = nesting_grid(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform, hr_shape)
+    return relate_grids(hr_crs, grid[0], grid[1:], hr_crs, hr_transform, hr_shape), grid
+
+
+def nesting_grid(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
+                 hr_transform: Affine, hr_shape: tuple[int, int]) -> tuple[Affine, int, int]:
+    """A grid in the guide's CRS that nests in the guide's grid, onto which to warp a low-res
+    raster whose own grid does not (:class:`GridMismatch`).
+
+    Its cells are about the low-res pixel's size (measured in the guide's CRS, then taken as a
+    whole number or a simple fraction ``p / q <=`` :data:`MAX_SCALE_DENOMINATOR` of guide pixels
+    per axis, at least one), its origin is the guide's, and it covers the whole guide.
+
+    Returns:
+        ``(transform, height, width)`` of the grid.
+    """
+    if lr_crs is None or hr_crs is None:
+        raise InputError("both rasters need a CRS to warp one onto the other")
+    _check_north_up(hr_transform, "guide")
+    h, w = lr_shape
+    lr_bounds = array_bounds(h, w, lr_transform)
+    west, south, east, north = transform_bounds(lr_crs, hr_crs, *lr_bounds)
+    hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
+    if not (west < hr_b[2] and hr_b[0] < east and south < hr_b[3] and hr_b[1] < north):
+        raise InputError(f"the low-res raster and the guide do not overlap (low-res bounds in "
+                         f"the guide's CRS {tuple(round(v, 3) for v in (west, south, east, north))}"
+                         f", guide bounds {tuple(round(v, 3) for v in hr_b)})")
+    native, _, _ = calculate_default_transform(lr_crs, hr_crs, w, h, *lr_bounds)
+    sx_f, sy_f = native.a / hr_transform.a, -native.e / -hr_transform.e
+    if sy_f < 0.9 and sx_f < 0.9:
+        raise InputError(
+            f"the low-res raster's pixel ({native.a:g} in the guide's CRS) is smaller than the "
+            f"guide's ({hr_transform.a:g}): did you swap LOWRES and GUIDE? The guide is the "
+            "high-resolution image")
+    sx, sy = (max(Fraction(1), Fraction(v).limit_denominator(MAX_SCALE_DENOMINATOR))
+              for v in (sx_f, sy_f))
+    transform = hr_transform * Affine.scale(float(sx), float(sy))
+    return (transform, math.ceil(hr_shape[0] / sy), math.ceil(hr_shape[1] / sx))
+
+
+def _north_up(t: Affine) -> bool:
+    return t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
+
+
+def _check_north_up(t: Affine, name: str) -> None:
+    if not _north_up(t):
+        raise InputError(f"the {name} is not north-up (transform {tuple(t)[:6]}); warp it to a "
+                         "north-up grid first (gdalwarp)")
+
+
 def _crs_message(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
                  hr_transform: Affine) -> str:
     from rasterio.warp import transform_bounds
 
     msg = (f"the low-res raster is in {lr_crs} but the guide is in {hr_crs}; geoupsample does "
-           "not reproject (the right resampling depends on what the raster holds). Warp the "
-           "low-res raster onto a grid nesting with the guide's first")
+           "not reproject unasked (the right resampling depends on what the raster holds). Warp "
+           "the low-res raster onto a grid nesting with the guide's first")
     try:
         h, w = lr_shape
         left, bottom, right, top = transform_bounds(

@@ -3,8 +3,10 @@
 :func:`upsample_raster` upsamples a georeferenced low-res raster onto the grid of a
 high-resolution guide, tile by tile, into one GeoTIFF/COG.
 
-Before anything is written the grids are checked (:mod:`geoupsample.grids`: same CRS, no
-reprojection; nesting pixels) and so are the inputs (:mod:`geoupsample.inputs`). The output
+Before anything is written the grids are checked (:mod:`geoupsample.grids`: same CRS, nesting
+pixels) and so are the inputs (:mod:`geoupsample.inputs`). A low-res raster on another grid is
+refused unless ``warp=`` names a resampling: it is then reprojected as it is read
+(:class:`tiling.Warp`, a GDAL warped VRT) onto :func:`~geoupsample.grids.nesting_grid`. The output
 covers the guide's grid (its CRS and transform); pixels outside the low-res raster's footprint,
 outside the AOI, or where the guide is nodata are nodata.
 
@@ -18,11 +20,13 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 import rasterio
 import rasterio.enums
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 import geoupsample as gu
@@ -30,7 +34,7 @@ import tiling
 import tiling.writer
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.grids import overlap_window, relate_grids
+from geoupsample.grids import GridRelation, overlap_window, relate_or_nest
 from geoupsample.inputs import (
     InputError,
     any_valid,
@@ -47,7 +51,7 @@ from geoupsample.workers import (
     threads_per_worker,
 )
 from tiling.execute import gdal_env
-from tiling.reader import to_float
+from tiling.reader import WARP_RESAMPLINGS, to_float
 
 __all__ = ["InputError", "UpsampleTile", "upsample_raster"]
 
@@ -117,6 +121,7 @@ def upsample_raster(
     consistency: float | None = None,
     self_guidance: float | None = None,
     min_sigma_r: float | None = None,
+    warp: str | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
     """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``.
@@ -165,6 +170,14 @@ def upsample_raster(
         self_guidance, min_sigma_r: jbu/gsjbu render overrides (default: the kind's; see
             :meth:`geoupsample.Kernels.render`); ``consistency=0, min_sigma_r=0`` is the sharp
             render of probabilities.
+        warp: resampling (``gdalwarp -r``: ``bilinear`` or ``average`` for probabilities,
+            features and other continuous values, ``nearest`` or ``mode`` for class numbers)
+            with which a low-res raster whose grid does not nest in the guide's (another CRS,
+            a misaligned origin, a scale that is no simple fraction) is reprojected as it is
+            read onto :func:`~geoupsample.grids.nesting_grid`: cells of about its own pixel
+            size in the guide's CRS, on the guide's lattice. The warp is recorded in the
+            ``geoupsample_warp`` tag. None (default): such a raster is refused. A raster
+            whose grid nests is never warped.
         progress: callback receiving :class:`tiling.Progress` after each tile.
 
     Returns:
@@ -182,7 +195,7 @@ def upsample_raster(
             aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
             device=device, resume=resume, scheduler=scheduler, workers=workers, blend=blend,
             seed=seed, kind=kind, consistency=consistency, self_guidance=self_guidance,
-            min_sigma_r=min_sigma_r, progress=progress)
+            min_sigma_r=min_sigma_r, warp=warp, progress=progress)
 
 
 def _upsample_raster(
@@ -192,7 +205,8 @@ def _upsample_raster(
     aoi: Any, aoi_crs: Any, cog: bool, dtype: str | None, compress: str, blocksize: int,
     device: str | None, resume: bool, scheduler: Any, workers: int | None, blend: str,
     seed: int, kind: str, consistency: float | None, self_guidance: float | None,
-    min_sigma_r: float | None, progress: Callable[[tiling.Progress], None] | None,
+    min_sigma_r: float | None, warp: str | None,
+    progress: Callable[[tiling.Progress], None] | None,
 ) -> tiling.RunReport:
     if method not in gu.METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
@@ -201,17 +215,24 @@ def _upsample_raster(
     lowres_path, guide_path, out_path = map(os.fspath, (lowres_path, guide_path, out_path))
     if os.path.abspath(out_path) in (os.path.abspath(lowres_path), os.path.abspath(guide_path)):
         raise InputError("the output path must differ from the input paths")
-    with open_raster(lowres_path, "low-res raster") as lr, open_raster(guide_path, "guide") as hr:
-        lr_idx = select_bands(lr, bands, "low-res raster")
+    if warp is not None and warp not in WARP_RESAMPLINGS:
+        raise InputError(f"unknown warp resampling {warp!r}; choose one of "
+                         f"{', '.join(WARP_RESAMPLINGS)}")
+    with ExitStack() as stack:
+        lr_file = stack.enter_context(open_raster(lowres_path, "low-res raster"))
+        hr = stack.enter_context(open_raster(guide_path, "guide"))
+        lr_idx = select_bands(lr_file, bands, "low-res raster")
         hr_idx = select_bands(hr, guide_bands, "guide")
-        check_dtype(lr, lr_idx, "low-res raster")
+        check_dtype(lr_file, lr_idx, "low-res raster")
         check_dtype(hr, hr_idx, "guide")
-        rel = relate_grids(lr.crs, lr.transform, lr.shape, hr.crs, hr.transform, hr.shape)
-        lr_dtype = np.dtype(lr.dtypes[lr_idx[0] - 1])
+        rel, lr_warp = _relate_or_warp(lr_file, hr, warp)
+        # the low-res raster as the tiles see it: the file, or the file warped onto the grid
+        lr = stack.enter_context(lr_warp.open(lr_file)) if lr_warp else lr_file
+        lr_dtype = np.dtype(lr_file.dtypes[lr_idx[0] - 1])
         out_dtype = _out_dtype(dtype) if dtype else (
             "float32" if lr_dtype.kind == "f" else lr_dtype.name)
-        nodata = _output_nodata(lr.nodata, out_dtype)
-        descriptions = [lr.descriptions[i - 1] for i in lr_idx]
+        nodata = _output_nodata(lr_file.nodata, out_dtype)
+        descriptions = [lr_file.descriptions[i - 1] for i in lr_idx]
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
         # interpolations use the guide only for its nodata mask: skip reading a guide that
         # cannot have nodata (integer bands, no nodata value, no mask)
@@ -220,8 +241,13 @@ def _upsample_raster(
             rasterio.enums.MaskFlags.all_valid not in hr.mask_flag_enums[i - 1]
             for i in hr_idx)
         lr_window = overlap_window(lr.transform, lr.shape, hr.bounds)
-        scene = _render_options(method, kind, lr, lr_idx, lr_window, consistency=consistency,
-                                self_guidance=self_guidance, min_sigma_r=min_sigma_r)
+        # the render is decided from the values as stored (a warp would blur away their
+        # rounding to whole numbers), over the part of the file the guide covers
+        file_window = lr_window if lr_warp is None else overlap_window(
+            lr_file.transform, lr_file.shape, transform_bounds(hr.crs, lr_file.crs, *hr.bounds))
+        scene = _render_options(method, kind, lr_file, lr_idx, file_window,
+                                consistency=consistency, self_guidance=self_guidance,
+                                min_sigma_r=min_sigma_r)
         render = scene.arguments
         if not any_valid(lr, lr_idx, lr_window, every_band=False):
             raise InputError(f"the low-res raster {lowres_path} is all nodata where it overlaps "
@@ -242,13 +268,14 @@ def _upsample_raster(
               "geoupsample_guide": os.path.basename(guide_path),
               "geoupsample_scale": rel.scale_text,
               "geoupsample_render": json.dumps(render),
-              **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {})},
+              **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {}),
+              **({"geoupsample_warp": _warp_text(lr_warp, rel)} if lr_warp else {})},
         compress=compress, blocksize=blocksize, cog=cog)
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        render=render, unit=scene.unit)
     if workers is None and scheduler is None:
         workers = available_cores() if method in INTERPOLATIONS else 1
-    inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx)}
+    inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx, warp=lr_warp)}
     if guide_needed:
         inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
@@ -261,6 +288,23 @@ def _upsample_raster(
                           align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
                           aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                           workers=workers, progress=progress)
+
+
+def _relate_or_warp(lr: rasterio.io.DatasetReader, hr: rasterio.io.DatasetReader,
+                    warp: str | None) -> tuple[GridRelation, tiling.Warp | None]:
+    """:func:`relate_or_nest` for two open files; the nesting grid as a :class:`tiling.Warp`."""
+    rel, grid = relate_or_nest(lr.crs, lr.transform, lr.shape, hr.crs, hr.transform, hr.shape,
+                               warp)
+    if grid is None or warp is None:
+        return rel, None
+    transform, height, width = grid
+    return rel, tiling.Warp(hr.crs.to_wkt(), tuple(transform)[:6], width, height, warp)
+
+
+def _warp_text(grid: tiling.Warp, rel: GridRelation) -> str:
+    """The ``geoupsample_warp`` tag: how the low-res raster was warped."""
+    return (f"{grid.resampling} onto the guide's CRS, cells of {rel.scale_text} guide pixels "
+            f"({grid.height} x {grid.width} cells from the guide's origin)")
 
 
 def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,

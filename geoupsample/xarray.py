@@ -7,9 +7,10 @@
 >>> hr = upsample(lr, guide, method="gsjbu", tile=1024, halo=64)   # lazy, on the guide's grid
 >>> hr.rio.to_raster("probs_2m.tif")     # same pixels as `geoupsample upsample ... --dtype float32`
 
-The grids follow the rules of :mod:`geoupsample.grids` (same CRS - no reprojection, integer
-scale, origins on the guide's pixel lattice), and the computation is the same tiles blended the
-same way as the CLI, so the values agree exactly.
+The grids follow the rules of :mod:`geoupsample.grids` (same CRS, a whole or simple fractional
+scale, origins on the guide's pixel lattice; ``warp=`` reprojects a low-res array on another
+grid), and the computation is the same tiles blended the same way as the CLI, so the values
+agree exactly.
 
 :func:`features` and :func:`segment` do the same for ``geoupsample features`` and ``geoupsample
 segment`` on a scene DataArray (lazy too; the PCA and the probe are fitted when called)::
@@ -26,12 +27,13 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from rasterio.warp import transform_bounds
 
 import tiling
 from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import plan_features
-from geoupsample.grids import overlap_window, relate_grids
+from geoupsample.grids import overlap_window, relate_or_nest
 from geoupsample.inputs import InputError, array_guide_stats, array_reader
 from geoupsample.pipeline import UpsampleTile
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
@@ -39,6 +41,7 @@ from geoupsample.scenes import ArrayScene, scene_aoi
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask
+from tiling.reader import WARP_RESAMPLINGS
 
 
 def _as_bands(a: xr.DataArray, what: str) -> xr.DataArray:
@@ -61,19 +64,23 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              device: str | None = None, seed: int = 0, blend: str = "taper",
              aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256, kind: str = "auto",
              consistency: float | None = None, self_guidance: float | None = None,
-             min_sigma_r: float | None = None) -> xr.DataArray:
+             min_sigma_r: float | None = None, warp: str | None = None) -> xr.DataArray:
     """Upsample ``lowres`` onto ``guide``'s grid; returns a lazy dask-backed DataArray.
 
     Args:
         lowres: ``[band, y, x]`` (or ``[y, x]``) rioxarray DataArray, numpy- or dask-backed.
         guide: ``[band, y, x]`` rioxarray DataArray in the same CRS, on a grid whose pixel
-            divides ``lowres``'s pixel (different CRSs are refused, not reprojected).
+            divides ``lowres``'s pixel (other grids are refused unless ``warp`` is given).
         method, tile, halo, iters, radius, device, seed, blend, aoi, aoi_crs: as in
             :func:`geoupsample.pipeline.upsample_raster`.
         blocksize: output chunk alignment (use the block size you will write with).
         kind, consistency, self_guidance, min_sigma_r: the render, decided once for the whole
             array (``kind="auto"`` from a decimated sample of ``lowres``) as in
             :func:`~geoupsample.pipeline.upsample_raster`, so that every chunk renders alike.
+        warp: as in :func:`~geoupsample.pipeline.upsample_raster`: the resampling with which a
+            ``lowres`` on a grid that does not nest in the guide's is reprojected onto one that
+            does (with ``rio.reproject``: the low-res array is computed and warped in memory
+            when this is called).
 
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
@@ -88,17 +95,24 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     lowres, guide = _as_bands(lowres, "lowres"), _as_bands(guide, "guide")
+    if warp is not None and warp not in WARP_RESAMPLINGS:
+        raise InputError(f"unknown warp resampling {warp!r}; choose one of "
+                         f"{', '.join(WARP_RESAMPLINGS)}")
     lr_t, hr_t = lowres.rio.transform(), guide.rio.transform()
-    rel = relate_grids(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
-                       guide.shape[1:])
-    lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
-
-    window = overlap_window(lr_t, lowres.shape[1:], guide.rio.bounds())
-    read = array_reader(lowres.data, lr_nodata)  # computes only the sampled slices of dask data
+    rel, nesting = relate_or_nest(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
+                                  guide.shape[1:], warp)
+    # the render is decided from the values as given, before any warp (as the CLI does)
+    window = overlap_window(lr_t, lowres.shape[1:], transform_bounds(
+        guide.rio.crs, lowres.rio.crs, *guide.rio.bounds()) if nesting else guide.rio.bounds())
+    read = array_reader(lowres.data, lowres.rio.nodata)  # computes only the sampled slices
     scene = scene_render(method, kind, lambda: lowres_sample(read, window),
                          declared_unit(lowres.attrs),
                          consistency=consistency, self_guidance=self_guidance,
                          min_sigma_r=min_sigma_r)
+    if nesting is not None:
+        lowres = _warped(lowres, guide.rio.crs, *nesting, warp)
+        lr_t = lowres.rio.transform()
+    lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
     stats = None
     if method not in INTERPOLATIONS:
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
@@ -130,6 +144,22 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     if scene.unit:
         out.attrs["geoupsample_probability_unit"] = f"{scene.unit:g}"
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)
+    return out.rio.write_nodata(np.nan, encoded=False)
+
+
+def _warped(lowres: xr.DataArray, crs: Any, transform: Any, height: int, width: int,
+            resampling: Any) -> xr.DataArray:
+    """``lowres`` reprojected onto the grid ``(transform, height, width)`` in ``crs``, as float32
+    with NaN for nodata and outside its footprint (the attributes, band names included, kept)."""
+    from rasterio.enums import Resampling
+
+    src = lowres
+    if src.rio.nodata is not None and not np.isnan(src.rio.nodata):
+        src = src.where(src != src.rio.nodata)
+    src = src.astype(np.float32).rio.write_nodata(np.nan, encoded=False)
+    out = src.rio.reproject(crs, transform=transform, shape=(height, width),
+                            resampling=Resampling[resampling], nodata=np.nan)
+    out.attrs.update({k: v for k, v in lowres.attrs.items() if k not in ("_FillValue",)})
     return out.rio.write_nodata(np.nan, encoded=False)
 
 

@@ -4,7 +4,9 @@ Every reader returns float32 ``[bands, rows, cols]`` with ``NaN`` where the inpu
 where the requested window lies outside the input (boundless reads are padded, never clamped).
 Input windows are derived from an output window through georeferenced bounds
 (:func:`rasterio.windows.bounds` then :func:`rasterio.windows.from_bounds`), so an input on a
-coarser grid (e.g. a low-res raster at scale 8) gets the matching sub-grid.
+coarser grid (e.g. a low-res raster at scale 8) gets the matching sub-grid. A file on another
+grid (another CRS, a misaligned origin) can be read through a :class:`Warp`: GDAL reprojects it
+onto the given grid as it is read (:class:`rasterio.vrt.WarpedVRT`), window by window.
 """
 
 from __future__ import annotations
@@ -12,27 +14,74 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window, bounds, from_bounds
 
 _local = threading.local()
 
+#: GDAL warp resampling methods (``gdalwarp -r``) that a :class:`Warp` accepts.
+WARP_RESAMPLINGS = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average",
+                    "mode", "max", "min", "med", "q1", "q3", "sum", "rms")
 
-def open_cached(path: str) -> rasterio.io.DatasetReader:
-    """A read-only dataset for ``path``, opened once per thread (datasets are not thread-safe)."""
+
+@dataclass(frozen=True)
+class Warp:
+    """A target grid onto which a file is reprojected as it is read (a GDAL warped VRT).
+
+    Args:
+        crs: the target CRS (WKT or any string :class:`rasterio.crs.CRS` reads).
+        transform: the target grid's affine transform, as its six coefficients
+            ``(a, b, c, d, e, f)``.
+        width, height: the target grid's size in pixels.
+        resampling: one of :data:`WARP_RESAMPLINGS` (``nearest`` or ``mode`` for class numbers,
+            ``bilinear`` or ``average`` for probabilities and other continuous values).
+
+    Warped values are float32 with NaN where the source is nodata or absent.
+    """
+
+    crs: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+    resampling: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.resampling not in WARP_RESAMPLINGS:
+            raise ValueError(f"unknown warp resampling {self.resampling!r}; choose one of "
+                             f"{', '.join(WARP_RESAMPLINGS)}")
+
+    def open(self, src: rasterio.io.DatasetReader, src_nodata: float | None = None) -> WarpedVRT:
+        """``src`` seen on this grid (float32, NaN nodata); ``src_nodata`` overrides the
+        source's nodata value. Close the VRT before ``src``."""
+        extra = {} if src_nodata is None else {"src_nodata": src_nodata}
+        return WarpedVRT(src, crs=self.crs, transform=Affine(*self.transform[:6]),
+                         width=self.width, height=self.height,
+                         resampling=Resampling[self.resampling], nodata=float("nan"),
+                         dtype="float32", **extra)
+
+
+def open_cached(path: str, warp: Warp | None = None,
+                src_nodata: float | None = None) -> rasterio.io.DatasetReader | WarpedVRT:
+    """A read-only dataset for ``path`` (seen through ``warp`` if given), opened once per thread
+    (datasets are not thread-safe)."""
     cache = getattr(_local, "datasets", None)
     if cache is None:
         cache = _local.datasets = {}
     st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+    key = (path, st.st_mtime_ns, st.st_size, warp, src_nodata)
     ds = cache.get(key)
     if ds is None or ds.closed:
-        ds = cache[key] = rasterio.open(path)
+        ds = rasterio.open(path)
+        if warp is not None:
+            ds = warp.open(ds, src_nodata)  # the VRT keeps its source open
+        cache[key] = ds
     return ds
 
 
@@ -82,14 +131,16 @@ class RasterInput:
         path: the file (anything rasterio opens).
         bands: 1-based band indexes to read (default: all), in the order given.
         nodata: overrides the file's nodata value (pixels equal to it become NaN).
+        warp: read the file reprojected onto this grid (see :class:`Warp`); None: as it is.
     """
 
     path: str
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
+    warp: Warp | None = None
 
-    def _ds(self) -> rasterio.io.DatasetReader:
-        return open_cached(self.path)
+    def _ds(self) -> rasterio.io.DatasetReader | WarpedVRT:
+        return open_cached(self.path, self.warp, self.nodata if self.warp else None)
 
     @property
     def transform(self) -> Affine:
@@ -104,7 +155,7 @@ class RasterInput:
         ds = self._ds()
         win = input_window(out_window, out_transform, ds.transform)
         indexes = list(self.bands) if self.bands else list(range(1, ds.count + 1))
-        nodata = self.nodata if self.nodata is not None else ds.nodata
+        nodata = self.nodata if self.nodata is not None and self.warp is None else ds.nodata
         return _boundless(lambda w: to_float(ds.read(indexes, window=w), nodata), win,
                           ds.height, ds.width, len(indexes))
 
@@ -112,7 +163,8 @@ class RasterInput:
         """What identifies this input for a resume journal (path, size, mtime, bands)."""
         st = os.stat(self.path)
         return {"path": os.path.abspath(self.path), "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns, "bands": self.bands, "nodata": self.nodata}
+                "mtime_ns": st.st_mtime_ns, "bands": self.bands, "nodata": self.nodata,
+                **({"warp": asdict(self.warp)} if self.warp else {})}
 
 
 @dataclass(frozen=True)

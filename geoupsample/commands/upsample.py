@@ -19,10 +19,11 @@ HELP = (
     "nodata, and tags recording the method and its parameters. It is written tile by tile with "
     "bounded memory and appears at OUT only when complete (--resume continues an interrupted "
     "run).\n\n"
-    "Grids: LOWRES and GUIDE must be in the same CRS. Rasters in different CRSs are refused, "
-    "not reprojected (the error shows a gdalwarp command that aligns LOWRES to GUIDE). The "
-    "low-res pixel must be a whole number or a simple fraction of guide pixels (4 for 10 m on "
-    "2.5 m, 10/3 for 10 m on 3 m), with the origins on the guide's pixel lattice."
+    "Grids: the low-res pixel must be a whole number or a simple fraction of guide pixels (4 "
+    "for 10 m on 2.5 m, 10/3 for 10 m on 3 m) in the same CRS, with the origins on the guide's "
+    "pixel lattice. A LOWRES on another grid (another CRS, a shifted origin) is refused, or, "
+    "with --warp RESAMPLING, reprojected as it is read onto a grid of about its own pixel size "
+    "that nests in the guide's (a LOWRES whose grid nests is never warped)."
 )
 
 
@@ -34,8 +35,8 @@ class Kind(str, Enum):
 
 def upsample_command(
     lowres: Annotated[Path, typer.Argument(help="Low-res raster to upsample (any bands).")],
-    guide: Annotated[Path, typer.Argument(help="High-res guide raster (same CRS, nesting "
-                                               "grid).")],
+    guide: Annotated[Path, typer.Argument(help="High-res guide raster (its grid is the "
+                                               "output's).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output GeoTIFF path.")],
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
@@ -66,6 +67,10 @@ def upsample_command(
     consistency: opt.ConsistencyOption = None,
     self_guidance: opt.SelfGuidanceOption = None,
     min_sigma_r: opt.MinSigmaROption = None,
+    warp: Annotated[str | None, typer.Option(
+        help="Reproject a LOWRES whose grid does not nest in the guide's, with this GDAL "
+             "resampling: bilinear or average for probabilities, features and other continuous "
+             "values; nearest or mode for class numbers (default: refuse it).")] = None,
     quiet: opt.QuietOption = False,
 ) -> None:
     from geoupsample.pipeline import upsample_raster
@@ -76,7 +81,7 @@ def upsample_command(
         dtype=dtype, compress=compress, blocksize=blocksize, device=device, resume=resume,
         scheduler=scheduler, workers=workers, kind=(kind or Kind.auto).value,
         consistency=consistency, self_guidance=self_guidance, min_sigma_r=min_sigma_r,
-        progress=progress))
+        warp=warp, progress=progress))
     if not quiet:
         typer.echo(f"wrote {os.fspath(out)}: {report.megapixels:.1f} MP in {report.seconds:.1f} s "
                    f"({report.mp_per_s:.2f} MP/s), {report.computed} tiles computed, "

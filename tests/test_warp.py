@@ -1,0 +1,208 @@
+"""A low-res raster on another grid (another CRS, a shifted origin), refused by default and
+warped as it is read with ``warp=`` / ``--warp``, on the real Rotterdam pair (SpaceNet 6 via
+solaris, bundled): 4-band 1 m multispectral (EPSG:32631) and its 0.5 m panchromatic guide."""
+
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.warp import calculate_default_transform, reproject
+from rasterio.windows import Window
+from typer.testing import CliRunner
+
+from geoupsample.cli import app
+from geoupsample.grids import GridMismatch, nesting_grid
+from geoupsample.inputs import InputError
+from geoupsample.pipeline import upsample_raster
+
+DATA = files("geoupsample") / "data"
+LR = str(DATA / "rotterdam_ms.tif")
+HR = str(DATA / "rotterdam_pan.tif")
+
+
+def _crop(src: str, dst, win: Window) -> str:
+    with rasterio.open(src) as ds:
+        prof = ds.profile
+        prof.update(width=int(win.width), height=int(win.height),
+                    transform=ds.window_transform(win), blockxsize=16, blockysize=16)
+        data = ds.read(window=win)
+    with rasterio.open(dst, "w", **prof) as out:
+        out.write(data)
+    return str(dst)
+
+
+def _to_wgs84(src: str, dst, data: np.ndarray | None = None, dtype: str = "float32",
+              resampling: Resampling = Resampling.bilinear) -> str:
+    """``src`` (or ``data`` on its grid) reprojected to EPSG:4326 at about its own resolution."""
+    with rasterio.open(src) as ds:
+        arr = ds.read() if data is None else data
+        t, w, h = calculate_default_transform(ds.crs, "EPSG:4326", ds.width, ds.height,
+                                              *ds.bounds)
+        nodata = np.nan if np.dtype(dtype).kind == "f" else 255
+        out = np.full((arr.shape[0], h, w), nodata, dtype)
+        reproject(arr, out, src_transform=ds.transform, src_crs=ds.crs, dst_transform=t,
+                  dst_crs="EPSG:4326", resampling=resampling, dst_nodata=nodata)
+        prof = ds.profile
+    prof.update(crs="EPSG:4326", transform=t, width=w, height=h, dtype=dtype, nodata=nodata,
+                count=arr.shape[0])
+    with rasterio.open(dst, "w", **prof) as f:
+        f.write(out)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A real 64 x 64 low-res (1 m) / 128 x 128 guide (0.5 m) crop, and the low-res crop in
+    EPSG:4326 (geographic: no way to nest in the guide's UTM grid)."""
+    d = tmp_path_factory.mktemp("warp")
+    lr = _crop(LR, d / "lr.tif", Window(100, 100, 64, 64))
+    hr = _crop(HR, d / "hr.tif", Window(200, 200, 128, 128))
+    return lr, hr, _to_wgs84(lr, d / "lr_wgs84.tif")
+
+
+def _read(path: str) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+def test_other_crs_is_refused_with_both_fixes_named(pair, tmp_path):
+    _, hr, lr84 = pair
+    with pytest.raises(GridMismatch, match="gdalwarp .*warp='bilinear'"):
+        upsample_raster(lr84, hr, tmp_path / "o.tif", method="bilinear")
+    assert os.listdir(tmp_path) == []
+    assert issubclass(GridMismatch, InputError)
+
+
+def test_warp_puts_the_lowres_on_the_guide_grid(pair, tmp_path):
+    lr, hr, lr84 = pair
+    upsample_raster(lr84, hr, tmp_path / "w.tif", method="bilinear", warp="bilinear")
+    upsample_raster(lr, hr, tmp_path / "ref.tif", method="bilinear")
+    with rasterio.open(tmp_path / "w.tif") as w, rasterio.open(hr) as g:
+        assert (w.crs, w.transform, w.shape) == (g.crs, g.transform, g.shape)
+        tag = w.tags()["geoupsample_warp"]
+        assert "bilinear" in tag and "2x2 guide pixels" in tag
+        y = w.read()
+    ref = _read(tmp_path / "ref.tif")
+    inner = (slice(None), slice(8, -8), slice(8, -8))  # away from the footprint's rim
+    assert np.isfinite(y[inner]).all()
+    # UTM -> lon/lat -> UTM, two bilinear resamplings: the same image up to a slight blur
+    scale = np.percentile(ref, 99) - np.percentile(ref, 1)
+    assert np.median(np.abs(y[inner] - ref[inner])) < 0.03 * scale
+    for b in range(y.shape[0]):
+        assert np.corrcoef(y[inner][b].ravel(), ref[inner][b].ravel())[0, 1] > 0.95
+
+
+def test_warped_tiles_equal_one_tile(pair, tmp_path):
+    """Every tile reads its own window of the warped view: small tiles give the whole-raster
+    result."""
+    _, hr, lr84 = pair
+    kw = dict(method="bilinear", warp="bilinear", blend="crop")
+    upsample_raster(lr84, hr, tmp_path / "one.tif", tile=1024, halo=8, **kw)
+    upsample_raster(lr84, hr, tmp_path / "many.tif", tile=32, halo=8, **kw)
+    a, b = _read(tmp_path / "one.tif"), _read(tmp_path / "many.tif")
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, rtol=1e-6, equal_nan=True)
+
+
+def test_nesting_raster_is_never_warped(pair, tmp_path):
+    lr, hr, _ = pair
+    upsample_raster(lr, hr, tmp_path / "a.tif", method="bilinear", warp="cubic")
+    upsample_raster(lr, hr, tmp_path / "b.tif", method="bilinear")
+    np.testing.assert_array_equal(_read(tmp_path / "a.tif"), _read(tmp_path / "b.tif"))
+    with rasterio.open(tmp_path / "a.tif") as ds:
+        assert "geoupsample_warp" not in ds.tags()
+
+
+def test_warped_uint8_probabilities_keep_their_unit(pair, tmp_path):
+    """Three classes stored as 0..254 (255 = nodata, as ``segment --probs`` writes them) in
+    EPSG:4326: warped bilinearly they still sum to 254, are recognised as probabilities and
+    written back in that unit."""
+    lr, hr, _ = pair
+    x = _read(lr).astype(np.float64)
+    logits = np.stack([x[0], x[3], x[1]]) / x.std()
+    p = np.exp(logits - logits.max(0))
+    p /= p.sum(0)
+    q = np.floor(p * 254).astype(np.int64)
+    q[0] += 254 - q.sum(0)  # exact sums of 254
+    probs = _to_wgs84(lr, tmp_path / "p84.tif", data=q.astype(np.uint8), dtype="uint8")
+    out = tmp_path / "p.tif"
+    upsample_raster(probs, hr, out, method="gsjbu", iters=2, warp="bilinear")
+    with rasterio.open(out) as ds:
+        assert ds.tags()["geoupsample_probability_unit"] == "254"
+        assert ds.dtypes[0] == "uint8"
+        y = ds.read(masked=True)
+    sums = y.sum(0).compressed()
+    assert sums.size > 0.9 * y[0].size
+    assert np.abs(sums.astype(int) - 254).max() <= 3  # rounding of three bands
+
+
+def test_shifted_origin_with_nearest_keeps_class_numbers(pair, tmp_path):
+    lr, hr, _ = pair
+    with rasterio.open(lr) as ds:
+        prof, t = ds.profile, ds.transform
+        classes = (np.digitize(ds.read(4), np.percentile(ds.read(4), [25, 50, 75])) + 1)
+    prof.update(count=1, dtype="uint8", nodata=0,
+                transform=Affine(t.a, 0, t.c + 0.3 * t.a, 0, t.e, t.f))  # 0.3 px off
+    shifted = str(tmp_path / "shifted.tif")
+    with rasterio.open(shifted, "w", **prof) as f:
+        f.write(classes.astype(np.uint8)[None])
+    with pytest.raises(GridMismatch, match="pixel corner"):
+        upsample_raster(shifted, hr, tmp_path / "refused.tif", method="nearest")
+    upsample_raster(shifted, hr, tmp_path / "c.tif", method="nearest", warp="nearest")
+    y = _read(tmp_path / "c.tif")
+    assert set(np.unique(y)) <= {0, 1, 2, 3, 4}
+    assert (y > 0).mean() > 0.9
+    assert set(np.unique(y[y > 0])) == {1, 2, 3, 4}
+
+
+def test_nesting_grid_cells_are_the_lowres_pixel_in_guide_pixels(pair):
+    lr, hr, lr84 = pair
+    with rasterio.open(lr84) as a, rasterio.open(hr) as g:
+        t, h, w = nesting_grid(a.crs, a.transform, a.shape, g.crs, g.transform, g.shape)
+        assert (t.a, t.e) == (2 * g.transform.a, 2 * g.transform.e)
+        assert (t.c, t.f) == (g.transform.c, g.transform.f)
+        assert (h, w) == (64, 64)
+        with pytest.raises(InputError, match="swap"):
+            nesting_grid(g.crs, g.transform, g.shape, a.crs, a.transform, a.shape)
+
+
+def test_unknown_resampling_is_refused(pair, tmp_path):
+    _, hr, lr84 = pair
+    with pytest.raises(InputError, match="unknown warp resampling 'bicubic'.*cubic"):
+        upsample_raster(lr84, hr, tmp_path / "o.tif", warp="bicubic")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_warp(pair, tmp_path):
+    _, hr, lr84 = pair
+    out = str(tmp_path / "o.tif")
+    res = CliRunner().invoke(app, ["upsample", lr84, hr, "-o", out, "-m", "bilinear", "-q"])
+    assert res.exit_code == 2 and "--warp bilinear" in res.output and not os.path.exists(out)
+    res = CliRunner().invoke(app, ["upsample", lr84, hr, "-o", out, "-m", "bilinear", "-q",
+                                   "--warp", "average"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(out) as ds:
+        assert ds.tags()["geoupsample_warp"].startswith("average")
+
+
+def test_xarray_warp_equals_the_cli(pair, tmp_path):
+    import rioxarray
+
+    from geoupsample.xarray import upsample
+
+    _, hr, lr84 = pair
+    upsample_raster(lr84, hr, tmp_path / "cli.tif", method="jbu", warp="bilinear")
+    lowres = rioxarray.open_rasterio(lr84, chunks={"y": 32, "x": 32})
+    guide = rioxarray.open_rasterio(hr, chunks={"y": 64, "x": 64})
+    with pytest.raises(GridMismatch, match="warp="):
+        upsample(lowres, guide, method="jbu")
+    out = upsample(lowres, guide, method="jbu", warp="bilinear").values
+    ref = _read(tmp_path / "cli.tif")
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-3, equal_nan=True)
