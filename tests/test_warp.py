@@ -206,3 +206,47 @@ def test_xarray_warp_equals_the_cli(pair, tmp_path):
     ref = _read(tmp_path / "cli.tif")
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-3, equal_nan=True)
+
+
+def test_distributed_workers_warp_alike(pair, tmp_path):
+    """The warp travels with the reader to dask.distributed workers (separate processes)."""
+    import sys
+
+    from distributed import Client, LocalCluster
+
+    _, hr, lr84 = pair
+    kw = dict(method="jbu", warp="bilinear", tile=48, halo=16, blocksize=16)
+    upsample_raster(lr84, hr, tmp_path / "local.tif", **kw)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(sys.path.insert, 0, root)
+        rep = upsample_raster(lr84, hr, tmp_path / "dist.tif", scheduler=client, **kw)
+    assert rep.computed == rep.tiles
+    np.testing.assert_array_equal(_read(tmp_path / "local.tif"), _read(tmp_path / "dist.tif"))
+
+
+def test_resume_refuses_another_warp_and_continues_the_same(pair, tmp_path):
+    from pathlib import Path
+
+    from tiling import JournalMismatch
+    from tiling.journal import journal_path
+
+    _, hr, lr84 = pair
+    out = str(tmp_path / "o.tif")
+    kw = dict(method="bilinear", tile=32, halo=8, blocksize=16)
+
+    def interrupt(_progress) -> None:
+        jpath = journal_path(out)
+        if os.path.exists(jpath) and len(Path(jpath).read_text().splitlines()) > 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        upsample_raster(lr84, hr, out, warp="bilinear", progress=interrupt, **kw)
+    assert not os.path.exists(out)
+    with pytest.raises(JournalMismatch, match="other inputs or parameters"):
+        upsample_raster(lr84, hr, out, warp="nearest", resume=True, **kw)
+    rep = upsample_raster(lr84, hr, out, warp="bilinear", resume=True, **kw)
+    assert rep.resumed_bands >= 2 and rep.computed < rep.tiles
+    upsample_raster(lr84, hr, tmp_path / "ref.tif", warp="bilinear", **kw)
+    np.testing.assert_array_equal(_read(out), _read(tmp_path / "ref.tif"))
