@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 import geoupsample as gu
 from tiling.execute import gdal_env
-from tiling.reader import to_float
+from tiling.reader import is_local_path, to_float
 
 #: Largest side of the regular subsample used for the scene-wide guide statistics (1024^2 =
 #: about the 1M samples per band that ``gu.guide_stats`` uses at most).
@@ -30,15 +30,24 @@ class InputError(ValueError):
 
 
 def open_raster(path: str | os.PathLike, what: str) -> rasterio.io.DatasetReader:
-    """Open ``path`` with rasterio; :class:`InputError` naming ``what`` if missing or unreadable."""
+    """Open ``path`` with rasterio; :class:`InputError` naming ``what`` if missing or unreadable.
+
+    ``path`` is a local file, a URL (``https://``, ``s3://``, ``gs://``...: a cloud-optimised
+    GeoTIFF is then read window by window with HTTP range requests) or a GDAL virtual path
+    (``/vsicurl/``, ``/vsizip/``...)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    local = is_local_path(path)
+    if local and not os.path.exists(path):
         raise InputError(f"{what} not found: {path}")
     try:
         return rasterio.open(path)
     except RasterioIOError as err:
-        raise InputError(f"cannot read the {what} {path}: not a raster GDAL can open ({err})"
-                         ) from err
+        if local:
+            raise InputError(f"cannot read the {what} {path}: not a raster GDAL can open ({err})"
+                             ) from err
+        raise InputError(f"cannot open the {what} {path} ({err}): check the address, that the "
+                         "server is reachable, and for cloud storage your credentials (GDAL's "
+                         "AWS_*, GS_*, AZURE_* settings)") from err
 
 
 def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int | str] | None,

@@ -67,6 +67,22 @@ class Warp:
                          dtype="float32", **extra)
 
 
+def is_local_path(path: str) -> bool:
+    """Whether ``path`` names a file of the local file system, rather than a dataset GDAL reads
+    some other way: a URL (``https://``, ``s3://``, ``gs://``...) or a GDAL virtual file system
+    path (``/vsicurl/...``, ``/vsizip/...``)."""
+    return "://" not in path and not path.startswith("/vsi")
+
+
+def file_stamp(path: str) -> tuple[int, int] | tuple[()]:
+    """``(mtime_ns, size)`` of a local file; ``()`` for a remote or virtual dataset, which is
+    taken as unchanged while it is read."""
+    if not is_local_path(path):
+        return ()
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def open_cached(path: str, warp: Warp | None = None,
                 src_nodata: float | None = None) -> rasterio.io.DatasetReader | WarpedVRT:
     """A read-only dataset for ``path`` (seen through ``warp`` if given), opened once per thread
@@ -74,8 +90,7 @@ def open_cached(path: str, warp: Warp | None = None,
     cache = getattr(_local, "datasets", None)
     if cache is None:
         cache = _local.datasets = {}
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size, warp, src_nodata)
+    key = (path, file_stamp(path), warp, src_nodata)
     ds = cache.get(key)
     if ds is None or ds.closed:
         ds = rasterio.open(path)
@@ -128,7 +143,8 @@ class RasterInput:
     """A raster file read window by window with rasterio.
 
     Args:
-        path: the file (anything rasterio opens).
+        path: the file: a local path, a URL (``https://``, ``s3://``...) or a GDAL virtual
+            path (``/vsicurl/...``); anything rasterio opens.
         bands: 1-based band indexes to read (default: all), in the order given.
         nodata: overrides the file's nodata value (pixels equal to it become NaN).
         warp: read the file reprojected onto this grid (see :class:`Warp`); None: as it is.
@@ -160,10 +176,14 @@ class RasterInput:
                           ds.height, ds.width, len(indexes))
 
     def identity(self) -> dict:
-        """What identifies this input for a resume journal (path, size, mtime, bands)."""
-        st = os.stat(self.path)
-        return {"path": os.path.abspath(self.path), "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns, "bands": self.bands, "nodata": self.nodata,
+        """What identifies this input for a resume journal (path, size, mtime, bands; a URL or
+        GDAL virtual path by its name alone)."""
+        if not is_local_path(self.path):
+            where = {"path": self.path}
+        else:
+            mtime_ns, size = file_stamp(self.path)
+            where = {"path": os.path.abspath(self.path), "size": size, "mtime_ns": mtime_ns}
+        return {**where, "bands": self.bands, "nodata": self.nodata,
                 **({"warp": asdict(self.warp)} if self.warp else {})}
 
 

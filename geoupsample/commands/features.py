@@ -75,7 +75,8 @@ def build_backbone(
 
 
 def features_command(
-    scene: Annotated[Path, typer.Argument(help="Image to compute features of (GeoTIFF).")],
+    scene: Annotated[str, typer.Argument(help="Image to compute features of (GeoTIFF; a path, "
+                                             "URL or GDAL /vsi path).")],
     out: Annotated[
         Path, typer.Option("-o", "--out", help="Output GeoTIFF (or Zarr store: .zarr).")
     ],

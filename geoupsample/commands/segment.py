@@ -36,7 +36,8 @@ class ProbsDtype(str, Enum):
 
 
 def segment_command(
-    scene: Annotated[Path, typer.Argument(help="Image to segment (GeoTIFF).")],
+    scene: Annotated[str, typer.Argument(help="Image to segment (GeoTIFF; a path, URL or GDAL "
+                                             "/vsi path).")],
     labels: Annotated[Path, typer.Option(
         help="Labelled polygons: GeoJSON, GeoPackage, Shapefile, FlatGeobuf...")],
     class_field: Annotated[str, typer.Option(help="Attribute holding each polygon's class.")],

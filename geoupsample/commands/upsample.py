@@ -34,9 +34,10 @@ class Kind(str, Enum):
 
 
 def upsample_command(
-    lowres: Annotated[Path, typer.Argument(help="Low-res raster to upsample (any bands).")],
-    guide: Annotated[Path, typer.Argument(help="High-res guide raster (its grid is the "
-                                               "output's).")],
+    lowres: Annotated[str, typer.Argument(help="Low-res raster to upsample (any bands; a path, "
+                                                "URL or GDAL /vsi path).")],
+    guide: Annotated[str, typer.Argument(help="High-res guide raster (its grid is the "
+                                              "output's).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output GeoTIFF path.")],
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
