@@ -250,3 +250,29 @@ def test_resume_refuses_another_warp_and_continues_the_same(pair, tmp_path):
     assert rep.resumed_bands >= 2 and rep.computed < rep.tiles
     upsample_raster(lr84, hr, tmp_path / "ref.tif", warp="bilinear", **kw)
     np.testing.assert_array_equal(_read(out), _read(tmp_path / "ref.tif"))
+
+
+def test_fractional_nesting_grid_on_a_finer_guide(pair, tmp_path):
+    """1 m low-res in lon/lat onto a 0.3 m guide: cells of 10/3 guide pixels (the simplest
+    fraction near the ~0.99 m the pixel measures in UTM), and the run is seamless."""
+    _, hr, lr84 = pair
+    with rasterio.open(hr) as ds:
+        t = ds.transform
+        fine = Affine(0.3, 0, t.c, 0, -0.3, t.f)
+        n = int(ds.width * t.a / 0.3)
+        guide = np.zeros((1, n, n), np.float32)
+        reproject(ds.read().astype(np.float32), guide, src_transform=t, src_crs=ds.crs,
+                  dst_transform=fine, dst_crs=ds.crs, resampling=Resampling.bilinear)
+        prof = ds.profile
+    prof.update(transform=fine, width=n, height=n, dtype="float32")
+    g = str(tmp_path / "g03.tif")
+    with rasterio.open(g, "w", **prof) as f:
+        f.write(guide)
+    kw = dict(method="bilinear", warp="bilinear", blend="crop", halo=16)
+    upsample_raster(lr84, g, tmp_path / "one.tif", tile=1024, **kw)
+    upsample_raster(lr84, g, tmp_path / "many.tif", tile=60, **kw)
+    with rasterio.open(tmp_path / "many.tif") as ds:
+        assert "cells of 10/3x10/3 guide pixels" in ds.tags()["geoupsample_warp"]
+        y = ds.read()
+    assert np.isfinite(y[:, 20:-20, 20:-20]).all()
+    np.testing.assert_allclose(y, _read(tmp_path / "one.tif"), rtol=1e-5, equal_nan=True)
