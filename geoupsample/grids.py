@@ -30,6 +30,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.transform import array_bounds
 from rasterio.warp import calculate_default_transform, transform_bounds
+from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window, from_bounds
 
 from geoupsample.inputs import InputError
@@ -163,10 +164,11 @@ def nesting_grid(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], h
     """A grid in the guide's CRS that nests in the guide's grid, onto which to warp a low-res
     raster whose own grid does not (:class:`GridMismatch`).
 
-    Its cells are about the low-res pixel's size (measured in the guide's CRS, then taken as the
-    simplest fraction ``p / q`` of guide pixels within 2 %, ``q <=``
-    :data:`MAX_SCALE_DENOMINATOR`, at least one, per axis), its origin is the guide's, and it
-    covers the whole guide.
+    Its cells are square, of about the low-res pixel's size in the guide's CRS (as ``gdalwarp``
+    chooses it; for a rotated grid, the side of a square of its central pixel's area), taken as
+    the simplest fraction ``p / q`` of guide pixels within 2 % (``q <=``
+    :data:`MAX_SCALE_DENOMINATOR`, at least one); its origin is the guide's, and it covers the
+    whole guide.
 
     Returns:
         ``(transform, height, width)`` of the grid.
@@ -175,23 +177,41 @@ def nesting_grid(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], h
         raise InputError("both rasters need a CRS to warp one onto the other")
     _check_north_up(hr_transform, "guide")
     h, w = lr_shape
-    lr_bounds = array_bounds(h, w, lr_transform)
-    west, south, east, north = transform_bounds(lr_crs, hr_crs, *lr_bounds)
+    corners = [lr_transform * (c, r) for c in (0, w) for r in (0, h)]
+    xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+    west, south, east, north = transform_bounds(lr_crs, hr_crs, min(xs), min(ys), max(xs),
+                                                max(ys))
     hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
     if not (west < hr_b[2] and hr_b[0] < east and south < hr_b[3] and hr_b[1] < north):
         raise InputError(f"the low-res raster and the guide do not overlap (low-res bounds in "
                          f"the guide's CRS {tuple(round(v, 3) for v in (west, south, east, north))}"
                          f", guide bounds {tuple(round(v, 3) for v in hr_b)})")
-    native, _, _ = calculate_default_transform(lr_crs, hr_crs, w, h, *lr_bounds)
-    sx_f, sy_f = native.a / hr_transform.a, -native.e / -hr_transform.e
-    if sy_f < 0.9 and sx_f < 0.9:
+    if _north_up(lr_transform):  # the pixel size gdalwarp would choose
+        native, _, _ = calculate_default_transform(lr_crs, hr_crs, w, h,
+                                                   *array_bounds(h, w, lr_transform))
+        size = math.sqrt(native.a * -native.e)
+    else:
+        size = _pixel_size(lr_crs, lr_transform, lr_shape, hr_crs)
+    s_f = size / math.sqrt(hr_transform.a * -hr_transform.e)
+    if s_f < 0.9:
         raise InputError(
-            f"the low-res raster's pixel ({native.a:g} in the guide's CRS) is smaller than the "
+            f"the low-res raster's pixel ({size:g} in the guide's CRS) is smaller than the "
             f"guide's ({hr_transform.a:g}): did you swap LOWRES and GUIDE? The guide is the "
             "high-resolution image")
-    sx, sy = (_simple_scale(v) for v in (sx_f, sy_f))
+    sx = sy = _simple_scale(s_f)
     transform = hr_transform * Affine.scale(float(sx), float(sy))
     return (transform, math.ceil(hr_shape[0] / sy), math.ceil(hr_shape[1] / sx))
+
+
+def _pixel_size(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int],
+                hr_crs: Any) -> float:
+    """Side (guide CRS units) of the square with the area of the low-res raster's central pixel
+    in the guide's CRS: the cell size that keeps its sampling, whatever its rotation."""
+    r, c = lr_shape[0] // 2, lr_shape[1] // 2
+    corners = [lr_transform * (c + dc, r + dr) for dc, dr in ((0, 0), (1, 0), (0, 1))]
+    (x0, x1, x2), (y0, y1, y2) = warp_transform(lr_crs, hr_crs, [p[0] for p in corners],
+                                                [p[1] for p in corners])
+    return math.sqrt(abs((x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)))
 
 
 def _simple_scale(v: float, tolerance: float = 0.02) -> Fraction:
@@ -217,8 +237,6 @@ def _check_north_up(t: Affine, name: str) -> None:
 
 def _crs_message(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
                  hr_transform: Affine) -> str:
-    from rasterio.warp import transform_bounds
-
     msg = (f"the low-res raster is in {lr_crs} but the guide is in {hr_crs}; geoupsample does "
            "not reproject unasked (the right resampling depends on what the raster holds). Warp "
            "the low-res raster onto a grid nesting with the guide's first")

@@ -148,18 +148,29 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
 
 
 def _warped(lowres: xr.DataArray, crs: Any, transform: Any, height: int, width: int,
-            resampling: Any) -> xr.DataArray:
-    """``lowres`` reprojected onto the grid ``(transform, height, width)`` in ``crs``, as float32
-    with NaN for nodata and outside its footprint (the attributes, band names included, kept)."""
-    from rasterio.enums import Resampling
+            resampling: str) -> xr.DataArray:
+    """``lowres`` reprojected onto the grid ``(transform, height, width)`` in ``crs`` by the
+    CLI's own warp (:class:`tiling.Warp` over an in-memory copy): float32, NaN for nodata and
+    outside its footprint, ``long_name`` and the other attributes kept."""
+    from rasterio.io import MemoryFile
 
-    src = lowres
-    if src.rio.nodata is not None and not np.isnan(src.rio.nodata):
-        src = src.where(src != src.rio.nodata)
-    src = src.astype(np.float32).rio.write_nodata(np.nan, encoded=False)
-    out = src.rio.reproject(crs, transform=transform, shape=(height, width),
-                            resampling=Resampling[resampling], nodata=np.nan)
-    out.attrs.update({k: v for k, v in lowres.attrs.items() if k not in ("_FillValue",)})
+    data = np.asarray(lowres.values)
+    grid = tiling.Warp(str(crs.to_wkt()), tuple(transform)[:6], width, height, resampling)
+    nodata = lowres.rio.nodata
+    with MemoryFile() as mem:
+        with mem.open(driver="GTiff", count=data.shape[0], height=data.shape[1],
+                      width=data.shape[2], dtype=data.dtype, crs=lowres.rio.crs,
+                      transform=lowres.rio.transform(), nodata=nodata) as ds:
+            ds.write(data)
+        with mem.open() as ds, grid.open(ds) as vrt:
+            warped = vrt.read()
+    ys = transform.f + transform.e * (np.arange(height) + 0.5)
+    xs = transform.c + transform.a * (np.arange(width) + 0.5)
+    dims = lowres.dims
+    out = xr.DataArray(warped, dims=dims, coords={dims[0]: lowres[dims[0]].values,
+                                                  dims[1]: ys, dims[2]: xs},
+                       attrs={k: v for k, v in lowres.attrs.items() if k != "_FillValue"})
+    out = out.rio.write_crs(crs).rio.write_transform(transform)
     return out.rio.write_nodata(np.nan, encoded=False)
 
 

@@ -61,10 +61,13 @@ class Warp:
         """``src`` seen on this grid (float32, NaN nodata); ``src_nodata`` overrides the
         source's nodata value. Close the VRT before ``src``."""
         extra = {} if src_nodata is None else {"src_nodata": src_nodata}
+        # coordinates to 1e-6 px rather than GDAL's default 1/8 px (its approximation depends on
+        # the window read): every window of the grid then reads what a whole-grid read gives,
+        # so tiles agree (0 would be exact, but rasterio builds no transformer for it)
         return WarpedVRT(src, crs=self.crs, transform=Affine(*self.transform[:6]),
                          width=self.width, height=self.height,
                          resampling=Resampling[self.resampling], nodata=float("nan"),
-                         dtype="float32", **extra)
+                         dtype="float32", tolerance=1e-6, **extra)
 
 
 def is_local_path(path: str) -> bool:
