@@ -34,6 +34,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window, from_bounds
 
 from geoupsample.inputs import InputError
+from tiling.reader import WARP_RESAMPLINGS
 
 #: Largest denominator of a fractional scale (10/3, 20/3, 25/3... are accepted).
 MAX_SCALE_DENOMINATOR = 8
@@ -72,11 +73,21 @@ class GridRelation:
 
 
 def overlap_window(lr_transform: Affine, lr_shape: tuple[int, int],
-                   hr_bounds: tuple[float, float, float, float]) -> Window:
+                   hr_bounds: tuple[float, float, float, float], hr_crs: Any = None,
+                   lr_crs: Any = None) -> Window:
     """The window of the low-res grid (``lr_shape`` rows, cols) that the guide's
-    ``hr_bounds`` (west, south, east, north) cover, clipped to the low-res raster."""
+    ``hr_bounds`` (west, south, east, north) cover, clipped to the low-res raster; the bounds
+    are taken from ``hr_crs`` to ``lr_crs`` when both are given and differ."""
+    if hr_crs is not None and lr_crs is not None and (
+            CRS.from_user_input(hr_crs) != CRS.from_user_input(lr_crs)):
+        hr_bounds = transform_bounds(hr_crs, lr_crs, *hr_bounds)
     return from_bounds(*hr_bounds, transform=lr_transform).intersection(
         Window(0, 0, lr_shape[1], lr_shape[0]))
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Whether bounds ``a`` and ``b`` (west, south, east, north) share some area."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, int],
@@ -94,7 +105,8 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
         raise InputError(f"the {which} has no CRS; both rasters need one (assign it with "
                          "`gdal_edit.py -a_srs EPSG:XXXX file.tif`)")
     if lr_crs is not None and CRS.from_user_input(lr_crs) != CRS.from_user_input(hr_crs):
-        raise GridMismatch(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform))
+        raise GridMismatch(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform,
+                                        hr_shape))
     _check_north_up(hr_transform, "guide")
     if not _north_up(lr_transform):
         raise GridMismatch(f"the low-res raster is not north-up (transform "
@@ -102,7 +114,7 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
                            "(gdalwarp)")
     lr_b = array_bounds(lr_shape[0], lr_shape[1], lr_transform)  # (west, south, east, north)
     hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
-    if not (lr_b[0] < hr_b[2] and hr_b[0] < lr_b[2] and lr_b[1] < hr_b[3] and hr_b[1] < lr_b[3]):
+    if not _overlap(lr_b, hr_b):
         raise InputError(f"the low-res raster and the guide do not overlap (low-res bounds "
                          f"{tuple(round(v, 3) for v in lr_b)}, guide bounds "
                          f"{tuple(round(v, 3) for v in hr_b)}, both in {hr_crs})")
@@ -141,11 +153,15 @@ def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int],
                    ) -> tuple[GridRelation, tuple[Affine, int, int] | None]:
     """:func:`relate_grids`, or, when the low-res grid does not nest (:class:`GridMismatch`) and
     ``warp`` names a resampling, the :func:`nesting_grid` to warp the low-res raster onto.
+    An unknown resampling name is refused first, whether or not a warp is needed.
 
     Returns:
         The relation of the low-res grid (or of the nesting grid) to the guide's, and the
         nesting grid ``(transform, height, width)`` or None when the raster is used as it is.
     """
+    if warp is not None and warp not in WARP_RESAMPLINGS:
+        raise InputError(f"unknown warp resampling {warp!r}; choose one of "
+                         f"{', '.join(WARP_RESAMPLINGS)}")
     try:
         return relate_grids(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform, hr_shape), None
     except GridMismatch as err:
@@ -182,32 +198,39 @@ def nesting_grid(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], h
     west, south, east, north = transform_bounds(lr_crs, hr_crs, min(xs), min(ys), max(xs),
                                                 max(ys))
     hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
-    if not (west < hr_b[2] and hr_b[0] < east and south < hr_b[3] and hr_b[1] < north):
+    if not _overlap((west, south, east, north), hr_b):
         raise InputError(f"the low-res raster and the guide do not overlap (low-res bounds in "
                          f"the guide's CRS {tuple(round(v, 3) for v in (west, south, east, north))}"
                          f", guide bounds {tuple(round(v, 3) for v in hr_b)})")
-    if _north_up(lr_transform):  # the pixel size gdalwarp would choose
-        native, _, _ = calculate_default_transform(lr_crs, hr_crs, w, h,
-                                                   *array_bounds(h, w, lr_transform))
-        size = math.sqrt(native.a * -native.e)
-    else:
-        size = _pixel_size(lr_crs, lr_transform, lr_shape, hr_crs)
-    s_f = size / math.sqrt(hr_transform.a * -hr_transform.e)
-    if s_f < 0.9:
+    size = _pixel_size(lr_crs, lr_transform, lr_shape, hr_crs)
+    if size < 0.9 * math.sqrt(hr_transform.a * -hr_transform.e):
         raise InputError(
             f"the low-res raster's pixel ({size:g} in the guide's CRS) is smaller than the "
             f"guide's ({hr_transform.a:g}): did you swap LOWRES and GUIDE? The guide is the "
             "high-resolution image")
-    sx = sy = _simple_scale(s_f)
-    transform = hr_transform * Affine.scale(float(sx), float(sy))
-    return (transform, math.ceil(hr_shape[0] / sy), math.ceil(hr_shape[1] / sx))
+    return _cells_on_guide(size, hr_transform, hr_shape)
+
+
+def _cells_on_guide(size: float, hr_transform: Affine,
+                    hr_shape: tuple[int, int]) -> tuple[Affine, int, int]:
+    """``(transform, height, width)`` of the square cells of about ``size`` (guide CRS units;
+    the simplest fraction of guide pixels, at least one) from the guide's origin, covering it."""
+    s = _simple_scale(size / math.sqrt(hr_transform.a * -hr_transform.e))
+    return (hr_transform * Affine.scale(float(s)), math.ceil(hr_shape[0] / s),
+            math.ceil(hr_shape[1] / s))
 
 
 def _pixel_size(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int],
                 hr_crs: Any) -> float:
-    """Side (guide CRS units) of the square with the area of the low-res raster's central pixel
-    in the guide's CRS: the cell size that keeps its sampling, whatever its rotation."""
-    r, c = lr_shape[0] // 2, lr_shape[1] // 2
+    """The low-res pixel's size in the guide's CRS units: as gdalwarp chooses it for a north-up
+    grid; for a rotated one, the side of the square with its central pixel's area (the cell
+    size that keeps its sampling, whatever the rotation)."""
+    h, w = lr_shape
+    if _north_up(lr_transform):
+        native, _, _ = calculate_default_transform(lr_crs, hr_crs, w, h,
+                                                   *array_bounds(h, w, lr_transform))
+        return math.sqrt(native.a * -native.e)
+    r, c = h // 2, w // 2
     corners = [lr_transform * (c + dc, r + dr) for dc, dr in ((0, 0), (1, 0), (0, 1))]
     (x0, x1, x2), (y0, y1, y2) = warp_transform(lr_crs, hr_crs, [p[0] for p in corners],
                                                 [p[1] for p in corners])
@@ -236,25 +259,16 @@ def _check_north_up(t: Affine, name: str) -> None:
 
 
 def _crs_message(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
-                 hr_transform: Affine) -> str:
+                 hr_transform: Affine, hr_shape: tuple[int, int]) -> str:
     msg = (f"the low-res raster is in {lr_crs} but the guide is in {hr_crs}; geoupsample does "
            "not reproject unasked (the right resampling depends on what the raster holds). Warp "
            "the low-res raster onto a grid nesting with the guide's first")
-    try:
-        h, w = lr_shape
-        left, bottom, right, top = transform_bounds(
-            lr_crs, hr_crs, lr_transform.c, lr_transform.f + h * lr_transform.e,
-            lr_transform.c + w * lr_transform.a, lr_transform.f)
-        res = hr_transform.a
-        s = max(1, round(((right - left) / w) / res))
-        step = s * res
-        x0 = hr_transform.c + math.floor((left - hr_transform.c) / step) * step
-        y1 = hr_transform.f - math.floor((hr_transform.f - top) / step) * step
-        x1 = x0 + math.ceil((right - x0) / step) * step
-        y0 = y1 - math.ceil((y1 - bottom) / step) * step
-        msg += (f", e.g.: gdalwarp -t_srs {CRS.from_user_input(hr_crs).to_string()} "
-                f"-tr {step:g} {step:g} -te {x0:.6f} {y0:.6f} {x1:.6f} {y1:.6f} "
-                "-r average LOWRES.tif lowres_on_guide.tif")
+    try:  # the grid --warp would use (its checks come when warping: no overlap, swapped)
+        transform, height, width = _cells_on_guide(
+            _pixel_size(lr_crs, lr_transform, lr_shape, hr_crs), hr_transform, hr_shape)
     except Exception:  # noqa: BLE001 - the hint is optional
-        pass
-    return msg
+        return msg
+    x0, y0, x1, y1 = array_bounds(height, width, transform)
+    return msg + (f", e.g.: gdalwarp -t_srs {CRS.from_user_input(hr_crs).to_string()} "
+                  f"-tr {transform.a:g} {-transform.e:g} -te {x0:.6f} {y0:.6f} {x1:.6f} "
+                  f"{y1:.6f} -r average LOWRES.tif lowres_on_guide.tif")

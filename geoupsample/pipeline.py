@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.enums
-from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 import geoupsample as gu
@@ -51,7 +50,7 @@ from geoupsample.workers import (
     threads_per_worker,
 )
 from tiling.execute import gdal_env
-from tiling.reader import WARP_RESAMPLINGS, to_float
+from tiling.reader import to_float
 
 __all__ = ["InputError", "UpsampleTile", "upsample_raster"]
 
@@ -215,9 +214,6 @@ def _upsample_raster(
     lowres_path, guide_path, out_path = map(os.fspath, (lowres_path, guide_path, out_path))
     if os.path.abspath(out_path) in (os.path.abspath(lowres_path), os.path.abspath(guide_path)):
         raise InputError("the output path must differ from the input paths")
-    if warp is not None and warp not in WARP_RESAMPLINGS:
-        raise InputError(f"unknown warp resampling {warp!r}; choose one of "
-                         f"{', '.join(WARP_RESAMPLINGS)}")
     with ExitStack() as stack:
         lr_file = stack.enter_context(open_raster(lowres_path, "low-res raster"))
         hr = stack.enter_context(open_raster(guide_path, "guide"))
@@ -243,8 +239,8 @@ def _upsample_raster(
         lr_window = overlap_window(lr.transform, lr.shape, hr.bounds)
         # the render is decided from the values as stored (a warp would blur away their
         # rounding to whole numbers), over the part of the file the guide covers
-        file_window = lr_window if lr_warp is None else overlap_window(
-            lr_file.transform, lr_file.shape, transform_bounds(hr.crs, lr_file.crs, *hr.bounds))
+        file_window = overlap_window(lr_file.transform, lr_file.shape, hr.bounds, hr.crs,
+                                     lr_file.crs)
         scene = _render_options(method, kind, lr_file, lr_idx, file_window,
                                 consistency=consistency, self_guidance=self_guidance,
                                 min_sigma_r=min_sigma_r)

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from rasterio.warp import transform_bounds
 
 import tiling
 from geoupsample.backbones import Backbone
@@ -41,7 +40,6 @@ from geoupsample.scenes import ArrayScene, scene_aoi
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask
-from tiling.reader import WARP_RESAMPLINGS
 
 
 def _as_bands(a: xr.DataArray, what: str) -> xr.DataArray:
@@ -95,15 +93,12 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     lowres, guide = _as_bands(lowres, "lowres"), _as_bands(guide, "guide")
-    if warp is not None and warp not in WARP_RESAMPLINGS:
-        raise InputError(f"unknown warp resampling {warp!r}; choose one of "
-                         f"{', '.join(WARP_RESAMPLINGS)}")
     lr_t, hr_t = lowres.rio.transform(), guide.rio.transform()
     rel, nesting = relate_or_nest(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
                                   guide.shape[1:], warp)
     # the render is decided from the values as given, before any warp (as the CLI does)
-    window = overlap_window(lr_t, lowres.shape[1:], transform_bounds(
-        guide.rio.crs, lowres.rio.crs, *guide.rio.bounds()) if nesting else guide.rio.bounds())
+    window = overlap_window(lr_t, lowres.shape[1:], guide.rio.bounds(), guide.rio.crs,
+                            lowres.rio.crs)
     read = array_reader(lowres.data, lowres.rio.nodata)  # computes only the sampled slices
     scene = scene_render(method, kind, lambda: lowres_sample(read, window),
                          declared_unit(lowres.attrs),
@@ -154,7 +149,7 @@ def _warped(lowres: xr.DataArray, crs: Any, transform: Any, height: int, width: 
     outside its footprint, ``long_name`` and the other attributes kept."""
     from rasterio.io import MemoryFile
 
-    data = np.asarray(lowres.values)
+    data = lowres.values
     grid = tiling.Warp(str(crs.to_wkt()), tuple(transform)[:6], width, height, resampling)
     nodata = lowres.rio.nodata
     with MemoryFile() as mem:
