@@ -32,6 +32,8 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from tiling.reader import is_local_path, remote_hint
+
 
 class LabelError(ValueError):
     """Labels that cannot be used: missing class field, no overlap with the scene, one class..."""
@@ -118,7 +120,8 @@ def read_polygons(
     (anything GDAL's vector drivers read).
 
     Args:
-        path: the file.
+        path: the file: a local path, a URL (``https://``, ``s3://``...) or a GDAL virtual path
+            (``/vsizip/...``).
         class_field: attribute holding each polygon's class (name or number).
         crs: CRS of the coordinates, overriding the file's (GeoJSON default: lon/lat WGS 84).
         layer: the layer to read (needed only when the file has several, e.g. a GeoPackage).
@@ -128,16 +131,18 @@ def read_polygons(
     Raises:
         LabelError: unreadable file, class field missing, no polygons, fewer than two classes.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise LabelError(f"label file not found: {p}")
-    geoms, values, file_crs, fields = _read_vector(p, class_field, layer)
+    source = os.fspath(path)
+    if is_local_path(source):
+        source = os.fspath(Path(source).expanduser())
+        if not os.path.isfile(source):
+            raise LabelError(f"label file not found: {source}")
+    geoms, values, file_crs, fields = _read_vector(source, class_field, layer)
     if class_field not in fields:
         raise LabelError(
-            f"class field {class_field!r} not found in {p.name}; its fields are "
+            f"class field {class_field!r} not found in {_name(source)}; its fields are "
             f"{sorted(fields) or 'none'}: pass one of them as the class field (--class-field)"
         )
-    return _assemble(geoms, values, crs or file_crs, classes, str(p))
+    return _assemble(geoms, values, crs or file_crs, classes, source)
 
 
 def from_geometries(
@@ -255,32 +260,39 @@ def _polygonal(g: BaseGeometry) -> BaseGeometry | None:
     return None
 
 
+def _name(source: str) -> str:
+    """The last part of a file name or address, for messages."""
+    return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
 def _read_vector(
-    p: Path, class_field: str, layer: str | None
+    source: str, class_field: str, layer: str | None
 ) -> tuple[list[BaseGeometry | None], list[Any], CRS | None, set[str]]:
-    """Geometries, class values, CRS and field names of one layer of the vector file ``p``."""
+    """Geometries, class values, CRS and field names of one layer of the vector file (local
+    path, URL or GDAL virtual path) ``source``."""
     import pyogrio
     from pyogrio.errors import DataLayerError, DataSourceError
 
     try:
-        layers = [str(name) for name, _ in pyogrio.list_layers(p)]
+        layers = [str(name) for name, _ in pyogrio.list_layers(source)]
         if layer is None:
             if len(layers) != 1:
-                raise LabelError(f"{p.name} has layers {layers}: choose one (layer=..., "
+                raise LabelError(f"{_name(source)} has layers {layers}: choose one (layer=..., "
                                  "--labels-layer)")  # fmt: skip
             layer = layers[0]
         elif layer not in layers:
-            raise LabelError(f"{p.name} has no layer {layer!r}; it has {layers}")
-        info = pyogrio.read_info(p, layer=layer)
+            raise LabelError(f"{_name(source)} has no layer {layer!r}; it has {layers}")
+        info = pyogrio.read_info(source, layer=layer)
         fields = {str(f) for f in info["fields"]}
         crs = CRS.from_user_input(info["crs"]) if info["crs"] else None
         if class_field not in fields:
             return [], [], crs, fields
-        _, _, wkb, columns = pyogrio.raw.read(p, layer=layer, columns=[class_field])
+        _, _, wkb, columns = pyogrio.raw.read(source, layer=layer, columns=[class_field])
     except (DataSourceError, DataLayerError) as err:
+        hint = remote_hint(source)
         raise LabelError(
-            f"cannot read {p} as a vector file (GeoJSON, GeoPackage, Shapefile, FlatGeobuf...): "
-            f"{err}"
+            f"cannot read {source} as a vector file (GeoJSON, GeoPackage, Shapefile, "
+            f"FlatGeobuf...): {err}" + (f"; {hint}" if hint else "")
         ) from err
     geoms = [None if g is None else shapely.from_wkb(g) for g in wkb]
     return geoms, [_plain(v) for v in columns[0]], crs, fields

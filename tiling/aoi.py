@@ -28,6 +28,8 @@ from rasterio.windows import transform as window_transform
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from tiling.reader import is_local_path, remote_hint
+
 
 def _geojson_geometry(obj: dict) -> tuple[BaseGeometry, CRS]:
     crs = CRS.from_epsg(4326)  # RFC 7946, unless a legacy 'crs' member says otherwise
@@ -60,7 +62,9 @@ def _vector_file_geometry(path: str) -> tuple[BaseGeometry, CRS | None]:
                              "with one layer")  # fmt: skip
         meta, _, wkb, _ = pyogrio.raw.read(path, read_geometry=True, columns=[])
     except (DataSourceError, DataLayerError) as err:
-        raise ValueError(f"cannot read the AOI file {path}: {err}") from err
+        hint = remote_hint(path)
+        raise ValueError(f"cannot read the AOI file {path}: {err}" + (f"; {hint}" if hint else "")
+                         ) from err
     geoms = [shapely.from_wkb(g) for g in wkb if g is not None]
     if not geoms:
         raise ValueError(f"the AOI file {path} contains no geometry")
@@ -69,8 +73,8 @@ def _vector_file_geometry(path: str) -> tuple[BaseGeometry, CRS | None]:
 
 
 def _read_aoi(aoi: Any) -> tuple[BaseGeometry, CRS | None]:
-    """The geometry and CRS of a vector file path, or a GeoJSON string or dict: the declared
-    CRS, else EPSG:4326 for GeoJSON (RFC 7946), else None."""
+    """The geometry and CRS of a vector file (local path, URL or GDAL virtual path), or a GeoJSON
+    string or dict: the declared CRS, else EPSG:4326 for GeoJSON (RFC 7946), else None."""
     if isinstance(aoi, (str, os.PathLike)) and os.path.exists(aoi):
         if os.path.splitext(os.fspath(aoi))[1].lower() not in (".json", ".geojson"):
             return _vector_file_geometry(os.fspath(aoi))
@@ -83,6 +87,8 @@ def _read_aoi(aoi: Any) -> tuple[BaseGeometry, CRS | None]:
         return _geojson_geometry(json.loads(aoi))
     if isinstance(aoi, dict):
         return _geojson_geometry(aoi)
+    if isinstance(aoi, str) and not is_local_path(aoi):  # a URL or GDAL virtual path
+        return _vector_file_geometry(aoi)
     raise FileNotFoundError(f"AOI file {aoi} not found")
 
 
@@ -90,8 +96,9 @@ def load_aoi(aoi: Any, dst_crs: CRS | None, crs: Any = None) -> BaseGeometry:
     """The AOI as a shapely geometry in ``dst_crs``.
 
     Args:
-        aoi: a shapely geometry, a GeoJSON dict/string, or a path to a vector file (GeoJSON,
-            or any format GDAL reads with a single layer).
+        aoi: a shapely geometry, a GeoJSON dict/string, or a vector file (GeoJSON, or any
+            format GDAL reads with a single layer) by local path, URL (``https://``,
+            ``s3://``...) or GDAL virtual path (``/vsizip/...``).
         dst_crs: the raster's CRS.
         crs: the AOI's CRS (overrides the conventions in the module docstring).
     """

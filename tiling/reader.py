@@ -77,6 +77,14 @@ def is_local_path(path: str) -> bool:
     return "://" not in path and not path.startswith("/vsi")
 
 
+def remote_hint(path: str) -> str:
+    """What to check when a remote or virtual dataset cannot be opened ('' for a local file)."""
+    if is_local_path(path):
+        return ""
+    return ("check the address, that the server is reachable, and for cloud storage your "
+            "credentials (GDAL's AWS_*, GS_*, AZURE_* settings)")
+
+
 def file_stamp(path: str) -> tuple[int, int] | tuple[()]:
     """``(mtime_ns, size)`` of a local file; ``()`` for a remote or virtual dataset, which is
     taken as unchanged while it is read."""

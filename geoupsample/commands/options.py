@@ -59,10 +59,10 @@ CompressOption = Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")
 CogOption = Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")]
 BlocksizeOption = Annotated[int, typer.Option(
     help="Output block (GeoTIFF tile, Zarr chunk) size, a multiple of 16.")]
-AoiOption = Annotated[Path | None, typer.Option(
+AoiOption = Annotated[str | None, typer.Option(
     help="Area of interest: GeoJSON (EPSG:4326 unless it names a CRS) or any one-layer vector "
-         "file GDAL reads (GeoPackage, Shapefile...); pixels outside are nodata, tiles outside "
-         "are skipped.")]
+         "file GDAL reads (GeoPackage, Shapefile...), by path, URL or GDAL /vsi path; pixels "
+         "outside are nodata, tiles outside are skipped.")]
 ResumeOption = Annotated[bool, typer.Option(
     help="Continue an interrupted run with the same inputs and parameters.")]
 SchedulerOption = Annotated[str | None, typer.Option(

@@ -38,8 +38,9 @@ class ProbsDtype(str, Enum):
 def segment_command(
     scene: Annotated[str, typer.Argument(help="Image to segment (GeoTIFF; a path, URL or GDAL "
                                              "/vsi path).")],
-    labels: Annotated[Path, typer.Option(
-        help="Labelled polygons: GeoJSON, GeoPackage, Shapefile, FlatGeobuf...")],
+    labels: Annotated[str, typer.Option(
+        help="Labelled polygons: GeoJSON, GeoPackage, Shapefile, FlatGeobuf... (a path, URL or "
+             "GDAL /vsi path).")],
     class_field: Annotated[str, typer.Option(help="Attribute holding each polygon's class.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output class raster (GeoTIFF).")],
     backbone: opt.BackboneOption = "spectral",
