@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 import geoupsample as gu
 from tiling.execute import gdal_env
-from tiling.reader import is_local_path, remote_hint, to_float
+from tiling.reader import is_local_path, to_float, with_remote_hint
 
 #: Largest side of the regular subsample used for the scene-wide guide statistics (1024^2 =
 #: about the 1M samples per band that ``gu.guide_stats`` uses at most).
@@ -45,7 +45,7 @@ def open_raster(path: str | os.PathLike, what: str) -> rasterio.io.DatasetReader
         if local:
             raise InputError(f"cannot read the {what} {path}: not a raster GDAL can open ({err})"
                              ) from err
-        raise InputError(f"cannot open the {what} {path} ({err}): {remote_hint(path)}"
+        raise InputError(with_remote_hint(f"cannot open the {what} {path} ({err})", path)
                          ) from err
 
 

@@ -32,7 +32,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from tiling.reader import is_local_path, remote_hint
+from tiling.reader import is_local_path, with_remote_hint
 
 
 class LabelError(ValueError):
@@ -289,11 +289,9 @@ def _read_vector(
             return [], [], crs, fields
         _, _, wkb, columns = pyogrio.raw.read(source, layer=layer, columns=[class_field])
     except (DataSourceError, DataLayerError) as err:
-        hint = remote_hint(source)
-        raise LabelError(
+        raise LabelError(with_remote_hint(
             f"cannot read {source} as a vector file (GeoJSON, GeoPackage, Shapefile, "
-            f"FlatGeobuf...): {err}" + (f"; {hint}" if hint else "")
-        ) from err
+            f"FlatGeobuf...): {err}", source)) from err
     geoms = [None if g is None else shapely.from_wkb(g) for g in wkb]
     return geoms, [_plain(v) for v in columns[0]], crs, fields
 

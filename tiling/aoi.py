@@ -28,7 +28,7 @@ from rasterio.windows import transform as window_transform
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from tiling.reader import is_local_path, remote_hint
+from tiling.reader import is_local_path, with_remote_hint
 
 
 def _geojson_geometry(obj: dict) -> tuple[BaseGeometry, CRS]:
@@ -62,8 +62,7 @@ def _vector_file_geometry(path: str) -> tuple[BaseGeometry, CRS | None]:
                              "with one layer")  # fmt: skip
         meta, _, wkb, _ = pyogrio.raw.read(path, read_geometry=True, columns=[])
     except (DataSourceError, DataLayerError) as err:
-        hint = remote_hint(path)
-        raise ValueError(f"cannot read the AOI file {path}: {err}" + (f"; {hint}" if hint else "")
+        raise ValueError(with_remote_hint(f"cannot read the AOI file {path}: {err}", path)
                          ) from err
     geoms = [shapely.from_wkb(g) for g in wkb if g is not None]
     if not geoms:

@@ -77,12 +77,13 @@ def is_local_path(path: str) -> bool:
     return "://" not in path and not path.startswith("/vsi")
 
 
-def remote_hint(path: str) -> str:
-    """What to check when a remote or virtual dataset cannot be opened ('' for a local file)."""
+def with_remote_hint(message: str, path: str) -> str:
+    """``message`` about a dataset that could not be opened, followed, for a remote or virtual
+    ``path``, by what to check (unchanged for a local file)."""
     if is_local_path(path):
-        return ""
-    return ("check the address, that the server is reachable, and for cloud storage your "
-            "credentials (GDAL's AWS_*, GS_*, AZURE_* settings)")
+        return message
+    return (f"{message}; check the address, that the server is reachable, and for cloud storage "
+            "your credentials (GDAL's AWS_*, GS_*, AZURE_* settings)")
 
 
 def file_stamp(path: str) -> tuple[int, int] | tuple[()]:
