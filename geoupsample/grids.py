@@ -108,10 +108,7 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
         raise GridMismatch(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform,
                                         hr_shape))
     _check_north_up(hr_transform, "guide")
-    if not _north_up(lr_transform):
-        raise GridMismatch(f"the low-res raster is not north-up (transform "
-                           f"{tuple(lr_transform)[:6]}); warp it to a north-up grid first "
-                           "(gdalwarp)")
+    _check_north_up(lr_transform, "low-res raster", GridMismatch)  # a warp can fix this one
     lr_b = array_bounds(lr_shape[0], lr_shape[1], lr_transform)  # (west, south, east, north)
     hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
     if not _overlap(lr_b, hr_b):
@@ -252,9 +249,9 @@ def _north_up(t: Affine) -> bool:
     return t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
 
 
-def _check_north_up(t: Affine, name: str) -> None:
+def _check_north_up(t: Affine, name: str, error: type[InputError] = InputError) -> None:
     if not _north_up(t):
-        raise InputError(f"the {name} is not north-up (transform {tuple(t)[:6]}); warp it to a "
+        raise error(f"the {name} is not north-up (transform {tuple(t)[:6]}); warp it to a "
                          "north-up grid first (gdalwarp)")
 
 
