@@ -112,13 +112,20 @@ def scene_guide_stats(path: str | os.PathLike, bands: Sequence[int] | None = Non
     """
     with gdal_env(), open_raster(path, "guide") as ds:  # bounded GDAL cache while scanning
         idx = list(bands) if bands else list(range(1, ds.count + 1))
-        nd = nodata if nodata is not None else ds.nodata
-
-        def read(window: Window) -> np.ndarray:
-            return to_float(ds.read(idx, window=window), nd)
-
+        read = file_reader(ds, idx, nodata if nodata is not None else ds.nodata)
         sample = decimated_stats_sample(read, ds.height, ds.width)
     return _stats(sample, str(path))
+
+
+def file_reader(ds: rasterio.io.DatasetReader, indexes: Sequence[int],
+                nodata: float | None) -> Callable[[Window], np.ndarray]:
+    """``read(window) -> float32 [bands, rows, cols]`` (NaN = nodata) of bands ``indexes``
+    (1-based) of an open file; the counterpart of :func:`array_reader`."""
+
+    def read(window: Window) -> np.ndarray:
+        return to_float(ds.read(list(indexes), window=window), nodata)
+
+    return read
 
 
 def array_reader(array: Any, nodata: float | None) -> Callable[[Window], np.ndarray]:
@@ -150,12 +157,13 @@ def any_valid(ds: rasterio.io.DatasetReader, indexes: Sequence[int], window: Win
                every_band: bool) -> bool:
     """Whether ``window`` of ``ds`` holds a valid pixel; reads block by block, stops early."""
     win = window.round_offsets().round_lengths()
+    read = file_reader(ds, indexes, ds.nodata)
     for _, bw in ds.block_windows(1):
         try:
             part = bw.intersection(win)
         except rasterio.errors.WindowError:
             continue
-        v = np.isfinite(to_float(ds.read(list(indexes), window=part), ds.nodata))
+        v = np.isfinite(read(part))
         if (v.all(0) if every_band else v.any(0)).any():
             return True
     return False

@@ -38,6 +38,7 @@ from geoupsample.inputs import (
     InputError,
     any_valid,
     check_dtype,
+    file_reader,
     open_raster,
     scene_guide_stats,
     select_bands,
@@ -50,7 +51,6 @@ from geoupsample.workers import (
     threads_per_worker,
 )
 from tiling.execute import gdal_env
-from tiling.reader import to_float
 
 __all__ = ["InputError", "UpsampleTile", "upsample_raster"]
 
@@ -308,10 +308,7 @@ def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
                     ) -> SceneRender:
     """:func:`scene_render` for a low-res raster file, sampled over ``window``
     (:func:`lowres_sample`); its ``probability_scale`` tag, if any, declares the unit."""
-
-    def read(w: Window) -> np.ndarray:
-        return to_float(lr.read(list(indexes), window=w), lr.nodata)
-
+    read = file_reader(lr, indexes, lr.nodata)
     return scene_render(method, kind, lambda: lowres_sample(read, window),
                         declared_unit(lr.tags()), **overrides)
 
