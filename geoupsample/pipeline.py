@@ -131,7 +131,8 @@ def upsample_raster(
         guide_path: the high-resolution guide (e.g. multispectral image) in the **same CRS**;
             the low-res pixel must be a whole number or a simple fraction of guide pixels (4, or
             10/3 for 10 m on 3 m: :mod:`geoupsample.grids`) and the origins must lie on its
-            pixel lattice. Rasters in other CRSs are refused (see the module docstring).
+            pixel lattice. A low-res raster on another grid is refused unless ``warp`` is
+            given.
         out_path: output GeoTIFF (COG with ``cog=True``); written atomically.
         method: ``gsjbu`` | ``jbu`` | ``bilinear`` | ``bicubic`` | ``nearest``.
         iters, radius, seed: GSJBU fit parameters (``iters`` Adam steps per tile; ``radius`` in

@@ -77,8 +77,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
             :func:`~geoupsample.pipeline.upsample_raster`, so that every chunk renders alike.
         warp: as in :func:`~geoupsample.pipeline.upsample_raster`: the resampling with which a
             ``lowres`` on a grid that does not nest in the guide's is reprojected onto one that
-            does (with ``rio.reproject``: the low-res array is computed and warped in memory
-            when this is called).
+            does (with the CLI's own :class:`tiling.Warp`: the low-res array is computed and
+            warped in memory when this is called).
 
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
