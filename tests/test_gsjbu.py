@@ -431,8 +431,8 @@ def test_fit_objectives_each_lower_their_own_error(rotterdam_ms):
 
 
 def test_workspace_reuse_gives_the_same_gradients():
-    """A fit's steps write psi and its gradient into the same buffers (gsjbu.Workspace): the
-    gradients of successive steps equal those computed with fresh tensors."""
+    """A fit's steps write psi, its gradient and the neighbour planes of the coefficients into
+    the same buffers (gsjbu.Workspace): the gradients of successive steps equal those computed with fresh tensors."""
     from geoupsample.core.objective import back_projected_l1
 
     torch.manual_seed(5)
@@ -454,4 +454,5 @@ def test_workspace_reuse_gives_the_same_gradients():
     workspace = gsjbu.Workspace()
     for fresh, reused in zip(grads(None), grads(workspace), strict=True):
         torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
-    assert set(workspace.buffers) == {"psi", "grad_psi"}  # the buffers were used
+    # the buffers were used: psi, its gradient, and the neighbours' coefficients and gradients
+    assert set(workspace.buffers) == {"psi", "grad_psi", "coef_nb", "coef_nb_grad"}
