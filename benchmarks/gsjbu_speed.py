@@ -2,11 +2,14 @@
 
 Case A: 224 x 224 guide, 3 bands, 16 x 16 LR grid (scale 14), C = 384, fit 50 steps + render.
 Case B: 1024 x 1024 guide, 4 bands, 64 x 64 LR grid (scale 16), C = 384.
+Case S: 1024 x 1024 guide, 4 bands, 512 x 512 LR grid (scale 2), C = 6: the six 20 m bands of
+Sentinel-2 brought to 10 m, guided by the four 10 m bands. Small scales are the costly ones per
+pixel: a cell per 4 guide pixels, each with its own kernel and 49 neighbours.
 
 Each repeat runs in a fresh process so that peak RSS belongs to that case alone; the figures
 printed are medians over the repeats.
 
-    python benchmarks/gsjbu_speed.py                  # both cases, 3 repeats, CPU
+    python benchmarks/gsjbu_speed.py                  # all cases, 3 repeats, CPU
     python benchmarks/gsjbu_speed.py --case A -n 5    # one case
     python benchmarks/gsjbu_speed.py --device cuda    # on a GPU (fused Triton kernels)
     GEOUPSAMPLE_BACKEND=torch python benchmarks/gsjbu_speed.py --device cuda  # torch on GPU
@@ -24,6 +27,7 @@ import sys
 CASES = {
     "A": {"hr": 224, "lr": 16, "bands": 3, "channels": 384},
     "B": {"hr": 1024, "lr": 64, "bands": 4, "channels": 384},
+    "S": {"hr": 1024, "lr": 512, "bands": 4, "channels": 6},
 }
 
 

@@ -432,7 +432,8 @@ def test_fit_objectives_each_lower_their_own_error(rotterdam_ms):
 
 def test_workspace_reuse_gives_the_same_gradients():
     """A fit's steps write psi, its gradient and the neighbour planes of the coefficients into
-    the same buffers (gsjbu.Workspace): the gradients of successive steps equal those computed with fresh tensors."""
+    the same buffers (gsjbu.Workspace): the gradients of successive steps equal those computed
+    with fresh tensors."""
     from geoupsample.core.objective import back_projected_l1
 
     torch.manual_seed(5)

@@ -197,13 +197,18 @@ def psi_geometry(
     layout: CellLayout,
     radius: int,
     dtype: torch.dtype | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> PsiGeometry:
-    """:class:`PsiGeometry` of ``gbar [d, h, w]`` and ``cell_valid [h, w]`` (in ``dtype``)."""
+    """:class:`PsiGeometry` of ``gbar [d, h, w]`` and ``cell_valid [h, w]`` (in ``dtype``), for
+    the cells of LR rows ``rows = (i0, i1)`` (all rows by default)."""
     dtype = dtype or gbar.dtype
     d, h, w = gbar.shape
+    i0, i1 = rows or (0, h)
     g = gbar.to(dtype)
-    v = (neighbours(g, radius) - g.reshape(d, -1).T[:, None, :]).transpose(1, 2).contiguous()
-    valid_nb = neighbours(cell_valid.to(dtype)[None], radius)[..., 0] > 0.5  # [n, K]
+    cells = (i1 - i0) * w
+    here = g[:, i0:i1].reshape(d, cells, 1)
+    v = (windows(g, radius, i0, i1).reshape(d, cells, -1) - here).transpose(0, 1).contiguous()
+    valid_nb = windows(cell_valid.to(dtype)[None], radius, i0, i1).reshape(cells, -1) > 0.5
     bias = torch.zeros(valid_nb.shape, dtype=dtype, device=gbar.device)
     bias = bias.masked_fill(~valid_nb, float("-inf"))
     dy, dx = (t.to(gbar.device, dtype) for t in layout.offsets(radius))
@@ -246,39 +251,52 @@ class AssemblePsi(torch.autograd.Function):
     def forward(ctx, coef, geom, workspace):  # type: ignore[override]
         ctx.geom, ctx.workspace = geom, workspace
         n_cells, k = geom.bias.shape
-        d = geom.v.shape[1]
         nb = _buffer(workspace, "coef_nb", (4, n_cells, k), coef)
         neighbour_planes(coef, geom.radius, nb)
-        a, b, c, r = nb.unbind(0)  # each [n, K], contiguous
-        dx, dy = geom.dx, geom.dy
-        psi = _buffer(workspace, "psi", (n_cells, N_SPATIAL + 1 + d, k), coef)
-        torch.mul(a, -0.5, out=psi[:, 0])
-        torch.neg(b, out=psi[:, 1])
-        torch.mul(c, -0.5, out=psi[:, 2])
-        torch.mul(a, dx, out=psi[:, 3]).addcmul_(b, dy)
-        torch.mul(c, dy, out=psi[:, 4]).addcmul_(b, dx)
-        const = torch.mul(a, -0.5 * dx * dx, out=psi[:, CONST])
-        const.addcmul_(b, -dx * dy).addcmul_(c, -0.5 * dy * dy)
-        const.addcmul_(r, geom.vv, value=-1.0).add_(geom.bias)
-        torch.neg(r, out=psi[:, N_SPATIAL])
-        torch.mul(geom.v, r.mul(2.0)[:, None, :], out=psi[:, N_SPATIAL + 1 :])
-        return psi
+        psi = _buffer(workspace, "psi", (n_cells, N_SPATIAL + 1 + geom.v.shape[1], k), coef)
+        return assemble_psi(nb, geom, psi)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        geom = ctx.geom
-        dx, dy = geom.dx, geom.dy
-        g = grad.unbind(1)  # each [n, K]
-        g5 = g[CONST]
-        planes = _buffer(ctx.workspace, "coef_nb_grad", (4,) + tuple(g5.shape), grad)
-        ga, gb, gc, gr = planes.unbind(0)
-        torch.mul(g[3], dx, out=ga).add_(g[0], alpha=-0.5).addcmul_(g5, -0.5 * dx * dx)
-        torch.mul(g[3], dy, out=gb).addcmul_(g[4], dx).sub_(g[1]).addcmul_(g5, -dx * dy)
-        torch.mul(g[4], dy, out=gc).add_(g[2], alpha=-0.5).addcmul_(g5, -0.5 * dy * dy)
-        torch.neg(g[N_SPATIAL], out=gr).addcmul_(geom.vv, g5, value=-1.0)
-        for j in range(geom.v.shape[1]):
-            gr.addcmul_(g[N_SPATIAL + 1 + j], geom.v[:, j], value=2.0)
-        return gather_adjoint(planes, geom), None, None
+        planes = _buffer(ctx.workspace, "coef_nb_grad", (4,) + tuple(ctx.geom.bias.shape), grad)
+        return gather_adjoint(psi_planes_grad(grad, ctx.geom, planes), ctx.geom), None, None
+
+
+def assemble_psi(nb: torch.Tensor, geom: PsiGeometry, psi: torch.Tensor) -> torch.Tensor:
+    """Write ``psi [n, 6 + d, K]`` of ``n`` cells from their neighbours' coefficients
+    ``nb [4, n, K]`` (planes a, b, c, R) and the cells' ``geom``; returns ``psi``.
+
+    Every ``[n, K]`` plane is written in place (``out=``, ``addcmul_``): no temporaries.
+    """
+    a, b, c, r = nb.unbind(0)
+    dx, dy = geom.dx, geom.dy
+    torch.mul(a, -0.5, out=psi[:, 0])
+    torch.neg(b, out=psi[:, 1])
+    torch.mul(c, -0.5, out=psi[:, 2])
+    torch.mul(a, dx, out=psi[:, 3]).addcmul_(b, dy)
+    torch.mul(c, dy, out=psi[:, 4]).addcmul_(b, dx)
+    const = torch.mul(a, -0.5 * dx * dx, out=psi[:, CONST])
+    const.addcmul_(b, -dx * dy).addcmul_(c, -0.5 * dy * dy)
+    const.addcmul_(r, geom.vv, value=-1.0).add_(geom.bias)
+    torch.neg(r, out=psi[:, N_SPATIAL])
+    torch.mul(geom.v, r.mul(2.0)[:, None, :], out=psi[:, N_SPATIAL + 1 :])
+    return psi
+
+
+def psi_planes_grad(grad: torch.Tensor, geom: PsiGeometry, planes: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`assemble_psi`: the gradient ``planes [4, n, K]`` of the neighbours'
+    coefficients from the gradient ``grad [n, 6 + d, K]`` of ``psi``; returns ``planes``."""
+    dx, dy = geom.dx, geom.dy
+    g = grad.unbind(1)  # each [n, K]
+    g5 = g[CONST]
+    ga, gb, gc, gr = planes.unbind(0)
+    torch.mul(g[3], dx, out=ga).add_(g[0], alpha=-0.5).addcmul_(g5, -0.5 * dx * dx)
+    torch.mul(g[3], dy, out=gb).addcmul_(g[4], dx).sub_(g[1]).addcmul_(g5, -dx * dy)
+    torch.mul(g[4], dy, out=gc).add_(g[2], alpha=-0.5).addcmul_(g5, -0.5 * dy * dy)
+    torch.neg(g[N_SPATIAL], out=gr).addcmul_(geom.vv, g5, value=-1.0)
+    for j in range(geom.v.shape[1]):
+        gr.addcmul_(g[N_SPATIAL + 1 + j], geom.v[:, j], value=2.0)
+    return planes
 
 
 def _buffer(
@@ -290,28 +308,40 @@ def _buffer(
     return workspace.get(name, shape, like)
 
 
-def neighbour_planes(maps: torch.Tensor, radius: int, out: torch.Tensor) -> torch.Tensor:
-    """The ``K`` neighbours of every cell as planes: ``[C, h, w]`` -> ``out [C, n, K]`` (zero
-    outside the image; ``k`` in unfold order): :func:`neighbours` with the channel axis first,
-    so that each channel's ``[n, K]`` plane is contiguous."""
-    view = windows(maps, radius)
+def neighbour_planes(
+    maps: torch.Tensor, radius: int, out: torch.Tensor, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The ``K`` neighbours of the cells of LR rows ``rows = (i0, i1)`` (all by default) as
+    planes: ``maps [C, h, w]`` -> ``out [C, cells, K]`` (zero outside the image; ``k`` in unfold
+    order): :func:`neighbours` with the channel axis first, so that each channel's ``[cells, K]``
+    plane is contiguous."""
+    view = windows(maps, radius, *(rows or (0, maps.shape[1])))
     out.view(view.shape).copy_(view)
     return out
 
 
-def gather_adjoint(planes: torch.Tensor, geom: PsiGeometry) -> torch.Tensor:
-    """Adjoint of :func:`neighbour_planes`: ``[C, n, K]`` -> ``[C, h, w]``, each value added
-    to the cell it was gathered from (one shifted add per offset: about 2x faster on the CPU
-    than ``F.fold``)."""
-    h, w = geom.lr_shape
-    r = geom.radius
-    k = 2 * r + 1
-    c = planes.shape[0]
-    by_offset = planes.view(c, h, w, k * k)
-    full = torch.zeros(c, h + 2 * r, w + 2 * r, dtype=planes.dtype, device=planes.device)
+def add_gathered(planes: torch.Tensor, padded: torch.Tensor, radius: int, i0: int = 0) -> None:
+    """Adjoint of :func:`neighbour_planes` for rows from ``i0``: add each value of
+    ``planes [C, cells, K]`` to the cell it was gathered from, in ``padded [C, h + 2 radius,
+    w + 2 radius]`` (the maps with a frame of ``radius``; one shifted add per offset: about 2x
+    faster on the CPU than ``F.fold``)."""
+    k = 2 * radius + 1
+    c, rows_p, cols_p = padded.shape
+    w = cols_p - 2 * radius
+    rows = planes.shape[1] // w
+    by_offset = planes.view(c, rows, w, k * k)
     for di in range(k):
         for dj in range(k):
-            full[:, di : di + h, dj : dj + w] += by_offset[..., di * k + dj]
+            padded[:, i0 + di : i0 + di + rows, dj : dj + w] += by_offset[..., di * k + dj]
+
+
+def gather_adjoint(planes: torch.Tensor, geom: PsiGeometry) -> torch.Tensor:
+    """Adjoint of :func:`neighbour_planes` over all rows: ``[C, n, K]`` -> ``[C, h, w]``."""
+    h, w = geom.lr_shape
+    r = geom.radius
+    full = torch.zeros(planes.shape[0], h + 2 * r, w + 2 * r, dtype=planes.dtype,
+                       device=planes.device)  # fmt: skip
+    add_gathered(planes, full, r)
     return full[:, r : r + h, r : r + w]
 
 

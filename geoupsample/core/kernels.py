@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoupsample.core import backend, gsjbu, presets
+from geoupsample.core import backend, gsjbu, presets, row_render
 from geoupsample.core.adam import Adam
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
@@ -123,8 +124,16 @@ class _Prepared:
             phi,
         )
 
+    @cached_property
+    def source(self) -> row_render.PsiSource:
+        """What ``psi`` is built from, for rendering in bands of rows (:mod:`row_render`); one
+        per prepared guide, so that the fit's steps and later renders share its geometries."""
+        return row_render.PsiSource(self.gbar, self.cell_valid, self.layout, self.radius)
+
     def psi(self, params: torch.Tensor, workspace: gsjbu.Workspace | None = None) -> torch.Tensor:
-        """``psi`` of ``params`` (into ``workspace``'s buffer during a fit, else a new tensor)."""
+        """``psi`` of ``params`` for every cell (into ``workspace``'s buffer during a fit, else a
+        new tensor): the Triton path and the plain objective; the torch path's back-projected
+        fit and renders build it band by band instead (:mod:`row_render`)."""
         geometry = None
         if backend.name(params) != "triton":
             geometry = self.geometries.get(params.dtype)
@@ -261,12 +270,8 @@ class Kernels:
             prep = self_guided(self, flat, float(self_guidance), self_guidance_scale)
         else:
             prep = self._prepared
-        if self_guidance or floor > 0:
-            with torch.no_grad():
-                psi = prep.psi(params)
-        else:
-            psi = self._psi
-        out = render_with_mask(flat, lambda v: self._render_flat(v, prep, psi))
+        psi_rows = self._psi_rows(prep, params, cached=not (self_guidance or floor > 0))
+        out = render_with_mask(flat, lambda v: self._render_flat(v, prep, psi_rows))
         if rounds:
             all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
             out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
@@ -278,21 +283,48 @@ class Kernels:
             out = out.to(x.device)
         return like_input(out, x)
 
-    def _render_flat(self, x: torch.Tensor, prep: _Prepared, psi: torch.Tensor) -> torch.Tensor:
-        """``[C, h, w]`` finite values -> ``[C, H, W]``, NaN where the guide is invalid."""
+    def _psi_rows(
+        self, prep: _Prepared, params: torch.Tensor, cached: bool
+    ) -> Callable[[int, int], torch.Tensor]:
+        """``(i0, i1) -> psi`` of the cells of LR rows ``[i0, i1)`` for ``params``.
+
+        The torch path builds each band on demand (:mod:`row_render`: memory of one band). The
+        Triton path builds ``psi`` for every cell in one kernel and slices it (``cached``: the
+        kernels' own ``psi``, kept for the next render).
+        """
+        if backend.name(params) == "triton":
+            if cached:
+                psi = self._psi
+            else:
+                with torch.no_grad():
+                    psi = prep.psi(params)
+            w = prep.layout.lr_shape[1]
+            return lambda i0, i1: psi[i0 * w : i1 * w]
+        source = prep.source
+        with torch.no_grad():
+            coef = source.coefficients(params)
+        return lambda i0, i1: source.psi(coef, (i0, i1))
+
+    def _render_flat(
+        self, x: torch.Tensor, prep: _Prepared, psi_rows: Callable[[int, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """``[C, h, w]`` finite values -> ``[C, H, W]``, NaN where the guide is invalid;
+        ``psi_rows(i0, i1)`` gives ``psi`` of the cells of LR rows ``[i0, i1)``."""
         layout = prep.layout
         h, w = layout.lr_shape
         py, px = layout.rows.n_phase, layout.cols.n_phase
         c = x.shape[0]
         out = torch.empty(c, *self.hr_shape, dtype=x.dtype, device=x.device)
-        rows = gsjbu.rows_per_chunk(layout, max(c, psi.shape[2]))
+        k = (2 * self.radius + 1) ** 2
+        f = prep.phi.shape[2]
+        rows = gsjbu.rows_per_chunk(layout, max(c, k, f * k // max(1, layout.n_phases)))
         render_chunk = backend.render_chunk(prep.phi)  # fused Triton kernel on CUDA, else torch
         with torch.no_grad():
             for i0 in range(0, h, rows):
                 i1 = min(h, i0 + rows)
                 s, e = i0 * w, i1 * w
                 values = gsjbu.neighbours(x, self.radius, i0, i1)  # [cells, K, C]
-                band = render_chunk(prep.phi[s:e], psi[s:e], values)  # [cells, P, C]
+                band = render_chunk(prep.phi[s:e], psi_rows(i0, i1), values)  # [cells, P, C]
                 band = band.view(i1 - i0, w, py, px, c).permute(4, 0, 2, 1, 3)
                 if layout.is_regular:  # one copy, straight into the output
                     out.view(c, h, py, w, px)[:, i0:i1].copy_(band)
@@ -453,7 +485,12 @@ def fit(
     if iters == 0:
         return kernels
     prep = kernels._prepared
-    values = gsjbu.neighbours(prep.gbar, kernels.radius)  # [n, K, d]
+    # torch path: psi band by band (row_render), and the neighbours' cell means too if large
+    source = prep.source if backend.name(params) != "triton" else None
+    if source is not None and objective == "back_projected":
+        values, banded_values = None, row_render.neighbour_values(source, prep.gbar)
+    else:
+        values = gsjbu.neighbours(prep.gbar, kernels.radius)  # [n, K, d]
     n_phases = layout.n_phases
     n_sample = min(n_phases, max(MIN_SAMPLED_PHASES, round(float(sample) * n_phases)))
     generator = torch.Generator().manual_seed(int(seed))
@@ -476,13 +513,16 @@ def fit(
         if fused is not None:
             fused.step(phases)  # no host sync per step
             continue
-        psi = prep.psi(params, workspace)
         if objective == "back_projected":
             phi = prep.phi if phases is None else prep.phi.index_select(1, phases)
-            rendered = gsjbu.render_cells(psi, values, phi, workspace)
+            if source is not None:
+                rendered = row_render.render(source, params, banded_values, phi)
+            else:
+                rendered = gsjbu.render_cells(prep.psi(params, workspace), values, phi, workspace)
             loss = back_projected_l1(rendered, prep, phases, stencil=stencil)
             loss.backward()
         else:
+            psi = prep.psi(params, workspace)
             loss, grad_psi = fit_step(
                 psi.detach(), prep.phi, values, prep.guide_cells, prep.pixel_valid, phases
             )
