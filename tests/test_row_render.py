@@ -26,7 +26,7 @@ def test_bands_of_rows_give_the_whole_tile_values_and_gradients(monkeypatch, kee
     prep = k._prepared
     maps = torch.randn(5, *k.lr_shape)
     values = gsjbu.neighbours(maps, k.radius)  # [n, K, 5]
-    monkeypatch.setattr(gsjbu, "CHUNK_ELEMENTS", 3 * 10 * prep.phi.shape[2] * values.shape[1])
+    monkeypatch.setattr(row_render, "BAND_ELEMENTS", 3 * 10 * prep.phi.shape[2] * values.shape[1])
     monkeypatch.setattr(gsjbu, "KEEP_WEIGHTS_ELEMENTS", 1 << 30 if keep else 0)
     assert len(prep.source.bands(prep.phi.shape[2] * values.shape[1])) == 4
     grad_out = torch.randn(prep.phi.shape[0], prep.phi.shape[1], 5)
@@ -56,16 +56,16 @@ def test_render_in_bands_equals_the_whole_tile_render(monkeypatch):
 
 
 def test_fit_and_render_at_x2_never_allocate_psi_for_the_whole_tile(monkeypatch):
-    """At x2 ``psi`` for every cell would be (6 + d) K numbers per 4 pixels (80 MB here, 715 MB
+    """At x2 ``psi`` for every cell would be (6 + d) K numbers per 4 pixels (318 MB here, 715 MB
     for a 1152² tile with 4 bands): no single allocation of a fit or render comes near it. The
     budget for what may be kept whole (weights, neighbour values) is cut to 4 MB here, as a
     1152² tile exceeds the real one."""
     monkeypatch.setattr(gsjbu, "KEEP_WEIGHTS_ELEMENTS", 1 << 20)
     torch.manual_seed(0)
-    guide = torch.rand(4, 384, 384)
-    whole_psi_bytes = 192 * 192 * (gsjbu.N_SPATIAL + 1 + 4) * 49 * 4
+    guide = torch.rand(4, 768, 768)
+    whole_psi_bytes = 384 * 384 * (gsjbu.N_SPATIAL + 1 + 4) * 49 * 4
     with torch.profiler.profile(profile_memory=True) as prof:
-        k = gu.fit(guide, (192, 192), iters=2)
-        k.render(torch.rand(2, 192, 192))
+        k = gu.fit(guide, (384, 384), iters=2)
+        k.render(torch.rand(2, 384, 384))
     largest = max(e.self_cpu_memory_usage for e in prof.events())
     assert 0 < largest < whole_psi_bytes / 4

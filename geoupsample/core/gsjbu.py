@@ -175,7 +175,7 @@ class PsiGeometry:
 
     Attributes:
         dy, dx: ``[K]`` neighbour-centre offsets in HR pixels.
-        v: ``[n, d, K]`` ``Gbar(q) - Gbar(n)`` for each cell ``n`` and neighbour ``q``.
+        v: ``[d, n, K]`` ``Gbar(q) - Gbar(n)`` for each cell ``n`` and neighbour ``q``.
         bias: ``[n, K]`` ``mask``: 0, or -inf for neighbours outside the image or invalid.
         vv: ``[n, K]`` ``|v|^2``.
         lr_shape: ``(h, w)``.
@@ -207,12 +207,12 @@ def psi_geometry(
     g = gbar.to(dtype)
     cells = (i1 - i0) * w
     here = g[:, i0:i1].reshape(d, cells, 1)
-    v = (windows(g, radius, i0, i1).reshape(d, cells, -1) - here).transpose(0, 1).contiguous()
+    v = windows(g, radius, i0, i1).reshape(d, cells, -1) - here  # [d, cells, K]
     valid_nb = windows(cell_valid.to(dtype)[None], radius, i0, i1).reshape(cells, -1) > 0.5
     bias = torch.zeros(valid_nb.shape, dtype=dtype, device=gbar.device)
     bias = bias.masked_fill(~valid_nb, float("-inf"))
     dy, dx = (t.to(gbar.device, dtype) for t in layout.offsets(radius))
-    return PsiGeometry(dy, dx, v, bias, (v * v).sum(1), (h, w), int(radius))
+    return PsiGeometry(dy, dx, v, bias, (v * v).sum(0), (h, w), int(radius))
 
 
 @dataclass
@@ -253,7 +253,7 @@ class AssemblePsi(torch.autograd.Function):
         n_cells, k = geom.bias.shape
         nb = _buffer(workspace, "coef_nb", (4, n_cells, k), coef)
         neighbour_planes(coef, geom.radius, nb)
-        psi = _buffer(workspace, "psi", (n_cells, N_SPATIAL + 1 + geom.v.shape[1], k), coef)
+        psi = _buffer(workspace, "psi", (n_cells, N_SPATIAL + 1 + geom.v.shape[0], k), coef)
         return assemble_psi(nb, geom, psi)
 
     @staticmethod
@@ -279,7 +279,9 @@ def assemble_psi(nb: torch.Tensor, geom: PsiGeometry, psi: torch.Tensor) -> torc
     const.addcmul_(b, -dx * dy).addcmul_(c, -0.5 * dy * dy)
     const.addcmul_(r, geom.vv, value=-1.0).add_(geom.bias)
     torch.neg(r, out=psi[:, N_SPATIAL])
-    torch.mul(geom.v, r.mul(2.0)[:, None, :], out=psi[:, N_SPATIAL + 1 :])
+    r2 = r.mul(2.0)
+    for j, v in enumerate(geom.v.unbind(0)):
+        torch.mul(v, r2, out=psi[:, N_SPATIAL + 1 + j])
     return psi
 
 
@@ -294,8 +296,8 @@ def psi_planes_grad(grad: torch.Tensor, geom: PsiGeometry, planes: torch.Tensor)
     torch.mul(g[3], dy, out=gb).addcmul_(g[4], dx).sub_(g[1]).addcmul_(g5, -dx * dy)
     torch.mul(g[4], dy, out=gc).add_(g[2], alpha=-0.5).addcmul_(g5, -0.5 * dy * dy)
     torch.neg(g[N_SPATIAL], out=gr).addcmul_(geom.vv, g5, value=-1.0)
-    for j in range(geom.v.shape[1]):
-        gr.addcmul_(g[N_SPATIAL + 1 + j], geom.v[:, j], value=2.0)
+    for j, v in enumerate(geom.v.unbind(0)):
+        gr.addcmul_(g[N_SPATIAL + 1 + j], v, value=2.0)
     return planes
 
 

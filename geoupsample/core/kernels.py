@@ -503,7 +503,7 @@ def fit(
         fused = backend.adam_fit(prep, params, values, lr)
     else:
         stencil = BilinearStencil.build(prep, params.dtype)
-    workspace = gsjbu.Workspace()  # psi and its gradient: the same buffers at every step
+    workspace = gsjbu.Workspace()  # whole-tile psi and its gradient (Triton, plain objective)
     schedule = None  # the sampled phases of every step, drawn up front: one copy to the device
     if n_sample < n_phases:
         draws = [torch.randperm(n_phases, generator=generator)[:n_sample] for _ in range(iters)]

@@ -8,7 +8,7 @@ each band of LR rows builds its geometry and ``psi`` from the cells' coefficient
 ``[4, h, w]``, uses them and drops them; the backward rebuilds them (or keeps the band's weights
 when all of them fit in :data:`gsjbu.KEEP_WEIGHTS_ELEMENTS`) and adds each band's coefficient
 gradients into one ``[4, h, w]`` map. Memory is the budget of one band,
-:data:`gsjbu.CHUNK_ELEMENTS`, whatever the scale. The Triton path builds ``psi`` in registers
+:data:`BAND_ELEMENTS`, whatever the scale. The Triton path builds ``psi`` in registers
 and does not come here.
 """
 
@@ -21,6 +21,11 @@ import torch
 
 from geoupsample.core import gsjbu
 from geoupsample.core.layout import CellLayout
+
+#: Rough element budget of one band's ``[cells, 6 + d, K]`` tensors (32 MB in float32; a band's
+#: working set is about 2.5 times that). Bands of a quarter of it (``gsjbu.CHUNK_ELEMENTS``) took
+#: 1.5x longer for a fit at x2 in a worker thread: four times the (small) parallel regions.
+BAND_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -69,15 +74,15 @@ class PsiSource:
         cells, k = geom.bias.shape
         nb = torch.empty(4, cells, k, dtype=coef.dtype, device=coef.device)
         gsjbu.neighbour_planes(coef, self.radius, nb, rows)
-        psi = torch.empty(cells, gsjbu.N_SPATIAL + 1 + geom.v.shape[1], k, dtype=coef.dtype,
+        psi = torch.empty(cells, gsjbu.N_SPATIAL + 1 + geom.v.shape[0], k, dtype=coef.dtype,
                           device=coef.device)  # fmt: skip
         return gsjbu.assemble_psi(nb, geom, psi)
 
     def bands(self, per_cell: int) -> list[tuple[int, int]]:
         """Bands ``(i0, i1)`` of LR rows whose ``[cells, per_cell]`` tensors stay near
-        :data:`gsjbu.CHUNK_ELEMENTS`."""
+        :data:`BAND_ELEMENTS`."""
         h, w = self.layout.lr_shape
-        rows = max(1, gsjbu.CHUNK_ELEMENTS // max(1, w * per_cell))
+        rows = max(1, BAND_ELEMENTS // max(1, w * per_cell))
         return [(i0, min(h, i0 + rows)) for i0 in range(0, h, rows)]
 
 
@@ -85,15 +90,21 @@ ValuesOfRows = Callable[[int, int], torch.Tensor]
 
 
 def neighbour_values(source: PsiSource, maps: torch.Tensor) -> tuple[ValuesOfRows, int]:
-    """``(values_of, C)``: ``values_of(i0, i1)`` gives the neighbours ``[cells, K, C]`` of the
-    cells of LR rows ``[i0, i1)`` in ``maps [C, h, w]``. Gathered once for all cells when that
-    stays within :data:`gsjbu.KEEP_WEIGHTS_ELEMENTS`, else band by band at every call (call this
-    once per fit, not per step)."""
+    """``(values_of, C)``: ``values_of(i0, i1)`` gives the neighbours of the cells of LR rows
+    ``[i0, i1)`` in ``maps [C, h, w]`` as planes ``[C, cells, K]``. Gathered once for all cells
+    when that stays within :data:`gsjbu.KEEP_WEIGHTS_ELEMENTS`, else band by band at every call
+    (call this once per fit, not per step)."""
     c, h, w = maps.shape
-    if h * w * source.n_neighbours * c <= gsjbu.KEEP_WEIGHTS_ELEMENTS:
-        gathered = gsjbu.neighbours(maps, source.radius)
-        return (lambda i0, i1: gathered[i0 * w : i1 * w]), c
-    return (lambda i0, i1: gsjbu.neighbours(maps, source.radius, i0, i1)), c
+    k = source.n_neighbours
+
+    def gather(i0: int, i1: int) -> torch.Tensor:
+        out = torch.empty(c, (i1 - i0) * w, k, dtype=maps.dtype, device=maps.device)
+        return gsjbu.neighbour_planes(maps, source.radius, out, (i0, i1))
+
+    if h * w * k * c <= gsjbu.KEEP_WEIGHTS_ELEMENTS:
+        gathered = gather(0, h)
+        return (lambda i0, i1: gathered[:, i0 * w : i1 * w]), c
+    return gather, c
 
 
 class RenderRows(torch.autograd.Function):
@@ -117,7 +128,7 @@ class RenderRows(torch.autograd.Function):
             s, e = i0 * w, i1 * w
             geom = source.geometry((i0, i1), coef.dtype)
             weights = gsjbu.chunk_weights(phi[s:e], source.psi(coef, (i0, i1), geom))
-            torch.bmm(weights, values_of(i0, i1), out=out[s:e])
+            torch.bmm(weights, values_of(i0, i1).permute(1, 2, 0), out=out[s:e])  # strided
             if keep:
                 kept.append((geom, weights))
         ctx.source, ctx.bands, ctx.kept, ctx.values_of = source, bands, kept, values_of
@@ -140,7 +151,7 @@ class RenderRows(torch.autograd.Function):
                 geom = source.geometry((i0, i1), coef.dtype)
                 weights = gsjbu.chunk_weights(phi[s:e], source.psi(coef, (i0, i1), geom))
             g = grad_out[s:e]
-            grad_w = torch.bmm(g, ctx.values_of(i0, i1).transpose(1, 2))
+            grad_w = torch.bmm(g, ctx.values_of(i0, i1).transpose(0, 1))  # [cells, P, K]
             grad_logits = gsjbu.softmax_backward(weights, grad_w, g, out[s:e])
             grad_psi = torch.bmm(phi[s:e].transpose(1, 2), grad_logits)
             planes = torch.empty(4, *geom.bias.shape, dtype=coef.dtype, device=coef.device)
