@@ -34,7 +34,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window, from_bounds
 
 from geoupsample.inputs import InputError
-from tiling.reader import WARP_RESAMPLINGS
+from tiling.reader import Warp, check_resampling
 
 #: Largest denominator of a fractional scale (10/3, 20/3, 25/3... are accepted).
 MAX_SCALE_DENOMINATOR = 8
@@ -147,18 +147,21 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
 
 def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
                    hr_transform: Affine, hr_shape: tuple[int, int], warp: str | None,
-                   ) -> tuple[GridRelation, tuple[Affine, int, int] | None]:
+                   ) -> tuple[GridRelation, Warp | None]:
     """:func:`relate_grids`, or, when the low-res grid does not nest (:class:`GridMismatch`) and
-    ``warp`` names a resampling, the :func:`nesting_grid` to warp the low-res raster onto.
+    ``warp`` names a resampling, the warp of the low-res raster onto :func:`nesting_grid`.
     An unknown resampling name is refused first, whether or not a warp is needed.
 
     Returns:
         The relation of the low-res grid (or of the nesting grid) to the guide's, and the
-        nesting grid ``(transform, height, width)`` or None when the raster is used as it is.
+        :class:`tiling.Warp` onto the nesting grid with ``warp``'s resampling, or None when the
+        raster is used as it is.
     """
-    if warp is not None and warp not in WARP_RESAMPLINGS:
-        raise InputError(f"unknown warp resampling {warp!r}; choose one of "
-                         f"{', '.join(WARP_RESAMPLINGS)}")
+    if warp is not None:
+        try:
+            check_resampling(warp)
+        except ValueError as err:
+            raise InputError(str(err)) from None
     try:
         return relate_grids(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform, hr_shape), None
     except GridMismatch as err:
@@ -168,8 +171,11 @@ def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int],
                 "bilinear or average for probabilities, features and other continuous values, "
                 "nearest or mode for class numbers (--warp bilinear on the command line, "
                 "warp='bilinear' in Python)") from None
-    grid = nesting_grid(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform, hr_shape)
-    return relate_grids(hr_crs, grid[0], grid[1:], hr_crs, hr_transform, hr_shape), grid
+    transform, height, width = nesting_grid(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform,
+                                            hr_shape)
+    rel = relate_grids(hr_crs, transform, (height, width), hr_crs, hr_transform, hr_shape)
+    return rel, Warp(CRS.from_user_input(hr_crs).to_wkt(), tuple(transform)[:6], width, height,
+                     warp)
 
 
 def nesting_grid(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,

@@ -222,7 +222,8 @@ def _upsample_raster(
         hr_idx = select_bands(hr, guide_bands, "guide")
         check_dtype(lr_file, lr_idx, "low-res raster")
         check_dtype(hr, hr_idx, "guide")
-        rel, lr_warp = _relate_or_warp(lr_file, hr, warp)
+        rel, lr_warp = relate_or_nest(lr_file.crs, lr_file.transform, lr_file.shape, hr.crs,
+                                      hr.transform, hr.shape, warp)
         # the low-res raster as the tiles see it: the file, or the file warped onto the grid
         lr = stack.enter_context(lr_warp.open(lr_file)) if lr_warp else lr_file
         lr_dtype = np.dtype(lr_file.dtypes[lr_idx[0] - 1])
@@ -285,17 +286,6 @@ def _upsample_raster(
                           align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
                           aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                           workers=workers, progress=progress)
-
-
-def _relate_or_warp(lr: rasterio.io.DatasetReader, hr: rasterio.io.DatasetReader,
-                    warp: str | None) -> tuple[GridRelation, tiling.Warp | None]:
-    """:func:`relate_or_nest` for two open files; the nesting grid as a :class:`tiling.Warp`."""
-    rel, grid = relate_or_nest(lr.crs, lr.transform, lr.shape, hr.crs, hr.transform, hr.shape,
-                               warp)
-    if grid is None or warp is None:
-        return rel, None
-    transform, height, width = grid
-    return rel, tiling.Warp(hr.crs.to_wkt(), tuple(transform)[:6], width, height, warp)
 
 
 def _warp_text(grid: tiling.Warp, rel: GridRelation) -> str:

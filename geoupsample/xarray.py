@@ -105,7 +105,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                          consistency=consistency, self_guidance=self_guidance,
                          min_sigma_r=min_sigma_r)
     if nesting is not None:
-        lowres = _warped(lowres, guide.rio.crs, *nesting, warp)
+        lowres = _warped(lowres, nesting)
         lr_t = lowres.rio.transform()
     lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
     stats = None
@@ -142,15 +142,14 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     return out.rio.write_nodata(np.nan, encoded=False)
 
 
-def _warped(lowres: xr.DataArray, crs: Any, transform: Any, height: int, width: int,
-            resampling: str) -> xr.DataArray:
-    """``lowres`` reprojected onto the grid ``(transform, height, width)`` in ``crs`` by the
-    CLI's own warp (:class:`tiling.Warp` over an in-memory copy): float32, NaN for nodata and
-    outside its footprint, ``long_name`` and the other attributes kept."""
+def _warped(lowres: xr.DataArray, grid: tiling.Warp) -> xr.DataArray:
+    """``lowres`` reprojected by the CLI's own warp ``grid`` (over an in-memory copy): float32,
+    NaN for nodata and outside its footprint, ``long_name`` and the other attributes kept."""
+    from affine import Affine
     from rasterio.io import MemoryFile
 
     data = lowres.values
-    grid = tiling.Warp(str(crs.to_wkt()), tuple(transform)[:6], width, height, resampling)
+    transform, height, width = Affine(*grid.transform), grid.height, grid.width
     nodata = lowres.rio.nodata
     with MemoryFile() as mem:
         with mem.open(driver="GTiff", count=data.shape[0], height=data.shape[1],
@@ -165,7 +164,7 @@ def _warped(lowres: xr.DataArray, crs: Any, transform: Any, height: int, width: 
     out = xr.DataArray(warped, dims=dims, coords={dims[0]: lowres[dims[0]].values,
                                                   dims[1]: ys, dims[2]: xs},
                        attrs={k: v for k, v in lowres.attrs.items() if k != "_FillValue"})
-    out = out.rio.write_crs(crs).rio.write_transform(transform)
+    out = out.rio.write_crs(grid.crs).rio.write_transform(transform)
     return out.rio.write_nodata(np.nan, encoded=False)
 
 

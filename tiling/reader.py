@@ -31,6 +31,13 @@ WARP_RESAMPLINGS = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "
                     "mode", "max", "min", "med", "q1", "q3", "sum", "rms")
 
 
+def check_resampling(name: str) -> None:
+    """Refuse (``ValueError``) a warp resampling other than :data:`WARP_RESAMPLINGS`."""
+    if name not in WARP_RESAMPLINGS:
+        raise ValueError(f"unknown warp resampling {name!r}; choose one of "
+                         f"{', '.join(WARP_RESAMPLINGS)}")
+
+
 @dataclass(frozen=True)
 class Warp:
     """A target grid onto which a file is reprojected as it is read (a GDAL warped VRT).
@@ -53,9 +60,7 @@ class Warp:
     resampling: str = "bilinear"
 
     def __post_init__(self) -> None:
-        if self.resampling not in WARP_RESAMPLINGS:
-            raise ValueError(f"unknown warp resampling {self.resampling!r}; choose one of "
-                             f"{', '.join(WARP_RESAMPLINGS)}")
+        check_resampling(self.resampling)
 
     def open(self, src: rasterio.io.DatasetReader, src_nodata: float | None = None) -> WarpedVRT:
         """``src`` seen on this grid (float32, NaN nodata); ``src_nodata`` overrides the
