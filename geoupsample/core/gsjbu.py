@@ -397,6 +397,26 @@ def softmax_backward(
     return grad_w.sub_(dot).mul_(w)
 
 
+def psi_grad(
+    phi: torch.Tensor,
+    w: torch.Tensor,
+    grad_out: torch.Tensor,
+    values_t: torch.Tensor,
+    out: torch.Tensor,
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient ``[cells, F, K]`` of ``psi`` for ``out = w @ values`` with ``w =
+    softmax_K(phi @ psi)``, from the gradient ``grad_out [cells, P, C]`` of ``out``.
+
+    Args:
+        phi: ``[cells, P, F]``; w: ``[cells, P, K]``; out: ``[cells, P, C]``.
+        values_t: the values transposed, ``[cells, C, K]`` (any strides).
+        into: where to write the result (a fit's buffer), else a new tensor.
+    """
+    grad_logits = softmax_backward(w, torch.bmm(grad_out, values_t), grad_out, out)
+    return torch.bmm(phi.transpose(1, 2), grad_logits, out=into)
+
+
 class RenderCells(torch.autograd.Function):
     """``out[n, P, C] = softmax_K(phi @ psi) @ values``, recomputing the weights in backward.
 
@@ -440,9 +460,7 @@ class RenderCells(torch.autograd.Function):
             w = kept[i] if kept else chunk_weights(phi[s:e], psi[s:e])
             g = grad_out[s:e]
             if grad_psi is not None:
-                grad_w = torch.bmm(g, values[s:e].transpose(1, 2))
-                grad_logits = softmax_backward(w, grad_w, g, out[s:e])
-                torch.bmm(phi[s:e].transpose(1, 2), grad_logits, out=grad_psi[s:e])
+                psi_grad(phi[s:e], w, g, values[s:e].transpose(1, 2), out[s:e], grad_psi[s:e])
             if grad_values is not None:
                 torch.bmm(w.transpose(1, 2), g, out=grad_values[s:e])
         return grad_psi, grad_values, None, None, None
@@ -506,7 +524,5 @@ def fit_loss_and_grad(
         diff = torch.where(m, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
         total += diff.abs().sum(dtype=torch.float64)
         grad_out = torch.sign(diff) * inv_count
-        grad_w = torch.bmm(grad_out, values_t[s:e])
-        grad_logits = softmax_backward(w, grad_w, grad_out, rendered)
-        torch.bmm(phi[s:e].transpose(1, 2), grad_logits, out=grad_psi[s:e])
+        psi_grad(phi[s:e], w, grad_out, values_t[s:e], rendered, grad_psi[s:e])
     return (total * inv_count.double()).to(phi.dtype), grad_psi

@@ -93,7 +93,6 @@ class _Prepared:
     gbar: torch.Tensor  # [d, h, w]
     cell_valid: torch.Tensor  # [h, w]
     phi: torch.Tensor  # [n, P, F]
-    geometries: dict = field(default_factory=dict, repr=False)  # dtype -> gsjbu.PsiGeometry
 
     @classmethod
     def build(
@@ -134,14 +133,9 @@ class _Prepared:
         """``psi`` of ``params`` for every cell (into ``workspace``'s buffer during a fit, else a
         new tensor): the Triton path and the plain objective; the torch path's back-projected
         fit and renders build it band by band instead (:mod:`row_render`)."""
-        geometry = None
+        geometry = None  # the Triton kernel builds its own
         if backend.name(params) != "triton":
-            geometry = self.geometries.get(params.dtype)
-            if geometry is None:
-                geometry = gsjbu.psi_geometry(
-                    self.gbar, self.cell_valid, self.layout, self.radius, params.dtype
-                )
-                self.geometries[params.dtype] = geometry
+            geometry = self.source.geometry((0, self.layout.lr_shape[0]), params.dtype)
         return backend.build_psi(
             params, self.gbar, self.cell_valid, self.layout, self.radius, geometry, workspace
         )

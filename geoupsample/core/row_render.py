@@ -122,15 +122,15 @@ class RenderRows(torch.autograd.Function):
         bands = source.bands(max(p, f) * k)
         out = torch.empty(n, p, c, dtype=phi.dtype, device=phi.device)
         d = f - gsjbu.N_SPATIAL - 1
+        # the weights, and the geometries (then kept by the source: the same budget), for backward
         keep = ctx.needs_input_grad[0] and n * (p + d + 2) * k <= gsjbu.KEEP_WEIGHTS_ELEMENTS
         kept = []
         for i0, i1 in bands:
             s, e = i0 * w, i1 * w
-            geom = source.geometry((i0, i1), coef.dtype)
-            weights = gsjbu.chunk_weights(phi[s:e], source.psi(coef, (i0, i1), geom))
+            weights = gsjbu.chunk_weights(phi[s:e], source.psi(coef, (i0, i1)))
             torch.bmm(weights, values_of(i0, i1).permute(1, 2, 0), out=out[s:e])  # strided
             if keep:
-                kept.append((geom, weights))
+                kept.append(weights)
         ctx.source, ctx.bands, ctx.kept, ctx.values_of = source, bands, kept, values_of
         ctx.save_for_backward(coef, phi, out)
         return out
@@ -145,15 +145,11 @@ class RenderRows(torch.autograd.Function):
         grad_coef = torch.zeros(4, h + 2 * r, w + 2 * r, dtype=coef.dtype, device=coef.device)
         for i, (i0, i1) in enumerate(ctx.bands):
             s, e = i0 * w, i1 * w
-            if kept:
-                geom, weights = kept[i]
-            else:
-                geom = source.geometry((i0, i1), coef.dtype)
-                weights = gsjbu.chunk_weights(phi[s:e], source.psi(coef, (i0, i1), geom))
-            g = grad_out[s:e]
-            grad_w = torch.bmm(g, ctx.values_of(i0, i1).transpose(0, 1))  # [cells, P, K]
-            grad_logits = gsjbu.softmax_backward(weights, grad_w, g, out[s:e])
-            grad_psi = torch.bmm(phi[s:e].transpose(1, 2), grad_logits)
+            geom = source.geometry((i0, i1), coef.dtype)
+            weights = kept[i] if kept else gsjbu.chunk_weights(
+                phi[s:e], source.psi(coef, (i0, i1), geom))  # fmt: skip
+            values_t = ctx.values_of(i0, i1).transpose(0, 1)  # [cells, C, K], strided
+            grad_psi = gsjbu.psi_grad(phi[s:e], weights, grad_out[s:e], values_t, out[s:e])
             planes = torch.empty(4, *geom.bias.shape, dtype=coef.dtype, device=coef.device)
             gsjbu.add_gathered(gsjbu.psi_planes_grad(grad_psi, geom, planes), grad_coef, r, i0)
         return grad_coef[:, r : r + h, r : r + w], None, None, None, None
