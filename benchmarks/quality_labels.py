@@ -167,10 +167,15 @@ def upsample_all(probs: np.ndarray, guide: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def oracle(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
-    maps = upsample_all(soft_labels(lab, scale), img)
+def scored(probs: np.ndarray, img: np.ndarray, lab: np.ndarray) -> dict[str, float]:
+    """mIoU over the whole image of every method's upsampling of ``probs``."""
+    maps = upsample_all(probs, img)
     full = np.ones(lab.shape, dtype=bool)
     return {m: miou(v, lab, full) for m, v in maps.items() if not m.startswith("_")}
+
+
+def oracle(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
+    return scored(soft_labels(lab, scale), img, lab)
 
 
 #: Gaussian blur (LR cells) of the ``smoothed`` regime's fractions (``--smooth``)
@@ -182,9 +187,7 @@ def smoothed(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
     frac = np.nan_to_num(soft_labels(lab, scale))
     blurred = np.stack([ndimage.gaussian_filter(c, SMOOTH[0], mode="nearest") for c in frac])
     probs = (blurred / np.maximum(blurred.sum(0, keepdims=True), 1e-12)).astype(np.float32)
-    maps = upsample_all(probs, img)
-    full = np.ones(lab.shape, dtype=bool)
-    return {m: miou(v, lab, full) for m, v in maps.items() if not m.startswith("_")}
+    return scored(probs, img, lab)
 
 
 def held_out_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
