@@ -1,4 +1,4 @@
-"""Helpers shared by the tiling tests: write small real GeoTIFFs, simple per-tile functions."""
+"""Helpers shared by the tests: write and read small real GeoTIFFs, simple per-tile functions."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from affine import Affine
 from rasterio.crs import CRS
 
 CRS_UTM = CRS.from_epsg(32631)
+
+
+def read_tif(path) -> np.ndarray:
+    """All bands of a raster file, ``[bands, rows, cols]``."""
+    with rasterio.open(path) as ds:
+        return ds.read()
 
 
 def write_tif(path, data: np.ndarray, transform: Affine, crs=CRS_UTM, nodata=None,

@@ -25,6 +25,7 @@ from geoupsample.inputs import InputError
 from geoupsample.labels import LabelError
 from geoupsample.pipeline import upsample_raster
 from geoupsample.segmentation import segment_raster
+from tests._tiling_helpers import read_tif
 from tiling import RasterInput
 from tiling.reader import is_local_path
 
@@ -60,10 +61,6 @@ def _aoi_lonlat() -> dict:
     return transform_geom(crs, "EPSG:4326", mapping(box(x0 + 20, y0 + 120, x0 + 170, y1 - 20)))
 
 
-def _read(path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
-
 
 def test_upsample_from_urls_equals_local_files(server, tmp_path):
     url, root = server
@@ -72,7 +69,7 @@ def test_upsample_from_urls_equals_local_files(server, tmp_path):
                     **kw)
     upsample_raster(root / "rotterdam_ms.tif", root / "rotterdam_pan.tif", tmp_path / "l.tif",
                     **kw)
-    np.testing.assert_array_equal(_read(tmp_path / "r.tif"), _read(tmp_path / "l.tif"))
+    np.testing.assert_array_equal(read_tif(tmp_path / "r.tif"), read_tif(tmp_path / "l.tif"))
     with rasterio.open(tmp_path / "r.tif") as ds:
         assert ds.tags()["geoupsample_lowres"] == "rotterdam_ms.tif"
 
@@ -96,7 +93,7 @@ def test_segment_a_scene_from_a_url(server, tmp_path):
                             "class", tmp_path / "r.tif", **kw)
     local = segment_raster(root / "rotterdam_ms.tif", root / "rotterdam_labels.geojson",
                            "class", tmp_path / "l.tif", **kw)
-    np.testing.assert_array_equal(_read(remote.path), _read(local.path))
+    np.testing.assert_array_equal(read_tif(remote.path), read_tif(local.path))
 
 
 def test_missing_url_is_a_clear_error(server, tmp_path):
@@ -116,7 +113,7 @@ def test_gdal_virtual_path_inside_a_zip(tmp_path):
                     out, method="bilinear", **SMALL)
     upsample_raster(str(DATA / NAMES[0]), str(DATA / NAMES[1]), tmp_path / "ref.tif",
                     method="bilinear", **SMALL)
-    np.testing.assert_array_equal(_read(out), _read(tmp_path / "ref.tif"))
+    np.testing.assert_array_equal(read_tif(out), read_tif(tmp_path / "ref.tif"))
 
 
 def test_remote_inputs_are_identified_by_name():
@@ -135,8 +132,8 @@ def test_labels_and_aoi_from_urls_equal_local_files(server, tmp_path):
                             "class", tmp_path / "r.tif", aoi=f"{url}/aoi.geojson", **kw)
     local = segment_raster(root / "rotterdam_ms.tif", root / "rotterdam_labels.geojson",
                            "class", tmp_path / "l.tif", aoi=root / "aoi.geojson", **kw)
-    r = _read(remote.path)
-    np.testing.assert_array_equal(r, _read(local.path))
+    r = read_tif(remote.path)
+    np.testing.assert_array_equal(r, read_tif(local.path))
     assert 0.2 < (r[0] < 255).mean() < 0.35  # classes only in the AOI (150 x 160 of 300 x 300 m)
 
 
@@ -176,4 +173,4 @@ def test_labels_inside_a_zip(tmp_path):
                             tmp_path / "z.tif", **kw)
     plain = segment_raster(str(DATA / NAMES[0]), str(DATA / NAMES[2]), "class",
                            tmp_path / "p.tif", **kw)
-    np.testing.assert_array_equal(_read(zipped.path), _read(plain.path))
+    np.testing.assert_array_equal(read_tif(zipped.path), read_tif(plain.path))

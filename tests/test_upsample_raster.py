@@ -24,7 +24,7 @@ import geoupsample as gu
 from geoupsample.cli import app
 from geoupsample.inputs import InputError, scene_guide_stats
 from geoupsample.pipeline import upsample_raster
-from tests._tiling_helpers import kill_9_after_bands
+from tests._tiling_helpers import kill_9_after_bands, read_tif
 
 DATA = files("geoupsample") / "data"
 LR = str(DATA / "rotterdam_ms.tif")
@@ -57,13 +57,9 @@ def small(tmp_path_factory):
     return lr, hr
 
 
-def _read(path: str) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
-
 
 def _whole(lr: str, hr: str, method: str, **kw) -> np.ndarray:
-    x, g = _read(lr).astype(np.float32), _read(hr).astype(np.float32)
+    x, g = read_tif(lr).astype(np.float32), read_tif(hr).astype(np.float32)
     if method in ("jbu", "gsjbu"):
         kw["normalize"] = scene_guide_stats(hr)
     return np.asarray(gu.upsample(x, g, method=method, **kw))
@@ -74,7 +70,7 @@ def _whole(lr: str, hr: str, method: str, **kw) -> np.ndarray:
 def test_bilinear_tiled_equals_whole_array_full_sample(tmp_path, tile):
     out = str(tmp_path / "o.tif")
     upsample_raster(LR, HR, out, method="bilinear", tile=tile, halo=16, blocksize=64)
-    np.testing.assert_allclose(_read(out), _whole(LR, HR, "bilinear"), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(read_tif(out), _whole(LR, HR, "bilinear"), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("tile,blend", [(80, "taper"), (48, "taper"), (48, "crop")])
@@ -84,7 +80,7 @@ def test_jbu_tiled_equals_whole_array(small, tmp_path, tile, blend):
     # jbu support: (radius + 1) x scale + 1 = 9 guide px; the taper needs halo >= 2 x support
     halo = 24 if blend == "taper" else 12
     upsample_raster(lr, hr, out, method="jbu", tile=tile, halo=halo, blocksize=16, blend=blend)
-    np.testing.assert_allclose(_read(out), _whole(lr, hr, "jbu"), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(read_tif(out), _whole(lr, hr, "jbu"), rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +133,7 @@ def test_fractional_scale_gsjbu_runs_without_seams(fractional, tmp_path):
     lr, hr = fractional
     out = str(tmp_path / "o.tif")
     upsample_raster(lr, hr, out, method="gsjbu", iters=3, tile=100, halo=40)
-    y = _read(out)
+    y = read_tif(out)
     assert np.isfinite(y).all()
     assert _seam_diff(y, [99, 199]) < 2.0 * _seam_diff(y, [49, 149, 249])
 
@@ -160,7 +156,7 @@ def test_gsjbu_has_no_seams(small, tmp_path):
         out = str(tmp_path / f"g{tile}{blend}.tif")
         upsample_raster(lr, hr, out, method="gsjbu", iters=5, tile=tile, halo=halo,
                         blocksize=16, blend=blend)
-        runs[tile, blend] = _read(out)
+        runs[tile, blend] = read_tif(out)
     seams48, seams40 = [47, 95, 143], [39, 79, 119]
     a, b = runs[48, "taper"], runs[40, "taper"]
     assert _seam_diff(a, seams48) <= 1.02 * _seam_diff(b, seams48)
@@ -191,7 +187,7 @@ def test_georeferencing_descriptions_tags_and_cog(tmp_path):
 
 def test_guide_nodata_gives_output_nodata(small, tmp_path):
     lr, hr = small
-    g = _read(hr)
+    g = read_tif(hr)
     g[:, :40, :40] = 0
     hr0 = str(tmp_path / "hr0.tif")
     with rasterio.open(hr) as ds:
@@ -201,7 +197,7 @@ def test_guide_nodata_gives_output_nodata(small, tmp_path):
         ds.write(g)
     out = str(tmp_path / "o.tif")
     upsample_raster(lr, hr0, out, method="jbu", tile=48, halo=16, blocksize=16)
-    y = _read(out)
+    y = read_tif(out)
     assert np.isnan(y[:, :40, :40]).all() and np.isfinite(y[:, 40:, 40:]).all()
 
 
@@ -226,7 +222,7 @@ def test_cli_kill_9_then_resume_is_pixel_identical(small, tmp_path):
     ref = str(tmp_path / "ref.tif")
     res = runner.invoke(app, ["upsample", *args[:3], ref, *args[4:]])
     assert res.exit_code == 0, res.output
-    np.testing.assert_array_equal(_read(out), _read(ref))
+    np.testing.assert_array_equal(read_tif(out), read_tif(ref))
     assert sorted(os.listdir(tmp_path)) == ["o.tif", "ref.tif"]
 
 
@@ -251,7 +247,7 @@ def test_distributed_equals_local(small, tmp_path):
         rep = upsample_raster(lr, hr, dist, method="jbu", tile=48, halo=16, blocksize=16,
                               scheduler=client)
     assert rep.computed == rep.tiles
-    np.testing.assert_array_equal(_read(local), _read(dist))
+    np.testing.assert_array_equal(read_tif(local), read_tif(dist))
 
 
 # ---- acceptance 7: AOI --------------------------------------------------------------------
@@ -267,7 +263,7 @@ def test_aoi_geojson_in_wgs84(tmp_path):
     rep = upsample_raster(LR, HR, out, method="bilinear", tile=128, halo=16, blocksize=64,
                           aoi=str(path))
     assert rep.skipped >= 9
-    y, ref = _read(out), _whole(LR, HR, "bilinear")
+    y, ref = read_tif(out), _whole(LR, HR, "bilinear")
     assert np.isnan(y[:, 310:, :]).all() and np.isnan(y[:, :, 310:]).all()
     np.testing.assert_allclose(y[:, 5:290, 5:290], ref[:, 5:290, 5:290], atol=1e-5)
 

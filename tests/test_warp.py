@@ -20,6 +20,7 @@ from geoupsample.cli import app
 from geoupsample.grids import GridMismatch, nesting_grid
 from geoupsample.inputs import InputError
 from geoupsample.pipeline import upsample_raster
+from tests._tiling_helpers import read_tif
 
 DATA = files("geoupsample") / "data"
 LR = str(DATA / "rotterdam_ms.tif")
@@ -66,10 +67,6 @@ def pair(tmp_path_factory):
     return lr, hr, _to_wgs84(lr, d / "lr_wgs84.tif")
 
 
-def _read(path: str) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
-
 
 def test_other_crs_is_refused_with_both_fixes_named(pair, tmp_path):
     _, hr, lr84 = pair
@@ -88,7 +85,7 @@ def test_warp_puts_the_lowres_on_the_guide_grid(pair, tmp_path):
         tag = w.tags()["geoupsample_warp"]
         assert "bilinear" in tag and "2x2 guide pixels" in tag
         y = w.read()
-    ref = _read(tmp_path / "ref.tif")
+    ref = read_tif(tmp_path / "ref.tif")
     inner = (slice(None), slice(8, -8), slice(8, -8))  # away from the footprint's rim
     assert np.isfinite(y[inner]).all()
     # UTM -> lon/lat -> UTM, two bilinear resamplings: the same image up to a slight blur
@@ -105,7 +102,7 @@ def test_warped_tiles_equal_one_tile(pair, tmp_path):
     kw = dict(method="bilinear", warp="bilinear", blend="crop")
     upsample_raster(lr84, hr, tmp_path / "one.tif", tile=1024, halo=8, **kw)
     upsample_raster(lr84, hr, tmp_path / "many.tif", tile=32, halo=8, **kw)
-    a, b = _read(tmp_path / "one.tif"), _read(tmp_path / "many.tif")
+    a, b = read_tif(tmp_path / "one.tif"), read_tif(tmp_path / "many.tif")
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_allclose(a, b, rtol=1e-6, equal_nan=True)
 
@@ -114,7 +111,7 @@ def test_nesting_raster_is_never_warped(pair, tmp_path):
     lr, hr, _ = pair
     upsample_raster(lr, hr, tmp_path / "a.tif", method="bilinear", warp="cubic")
     upsample_raster(lr, hr, tmp_path / "b.tif", method="bilinear")
-    np.testing.assert_array_equal(_read(tmp_path / "a.tif"), _read(tmp_path / "b.tif"))
+    np.testing.assert_array_equal(read_tif(tmp_path / "a.tif"), read_tif(tmp_path / "b.tif"))
     with rasterio.open(tmp_path / "a.tif") as ds:
         assert "geoupsample_warp" not in ds.tags()
 
@@ -124,7 +121,7 @@ def test_warped_uint8_probabilities_keep_their_unit(pair, tmp_path):
     EPSG:4326: warped bilinearly they still sum to 254, are recognised as probabilities and
     written back in that unit."""
     lr, hr, _ = pair
-    x = _read(lr).astype(np.float64)
+    x = read_tif(lr).astype(np.float64)
     logits = np.stack([x[0], x[3], x[1]]) / x.std()
     p = np.exp(logits - logits.max(0))
     p /= p.sum(0)
@@ -155,7 +152,7 @@ def test_shifted_origin_with_nearest_keeps_class_numbers(pair, tmp_path):
     with pytest.raises(GridMismatch, match="pixel corner"):
         upsample_raster(shifted, hr, tmp_path / "refused.tif", method="nearest")
     upsample_raster(shifted, hr, tmp_path / "c.tif", method="nearest", warp="nearest")
-    y = _read(tmp_path / "c.tif")
+    y = read_tif(tmp_path / "c.tif")
     assert set(np.unique(y)) <= {0, 1, 2, 3, 4}
     assert (y > 0).mean() > 0.9
     assert set(np.unique(y[y > 0])) == {1, 2, 3, 4}
@@ -203,7 +200,7 @@ def test_xarray_warp_equals_the_cli(pair, tmp_path):
     with pytest.raises(GridMismatch, match="warp="):
         upsample(lowres, guide, method="jbu")
     out = upsample(lowres, guide, method="jbu", warp="bilinear").values
-    ref = _read(tmp_path / "cli.tif")
+    ref = read_tif(tmp_path / "cli.tif")
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
     np.testing.assert_allclose(out, ref, rtol=1e-6, equal_nan=True)
 
@@ -223,7 +220,7 @@ def test_distributed_workers_warp_alike(pair, tmp_path):
         client.run(sys.path.insert, 0, root)
         rep = upsample_raster(lr84, hr, tmp_path / "dist.tif", scheduler=client, **kw)
     assert rep.computed == rep.tiles
-    np.testing.assert_array_equal(_read(tmp_path / "local.tif"), _read(tmp_path / "dist.tif"))
+    np.testing.assert_array_equal(read_tif(tmp_path / "local.tif"), read_tif(tmp_path / "dist.tif"))
 
 
 def test_resume_refuses_another_warp_and_continues_the_same(pair, tmp_path):
@@ -249,7 +246,7 @@ def test_resume_refuses_another_warp_and_continues_the_same(pair, tmp_path):
     rep = upsample_raster(lr84, hr, out, warp="bilinear", resume=True, **kw)
     assert rep.resumed_bands >= 2 and rep.computed < rep.tiles
     upsample_raster(lr84, hr, tmp_path / "ref.tif", warp="bilinear", **kw)
-    np.testing.assert_array_equal(_read(out), _read(tmp_path / "ref.tif"))
+    np.testing.assert_array_equal(read_tif(out), read_tif(tmp_path / "ref.tif"))
 
 
 def test_fractional_nesting_grid_on_a_finer_guide(pair, tmp_path):
@@ -275,7 +272,7 @@ def test_fractional_nesting_grid_on_a_finer_guide(pair, tmp_path):
         assert "cells of 10/3x10/3 guide pixels" in ds.tags()["geoupsample_warp"]
         y = ds.read()
     assert np.isfinite(y[:, 20:-20, 20:-20]).all()
-    np.testing.assert_allclose(y, _read(tmp_path / "one.tif"), rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(y, read_tif(tmp_path / "one.tif"), rtol=1e-5, equal_nan=True)
 
 
 def test_rotated_lowres_grid(pair, tmp_path):
@@ -300,7 +297,7 @@ def test_rotated_lowres_grid(pair, tmp_path):
     with rasterio.open(tmp_path / "w.tif") as ds:
         assert "cells of 2x2 guide pixels" in ds.tags()["geoupsample_warp"]
         y = ds.read()
-    ref = _read(tmp_path / "ref.tif")
+    ref = read_tif(tmp_path / "ref.tif")
     inner = (slice(None), slice(40, -40), slice(40, -40))  # inside the rotated footprint
     assert np.isfinite(y[inner]).all()
     for b in range(y.shape[0]):
