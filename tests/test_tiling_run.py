@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import dask.array as da
 import numpy as np
@@ -152,6 +153,31 @@ def test_output_appears_only_when_complete_and_errors_clean_up(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         tiling.run(Failing((1, 1)), {"img": tiling.RasterInput(src)}, _spec(src, out2),
                    tile=512, halo=0)
+    assert sorted(os.listdir(tmp_path)) == ["out.tif"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_worker_computes_in_the_calling_thread(tmp_path, workers):
+    """With one worker the per-tile function runs in the caller's thread (torch's OpenMP teams
+    stay one; see tiling.execute._caller_results), tiles read ahead in the background; with more,
+    in pool threads. Same pixels either way; an error still leaves no file."""
+    src = _real_raster(tmp_path)
+    out = str(tmp_path / "out.tif")
+    threads = set()
+
+    def recording(ctx):
+        threads.add(threading.get_ident())
+        return ctx.data["img"]
+
+    rep = tiling.run(recording, {"img": tiling.RasterInput(src)}, _spec(src, out), tile=256,
+                     halo=16, workers=workers)
+    assert rep.computed > 2
+    assert (threads == {threading.get_ident()}) == (workers == 1)
+    with rasterio.open(src) as a, rasterio.open(out) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    with pytest.raises(RuntimeError, match="boom"):
+        tiling.run(Failing((1, 1)), {"img": tiling.RasterInput(src)},
+                   _spec(src, str(tmp_path / "fail.tif")), tile=256, halo=16, workers=workers)
     assert sorted(os.listdir(tmp_path)) == ["out.tif"]
 
 
