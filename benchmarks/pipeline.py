@@ -34,6 +34,9 @@ spill past 16 MB, GDAL cache 32 MB), three runs of ``--methods bilinear``, media
     three alternating runs each at 4096, iters 50: 0.150 MP/s (0.142, 0.154, 0.150) against
     0.132 (0.132, 0.147, 0.131) untuned; peak RSS 1091 against 1095 MB. Memory with --iters 2:
     8192 1064 MB, 16384 1082 MB.
+    Tiles computed in the calling thread (one worker; torch's OpenMP pool used by one thread
+    only), two alternating runs each at 4096, iters 50: 0.216 and 0.203 MP/s against 0.183 and
+    0.186 in a worker thread (32bde20); peak RSS 1013 / 994 against 1022 / 1022 MB.
 """
 
 from __future__ import annotations
