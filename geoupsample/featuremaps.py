@@ -150,6 +150,8 @@ class FeatureTile:
         self.render = dict(render or {})
 
     def lowres(self, guide: np.ndarray) -> np.ndarray:
+        """The tile's LR features ``[C, h, w]`` (PCA-reduced if any) from its guide."""
+        gu.tune_allocator()  # once per process, so on dask.distributed workers too
         f = self.features(guide)
         return self.pca.transform(f) if self.pca is not None else f
 

@@ -74,6 +74,7 @@ class UpsampleTile:
         self.unit = unit
 
     def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
+        tune_allocator()  # once per process, so on dask.distributed workers too (see its module)
         x = ctx.data["lowres"]
         g = ctx.data.get("guide")
         if g is None:  # interpolation with a guide that cannot hold nodata: only its shape
