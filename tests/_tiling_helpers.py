@@ -55,6 +55,30 @@ def box3_whole(x):
     return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
 
 
+#: times a :class:`CountsLoads` was unpickled in this process (dask workers report theirs)
+LOADS = [0]
+
+
+class CountsLoads:
+    """:func:`box3` as an object with a 1 MB payload (a stand-in for a backbone's weights) that
+    counts how often it is unpickled in each process: once per dask worker, not once per tile."""
+
+    def __init__(self) -> None:
+        self.payload = np.zeros(1 << 18, np.float32)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        LOADS[0] += 1
+
+    def __call__(self, ctx):
+        return box3(ctx)
+
+
+def loads() -> int:
+    """:data:`LOADS` of this process."""
+    return LOADS[0]
+
+
 class Repeat:
     """Per-tile function: nearest upsampling of ``lr`` by ``scale`` (picklable)."""
 

@@ -23,6 +23,7 @@ from shapely.geometry import box, mapping
 import tiling
 from tests._tiling_helpers import (
     CRS_UTM,
+    CountsLoads,
     Failing,
     Repeat,
     box3,
@@ -266,10 +267,14 @@ def test_distributed_equals_local(tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(sys.path.insert, 0, ROOT)  # workers import the test helpers
-        rep = tiling.run(box3, {"img": tiling.RasterInput(src)},
+        rep = tiling.run(CountsLoads(), {"img": tiling.RasterInput(src)},
                          _spec(src, dist, dtype="float32"), tile=512, halo=16,
                          scheduler=client, max_in_flight=3)
-    assert rep.computed == rep.tiles
+        from tests import _tiling_helpers
+
+        per_worker = client.run(_tiling_helpers.loads)  # the function reached each worker once
+    assert rep.computed == rep.tiles > 2
+    assert max(per_worker.values()) == 1, per_worker
     with rasterio.open(local) as a, rasterio.open(dist) as b:
         np.testing.assert_array_equal(a.read(), b.read())
 

@@ -174,11 +174,15 @@ def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[T
 
     own = isinstance(scheduler, str)
     client = Client(scheduler) if own else scheduler
+    # fn goes to every worker once (a backbone's weights are tens to hundreds of MB), not with
+    # every task: each worker deserialises it once and its tasks share it
+    shared_fn = client.scatter(fn, broadcast=True, hash=False)
     try:
         seq = as_completed()
         n = 0
         for t in tiles:
-            seq.add(client.submit(compute_tile, fn, inputs, t, transform, count, pure=False))
+            seq.add(client.submit(compute_tile, shared_fn, inputs, t, transform, count,
+                                  pure=False))
             n += 1
             if n >= max_in_flight:
                 f = next(seq)
@@ -187,6 +191,7 @@ def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[T
         for f in seq:
             yield f.result()
     finally:
+        shared_fn.release()
         if own:
             client.close()
 
@@ -280,7 +285,9 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
             parameters; a journal from other inputs/parameters raises
             :class:`tiling.JournalMismatch`.
         params: extra parameters identifying the job (method, iterations...) for the journal key.
-        scheduler: None (local threads) or a ``distributed.Client`` or scheduler address.
+        scheduler: None (local threads) or a ``distributed.Client`` or scheduler address. ``fn``
+            is sent to every worker once (``Client.scatter``), not with each tile, and the
+            tiles a worker runs share it.
         workers: local threads (default: CPU count). With 1, ``fn`` runs in the calling thread,
             one tile at a time, while the next tile's inputs are read in the background (torch
             code runs faster there: see :func:`_caller_results`).
