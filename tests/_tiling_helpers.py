@@ -57,14 +57,21 @@ def box3_whole(x):
 
 #: times a :class:`CountsLoads` was unpickled in this process (dask workers report theirs)
 LOADS = [0]
+#: times a :class:`CountsLoads` was pickled in this process (dask tokenises by pickling)
+DUMPS = [0]
 
 
 class CountsLoads:
     """:func:`box3` as an object with a 1 MB payload (a stand-in for a backbone's weights) that
-    counts how often it is unpickled in each process: once per dask worker, not once per tile."""
+    counts how often it is pickled and unpickled in each process: once per dask graph and once
+    per dask worker, not once per tile."""
 
     def __init__(self) -> None:
         self.payload = np.zeros(1 << 18, np.float32)
+
+    def __getstate__(self) -> dict:
+        DUMPS[0] += 1
+        return dict(self.__dict__)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

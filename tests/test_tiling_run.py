@@ -21,6 +21,7 @@ from rasterio.windows import Window
 from shapely.geometry import box, mapping
 
 import tiling
+from tests import _tiling_helpers
 from tests._tiling_helpers import (
     CRS_UTM,
     CountsLoads,
@@ -270,8 +271,6 @@ def test_distributed_equals_local(tmp_path):
         rep = tiling.run(CountsLoads(), {"img": tiling.RasterInput(src)},
                          _spec(src, dist, dtype="float32"), tile=512, halo=16,
                          scheduler=client, max_in_flight=3)
-        from tests import _tiling_helpers
-
         per_worker = client.run(_tiling_helpers.loads)  # the function reached each worker once
     assert rep.computed == rep.tiles > 2
     assert max(per_worker.values()) == 1, per_worker
@@ -371,9 +370,11 @@ def test_lazy_dask_array_equals_run(tmp_path):
     out = str(tmp_path / "out.tif")
     tiling.run(box3, {"img": tiling.RasterInput(src)}, _spec(src, out), tile=128, halo=16)
     grid = tiling.TileGrid(x.shape[1], x.shape[2], tile=128, halo=16, block=128)
-    lazy = to_dask(box3, {"img": tiling.ArrayInput(da.from_array(x, chunks=(-1, 100, 100)),
-                                                   tr)}, grid, x.shape[0], tr)
+    dumps = _tiling_helpers.DUMPS[0]
+    lazy = to_dask(CountsLoads(), {"img": tiling.ArrayInput(
+        da.from_array(x, chunks=(-1, 100, 100)), tr)}, grid, x.shape[0], tr)
     assert isinstance(lazy, da.Array)
+    assert _tiling_helpers.DUMPS[0] - dumps <= 2 < len(grid)  # tokenised once, not per tile
     with rasterio.open(out) as ds:
         np.testing.assert_array_equal(lazy.compute(), ds.read())
 

@@ -82,6 +82,9 @@ def to_dask(fn: TileFunction, inputs: Mapping[str, ArrayInput], grid: TileGrid, 
     live = [c for c in cells
             if geom is None or window_intersects(geom, c.window, out_transform)]
     needed = sorted({t for c in live for t in c.tiles})
+    # one graph key for fn, tokenised once (a backbone's job pickles to tens of MB: as an
+    # argument of every tile's task it was tokenised per tile, ~20 ms per MB each time)
+    shared_fn = dask.delayed(fn, pure=True)
     tasks = {}
     for tid in needed:
         tile = grid.get(*tid)
@@ -89,7 +92,8 @@ def to_dask(fn: TileFunction, inputs: Mapping[str, ArrayInput], grid: TileGrid, 
         for name, src in inputs.items():
             arr, win, inner = _piece(src, tile, out_transform)
             pieces[name] = (arr, win, inner, src.nodata, src.count)
-        tasks[tid] = dask.delayed(_run_tile, pure=True)(fn, tile, out_transform, count, pieces)
+        tasks[tid] = dask.delayed(_run_tile, pure=True)(shared_fn, tile, out_transform, count,
+                                                            pieces)
     live_ids = {(c.row, c.col) for c in live}
     blocks: list[list[da.Array]] = []
     for i in range(grid.rows.n_cells):
