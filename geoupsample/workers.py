@@ -1,18 +1,17 @@
 """Where a run's tile work goes: the device it runs on, and how the CPU's cores are shared
 between the tiles a local run computes at once.
 
-A fit (``jbu``/``gsjbu``) or a backbone runs one tile at a time by default, in the calling
-thread (:func:`tiling.run` with one worker), and uses every core inside it through torch's
-intra-op threads. Those threads do not keep every core busy all the time
-(on the 2-core development machine a gsjbu run used 1.3 cores on average), so several tiles at
-once can be faster — at the price of one tile's working memory each (about 0.6 GB for a
-1024 px gsjbu tile at scale 8 with 8 classes). With ``workers`` tiles at once, each should use
-``cores // workers`` torch threads, not all of them (2 tiles at once on 2 cores, one run each:
-0.157 MP/s with 2 threads per tile, 0.167 with 1). Measured on the 2-core development machine,
-``geoupsample upsample`` over the 2048² benchmark scene (``benchmarks/_data``, gsjbu, 8
-classes), two alternating runs each: 1 worker 21.5 and 21.7 s wall, 1.58 and 1.51 GB max RSS;
-2 workers 19.2 and 19.0 s, 2.03 and 2.15 GB (max RSS includes about 0.65 GB of imports). The
-default stays 1, inside the memory target.
+A fit (``jbu``/``gsjbu``) or a backbone runs one tile at a time by default, in the calling thread
+(:func:`tiling.run` with one worker), and uses every core inside it through torch's intra-op
+threads. Those threads do not keep every core busy all the time (on the 2-core development machine a
+gsjbu run used 1.3 cores on average), so several tiles at once can be faster — at the price of one
+tile's working memory each (about 0.6 GB for a 1024 px gsjbu tile at scale 8 with 8 classes). With
+``workers`` tiles at once, each should use ``cores // workers`` torch threads, not all of them (2
+tiles at once on 2 cores, one run each: 0.157 MP/s with 2 threads per tile, 0.167 with 1). Measured
+on the 2-core development machine, ``geoupsample upsample`` over the 2048² benchmark scene
+(``benchmarks/_data``, gsjbu, 8 classes), two alternating runs each: 1 worker 21.5 and 21.7 s wall,
+1.58 and 1.51 GB max RSS; 2 workers 19.2 and 19.0 s, 2.03 and 2.15 GB (max RSS includes about 0.65
+GB of imports). The default stays 1, inside the memory target.
 """
 
 from __future__ import annotations

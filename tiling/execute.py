@@ -2,9 +2,9 @@
 
 A per-tile function receives a :class:`TileContext` and returns float32 ``[count, rows, cols]`` for
 the tile's read window (NaN = nodata), or ``None`` when the tile has no data (e.g. all nodata).
-Tiles are computed in the calling thread (``workers=1``), on a
-local thread pool, or on a dask.distributed cluster, with a bounded number in flight; a single
-writer in the calling process blends them and writes finished cells.
+Tiles are computed in the calling thread (``workers=1``), on a local thread pool, or on a
+dask.distributed cluster, with a bounded number in flight; a single writer in the calling process
+blends them and writes finished cells.
 """
 
 from __future__ import annotations

@@ -23,14 +23,13 @@ changes.
 
 The command line and the whole-scene entry points (``upsample_raster``, ``features_raster``,
 ``segment_raster``, ``geoupsample.xarray.upsample``) call it before starting their threads, and
-their per-tile jobs call it again, which tunes each dask.distributed worker at its first tile.
-Those workers need it most: distributed starts them with ``MALLOC_TRIM_THRESHOLD_=65536``, and a
-50-step fit of a 1152 x 1152 tile at scale 8 (one torch thread) took 15.5 s in a worker against
-6.0 s once tuned. Call it yourself early in a script or notebook that fits directly with
-:func:`geoupsample.fit`. Set
-the environment variable ``GEOUPSAMPLE_TUNE_MALLOC=0`` to leave the allocator alone. Arena
-assignment happens at a thread's first allocation, so threads that already allocated keep
-their arena; the thresholds apply to every thread.
+their per-tile jobs call it again, which tunes each dask.distributed worker at its first tile. Those
+workers need it most: distributed starts them with ``MALLOC_TRIM_THRESHOLD_=65536``, and a 50-step
+fit of a 1152 x 1152 tile at scale 8 (one torch thread) took 15.5 s in a worker against 6.0 s once
+tuned. Call it yourself early in a script or notebook that fits directly with
+:func:`geoupsample.fit`. Set the environment variable ``GEOUPSAMPLE_TUNE_MALLOC=0`` to leave the
+allocator alone. Arena assignment happens at a thread's first allocation, so threads that already
+allocated keep their arena; the thresholds apply to every thread.
 """
 
 from __future__ import annotations
