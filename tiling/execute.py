@@ -292,7 +292,8 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
             one tile at a time, while the next tile's inputs are read in the background (torch
             code runs faster there: see :func:`_caller_results`).
         max_in_flight: tiles submitted but not yet blended (default: 2 x workers, or 2 x the
-            cluster's threads); bounds memory.
+            cluster's threads); bounds memory. With one local worker it is always 2: the tile
+            being computed and the next one being read.
         progress: called with a :class:`Progress` after every tile.
         frontier_budget: bytes of blend parts waiting for the next tile row kept in memory; the
             rest go to an anonymous scratch file beside the output (see :mod:`tiling.spill`).
