@@ -61,7 +61,6 @@ def _aoi_lonlat() -> dict:
     return transform_geom(crs, "EPSG:4326", mapping(box(x0 + 20, y0 + 120, x0 + 170, y1 - 20)))
 
 
-
 def test_upsample_from_urls_equals_local_files(server, tmp_path):
     url, root = server
     kw = dict(method="jbu", **SMALL)

@@ -57,7 +57,6 @@ def small(tmp_path_factory):
     return lr, hr
 
 
-
 def _whole(lr: str, hr: str, method: str, **kw) -> np.ndarray:
     x, g = read_tif(lr).astype(np.float32), read_tif(hr).astype(np.float32)
     if method in ("jbu", "gsjbu"):

@@ -16,11 +16,10 @@ import dask.array as da
 import numpy as np
 from affine import Affine
 from rasterio.windows import Window
-from rasterio.windows import transform as window_transform
 
 from tiling.accumulate import blend_parts, tile_parts
 from tiling.aoi import window_intersects, window_mask
-from tiling.execute import TileContext, TileFunction, share_malloc_arena
+from tiling.execute import TileFunction, call_tile, share_malloc_arena
 from tiling.grid import Cell, Tile, TileGrid
 from tiling.reader import ArrayInput, to_float
 
@@ -47,15 +46,7 @@ def _run_tile(fn: TileFunction, tile: Tile, out_transform: Affine, count: int,
         out[:, r:r + int(inner.height), c:c + int(inner.width)] = to_float(np.asarray(arr),
                                                                              nodata)
         data[name] = out
-    res = fn(TileContext(tile, tile.read, window_transform(tile.read, out_transform), data))
-    if res is None:
-        return None
-    res = np.asarray(res, dtype=np.float32)
-    want = (count, int(tile.read.height), int(tile.read.width))
-    if res.shape != want:
-        raise ValueError(f"the per-tile function returned shape {res.shape} for tile {tile.id}; "
-                         f"expected {want}")
-    return res
+    return call_tile(fn, tile, data, out_transform, count)[1]
 
 
 def _run_cell(grid: TileGrid, count: int, cell: Cell, tile_ids: list[tuple[int, int]],

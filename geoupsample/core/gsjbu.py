@@ -250,16 +250,28 @@ class AssemblePsi(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coef, geom, workspace):  # type: ignore[override]
         ctx.geom, ctx.workspace = geom, workspace
-        n_cells, k = geom.bias.shape
-        nb = _buffer(workspace, "coef_nb", (4, n_cells, k), coef)
-        neighbour_planes(coef, geom.radius, nb)
-        psi = _buffer(workspace, "psi", (n_cells, N_SPATIAL + 1 + geom.v.shape[0], k), coef)
-        return assemble_psi(nb, geom, psi)
+        return psi_of_coefficients(coef, geom, workspace=workspace)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         planes = _buffer(ctx.workspace, "coef_nb_grad", (4,) + tuple(ctx.geom.bias.shape), grad)
         return gather_adjoint(psi_planes_grad(grad, ctx.geom, planes), ctx.geom), None, None
+
+
+def psi_of_coefficients(
+    coef: torch.Tensor,
+    geom: PsiGeometry,
+    rows: tuple[int, int] | None = None,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """``psi [cells, 6 + d, K]`` of the cells of LR rows ``rows = (i0, i1)`` (all by default,
+    ``geom`` of the same cells) from the coefficient maps ``coef [4, h, w]`` (a, b, c, R; not
+    differentiable: :class:`AssemblePsi` is), into ``workspace``'s buffers if given."""
+    n_cells, k = geom.bias.shape
+    nb = _buffer(workspace, "coef_nb", (4, n_cells, k), coef)
+    neighbour_planes(coef, geom.radius, nb, rows)
+    psi = _buffer(workspace, "psi", (n_cells, N_SPATIAL + 1 + geom.v.shape[0], k), coef)
+    return assemble_psi(nb, geom, psi)
 
 
 def assemble_psi(nb: torch.Tensor, geom: PsiGeometry, psi: torch.Tensor) -> torch.Tensor:

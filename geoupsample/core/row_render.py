@@ -70,13 +70,7 @@ class PsiSource:
         self, coef: torch.Tensor, rows: tuple[int, int], geom: gsjbu.PsiGeometry | None = None
     ) -> torch.Tensor:
         """``psi [cells, 6 + d, K]`` of the cells of LR rows ``rows`` from ``coef [4, h, w]``."""
-        geom = geom or self.geometry(rows, coef.dtype)
-        cells, k = geom.bias.shape
-        nb = torch.empty(4, cells, k, dtype=coef.dtype, device=coef.device)
-        gsjbu.neighbour_planes(coef, self.radius, nb, rows)
-        psi = torch.empty(cells, gsjbu.N_SPATIAL + 1 + geom.v.shape[0], k, dtype=coef.dtype,
-                          device=coef.device)  # fmt: skip
-        return gsjbu.assemble_psi(nb, geom, psi)
+        return gsjbu.psi_of_coefficients(coef, geom or self.geometry(rows, coef.dtype), rows)
 
     def bands(self, per_cell: int) -> list[tuple[int, int]]:
         """Bands ``(i0, i1)`` of LR rows whose ``[cells, per_cell]`` tensors stay near
