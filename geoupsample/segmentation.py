@@ -172,7 +172,8 @@ class SegmentTile(FeatureTile):
         hr = np.clip(hr, 0.0, None)
         total = hr.sum(0, keepdims=True)
         hr = np.where(total > 0, hr / np.where(total > 0, total, 1.0), 1.0 / hr.shape[0])
-        hr[:, ~np.isfinite(g).all(0)] = np.nan
+        # no probability reached the pixel (no valid features near it): nodata, not a class
+        hr[:, ~np.isfinite(g).all(0) | np.isnan(total[0])] = np.nan
         return hr * np.float32(self.scale)
 
 

@@ -266,6 +266,24 @@ def test_guide_nodata_gives_nan_output_for_every_method():
         assert np.isfinite(out[0, 12:, 12:]).all(), method
 
 
+@pytest.mark.parametrize("objective", ["back_projected", "plain"])
+@pytest.mark.parametrize("lr_shape", [(12, 12), (10, 11)])  # x8, and fractional (stencil-free)
+def test_nodata_collar_wider_than_the_neighbourhood_stays_out_of_the_fit(
+    rotterdam_ms, objective, lr_shape
+):
+    # a rotated scene's collar: cells deep inside it have no valid neighbour at all, whose
+    # softmax was NaN and spread through Adam to every kernel (all-NaN output)
+    guide = rotterdam_ms[:3, :96, :96].copy()
+    collar = np.triu(np.ones((96, 96), bool), 40)
+    guide[:, collar] = np.nan
+    k = gu.fit(guide, lr_shape, iters=8, radius=1, objective=objective, sample=1.0)
+    assert np.isfinite(k.loss_history).all() and torch.isfinite(k.params).all()
+    assert k.loss_history[-1] < k.loss_history[0]
+    out = k.render(np.random.default_rng(0).random((2, *lr_shape)).astype(np.float32))
+    assert np.isfinite(out[0][~collar]).all()
+    assert np.isnan(out[0][collar]).all()
+
+
 @pytest.mark.parametrize(
     "call,error,match",
     [

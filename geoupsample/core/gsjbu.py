@@ -209,6 +209,11 @@ def psi_geometry(
     here = g[:, i0:i1].reshape(d, cells, 1)
     v = windows(g, radius, i0, i1).reshape(d, cells, -1) - here  # [d, cells, K]
     valid_nb = windows(cell_valid.to(dtype)[None], radius, i0, i1).reshape(cells, -1) > 0.5
+    # A cell deep inside a nodata area (a scene collar, a cloud mask) has no valid neighbour:
+    # all -inf would make its softmax NaN, and the NaN would reach valid cells through the
+    # gradient, Adam and the neighbours' shared coefficient maps. Its pixels are invalid (NaN
+    # out, no loss), so any finite weights do: it keeps all its neighbours.
+    valid_nb |= ~valid_nb.any(1, keepdim=True)
     bias = torch.zeros(valid_nb.shape, dtype=dtype, device=gbar.device)
     bias = bias.masked_fill(~valid_nb, float("-inf"))
     dy, dx = (t.to(gbar.device, dtype) for t in layout.offsets(radius))
