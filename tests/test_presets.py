@@ -285,3 +285,15 @@ def test_lowres_sample_is_the_same_for_files_and_arrays(tmp_path):
     expected = data[:, 50:1250:3, 100:2400:3]
     np.testing.assert_array_equal(from_file.numpy(), np.where(expected == -1.0, np.nan, expected))
     assert np.isnan(from_file.numpy()[:, :2]).all()
+
+
+def test_batch_items_render_as_if_alone_under_self_guidance(guide_and_kernels):
+    # the range term compares x with itself: one item must not steer another's weights
+    _, k = guide_and_kernels
+    a, b = softmax_probs((20, 20), seed=1), softmax_probs((20, 20), seed=2)
+    batched = k.render(torch.from_numpy(np.stack([a, b])))  # probabilities: self_guidance=1
+    torch.testing.assert_close(batched[0], k.render(torch.from_numpy(a)), rtol=0, atol=0)
+    torch.testing.assert_close(batched[1], k.render(torch.from_numpy(b)), rtol=0, atol=0)
+    x = np.stack([a[:1], 100 * b[:1]])  # continuous, explicit self-guidance, own spans
+    out = k.render(x, self_guidance=1.0)
+    np.testing.assert_array_equal(out[1], k.render(x[1], self_guidance=1.0))

@@ -246,16 +246,25 @@ class Kernels:
         xt = as_tensor(x, "x")
         lead = check_raster(xt, self.lr_shape)
         out_dtype = float_dtype(xt)
-        flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
         if kind == "probabilities":  # declared, not detected (detection already checked it)
             presets.check_probabilities(xt)
-        _, preset = presets.resolve(kind, xt)
+        name, preset = presets.resolve(kind, xt)
         rounds = check_rounds(preset.consistency if consistency is None else consistency)
         if self_guidance is None:
             self_guidance = preset.self_guidance
         if self_guidance_scale is None:
             self_guidance_scale = preset.self_guidance_scale
         floor = check_min_sigma_r(preset.min_sigma_r if min_sigma_r is None else min_sigma_r)
+        if self_guidance and len(lead) == 2 and lead[0] > 1:
+            # the range term looks at x itself: each item of a batch is its own guide
+            items = [
+                self.render(item, consistency=rounds, self_guidance=self_guidance,
+                            self_guidance_scale=self_guidance_scale, min_sigma_r=floor,
+                            kind=name)
+                for item in xt
+            ]  # fmt: skip
+            return like_input(torch.stack(items).to(xt.device), x)
+        flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
         params = self.params
         if floor > 0:
             params = params.clone()
