@@ -475,3 +475,14 @@ def test_workspace_reuse_gives_the_same_gradients():
         torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
     # the buffers were used: psi, its gradient, and the neighbours' coefficients and gradients
     assert set(workspace.buffers) == {"psi", "grad_psi", "coef_nb", "coef_nb_grad"}
+
+
+@pytest.mark.parametrize("method", ["jbu", "gsjbu"])
+def test_float64_raster_far_from_zero_keeps_float64_precision(rotterdam_ms, method):
+    # northings or elevations: 4e6 + detail, rendered by float32 kernels of an ordinary guide
+    guide = rotterdam_ms[:3, :64, :64].astype(np.float32)
+    detail = np.random.default_rng(3).random((1, 8, 8))
+    far = gu.upsample(4e6 + detail, guide, method=method, iters=3)
+    near = gu.upsample(detail, guide, method=method, iters=3)
+    assert far.dtype == np.float64
+    np.testing.assert_allclose(far - 4e6, near, rtol=0, atol=1e-6)  # float32 alone: ~0.25

@@ -264,7 +264,11 @@ class Kernels:
                 for item in xt
             ]  # fmt: skip
             return like_input(torch.stack(items).to(xt.device), x)
-        flat = xt.reshape(-1, *self.lr_shape).to(self.device, self.params.dtype)
+        flat = xt.reshape(-1, *self.lr_shape)
+        offset = None if preset.simplex else precision_offset(flat, out_dtype, self.params.dtype)
+        if offset is not None:  # weighted means and back-projection commute with a shift
+            flat = flat.to(offset.dtype) - offset
+        flat = flat.to(self.device, self.params.dtype)
         params = self.params
         if floor > 0:
             params = params.clone()
@@ -278,6 +282,8 @@ class Kernels:
         if rounds:
             all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
             out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
+        if offset is not None:
+            out = out.to(out_dtype) + offset.to(out.device, out_dtype)
         out = out.reshape(*lead, *self.hr_shape)
         if preset.simplex:
             out = presets.to_simplex(out)
@@ -382,6 +388,27 @@ def check_rounds(consistency: object) -> float:
     """Validate a number of back-projection rounds (a number >= 0; a fraction is one damped
     round)."""
     return _non_negative_number(consistency, "consistency")
+
+
+def precision_offset(
+    x: torch.Tensor, out_dtype: torch.dtype, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Per-channel mean ``[N, 1, 1]`` (in ``out_dtype``) of ``x [N, h, w]`` to take out before
+    rendering in the kernels' ``dtype``, or ``None`` when ``out_dtype`` is no wider than it.
+
+    A float64 output of a raster far from zero (northings, elevations, 4e6 + detail) would keep
+    only float32's 7 digits of its magnitude; centred, the render keeps them for its variations.
+    """
+    if (
+        torch.empty((), dtype=out_dtype).element_size()
+        <= torch.empty((), dtype=dtype).element_size()
+    ):
+        return None
+    x = x.to(out_dtype)
+    finite = torch.isfinite(x)
+    count = finite.sum((1, 2), keepdim=True)
+    total = torch.where(finite, x, torch.zeros((), dtype=x.dtype)).sum((1, 2), keepdim=True)
+    return total / count.clamp_min(1)
 
 
 def check_min_sigma_r(value: object) -> float:
