@@ -486,3 +486,17 @@ def test_float64_raster_far_from_zero_keeps_float64_precision(rotterdam_ms, meth
     near = gu.upsample(detail, guide, method=method, iters=3)
     assert far.dtype == np.float64
     np.testing.assert_allclose(far - 4e6, near, rtol=0, atol=1e-6)  # float32 alone: ~0.25
+
+
+@pytest.mark.parametrize("h,hr", [(2, 41), (40, 100), (66, 99), (7, 7), (5, 23)])
+def test_nearest_takes_the_cell_whose_footprint_holds_the_pixel_centre(h, hr):
+    # ties at half-integer scales (pixel centre on a footprint edge) go to the later cell, as
+    # in the cell layout every guided method uses; torch's float 'nearest-exact' rounded some
+    # of them down
+    from fractions import Fraction
+
+    x = np.arange(h * 3, dtype=np.float32).reshape(1, h, 3)
+    out = gu.upsample(x, np.zeros((1, hr, 6), np.float32), method="nearest")[0]
+    cell = [int((Fraction(y) + Fraction(1, 2)) / Fraction(hr, h)) for y in range(hr)]
+    np.testing.assert_array_equal(out[:, ::2], x[0][cell])
+    np.testing.assert_array_equal(out[:, 1::2], x[0][cell])

@@ -58,11 +58,17 @@ class AxisLayout:
         return bool(self.valid.all())
 
 
+def pixel_cells(n_hr: int, n_lr: int) -> torch.Tensor:
+    """``[n_hr]`` int64: the LR cell of each HR pixel along one axis, the one whose footprint
+    holds the pixel's centre: ``floor((y + 0.5) / (n_hr / n_lr))``, in exact integer arithmetic
+    (ties at half-integer scales go to the later cell, as the footprint is half-open)."""
+    y = torch.arange(n_hr, dtype=torch.int64)
+    return ((2 * y + 1) * n_lr) // (2 * n_hr)
+
+
 def axis_layout(n_hr: int, n_lr: int) -> AxisLayout:
     """Build the layout of one axis of ``n_hr`` HR pixels over ``n_lr`` LR cells (n_lr <= n_hr)."""
-    y = torch.arange(n_hr, dtype=torch.int64)
-    # floor((y + 0.5) / (n_hr / n_lr)) == floor((2y + 1) * n_lr / (2 n_hr)), exactly.
-    cell = ((2 * y + 1) * n_lr) // (2 * n_hr)
+    cell = pixel_cells(n_hr, n_lr)
     counts = torch.bincount(cell, minlength=n_lr)
     n_phase = int(counts.max())
     first = torch.cumsum(counts, 0) - counts

@@ -24,7 +24,7 @@ from geoupsample.core.kernels import (
     check_rounds,
     fit,
 )
-from geoupsample.core.layout import CellLayout
+from geoupsample.core.layout import CellLayout, pixel_cells
 from geoupsample.core.masking import render_with_mask
 
 Method = Callable[..., Any]
@@ -140,8 +140,10 @@ def interpolate(x: torch.Tensor, hr_shape: tuple[int, int], mode: str) -> torch.
     cells of its 2 x 2 support; ``bicubic`` interpolates the raster with missing cells filled
     from their valid neighbours and is NaN where bilinear has no valid cell.
     """
-    if mode == "nearest":
-        return F.interpolate(x[None], size=hr_shape, mode="nearest-exact")[0]
+    if mode == "nearest":  # the cell whose footprint holds the pixel centre, as everywhere
+        rows = pixel_cells(hr_shape[0], x.shape[-2]).to(x.device)
+        cols = pixel_cells(hr_shape[1], x.shape[-1]).to(x.device)
+        return x.index_select(-2, rows).index_select(-1, cols)
     if mode == "bilinear":
         return render_with_mask(x, lambda v: _resize(v, hr_shape, "bilinear"))
     finite = torch.isfinite(x)
