@@ -246,12 +246,15 @@ class LinearProbe:
         return p.numpy() if was_numpy else p  # type: ignore[return-value]
 
     def predict(self, features: ArrayT) -> ArrayT:
-        """Most probable class index ``[h, w]`` (or ``[B, h, w]``), int64."""
+        """Most probable class index ``[h, w]`` (or ``[B, h, w]``), int64; -1 in cells with
+        non-finite features (NaN probabilities), never a made-up class."""
         p = self.predict_proba(features)
         axis = p.ndim - 3
         if isinstance(p, np.ndarray):
-            return p.argmax(axis=axis)  # type: ignore[return-value]
-        return p.argmax(dim=axis)  # type: ignore[return-value]
+            cls = p.argmax(axis=axis)
+            return np.where(np.isnan(p).any(axis=axis), -1, cls)  # type: ignore[return-value]
+        cls = p.argmax(dim=axis)
+        return torch.where(p.isnan().any(dim=axis), -1, cls)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------- persistence
 

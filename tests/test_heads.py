@@ -114,6 +114,8 @@ def test_timm_features_batches_torch_and_nodata(scene: dict) -> None:
     holes[:, 0, 0] = float("nan")
     p = probe.predict_proba(holes)
     assert torch.isnan(p[:, 0, 0]).all() and torch.isfinite(p[:, 1:]).all()
+    for cls in (probe.predict(holes), torch.from_numpy(probe.predict(holes.numpy()))):
+        assert cls[0, 0] == -1 and (cls.flatten()[1:] >= 0).all()  # missing, not class 0
     refit = LinearProbe(max_iter=5).fit(holes, frac)  # the NaN cell is left out of the fit
     assert refit.n_samples == int((frac.sum(0) > 1e-9).sum()) - int(frac[:, 0, 0].sum() > 1e-9)
 
