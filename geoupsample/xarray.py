@@ -26,6 +26,7 @@ import json
 from typing import Any
 
 import numpy as np
+import rioxarray
 import xarray as xr
 
 import tiling
@@ -46,15 +47,36 @@ def _as_bands(a: xr.DataArray, what: str) -> xr.DataArray:
     if not isinstance(a, xr.DataArray):
         raise InputError(f"{what} must be an xarray.DataArray (e.g. rioxarray.open_rasterio), "
                          f"got {type(a).__name__}")
+    try:
+        y, x = a.rio.y_dim, a.rio.x_dim
+    except rioxarray.exceptions.MissingSpatialDimensionError:
+        raise InputError(f"{what} has dims {a.dims}: name its spatial dims y and x (or "
+                         "latitude and longitude), e.g. with .rename(...)") from None
     if a.ndim == 2:
         a = a.expand_dims("band")
     if a.ndim != 3:
         raise InputError(f"{what} must be [band, y, x]; got dims {a.dims}")
+    a = a.transpose(..., y, x)  # (band, y, x) whatever order it came in
     if a.shape[0] == 0:
         raise InputError(f"{what} has no bands")
     if np.dtype(a.dtype).kind not in "uif":
         raise InputError(f"{what} has unsupported dtype {a.dtype}; use integer or float data")
-    return a
+    return _north_up(a, y, x)
+
+
+def _north_up(a: xr.DataArray, y: str, x: str) -> xr.DataArray:
+    """``a`` with rows from north to south and columns from west to east (as GeoTIFFs are),
+    its transform recomputed from the coordinates (``sortby("y")`` leaves a stale one)."""
+    flips = {}
+    for dim, forward in ((y, -1), (x, 1)):  # north-up: y decreasing, x increasing
+        if dim in a.coords and a.sizes[dim] > 1:
+            step = float(a[dim][1] - a[dim][0])
+            if step * forward < 0:
+                flips[dim] = slice(None, None, -1)
+    if not flips:
+        return a
+    a = a.isel(flips)
+    return a.rio.write_transform(a.rio.transform(recalc=True))
 
 
 def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
@@ -229,6 +251,7 @@ def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
         scene-wide guide statistics (a regular subsample) and the PCA (a sample of windows);
         the tiles run when the result is computed.
     """
+    scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
     sc = _scene(scene)
     bb = _backbone(backbone, sc, backbone_options)
     geom = scene_aoi(aoi, aoi_crs, sc)
@@ -273,6 +296,7 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
 
     from geoupsample.segmentation import UINT8_NODATA, class_bands, load_labels, plan_segment
 
+    scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
     sc = _scene(scene)
     bb = _backbone(backbone, sc, backbone_options)
     polys = load_labels(labels, class_field, sc, labels_crs=labels_crs, layer=layer)

@@ -227,6 +227,9 @@ def test_xarray_versions_equal_the_files(tmp_path, resnet, spectral) -> None:
     assert names == ["bright_impervious", "dark_impervious", "vegetation"]
     # (float32 probabilities: the class raster is the one a run without --probs writes)
     np.testing.assert_array_equal(classes.values, read(tmp_path / "s.tif"))
+    south_up = segment(scene.sortby("y"), LABELS, "class", "spectral", cell_size=10, **seg)
+    np.testing.assert_array_equal(south_up.y.values, classes.y.values)  # returned north-up
+    np.testing.assert_array_equal(south_up.values, classes.values)
     probs = segment(scene, LABELS, "class", spectral, probabilities=True, **seg)
     assert probs.attrs["long_name"] == tuple(names)
     np.testing.assert_array_equal(probs.values, read(tmp_path / "p.tif"))

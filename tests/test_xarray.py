@@ -128,3 +128,28 @@ def test_render_overrides_match_cli(small, tmp_path):
     assert np.abs(plain.values - hr.values).max() > 1e-3
     with pytest.raises(InputError, match="only jbu and gsjbu use min_sigma_r"):
         upsample(lr, g, method="bilinear", min_sigma_r=0.0)
+
+
+def test_dimension_order_and_south_up_coordinates_are_read_as_north_up(small):
+    lr_path, hr_path = small
+    lr, g = rioxarray.open_rasterio(lr_path), rioxarray.open_rasterio(hr_path)
+    ref = upsample(lr, g, method="nearest", tile=64, halo=8).compute()
+    variants = {
+        "guide (y, x, band)": (lr, g.transpose("y", "x", "band")),
+        "lowres (band, x, y)": (lr.transpose("band", "x", "y"), g),
+        # sortby("y") flips the rows and leaves rioxarray a stale north-up transform
+        "lowres south-up": (lr.sortby("y"), g),
+        "guide south-up": (lr, g.sortby("y")),
+        "both east-to-west": (lr.sortby("x", ascending=False), g.sortby("x", ascending=False)),
+    }
+    for name, (a, b) in variants.items():
+        out = upsample(a, b, method="nearest", tile=64, halo=8)
+        assert out.dims == ("band", "y", "x"), name
+        np.testing.assert_array_equal(out.y.values, ref.y.values, err_msg=name)
+        np.testing.assert_array_equal(out.compute().values, ref.values, err_msg=name)
+
+
+def test_unnamed_spatial_dims_are_refused():
+    lr = rioxarray.open_rasterio(LR).rename(y="row", x="col")
+    with pytest.raises(InputError, match="name its spatial dims y and x"):
+        upsample(lr, rioxarray.open_rasterio(HR))
