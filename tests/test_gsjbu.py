@@ -289,6 +289,8 @@ def test_nodata_collar_wider_than_the_neighbourhood_stays_out_of_the_fit(
     [
         (lambda g, x: gu.fit(g, (50, 8)), ValueError, "finer than the guide"),
         (lambda g, x: gu.fit(g, (8,)), TypeError, "pair of ints"),
+        (lambda g, x: gu.fit(g, (8.7, 8)), TypeError, "whole numbers of cells"),
+        (lambda g, x: gu.fit(g, (8, 8), normalize=([1, 1, 1], [0, 2, 2])), ValueError, "swapped"),
         (lambda g, x: gu.fit(g[0], (8, 8)), ValueError, "add a band axis"),
         (lambda g, x: gu.fit(g[None], (8, 8)), ValueError, r"\[bands, H, W\]"),
         (lambda g, x: gu.fit(g[:, :0], (8, 8)), ValueError, "empty"),
@@ -500,3 +502,8 @@ def test_nearest_takes_the_cell_whose_footprint_holds_the_pixel_centre(h, hr):
     cell = [int((Fraction(y) + Fraction(1, 2)) / Fraction(hr, h)) for y in range(hr)]
     np.testing.assert_array_equal(out[:, ::2], x[0][cell])
     np.testing.assert_array_equal(out[:, 1::2], x[0][cell])
+
+
+def test_a_diverging_fit_is_an_error_not_nan_kernels(rotterdam_ms):
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        gu.fit(rotterdam_ms[:3, :128, :128], (16, 16), iters=50, lr=10.0)

@@ -41,6 +41,9 @@ class GuideStats:
             raise ValueError(f"GuideStats: lo has {lo.size} bands but hi has {hi.size}")
         if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
             raise ValueError("GuideStats: lo and hi must be finite numbers")
+        if (hi < lo).any():
+            raise ValueError(f"GuideStats: hi must be >= lo in every band; got lo {lo}, hi {hi} "
+                             "(swapped?)")
         object.__setattr__(self, "lo", lo)
         object.__setattr__(self, "hi", hi)
 

@@ -69,8 +69,11 @@ def check_lr_shape(lr_shape: object, hr_shape: tuple[int, int]) -> tuple[int, in
     """Validate ``lr_shape`` against the guide's ``(H, W)``."""
     try:
         h, w = (int(v) for v in lr_shape)  # type: ignore[union-attr]
+        whole = all(float(v) == int(v) for v in lr_shape)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         raise TypeError(f"lr_shape must be a pair of ints (h, w); got {lr_shape!r}") from None
+    if not whole:
+        raise TypeError(f"lr_shape must be whole numbers of cells (h, w); got {lr_shape!r}")
     if h < 1 or w < 1:
         raise ValueError(f"lr_shape must be positive; got {(h, w)}")
     if h > hr_shape[0] or w > hr_shape[1]:
@@ -563,6 +566,11 @@ def fit(
         params, history = fused.params, fused.history()
     else:
         history = torch.stack(losses).double().cpu().tolist()
+    if not bool(torch.isfinite(params).all()):
+        raise FloatingPointError(
+            f"the fit diverged: its kernels are not finite after {iters} steps (loss history "
+            f"{history[:3]}...); lower the learning rate (lr={lr!r}; the default is 0.1)"
+        )
     kernels = Kernels(
         params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
     )
