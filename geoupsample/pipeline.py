@@ -81,16 +81,16 @@ class UpsampleTile:
             g = np.zeros((1, int(ctx.window.height), int(ctx.window.width)), np.float32)
         if not np.isfinite(g).all(0).any() or not np.isfinite(x).any():
             return None
+        if self.unit is not None:
+            x = x / np.float32(self.unit)
         if self.method in INTERPOLATIONS:
             out = gu.upsample(x, g, method=self.method, **self.render)
         else:
-            if self.unit is not None:
-                x = x / np.float32(self.unit)
             out = gu.upsample(x, g, method=self.method, iters=self.iters, radius=self.radius,
                               device=self.device, seed=self.seed, normalize=self.stats,
                               **self.render)
-            if self.unit is not None:
-                out = out * np.float32(self.unit)
+        if self.unit is not None:
+            out = out * np.float32(self.unit)
         return np.asarray(out, dtype=np.float32)
 
 

@@ -86,7 +86,7 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
     """The tiles' rendering, decided once for the scene so that tiles agree.
 
     Args:
-        method: the upsampling method (the interpolations take ``consistency`` alone).
+        method: the upsampling method (the interpolations take ``consistency`` and ``kind``).
         kind: ``auto`` (resolved here from the sample), ``continuous`` or ``probabilities``.
         sample: returns a decimated sample of the low-res raster ``[C, h', w']`` float, NaN as
             nodata; called only when needed (``auto``, probabilities, or self-guidance on a
@@ -101,8 +101,6 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
             not sum to one value.
     """
     render: dict[str, Any] = checked_overrides(method, **overrides)
-    if method in INTERPOLATIONS:
-        return SceneRender(render)
     try:
         presets.check_kind(kind)
     except ValueError as err:
@@ -129,6 +127,8 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
             unit = 1.0
         kind = "probabilities" if unit is not None else "continuous"
     render["kind"] = kind
+    if method in INTERPOLATIONS:  # no kernels: the kind only keeps probabilities on [0, 1]
+        return SceneRender(render, None if unit == 1.0 else unit)
     if kind == "probabilities":
         render["self_guidance_scale"] = 1.0  # the same unit in every tile
         return SceneRender(render, None if unit == 1.0 else unit)

@@ -297,3 +297,28 @@ def test_batch_items_render_as_if_alone_under_self_guidance(guide_and_kernels):
     x = np.stack([a[:1], 100 * b[:1]])  # continuous, explicit self-guidance, own spans
     out = k.render(x, self_guidance=1.0)
     np.testing.assert_array_equal(out[1], k.render(x[1], self_guidance=1.0))
+
+
+def test_bicubic_keeps_probabilities_on_the_simplex(tmp_path, rotterdam_ms):
+    """bicubic overshoots at sharp class edges: probabilities (detected or declared) are
+    clipped to [0, 1] and renormalised, in the API and in the pipeline (8-bit units too)."""
+    guide = rotterdam_ms[:, :192, :192].astype(np.float32)
+    hard = np.eye(3, dtype=np.float32)[np.random.default_rng(0).integers(0, 3, (24, 24))]
+    probs = hard.transpose(2, 0, 1).copy()  # one-hot cells: the worst overshoot
+    out = gu.upsample(probs, guide, method="bicubic")
+    assert out.min() >= 0 and out.max() <= 1
+    np.testing.assert_allclose(out.sum(0), 1, atol=1e-5)
+    raw = gu.upsample(probs, guide, method="bicubic", kind="continuous")
+    assert raw.min() < -0.05  # what continuous rasters keep: bicubic's own overshoot
+    np.testing.assert_array_equal(out.argmax(0), raw.argmax(0))  # the classes do not move
+    with pytest.raises(ValueError, match="kind must be"):
+        gu.upsample(probs, guide, method="bilinear", kind="bogus")
+
+    t_hr = Affine(1.0, 0, 593270.0, 0, -1.0, 5747657.0)
+    t_lr = Affine(1.0 * SCALE, 0, 593270.0, 0, -1.0 * SCALE, 5747657.0)
+    g = _write(tmp_path / "guide.tif", guide, t_hr)
+    lr = _write(tmp_path / "p8.tif", np.round(probs * 255).astype(np.uint8), t_lr)
+    upsample_raster(lr, g, tmp_path / "o8.tif", method="bicubic", tile=96, halo=32)
+    with rasterio.open(tmp_path / "o8.tif") as ds:
+        got = ds.read().astype(np.float32)
+    np.testing.assert_allclose(got, np.round(out * 255), atol=1)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from geoupsample.core import presets
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import check_guide, valid_mask
@@ -68,7 +69,8 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
             ``min_sigma_r`` and ``kind`` (see :meth:`Kernels.render`: class probabilities get
             label-safe defaults) and the arguments of :func:`geoupsample.fit` (``iters``,
             ``radius``, ``nodata``, ...); the non-guided methods ignore all but
-            ``consistency`` and ``nodata``.
+            ``consistency``, ``kind`` (probabilities: ``bicubic``'s overshoot and
+            back-projection's are clipped to [0, 1] and renormalised) and ``nodata``.
 
     Returns:
         ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 ``x``), same array kind
@@ -116,9 +118,17 @@ def _jbu(x: Any, guide: Any, **kwargs: Any) -> Any:
 
 
 def _interpolating(mode: str) -> Method:
-    def run(x: Any, guide: Any, nodata: float | None = None, consistency: int = 0, **_: Any) -> Any:
+    def run(
+        x: Any,
+        guide: Any,
+        nodata: float | None = None,
+        consistency: int = 0,
+        kind: str = "auto",
+        **_: Any,
+    ) -> Any:
         g = check_guide(guide)
         xt = as_tensor(x, "x")
+        presets.check_kind(kind)
         lead = check_raster(xt, tuple(xt.shape[-2:]) if xt.ndim in (3, 4) else (0, 0))
         hr_shape = (int(g.shape[1]), int(g.shape[2]))
         lr_shape = check_lr_shape(xt.shape[-2:], hr_shape)
@@ -128,7 +138,13 @@ def _interpolating(mode: str) -> Method:
         out.masked_fill_(~valid_mask(g, nodata).to(out.device)[None], float("nan"))
         if check_rounds(consistency):
             out = back_project(out, flat, CellLayout.build(hr_shape, lr_shape), consistency)
-        return like_input(out.reshape(*lead, *hr_shape), x)
+        out = out.reshape(*lead, *hr_shape)
+        if mode == "bicubic" or consistency:  # may leave [0, 1]: keep probabilities on it
+            if kind == "probabilities":
+                presets.check_probabilities(xt)
+            if presets.resolve(kind, xt)[1].simplex:
+                out = presets.to_simplex(out)
+        return like_input(out, x)
 
     return run
 
