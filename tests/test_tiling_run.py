@@ -273,7 +273,9 @@ def test_distributed_equals_local(tmp_path):
                          scheduler=client, max_in_flight=3)
         per_worker = client.run(_tiling_helpers.loads)  # the function reached each worker once
     assert rep.computed == rep.tiles > 2
-    assert max(per_worker.values()) == 1, per_worker
+    # once per worker, not once per tile (16 tiles: ~8 a worker when it travelled with each);
+    # under load distributed may hand a worker a second copy from its peer
+    assert max(per_worker.values()) <= 2 < rep.tiles // 2, per_worker
     with rasterio.open(local) as a, rasterio.open(dist) as b:
         np.testing.assert_array_equal(a.read(), b.read())
 
