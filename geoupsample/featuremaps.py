@@ -38,7 +38,7 @@ import geoupsample as gu
 import tiling
 from geoupsample.backbones import Backbone, SpectralBackbone
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.inputs import InputError
+from geoupsample.inputs import InputError, check_method_options
 from geoupsample.pca import PCA
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
@@ -182,13 +182,6 @@ class FeatureTile:
         return self.upsample(self.lowres(g), g)
 
 
-def check_method(method: str, iters: int) -> None:
-    if method not in gu.METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
-    if isinstance(iters, bool) or int(iters) < 0:
-        raise InputError(f"iters must be an integer >= 0, got {iters!r}")
-
-
 @dataclass
 class FeaturePlan:
     """Everything a features run needs besides the output: the per-tile job, the band names,
@@ -215,7 +208,7 @@ def plan_features(
     aoi: BaseGeometry | None = None,
 ) -> FeaturePlan:
     """Scene statistics, the PCA (fitted on windows touching ``aoi`` when given) and the job."""
-    check_method(method, iters)
+    check_method_options(method, iters, radius, seed)
     stats = scene.guide_stats()
     feats = TileFeatures(backbone, stats)
     reducer = None
@@ -359,7 +352,7 @@ def features_raster(
             a tile; with more, each tile gets ``cores // workers`` torch threads and its own
             working memory, see :mod:`geoupsample.workers`).
     """
-    check_method(method, iters)
+    check_method_options(method, iters, radius, seed)
     check_workers(workers)
     check_device(device, local=scheduler is None)
     checked_overrides(method, consistency=consistency)  # refuse a bad value before any work

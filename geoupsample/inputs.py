@@ -167,3 +167,17 @@ def any_valid(ds: rasterio.io.DatasetReader, indexes: Sequence[int], window: Win
         if (v.all(0) if every_band else v.any(0)).any():
             return True
     return False
+
+
+def check_method_options(method: str, iters: object, radius: object = 3, seed: object = 0) -> None:
+    """Refuse, before any work, an unknown ``method`` or bad fit options (:class:`InputError`
+    naming what to pass): whole-scene runs would otherwise fail in their first tile, or, lazily,
+    only when computed."""
+    from geoupsample.core.kernels import check_fit_options
+
+    if method not in gu.METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
+    try:
+        check_fit_options(iters, radius, seed)
+    except ValueError as err:
+        raise InputError(str(err)) from err

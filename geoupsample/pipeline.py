@@ -38,6 +38,7 @@ from geoupsample.inputs import (
     InputError,
     any_valid,
     check_dtype,
+    check_method_options,
     file_reader,
     open_raster,
     scene_guide_stats,
@@ -209,10 +210,7 @@ def _upsample_raster(
     min_sigma_r: float | None, warp: str | None,
     progress: Callable[[tiling.Progress], None] | None,
 ) -> tiling.RunReport:
-    if method not in gu.METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(gu.METHODS)}")
-    if isinstance(iters, bool) or int(iters) < 0:
-        raise InputError(f"iters must be an integer >= 0, got {iters!r}")
+    check_method_options(method, iters, radius, seed)
     lowres_path, guide_path, out_path = map(os.fspath, (lowres_path, guide_path, out_path))
     if os.path.abspath(out_path) in (os.path.abspath(lowres_path), os.path.abspath(guide_path)):
         raise InputError("the output path must differ from the input paths")

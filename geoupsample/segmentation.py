@@ -40,13 +40,12 @@ from geoupsample.featuremaps import (
     TileFeatures,
     array_digest,
     backbone_digest,
-    check_method,
     is_zarr_path,
     lr_window_grid,
     run_backbone_job,
 )
 from geoupsample.heads import LinearProbe
-from geoupsample.inputs import InputError
+from geoupsample.inputs import InputError, check_method_options
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
 from geoupsample.workers import check_device, check_workers
@@ -249,7 +248,7 @@ def plan_segment(
 
     ``scale`` multiplies the probabilities (254 for uint8 outputs, 1 for float32).
     """
-    check_method(method, iters)
+    check_method_options(method, iters, radius, seed)
     stats = scene.guide_stats()
     feats = TileFeatures(backbone, stats)
     train = training_set(scene, labels, feats, tile=tile)
@@ -364,7 +363,7 @@ def segment_raster(
             (:class:`tiling.JournalMismatch`).
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
     """
-    check_method(method, iters)
+    check_method_options(method, iters, radius, seed)
     check_workers(workers)
     check_device(device, local=scheduler is None)
     probability_render(method, consistency, self_guidance, min_sigma_r)  # refuse bad ones now

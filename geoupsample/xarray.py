@@ -34,10 +34,11 @@ from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import plan_features
 from geoupsample.grids import overlap_window, relate_or_nest
-from geoupsample.inputs import InputError, array_guide_stats, array_reader
+from geoupsample.inputs import InputError, array_guide_stats, array_reader, check_method_options
 from geoupsample.pipeline import UpsampleTile
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, scene_aoi
+from geoupsample.workers import check_device
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
 from tiling.lazy import to_dask
@@ -109,11 +110,14 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         ``jbu``/``gsjbu``) and the render's sample are computed eagerly from regular
         subsamples; everything else runs when the result is computed.
     """
-    from geoupsample import METHODS, __version__, tune_allocator
+    from geoupsample import __version__, tune_allocator
 
     tune_allocator()  # before dask's threads allocate: see geoupsample.core.allocator
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method_options(method, iters, radius, seed)  # now, not when computed
+    try:
+        check_device(device, local=False)  # the name (a cluster's workers may have the GPU)
+    except ValueError as err:
+        raise InputError(str(err)) from err
     lowres, guide = _as_bands(lowres, "lowres"), _as_bands(guide, "guide")
     lr_t, hr_t = lowres.rio.transform(), guide.rio.transform()
     rel, nesting = relate_or_nest(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,

@@ -153,3 +153,19 @@ def test_unnamed_spatial_dims_are_refused():
     lr = rioxarray.open_rasterio(LR).rename(y="row", x="col")
     with pytest.raises(InputError, match="name its spatial dims y and x"):
         upsample(lr, rioxarray.open_rasterio(HR))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"iters": -1}, "iters must be"),
+        ({"radius": 0}, "radius must be"),
+        ({"seed": None}, "seed must be"),
+        ({"device": "gpu"}, "device"),
+        ({"method": "lanczos"}, "unknown method"),
+    ],
+)
+def test_bad_options_are_refused_when_called_not_when_computed(kwargs, match):
+    lr, g = rioxarray.open_rasterio(LR), rioxarray.open_rasterio(HR)
+    with pytest.raises(InputError, match=match):
+        upsample(lr, g, **kwargs)

@@ -65,6 +65,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def check_fit_options(iters: object, radius: object, seed: object = 0) -> None:
+    """Refuse a bad ``iters``, ``radius`` or ``seed`` of :func:`fit` (``ValueError`` naming
+    what to pass); whole-scene runs call it before any work."""
+    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0; got {iters!r}")
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
+        raise ValueError(f"radius must be an integer >= 1 (LR pixels); got {radius!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+
+
 def check_lr_shape(lr_shape: object, hr_shape: tuple[int, int]) -> tuple[int, int]:
     """Validate ``lr_shape`` against the guide's ``(H, W)``."""
     try:
@@ -497,10 +508,7 @@ def fit(
     Returns:
         The fitted :class:`Kernels`.
     """
-    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0; got {iters!r}")
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
-        raise ValueError(f"radius must be an integer >= 1 (LR pixels); got {radius!r}")
+    check_fit_options(iters, radius, seed)
     if not 0.0 < float(sample) <= 1.0:
         raise ValueError(f"sample must be in (0, 1]; got {sample!r}")
     if not sigma_r > 0:
