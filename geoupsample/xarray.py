@@ -154,18 +154,39 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                                guide.dims[2]: guide[guide.dims[2]].values},
                        )
     out.name = lowres.name  # not the dask graph's name
-    long_name = lowres.attrs.get("long_name")
-    # rioxarray keeps a multi-band file's long_name on a band selection: keep it only when it
-    # names the bands we have (otherwise .rio.to_raster refuses to write).
-    n_names = 1 if isinstance(long_name, str) else len(long_name or ())
-    if long_name is not None and n_names == lowres.shape[0]:
-        out.attrs["long_name"] = long_name
+    out.attrs.update(_value_attrs(lowres))
+    # scalar coordinates (a time stamp, a sensor) describe the values too; spatial_ref is redone
+    out = out.assign_coords({k: v for k, v in lowres.coords.items()
+                             if v.ndim == 0 and k != "spatial_ref"})  # fmt: skip
     out.attrs.update(geoupsample_version=__version__, geoupsample_method=method,
                      geoupsample_render=json.dumps(scene.arguments))
     if scene.unit:
         out.attrs["geoupsample_probability_unit"] = f"{scene.unit:g}"
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)
     return out.rio.write_nodata(np.nan, encoded=False)
+
+
+#: Low-res attributes that describe the stored encoding or the old grid, not the values.
+ENCODING_ATTRS = frozenset({"_FillValue", "missing_value", "scale_factor", "add_offset",
+                            "grid_mapping", "nodata"})  # fmt: skip
+
+
+def _value_attrs(lowres: xr.DataArray) -> dict[str, Any]:
+    """The attributes of ``lowres`` that hold for its upsampled values (``units``,
+    ``long_name``, ``description``...). rioxarray keeps a multi-band file's per-band tuples on
+    a band selection: those are kept only when they name the bands we have (otherwise
+    ``.rio.to_raster`` refuses to write)."""
+    n = lowres.shape[0]
+    kept = {}
+    for key, value in lowres.attrs.items():
+        if key in ENCODING_ATTRS:
+            continue
+        if isinstance(value, (tuple, list)) and len(value) != n:
+            continue
+        if key == "long_name" and isinstance(value, str) and n != 1:
+            continue
+        kept[key] = value
+    return kept
 
 
 def _warped(lowres: xr.DataArray, grid: tiling.Warp) -> xr.DataArray:

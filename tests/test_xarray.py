@@ -169,3 +169,19 @@ def test_bad_options_are_refused_when_called_not_when_computed(kwargs, match):
     lr, g = rioxarray.open_rasterio(LR), rioxarray.open_rasterio(HR)
     with pytest.raises(InputError, match=match):
         upsample(lr, g, **kwargs)
+
+
+def test_value_attributes_and_scalar_coordinates_are_kept(small, tmp_path):
+    lr_path, hr_path = small
+    lr = rioxarray.open_rasterio(lr_path).isel(band=[3])  # nir of a 4-band file
+    lr = lr.assign_attrs(units="reflectance x 1e4", description="NIR").assign_coords(
+        time=np.datetime64("2020-05-18")
+    )
+    out = upsample(lr, rioxarray.open_rasterio(hr_path), method="bilinear", tile=64, halo=8)
+    assert out.attrs["units"] == "reflectance x 1e4" and out.attrs["description"] == "NIR"
+    assert out.time.values == np.datetime64("2020-05-18")
+    assert "long_name" not in out.attrs  # the file's four band names do not fit one band
+    assert "scale_factor" not in out.attrs and np.isnan(out.rio.nodata)  # NaN, ours
+    out.rio.to_raster(tmp_path / "o.tif")  # still writable
+    with rasterio.open(tmp_path / "o.tif") as ds:
+        assert ds.count == 1
