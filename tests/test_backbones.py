@@ -164,6 +164,11 @@ def test_unknown_backbone(name: str) -> None:
         gb.create(name, random_init=True)
 
 
+def test_layer_out_of_range_is_named() -> None:
+    with pytest.raises(gb.BackboneError, match="resnet18 has no layer 9: pass a smaller index"):
+        gb.create("timm:resnet18", random_init=True, layer=9)
+
+
 def test_tile_size_must_be_multiple_of_patch() -> None:
     bb = gb.create("timm:vit_tiny_patch16_224", random_init=True)
     with pytest.raises(gb.BackboneError, match="multiple of the backbone's patch size 16"):

@@ -209,6 +209,10 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a geoupsample kernels file"):
         gu.Kernels.load(tmp_path / "bad.pt")
+    state = torch.load(tmp_path / "k.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "params"}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"incomplete kernels file \(no params\)"):
+        gu.Kernels.load(tmp_path / "partial.pt")
 
 
 def test_layout_covers_every_pixel_once():
@@ -290,6 +294,9 @@ def test_nodata_collar_wider_than_the_neighbourhood_stays_out_of_the_fit(
         (lambda g, x: gu.fit(g, (50, 8)), ValueError, "finer than the guide"),
         (lambda g, x: gu.fit(g, (8,)), TypeError, "pair of ints"),
         (lambda g, x: gu.fit(g, (8.7, 8)), TypeError, "whole numbers of cells"),
+        (lambda g, x: gu.fit(g, (8, 8), nodata="x"), TypeError, "nodata must be a number"),
+        (lambda g, x: gu.guide_stats(g, percentiles=(98, 2)), ValueError, "0 <= low < high"),
+        (lambda g, x: gu.upsample(x, g, seed=None), ValueError, "seed must be an integer"),
         (lambda g, x: gu.fit(g, (8, 8), normalize=([1, 1, 1], [0, 2, 2])), ValueError, "swapped"),
         (lambda g, x: gu.fit(g[0], (8, 8)), ValueError, "add a band axis"),
         (lambda g, x: gu.fit(g[None], (8, 8)), ValueError, r"\[bands, H, W\]"),
@@ -507,3 +514,11 @@ def test_nearest_takes_the_cell_whose_footprint_holds_the_pixel_centre(h, hr):
 def test_a_diverging_fit_is_an_error_not_nan_kernels(rotterdam_ms):
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         gu.fit(rotterdam_ms[:3, :128, :128], (16, 16), iters=50, lr=10.0)
+
+
+def test_big_endian_arrays_are_read(rotterdam_ms):
+    # netCDF / HDF5 readers hand out big-endian arrays, which torch refuses as they are
+    guide = rotterdam_ms[:3, :32, :32].astype(">f4")
+    x = np.random.default_rng(0).random((1, 4, 4)).astype(">f8")
+    want = gu.upsample(x.astype("<f8"), guide.astype("<f4"), method="bilinear")
+    np.testing.assert_array_equal(gu.upsample(x, guide, method="bilinear"), want)

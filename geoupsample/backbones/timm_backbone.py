@@ -171,7 +171,13 @@ class TimmBackbone(Backbone):
                     state_dict=state_dict, input_size=(weight_chans, *size[1:])
                 ),
             )
-        self.model = self._build(model_name, kwargs)
+        try:
+            self.model = self._build(model_name, kwargs)
+        except IndexError:  # timm looks out_indices up in its list of feature layers
+            raise BackboneError(
+                f"{model_name} has no layer {self.layer}: pass a smaller index (blocks or stages "
+                "count from 0) or a negative one (-1 = the last)"
+            ) from None
         if state_dict is not None:
             self._check_loaded(state_dict)
 

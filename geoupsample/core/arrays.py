@@ -18,6 +18,8 @@ def as_tensor(value: object, name: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be a numeric array; got dtype {value.dtype}")
+        if not value.dtype.isnative:  # big-endian data from netCDF/HDF5 readers
+            value = value.astype(value.dtype.newbyteorder("="))
         if value.dtype.kind == "u" and value.dtype.itemsize > 1:  # uint16/32/64: widen
             value = value.astype(np.float64 if value.dtype.itemsize > 2 else np.float32)
         return torch.from_numpy(np.ascontiguousarray(value))

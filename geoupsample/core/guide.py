@@ -86,6 +86,10 @@ def check_guide(guide: object) -> torch.Tensor:
 
 def valid_mask(guide: torch.Tensor, nodata: float | None = None) -> torch.Tensor:
     """``[H, W]`` bool: True where every band is finite and none equals ``nodata``."""
+    if nodata is not None and (
+        isinstance(nodata, bool) or not isinstance(nodata, (int, float, np.number))
+    ):
+        raise TypeError(f"nodata must be a number (or None); got {nodata!r}")
     ok = torch.isfinite(guide).all(0)
     if nodata is not None and not np.isnan(nodata):
         ok &= (guide != nodata).all(0)
@@ -107,6 +111,13 @@ def guide_stats(
     Raises:
         ValueError: when the guide has no valid pixel.
     """
+    try:
+        low, high = (float(p) for p in percentiles)
+    except (TypeError, ValueError):
+        raise TypeError(f"percentiles must be a pair of numbers; got {percentiles!r}") from None
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100; got "
+                         f"{percentiles!r}")
     g = check_guide(guide)
     ok = valid_mask(g, nodata)
     n_valid = int(ok.sum())
@@ -119,7 +130,7 @@ def guide_stats(
     if n_valid > _MAX_SAMPLES:  # a regular subsample is plenty for percentiles
         flat = flat[:, :: int(np.ceil(n_valid / _MAX_SAMPLES))]
     values = flat.double().cpu().numpy()
-    lo, hi = np.percentile(values, list(percentiles), axis=1)
+    lo, hi = np.percentile(values, [low, high], axis=1)
     return GuideStats(lo=lo, hi=hi)
 
 

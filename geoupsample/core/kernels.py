@@ -388,6 +388,11 @@ class Kernels:
             raise ValueError(f"{path} is not a geoupsample kernels file: {err}") from err
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a geoupsample kernels file (format {FORMAT_VERSION})")
+        missing = {"params", "guide", "valid", "radius", "loss_history"} - set(state)
+        if missing:
+            absent = ", ".join(sorted(missing))
+            raise ValueError(f"{path} is an incomplete kernels file (no {absent}); write it "
+                             "again with Kernels.save")
         dev = resolve_device(device)
         return cls(
             params=state["params"].to(dev),
