@@ -260,7 +260,7 @@ def _upsample_raster(
         out_path, crs=hr_crs, transform=hr_transform, width=hr_w, height=hr_h,
         count=len(lr_idx), dtype=out_dtype, nodata=nodata, descriptions=descriptions,
         tags={"geoupsample_version": __version__, "geoupsample_method": method,
-              "geoupsample_params": _params_text(method, iters, radius, tile, halo, blend, seed),
+              "geoupsample_params": params_text(method, iters, radius, tile, halo, blend, seed),
               "geoupsample_lowres": os.path.basename(lowres_path),
               "geoupsample_guide": os.path.basename(guide_path),
               "geoupsample_scale": rel.scale_text,
@@ -303,8 +303,9 @@ def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
                         declared_unit(lr.tags()), **overrides)
 
 
-def _params_text(method: str, iters: int, radius: int, tile: int, halo: int, blend: str,
-                 seed: int) -> str:
+def params_text(method: str, iters: int, radius: int, tile: int, halo: int, blend: str,
+                seed: int) -> str:
+    """The ``geoupsample_params`` tag: the run's fit and tiling parameters, for provenance."""
     fit = f"iters={iters} radius={radius} seed={seed} " if method in ("gsjbu", "jbu") else ""
     if method == "jbu":
         fit = f"radius={radius} "

@@ -46,6 +46,7 @@ from geoupsample.featuremaps import (
 )
 from geoupsample.heads import LinearProbe
 from geoupsample.inputs import InputError, check_method_options
+from geoupsample.pipeline import params_text
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
 from geoupsample.workers import check_device, check_workers
@@ -412,6 +413,7 @@ def segment_raster(
         "geoupsample_method": method,
         "geoupsample_backbone": backbone.extra_repr(),
         "geoupsample_render": json.dumps(plan.job.render),
+        "geoupsample_params": params_text(method, iters, radius, tile, halo, "taper", seed),
         "class_names": json.dumps(list(labels.classes)),
         "labels": os.path.basename(os.fspath(labels_name)),
         "class_field": str(class_field),

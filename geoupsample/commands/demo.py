@@ -83,6 +83,15 @@ def _quicklook(
 
 def run_demo(out_dir: Path, iters: int = 50) -> dict[str, float]:
     """Run the demo, write its files into ``out_dir``; return PSNR (dB) per method."""
+    from geoupsample.core.kernels import check_fit_options
+    from geoupsample.inputs import InputError
+
+    try:
+        check_fit_options(iters, 3)  # before any file is written
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; -o names the folder the demo writes into")
     out_dir.mkdir(parents=True, exist_ok=True)
     with rasterio.open(bundled("rotterdam_ms.tif")) as src:
         ms = src.read()
@@ -106,7 +115,7 @@ def run_demo(out_dir: Path, iters: int = 50) -> dict[str, float]:
     typer.echo(f"NIR from RGB on the bundled Rotterdam sample ({size} x {size} px, 1 m, x{SCALE}):")
     for method in gu.METHODS:
         typer.echo(f"  {method:9s} PSNR {scores[method]:6.2f} dB   {timings[method]:6.2f} s")
-    classes = _segmentation(out_dir)
+    classes = _segmentation(out_dir, iters)
     _quicklook(
         out_dir / "quicklook.png",
         rgb,
@@ -118,7 +127,7 @@ def run_demo(out_dir: Path, iters: int = 50) -> dict[str, float]:
     return scores
 
 
-def _segmentation(out_dir: Path) -> list[tuple[str, np.ndarray]]:
+def _segmentation(out_dir: Path, iters: int = 50) -> list[tuple[str, np.ndarray]]:
     """Segment the bundled scene from the bundled polygons; return class maps for the quicklook."""
     import geoupsample.backbones as gb
     from geoupsample.segmentation import segment_raster
@@ -130,7 +139,8 @@ def _segmentation(out_dir: Path) -> list[tuple[str, np.ndarray]]:
         t0 = time.perf_counter()
         report = segment_raster(
             bundled("rotterdam_ms.tif"), bundled("rotterdam_labels.geojson"), "class",
-            out_dir / f"classes_{method}.tif", backbone, method=method, tile=512, halo=64,
+            out_dir / f"classes_{method}.tif", backbone, method=method, iters=iters, tile=512,
+            halo=64,
         )  # fmt: skip
         took = time.perf_counter() - t0
         with rasterio.open(report.path) as src:
@@ -148,4 +158,6 @@ def register(app: typer.Typer) -> None:
         iters: int = typer.Option(50, help="Adam steps of the GSJBU fit."),
     ) -> None:
         """Guided upsampling on the bundled sample (offline): writes GeoTIFFs and a quicklook."""
-        run_demo(out, iters=iters)
+        from geoupsample.commands.options import run_command
+
+        run_command("demo", True, lambda _: run_demo(out, iters=iters))
