@@ -38,7 +38,7 @@ import geoupsample as gu
 import tiling
 from geoupsample.backbones import Backbone, SpectralBackbone
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.inputs import InputError, check_method_options
+from geoupsample.inputs import InputError, check_method_options, check_output_paths
 from geoupsample.pca import PCA
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
@@ -358,8 +358,7 @@ def features_raster(
     checked_overrides(method, consistency=consistency)  # refuse a bad value before any work
     gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     scene = Scene.open(scene_path, bands)
-    if os.path.abspath(os.fspath(out_path)) == os.path.abspath(scene.path):
-        raise InputError("the output path must differ from the scene path")
+    check_output_paths({"-o": out_path}, {"the scene": scene.path})
     check_feature_output(out_path, dtype, compress, cog)
     geom = scene_aoi(aoi, aoi_crs, scene)
     plan = plan_features(

@@ -181,3 +181,32 @@ def check_method_options(method: str, iters: object, radius: object = 3, seed: o
         check_fit_options(iters, radius, seed)
     except ValueError as err:
         raise InputError(str(err)) from err
+
+
+def check_output_paths(
+    outputs: dict[str, str | os.PathLike | None], inputs: dict[str, Any]
+) -> None:
+    """Refuse, before any work, an output that would overwrite an input or another output (also
+    through a symbolic link), or whose folder does not exist (:class:`InputError`).
+
+    Args:
+        outputs: option name (``-o``, ``--probs``...) -> output path, or None when not asked for.
+        inputs: what the input is ("the scene", ...) -> its path; remote URLs and non-path
+            inputs (a GeoDataFrame) are skipped.
+    """
+    seen: dict[str, str] = {}
+    for what, path in inputs.items():
+        if isinstance(path, (str, os.PathLike)) and is_local_path(os.fspath(path)):
+            seen[os.path.realpath(path)] = what
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise InputError(f"{option} {os.fspath(path)} would overwrite {seen[real]}; "
+                             "give another path")
+        folder = os.path.dirname(real)
+        if not os.path.isdir(folder):
+            raise InputError(f"{option} {os.fspath(path)}: the folder {folder} does not exist; "
+                             "create it first")
+        seen[real] = f"the {option} output"

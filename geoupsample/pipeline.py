@@ -39,6 +39,7 @@ from geoupsample.inputs import (
     any_valid,
     check_dtype,
     check_method_options,
+    check_output_paths,
     file_reader,
     open_raster,
     scene_guide_stats,
@@ -212,8 +213,10 @@ def _upsample_raster(
 ) -> tiling.RunReport:
     check_method_options(method, iters, radius, seed)
     lowres_path, guide_path, out_path = map(os.fspath, (lowres_path, guide_path, out_path))
-    if os.path.abspath(out_path) in (os.path.abspath(lowres_path), os.path.abspath(guide_path)):
-        raise InputError("the output path must differ from the input paths")
+    check_output_paths({"-o": out_path}, {"the low-res raster": lowres_path,
+                                          "the guide": guide_path})  # fmt: skip
+    if out_path.rstrip("/\\").lower().endswith(".zarr"):
+        raise InputError("upsample writes GeoTIFFs; give a .tif path (Zarr is for features)")
     with ExitStack() as stack:
         lr_file = stack.enter_context(open_raster(lowres_path, "low-res raster"))
         hr = stack.enter_context(open_raster(guide_path, "guide"))

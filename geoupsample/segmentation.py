@@ -45,7 +45,7 @@ from geoupsample.featuremaps import (
     run_backbone_job,
 )
 from geoupsample.heads import LinearProbe
-from geoupsample.inputs import InputError, check_method_options
+from geoupsample.inputs import InputError, check_method_options, check_output_paths
 from geoupsample.pipeline import params_text
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
@@ -373,8 +373,8 @@ def segment_raster(
         raise InputError(f"probs dtype must be uint8 or float32, got {probs_dtype!r}")
     scene = Scene.open(scene_path, bands)
     out_path = os.fspath(out_path)
-    if os.path.abspath(out_path) == os.path.abspath(scene.path):
-        raise InputError("the output path must differ from the scene path")
+    check_output_paths({"-o": out_path, "--probs": probs_path, "--save-probe": probe_path},
+                       {"the scene": scene.path, "the labels": labels_path})  # fmt: skip
     if is_zarr_path(out_path) or (probs_path is not None and is_zarr_path(probs_path)):
         raise InputError("segment writes GeoTIFFs; give .tif paths (Zarr is for features)")
     labels = load_labels(labels_path, class_field, scene, labels_crs=labels_crs, layer=layer)

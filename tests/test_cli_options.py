@@ -121,3 +121,9 @@ def test_features_consistency_is_a_number(tmp_path: Path) -> None:
     assert code == 0, text
     with rasterio.open(tmp_path / "f.tif") as ds:
         assert json.loads(ds.tags()["geoupsample_render"]) == {"consistency": 0.5}
+
+
+def test_upsample_to_a_zarr_path_is_refused(tmp_path) -> None:
+    code, text = cli("upsample", MS, PAN, "-o", tmp_path / "x.zarr", "-q")
+    assert code == 2 and "upsample writes GeoTIFFs" in text, text
+    assert not list(tmp_path.iterdir())

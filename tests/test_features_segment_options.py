@@ -260,3 +260,28 @@ def test_python_dtype_is_checked(tmp_path, spectral) -> None:
     with pytest.raises(InputError, match="float32 or float16"):
         features_raster(SCENE, tmp_path / "x.tif", spectral, dtype="int8")
     assert not os.listdir(tmp_path)
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(tmp_path) -> None:
+    import shutil
+
+    scene = tmp_path / "scene.tif"
+    shutil.copy(SCENE, scene)
+    (tmp_path / "link.tif").symlink_to(scene)
+    before = scene.read_bytes()
+    seg = ["segment", scene, "--labels", LABELS, "--class-field", "class", "-q"]
+    cases = [
+        (["-o", tmp_path / "c.tif", "--probs", scene], "--probs", "would overwrite the scene"),
+        (["-o", tmp_path / "c.tif", "--save-probe", scene], "--save-probe", "the scene"),
+        (["-o", tmp_path / "c.tif", "--probs", tmp_path / "c.tif"], "--probs", "the -o output"),
+        (["-o", tmp_path / "link.tif"], "-o", "would overwrite the scene"),  # via a symlink
+        (["-o", tmp_path / "c.tif", "--save-probe", tmp_path / "no" / "p.st"], "--save-probe",
+         "does not exist"),
+    ]  # fmt: skip
+    for extra, option, message in cases:
+        code, text = cli(*seg, *extra)
+        assert code == 2 and option in text and message in text, text
+    assert scene.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["link.tif", "scene.tif"]
+    code, text = cli("features", tmp_path / "link.tif", "-o", scene, "-q")
+    assert code == 2 and "would overwrite the scene" in text, text
