@@ -81,8 +81,16 @@ def overlap_window(lr_transform: Affine, lr_shape: tuple[int, int],
     if hr_crs is not None and lr_crs is not None and (
             CRS.from_user_input(hr_crs) != CRS.from_user_input(lr_crs)):
         hr_bounds = transform_bounds(hr_crs, lr_crs, *hr_bounds)
-    return from_bounds(*hr_bounds, transform=lr_transform).intersection(
-        Window(0, 0, lr_shape[1], lr_shape[0]))
+    whole = Window(0, 0, lr_shape[1], lr_shape[0])
+    if lr_transform.e < 0:
+        return from_bounds(*hr_bounds, transform=lr_transform).intersection(whole)
+    # south-up rasters (read through a warp): rasterio's from_bounds refuses them; the
+    # window spans the bounds' corners in the raster's own pixel coordinates
+    west, south, east, north = hr_bounds
+    corners = [~lr_transform * (x, y) for x in (west, east) for y in (south, north)]
+    cols, rows = zip(*corners, strict=True)
+    span = Window(min(cols), min(rows), max(cols) - min(cols), max(rows) - min(rows))
+    return span.intersection(whole)
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:

@@ -72,7 +72,8 @@ class LabelPolygons:
         dst = CRS.from_user_input(crs)
         if self.crs is None:
             raise LabelError(
-                f"the CRS of {self.source} is unknown: give it (crs=..., e.g. 'EPSG:32631')"
+                f"the CRS of {self.source} is unknown: give it (crs=... or --labels-crs, e.g. "
+                "'EPSG:32631')"
             )
         if dst == self.crs or not self.geometries:
             return replace(self, crs=dst)
@@ -82,7 +83,7 @@ class LabelPolygons:
             raise LabelError(
                 f"cannot reproject the polygons of {self.source} from {self.crs} to {dst} ({err}): "
                 f"are their coordinates really in {self.crs}? (GeoJSON without a 'crs' member "
-                "is read as lon/lat WGS 84; pass crs=... to say otherwise)"
+                "is read as lon/lat WGS 84; pass crs=... or --labels-crs to say otherwise)"
             ) from err
         geoms = tuple(_polygonal(shape(g)) for g in moved)
         keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]

@@ -249,6 +249,14 @@ def _upsample_raster(
                                 consistency=consistency, self_guidance=self_guidance,
                                 min_sigma_r=min_sigma_r)
         render = scene.arguments
+        if (render.get("kind") == "probabilities" and scene.unit is None
+                and np.dtype(out_dtype).kind in "iu"):
+            raise InputError(
+                f"the low-res raster holds probabilities as fractions of 1, which --dtype "
+                f"{out_dtype} would round to 0 or 1: keep float32 (leave --dtype out), or store "
+                "them scaled (geoupsample segment --probs writes uint8 x 254 with a "
+                "probability_scale tag, which upsample keeps)"
+            )
         if not any_valid(lr, lr_idx, lr_window, every_band=False):
             raise InputError(f"the low-res raster {lowres_path} is all nodata where it overlaps "
                              "the guide: nothing to upsample")

@@ -322,3 +322,13 @@ def test_bicubic_keeps_probabilities_on_the_simplex(tmp_path, rotterdam_ms):
     with rasterio.open(tmp_path / "o8.tif") as ds:
         got = ds.read().astype(np.float32)
     np.testing.assert_allclose(got, np.round(out * 255), atol=1)
+
+
+def test_fraction_probabilities_to_an_integer_dtype_are_refused(tmp_path, rotterdam_ms):
+    t_hr = Affine(1.0, 0, 593270.0, 0, -1.0, 5747657.0)
+    t_lr = Affine(1.0 * SCALE, 0, 593270.0, 0, -1.0 * SCALE, 5747657.0)
+    g = _write(tmp_path / "guide.tif", rotterdam_ms[:, :96, :96].astype(np.float32), t_hr)
+    lr = _write(tmp_path / "p.tif", softmax_probs((12, 12)), t_lr)
+    with pytest.raises(InputError, match="would round to 0 or 1"):  # it wrote all zeros
+        upsample_raster(lr, g, tmp_path / "o.tif", method="bilinear", dtype="uint8")
+    assert not (tmp_path / "o.tif").exists()

@@ -302,3 +302,20 @@ def test_rotated_lowres_grid(pair, tmp_path):
     assert np.isfinite(y[inner]).all()
     for b in range(y.shape[0]):
         assert np.corrcoef(y[inner][b].ravel(), ref[inner][b].ravel())[0, 1] > 0.9
+
+
+def test_south_up_lowres_is_warped_like_its_north_up_twin(pair, tmp_path):
+    # rows stored south to north (a positive pixel height): refused without --warp, with a
+    # hint to warp; warping it used to fail in rasterio's from_bounds
+    lr, hr, _ = pair
+    with rasterio.open(lr) as src:
+        profile, data, t = src.profile, src.read(), src.transform
+    profile.update(transform=Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * src.height))
+    south_up = tmp_path / "south_up.tif"
+    with rasterio.open(south_up, "w", **profile) as dst:
+        dst.write(data[:, ::-1])
+    with pytest.raises(InputError, match="not north-up"):
+        upsample_raster(south_up, hr, tmp_path / "x.tif", method="bilinear")
+    upsample_raster(south_up, hr, tmp_path / "w.tif", method="bilinear", warp="nearest")
+    upsample_raster(lr, hr, tmp_path / "ref.tif", method="bilinear")
+    np.testing.assert_array_equal(read_tif(tmp_path / "w.tif"), read_tif(tmp_path / "ref.tif"))

@@ -53,7 +53,9 @@ def segment_command(
     adapt_stem: opt.AdaptStemOption = False,
     cell_size: opt.CellSizeOption = 8,
     labels_crs: Annotated[
-        str | None, typer.Option(help="CRS of the polygons if the file does not say.")
+        str | None,
+        typer.Option(help="CRS of the polygons' coordinates, overriding what the file says (a "
+                     "GeoJSON without a 'crs' member is read as lon/lat WGS 84)."),
     ] = None,
     layer_name: Annotated[
         str | None,
