@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 import geoupsample as gu
 from tiling.execute import gdal_env
-from tiling.reader import is_local_path, to_float, with_remote_hint
+from tiling.reader import is_local_path, read_valid, to_float, with_remote_hint
 
 #: Largest side of the regular subsample used for the scene-wide guide statistics (1024^2 =
 #: about the 1M samples per band that ``gu.guide_stats`` uses at most).
@@ -123,7 +123,7 @@ def file_reader(ds: rasterio.io.DatasetReader, indexes: Sequence[int],
     (1-based) of an open file; the counterpart of :func:`array_reader`."""
 
     def read(window: Window) -> np.ndarray:
-        return to_float(ds.read(list(indexes), window=window), nodata)
+        return read_valid(ds, list(indexes), window, nodata)
 
     return read
 

@@ -367,3 +367,36 @@ def test_output_path_that_is_a_directory_is_refused(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         upsample_raster(LR, HR, str(target), method="bilinear", tile=256, halo=16)
     assert os.listdir(tmp_path) == ["out.tif"] and os.listdir(target) == []
+
+
+@pytest.mark.parametrize("method", ["nearest", "gsjbu"])
+def test_gdal_mask_bands_count_as_nodata(tmp_path, method):
+    """Internal per-dataset masks (COGs, ``gdal_translate -mask``) mark nodata as a nodata value
+    does: masked guide pixels come out NaN, masked low-res cells are missing (they were read as
+    data: gsjbu rendered the masked zeros)."""
+    with rasterio.open(LR) as src:
+        lr_prof, lr = src.profile, src.read(window=Window(0, 0, 64, 64))
+        lr_t = src.window_transform(Window(0, 0, 64, 64))
+    with rasterio.open(HR) as src:
+        hr_prof, hr = src.profile, src.read(window=Window(0, 0, 128, 128))
+        hr_t = src.window_transform(Window(0, 0, 128, 128))
+    lr[:, :16, :16] = 0  # what the mask hides
+    masked_lr, masked_hr = tmp_path / "lr.tif", tmp_path / "hr.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        for path, prof, data, t, hidden in (
+            (masked_lr, lr_prof, lr, lr_t, (slice(0, 16), slice(0, 16))),
+            (masked_hr, hr_prof, hr, hr_t, (slice(96, None), slice(96, None))),
+        ):
+            prof = {**prof, "width": data.shape[2], "height": data.shape[1], "transform": t,
+                    "nodata": None, "tiled": True, "blockxsize": 32, "blockysize": 32}
+            with rasterio.open(path, "w", **prof) as dst:
+                dst.write(data)
+                mask = np.full(data.shape[1:], 255, np.uint8)
+                mask[hidden] = 0
+                dst.write_mask(mask)
+    upsample_raster(masked_lr, masked_hr, tmp_path / "o.tif", method=method, iters=3, tile=64,
+                    halo=16)  # fmt: skip
+    out = read_tif(tmp_path / "o.tif")
+    assert np.isnan(out[:, 96:, 96:]).all()  # the guide's masked pixels
+    assert np.isfinite(out[:, 40:90, 40:90]).all()
+    assert np.isnan(out[:, :20, :20]).all()  # masked cells more than 3 cells from a valid one

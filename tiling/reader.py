@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window, bounds, from_bounds
 
@@ -155,6 +155,25 @@ def to_float(data: np.ndarray, nodata: float | None) -> np.ndarray:
     return out
 
 
+def mask_band_used(ds: Any, indexes: Any) -> bool:
+    """Whether bands ``indexes`` (1-based) carry a GDAL mask that their nodata value does not
+    already say: an internal or sidecar per-dataset mask (common in COGs), or an alpha band."""
+    if not hasattr(ds, "mask_flag_enums"):
+        return False
+    flags = [ds.mask_flag_enums[i - 1] for i in ([indexes] if isinstance(indexes, int)
+                                                  else indexes)]  # fmt: skip
+    return any(MaskFlags.nodata not in f and MaskFlags.all_valid not in f for f in flags)
+
+
+def read_valid(ds: Any, indexes: Any, window: Window, nodata: float | None) -> np.ndarray:
+    """float32 ``[bands, rows, cols]`` of bands ``indexes`` in ``window``, NaN where the
+    pixels are ``nodata``, NaN, or masked out by the file's mask band."""
+    data = to_float(ds.read(indexes, window=window), nodata)
+    if mask_band_used(ds, indexes):
+        data = np.where(ds.read_masks(indexes, window=window) == 0, np.float32(np.nan), data)
+    return data
+
+
 @dataclass(frozen=True)
 class RasterInput:
     """A raster file read window by window with rasterio.
@@ -189,7 +208,7 @@ class RasterInput:
         win = input_window(out_window, out_transform, ds.transform)
         indexes = list(self.bands) if self.bands else list(range(1, ds.count + 1))
         nodata = self.nodata if self.nodata is not None and self.warp is None else ds.nodata
-        return _boundless(lambda w: to_float(ds.read(indexes, window=w), nodata), win,
+        return _boundless(lambda w: read_valid(ds, indexes, w, nodata), win,
                           ds.height, ds.width, len(indexes))
 
     def identity(self) -> dict:

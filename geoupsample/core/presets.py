@@ -117,6 +117,8 @@ def probability_unit(x: torch.Tensor) -> float | None:
     tolerance = 0.5 * values.shape[-1] if whole else SIMPLEX_TOLERANCE * unit
     if not unit > 0 or float((sums - unit).abs().max()) > tolerance:
         return None
+    if abs(unit - round(unit)) <= SIMPLEX_TOLERANCE * unit:  # float sums: 1.0000000008 is 1
+        unit = float(round(unit))
     return unit
 
 
