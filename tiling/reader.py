@@ -157,12 +157,15 @@ def to_float(data: np.ndarray, nodata: float | None) -> np.ndarray:
 
 def mask_band_used(ds: Any, indexes: Any) -> bool:
     """Whether bands ``indexes`` (1-based) carry a GDAL mask that their nodata value does not
-    already say: an internal or sidecar per-dataset mask (common in COGs), or an alpha band."""
+    already say: an internal or sidecar per-dataset mask (common in COGs). Alpha is not taken:
+    GDAL labels the 4th band of any 4-band 8-bit GeoTIFF written without PHOTOMETRIC as alpha,
+    and in R, G, B, NIR imagery that "alpha" is the NIR band."""
     if not hasattr(ds, "mask_flag_enums"):
         return False
     flags = [ds.mask_flag_enums[i - 1] for i in ([indexes] if isinstance(indexes, int)
                                                   else indexes)]  # fmt: skip
-    return any(MaskFlags.nodata not in f and MaskFlags.all_valid not in f for f in flags)
+    return any(MaskFlags.per_dataset in f and not {MaskFlags.nodata, MaskFlags.alpha} & set(f)
+               for f in flags)  # fmt: skip
 
 
 def read_valid(ds: Any, indexes: Any, window: Window, nodata: float | None) -> np.ndarray:
