@@ -38,7 +38,12 @@ import geoupsample as gu
 import tiling
 from geoupsample.backbones import Backbone, SpectralBackbone
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.inputs import InputError, check_method_options, check_output_paths
+from geoupsample.inputs import (
+    InputError,
+    check_method_options,
+    check_output_paths,
+    is_zarr_path,
+)
 from geoupsample.pca import PCA
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
@@ -245,11 +250,6 @@ def plan_features(
         "version": __version__,
     }
     return FeaturePlan(job, names, tags, params)
-
-
-def is_zarr_path(path: str | os.PathLike[str]) -> bool:
-    """Whether an output path names a Zarr store (ends with ``.zarr``)."""
-    return os.fspath(path).rstrip("/").lower().endswith(".zarr")
 
 
 def check_feature_output(

@@ -183,6 +183,11 @@ def check_method_options(method: str, iters: object, radius: object = 3, seed: o
         raise InputError(str(err)) from err
 
 
+def is_zarr_path(path: str | os.PathLike[str]) -> bool:
+    """Whether an output path names a Zarr store (ends with ``.zarr``)."""
+    return os.fspath(path).rstrip("/").lower().endswith(".zarr")
+
+
 def check_output_paths(
     outputs: dict[str, str | os.PathLike | None], inputs: dict[str, Any]
 ) -> None:

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import rasterio
-import rasterio.enums
 from rasterio.windows import Window
 
 import geoupsample as gu
@@ -41,6 +40,7 @@ from geoupsample.inputs import (
     check_method_options,
     check_output_paths,
     file_reader,
+    is_zarr_path,
     open_raster,
     scene_guide_stats,
     select_bands,
@@ -53,6 +53,7 @@ from geoupsample.workers import (
     threads_per_worker,
 )
 from tiling.execute import gdal_env
+from tiling.reader import mask_band_used
 
 __all__ = ["InputError", "UpsampleTile", "upsample_raster"]
 
@@ -215,7 +216,7 @@ def _upsample_raster(
     lowres_path, guide_path, out_path = map(os.fspath, (lowres_path, guide_path, out_path))
     check_output_paths({"-o": out_path}, {"the low-res raster": lowres_path,
                                           "the guide": guide_path})  # fmt: skip
-    if out_path.rstrip("/\\").lower().endswith(".zarr"):
+    if is_zarr_path(out_path):
         raise InputError("upsample writes GeoTIFFs; give a .tif path (Zarr is for features)")
     with ExitStack() as stack:
         lr_file = stack.enter_context(open_raster(lowres_path, "low-res raster"))
@@ -237,9 +238,7 @@ def _upsample_raster(
         # interpolations use the guide only for its nodata mask: skip reading a guide that
         # cannot have nodata (integer bands, no nodata value, no mask)
         guide_needed = method not in INTERPOLATIONS or hr.nodata is not None or any(
-            np.dtype(hr.dtypes[i - 1]).kind == "f" for i in hr_idx) or any(
-            rasterio.enums.MaskFlags.all_valid not in hr.mask_flag_enums[i - 1]
-            for i in hr_idx)
+            np.dtype(hr.dtypes[i - 1]).kind == "f" for i in hr_idx) or mask_band_used(hr, hr_idx)
         lr_window = overlap_window(lr.transform, lr.shape, hr.bounds)
         # the render is decided from the values as stored (a warp would blur away their
         # rounding to whole numbers), over the part of the file the guide covers

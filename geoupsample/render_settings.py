@@ -127,10 +127,9 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
             unit = 1.0
         kind = "probabilities" if unit is not None else "continuous"
     render["kind"] = kind
-    if method in INTERPOLATIONS:  # no kernels: the kind only keeps probabilities on [0, 1]
-        return SceneRender(render, None if unit == 1.0 else unit)
-    if kind == "probabilities":
-        render["self_guidance_scale"] = 1.0  # the same unit in every tile
+    if kind == "probabilities":  # (interpolations: the kind only keeps them on [0, 1])
+        if method not in INTERPOLATIONS:
+            render["self_guidance_scale"] = 1.0  # the same unit in every tile
         return SceneRender(render, None if unit == 1.0 else unit)
     if render.get("self_guidance"):  # the scene's span, not each tile's: tiles agree
         render["self_guidance_scale"] = robust_span(x)

@@ -40,12 +40,16 @@ from geoupsample.featuremaps import (
     TileFeatures,
     array_digest,
     backbone_digest,
-    is_zarr_path,
     lr_window_grid,
     run_backbone_job,
 )
 from geoupsample.heads import LinearProbe
-from geoupsample.inputs import InputError, check_method_options, check_output_paths
+from geoupsample.inputs import (
+    InputError,
+    check_method_options,
+    check_output_paths,
+    is_zarr_path,
+)
 from geoupsample.pipeline import params_text
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows

@@ -217,8 +217,8 @@ def _warped(lowres: xr.DataArray, grid: tiling.Warp) -> xr.DataArray:
 
 def _scene(scene: xr.DataArray) -> ArrayScene:
     """An :class:`~geoupsample.featuremaps.ArrayScene` from a rioxarray ``[band, y, x]`` array;
-    band names from ``long_name`` (rioxarray's band descriptions), else ``band1``..."""
-    scene = _as_bands(scene, "scene")
+    band names from ``long_name`` (rioxarray's band descriptions), else ``band1``...; ``scene``
+    as :func:`_as_bands` returns it."""
     if scene.rio.crs is None:
         raise InputError("the scene has no CRS; assign one (scene.rio.write_crs(...))")
     n = scene.shape[0]

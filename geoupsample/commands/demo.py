@@ -83,13 +83,9 @@ def _quicklook(
 
 def run_demo(out_dir: Path, iters: int = 50) -> dict[str, float]:
     """Run the demo, write its files into ``out_dir``; return PSNR (dB) per method."""
-    from geoupsample.core.kernels import check_fit_options
-    from geoupsample.inputs import InputError
+    from geoupsample.inputs import InputError, check_method_options
 
-    try:
-        check_fit_options(iters, 3)  # before any file is written
-    except ValueError as err:
-        raise InputError(str(err)) from err
+    check_method_options("gsjbu", iters)  # before any file is written
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; -o names the folder the demo writes into")
     out_dir.mkdir(parents=True, exist_ok=True)
