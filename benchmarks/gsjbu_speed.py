@@ -102,7 +102,9 @@ def main() -> None:
         for _ in range(args.repeats):
             cmd = [sys.executable, __file__, "--once", "--case", case, "--device", args.device,
                    "--iters", str(args.iters), "--sample", str(args.sample)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"case {case} failed:\n{done.stderr[-3000:]}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         med = {
             k: statistics.median(r[k] for r in runs)

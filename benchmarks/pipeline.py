@@ -135,7 +135,7 @@ def child_pipeline(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     rep = pipeline.upsample_raster(lowres, guide, out, method=args.method, iters=args.iters,
                                    tile=args.tile, halo=args.halo, dtype=args.dtype,
-                                   compress=args.compress, aoi=aoi)
+                                   compress=args.compress, aoi=aoi, device=args.device)
     sec = time.perf_counter() - t0
     kind = args.method + (f" ({rows} rows)" if args.rows else "")
     return {"kind": kind, "size": args.size, "seconds": round(sec, 2),
@@ -179,7 +179,8 @@ def child_bare(args: argparse.Namespace) -> dict:
 
 
 def spawn(argv: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     res = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
                          env=env, check=False)
     if res.returncode != 0:
@@ -202,6 +203,8 @@ def main() -> None:
                     help="process only the top ROWS rows, full width (an AOI): peak memory "
                          "depends on the width, so this measures it without the whole area")
     ap.add_argument("--keep", action="store_true", help="keep the outputs in _data/")
+    ap.add_argument("--device", default=None,
+                    help="cpu, cuda or cuda:N for the tiles' work (default: CUDA if available)")
     ap.add_argument("--child", choices=["pipeline", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -214,9 +217,11 @@ def main() -> None:
         return
     common = ["--iters", str(args.iters), "--tile", str(args.tile), "--halo", str(args.halo),
               "--dtype", args.dtype, "--compress", args.compress, "--rows", str(args.rows)]
+    if args.device:
+        common += ["--device", args.device]
     print(f"scale {SCALE}, {CLASSES}-band float32 low-res, 4-band uint16 guide; tile "
           f"{args.tile}, halo {args.halo}, iters {args.iters}, output {args.dtype} "
-          f"{args.compress}; {os.cpu_count()} CPUs")
+          f"{args.compress}; {os.cpu_count()} CPUs, device {args.device or 'auto'}")
     print(f"{'size':>6} {'kind':<22} {'seconds':>9} {'MP/s':>8} {'peak RSS - imports (MB)':>24}")
     for n in args.sizes:
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import geoupsample as gu
-from geoupsample.core import gsjbu
+from geoupsample.core import consistency, gsjbu
 from geoupsample.core.adam import Adam
 from geoupsample.core.consistency import cell_average
 from geoupsample.core.layout import CellLayout
@@ -351,6 +351,28 @@ def test_consistency_makes_cell_means_match_the_input(hr_shape, lr_shape, rotter
     np.testing.assert_allclose(k.render(np.full((1, *lr_shape), 2.0)), 2.0, rtol=1e-6)
     bil = gu.upsample(x, guide, method="bilinear", consistency=2)
     assert mismatch(bil) < 0.5 * mismatch(gu.upsample(x, guide, method="bilinear"))
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_back_projection_is_per_channel_whatever_the_chunk(monkeypatch, with_nan):
+    layout = CellLayout.build((30, 27), (6, 5))  # fractional scale along x
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(11, 6, 5, generator=gen)
+    out = torch.nn.functional.interpolate(x[None], size=(30, 27), mode="bilinear")[0]
+    out += 0.1 * torch.rand(out.shape, generator=gen)
+    if with_nan:
+        x[3, 1, 1] = float("nan")
+        out[:, 4:9, 2] = float("nan")
+    results = []
+    for chunk in (1, 8, 64):
+        monkeypatch.setattr(consistency, "CHANNEL_CHUNK", chunk)
+        results.append(consistency.back_project(out.clone(), x, layout, 1.5, not with_nan))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=1e-6, equal_nan=True)
+    assert torch.isnan(results[0]).any() == with_nan
+    # on a GPU the chunk is sized by elements (a 384-channel 224^2 raster in one go)
+    assert consistency.channel_chunk(torch.empty(384, 224, 224, device="meta")) >= 384
+    assert consistency.channel_chunk(torch.empty(384, 224, 224)) == consistency.CHANNEL_CHUNK
 
 
 def test_default_fit_samples_at_least_sixteen_pixels_per_cell(rotterdam_ms):

@@ -41,6 +41,8 @@ CASES = {
     "frac_d3_r2": ((11, 13), (3, 4), 3, 2),
     "int_s3_d3_r1_holes": ((12, 9), (4, 3), 3, 1),
     "s8x10_d2_r1_many_phases": ((24, 20), (3, 2), 2, 1),  # 80 phases: several phase blocks
+    # 2 whole columns of cells invalid (a nodata collar): column 0 has no valid neighbour
+    "int_s2_d2_r1_collar": ((8, 12), (4, 6), 2, 1),
 }
 
 
@@ -53,6 +55,8 @@ def prepared(case: str, seed: int = 0) -> tuple[_Prepared, torch.Tensor]:
     layout = CellLayout.build(hr, lr)
     # Make cell (0, 0) wholly invalid, so that its neighbours see a masked (-inf) neighbour.
     valid[: int(layout.rows.index[0, -1]) + 1, : int(layout.cols.index[0, -1]) + 1] = False
+    if "collar" in case:
+        valid[:, : int(layout.cols.index[1, -1]) + 1] = False
     guide[:, ~valid] = 0.0
     prep = _Prepared.build(guide.to(DEVICE), valid.to(DEVICE), lr, radius)
     sy, sx = layout.scale

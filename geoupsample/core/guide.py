@@ -129,8 +129,11 @@ def guide_stats(
     flat = g.reshape(g.shape[0], -1)[:, ok.reshape(-1)]
     if n_valid > _MAX_SAMPLES:  # a regular subsample is plenty for percentiles
         flat = flat[:, :: int(np.ceil(n_valid / _MAX_SAMPLES))]
-    values = flat.double().cpu().numpy()
-    lo, hi = np.percentile(values, [low, high], axis=1)
+    if flat.device.type != "cpu":  # on the device: 2 numbers per band come back, not the pixels
+        q = torch.tensor([low / 100, high / 100], dtype=torch.float64, device=flat.device)
+        lo, hi = torch.quantile(flat.double(), q, dim=1).cpu().numpy()  # numpy's "linear"
+        return GuideStats(lo=lo, hi=hi)
+    lo, hi = np.percentile(flat.double().numpy(), [low, high], axis=1)
     return GuideStats(lo=lo, hi=hi)
 
 

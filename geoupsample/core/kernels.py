@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoupsample.core import backend, gsjbu, presets, row_render
+from geoupsample.core import backend, cuda_graph, gsjbu, presets, row_render
 from geoupsample.core.adam import Adam
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
@@ -541,24 +541,22 @@ def fit(
     n_sample = min(n_phases, max(MIN_SAMPLED_PHASES, round(float(sample) * n_phases)))
     generator = torch.Generator().manual_seed(int(seed))
     params = params.clone().requires_grad_(True)
-    optimizer = Adam(params, lr=lr)
-    losses: list[torch.Tensor] = []
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
     fused = stencil = None  # CUDA: the plain objective's Adam steps fused, no sync
     if objective == "plain":
         fused = backend.adam_fit(prep, params, values, lr)
     else:
         stencil = BilinearStencil.build(prep, params.dtype)
+    graphed = fused is None and cuda_graph.enabled(dev, int(iters))
+    optimizer = Adam(params, lr=lr, steps=int(iters) if graphed else None)
     workspace = gsjbu.Workspace()  # whole-tile psi and its gradient (Triton, plain objective)
     schedule = None  # the sampled phases of every step, drawn up front: one copy to the device
     if n_sample < n_phases:
         draws = [torch.randperm(n_phases, generator=generator)[:n_sample] for _ in range(iters)]
         schedule = torch.stack(draws).to(dev)
-    for step in range(int(iters)):
-        phases = None if schedule is None else schedule[step]
-        if fused is not None:
-            fused.step(phases)  # no host sync per step
-            continue
+
+    def step_once(phases: torch.Tensor | None) -> torch.Tensor:
+        """One Adam step on ``params``; returns the loss before it (no host sync)."""
         if objective == "back_projected":
             phi = prep.phi if phases is None else prep.phi.index_select(1, phases)
             if source is not None:
@@ -574,7 +572,16 @@ def fit(
             )
             psi.backward(grad_psi)
         optimizer.step()
-        losses.append(loss.detach())
+        return loss.detach()
+
+    run_step = cuda_graph.GraphedStep(step_once, dev) if graphed else step_once
+    losses: list[torch.Tensor] = []
+    for step in range(int(iters)):
+        phases = None if schedule is None else schedule[step]
+        if fused is not None:
+            fused.step(phases)  # no host sync per step
+            continue
+        losses.append(run_step(phases))
     if fused is not None:
         params, history = fused.params, fused.history()
     else:

@@ -369,6 +369,9 @@ if HAS_TRITON:
         b = tl.where(inside, cos * sin * (inv_x - inv_y), 0.0)
         r = tl.where(inside, range_factor * tl.exp(-2.0 * p3), 0.0)
         valid = tl.load(cvalid_ptr + q, mask=inside, other=0) != 0
+        # No valid neighbour at all (deep in a nodata collar): keep them all, as the torch path
+        # does (gsjbu.psi_geometry): an all -inf row would be NaN in a torch softmax.
+        valid = valid | (mask_k & (tl.sum(valid.to(tl.int32), axis=0) == 0))
         dy = ky.to(tl.float32) * sy
         dx = kx.to(tl.float32) * sx
         out = psi_ptr + cell.to(tl.int64) * s_psi_n + offs_k * s_psi_k
