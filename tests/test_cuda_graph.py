@@ -42,9 +42,10 @@ def test_graphs_only_on_cuda_and_switchable(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("sample", [1.0, 0.25])
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_graphed_fit_matches_eager_fit(monkeypatch, rotterdam_ms, sample, backend):
+@pytest.mark.parametrize("hr", [96, 90], ids=["scale-8", "scale-7.5"])
+def test_graphed_fit_matches_eager_fit(monkeypatch, rotterdam_ms, sample, backend, hr):
     monkeypatch.setenv("GEOUPSAMPLE_BACKEND", backend)
-    guide = torch.from_numpy(rotterdam_ms[:3, :96, :96].astype(np.float32)).cuda()
+    guide = torch.from_numpy(rotterdam_ms[:3, :hr, :hr].astype(np.float32)).cuda()
     fits = {}
     for graphs in ("0", "1"):
         monkeypatch.setenv(cuda_graph.ENV, graphs)

@@ -200,7 +200,7 @@ def test_fit_lowers_l1_loss_and_is_deterministic(rotterdam_ms):
 def test_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     guide = rng.integers(0, 4000, (4, 40, 36)).astype(np.uint16)
-    k = gu.fit(guide, (5, 6), iters=3, nodata=0)
+    k = gu.fit(guide, (5, 6), iters=3, nodata=0, device="cpu")  # load() gives CPU kernels
     k.save(tmp_path / "k.pt")
     k2 = gu.Kernels.load(tmp_path / "k.pt")
     x = rng.normal(size=(3, 5, 6)).astype(np.float32)
@@ -445,7 +445,7 @@ def test_back_projected_objective_is_the_rendered_error(hr, lr):
     from geoupsample.core.objective import BilinearStencil, back_projected_l1
 
     torch.manual_seed(3)
-    k = gu.fit(torch.rand(3, *hr), lr, iters=0)
+    k = gu.fit(torch.rand(3, *hr), lr, iters=0, device="cpu")  # the torch path's pieces
     prep = k._prepared
     psi = prep.psi(k.params)
     values = gsjbu.neighbours(prep.gbar, k.radius)
@@ -486,7 +486,7 @@ def test_workspace_reuse_gives_the_same_gradients():
     from geoupsample.core.objective import back_projected_l1
 
     torch.manual_seed(5)
-    k = gu.fit(torch.rand(3, 48, 40), (6, 5), iters=0)
+    k = gu.fit(torch.rand(3, 48, 40), (6, 5), iters=0, device="cpu")  # the torch path
     prep = k._prepared
     values = gsjbu.neighbours(prep.gbar, k.radius)
     steps = [k.params + 0.1 * torch.randn_like(k.params) for _ in range(3)]

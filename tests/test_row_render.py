@@ -12,7 +12,7 @@ from geoupsample.core import gsjbu, row_render
 def _kernels(scale: int = 2) -> gu.Kernels:
     torch.manual_seed(3)
     guide = torch.rand(3, 12 * scale, 10 * scale)
-    k = gu.fit(guide, (12, 10), iters=0)
+    k = gu.fit(guide, (12, 10), iters=0, device="cpu")  # row_render is the torch path
     k.params = k.params + 0.3 * torch.randn_like(k.params)  # kernels that differ cell by cell
     return k
 

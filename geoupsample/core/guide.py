@@ -141,12 +141,16 @@ def prepare_guide(
     guide: object,
     nodata: float | None,
     normalize: bool | GuideStats | tuple[Sequence[float], Sequence[float]],
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated, normalised guide ``[d, H, W]`` and its valid mask ``[H, W]``.
+    """Validated, normalised guide ``[d, H, W]`` and its valid mask ``[H, W]``, on ``device``
+    (the guide's own if ``None``): the masks, statistics and normalisation run there.
 
     Invalid pixels are set to 0 in the returned guide (they are masked everywhere they matter).
     """
     g = check_guide(guide)
+    if device is not None:
+        g = g.to(device)
     ok = valid_mask(g, nodata)
     if not bool(ok.any()):
         raise ValueError(

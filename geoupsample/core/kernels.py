@@ -521,7 +521,7 @@ def fit(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     dev = resolve_device(device)
-    g, valid = prepare_guide(guide, nodata, normalize)
+    g, valid = prepare_guide(guide, nodata, normalize, device=dev)
     hr_shape = (int(g.shape[1]), int(g.shape[2]))
     h, w = check_lr_shape(lr_shape, hr_shape)
     g, valid = g.to(dev), valid.to(dev)

@@ -127,14 +127,24 @@ class CellLayout:
         r, c = self.rows.valid, self.cols.valid
         return r[:, None, :, None] & c[None, :, None, :]
 
+    def indices_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flattened row and column pixel indices of :attr:`rows` / :attr:`cols` on
+        ``device``, copied there once: a fit step that rearranges images on a GPU copies nothing
+        from the host (a CUDA graph cannot record a copy from pageable host memory)."""
+        cache = self.__dict__.setdefault("_indices_on", {})
+        key = str(torch.device(device))
+        if key not in cache:
+            cache[key] = (self.rows.index.reshape(-1).to(device),
+                          self.cols.index.reshape(-1).to(device))  # fmt: skip
+        return cache[key]
+
     def to_cells(self, image: torch.Tensor) -> torch.Tensor:
         """Rearrange an HR image ``[C, H, W]`` into cell layout ``[h, w, Py, Px, C]``.
 
         Padded phases hold copies of a real pixel; mask them with :attr:`phase_valid`.
         """
-        ri = self.rows.index.to(image.device)
-        ci = self.cols.index.to(image.device)
-        g = image.index_select(1, ri.reshape(-1)).index_select(2, ci.reshape(-1))
+        ri, ci = self.indices_on(image.device)
+        g = image.index_select(1, ri).index_select(2, ci)
         c = image.shape[0]
         g = g.reshape(c, self.rows.n_lr, self.rows.n_phase, self.cols.n_lr, self.cols.n_phase)
         return g.permute(1, 3, 2, 4, 0)
