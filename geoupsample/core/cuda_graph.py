@@ -61,8 +61,8 @@ class GraphedStep:
 
             def record() -> torch.Tensor:
                 # capture_begin/end, not torch.cuda.graph(): that also runs gc.collect() and
-                # empties the allocator's cache at every capture (about 0.2 s per tile in a
-                # whole-scene run, and cudaMalloc again for every buffer after it).
+                # empties the allocator's cache at every capture, i.e. once per tile in a
+                # whole-scene run (and every buffer is cudaMalloc'ed again after it).
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     loss = self.step(self.phases).detach()

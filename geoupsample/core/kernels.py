@@ -524,7 +524,6 @@ def fit(
     g, valid = prepare_guide(guide, nodata, normalize, device=dev)
     hr_shape = (int(g.shape[1]), int(g.shape[2]))
     h, w = check_lr_shape(lr_shape, hr_shape)
-    g, valid = g.to(dev), valid.to(dev)
     layout = CellLayout.build(hr_shape, (h, w))
     params = gsjbu.initial_params((h, w), layout.scale, sigma_r, g.dtype, dev)
     kernels = Kernels(params=params, guide=g, valid=valid, radius=int(radius))
