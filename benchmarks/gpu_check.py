@@ -18,44 +18,24 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from quality import CROP, DATA, SCALE, area_down, psnr, read, unit_scale  # benchmarks/quality.py
 
 import geoupsample as gu
 from geoupsample.core import backend
 from geoupsample.core.kernels import Kernels
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rotterdam-spacenet"
-CROP, SCALE = 296, 8
 
 
 def set_backend(choice: str) -> None:
     os.environ[backend.ENV] = choice
 
 
-def unit_scale(bands: np.ndarray) -> np.ndarray:
-    lo = np.percentile(bands, 0, axis=(1, 2), keepdims=True)
-    hi = np.percentile(bands, 99, axis=(1, 2), keepdims=True)
-    return (bands - lo) / (hi - lo)
-
-
-def area_down(x: np.ndarray, f: int) -> np.ndarray:
-    return torch.nn.functional.avg_pool2d(torch.from_numpy(x)[None], f)[0].numpy()
-
-
 def scene(index: int) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB guide [3, 296, 296], NIR [1, 296, 296]) scaled to about [0, 1], float32."""
-    import rasterio
-
-    with rasterio.open(DATA / f"ms{index}.tif") as src:
-        ms = unit_scale(src.read().astype(np.float64))[:, :CROP, :CROP].astype(np.float32)
-    return ms[:3], ms[3:4]
-
-
-def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((pred.astype(np.float64) - truth) ** 2)))
+    """(RGB guide [3, 296, 296] float32, NIR [1, 296, 296] float64), scaled as quality.py does."""
+    ms = unit_scale(read(DATA / f"ms{index}.tif"))[:, :CROP, :CROP]
+    return ms[:3].astype(np.float32), ms[3:4]
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -76,7 +56,7 @@ def check_render(guide: np.ndarray, nir: np.ndarray) -> None:
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(8, h, h)).astype(np.float32) * 2)
     rasters = {
-        "nir": (torch.from_numpy(area_down(nir, SCALE)), "auto"),
+        "nir": (torch.from_numpy(area_down(nir, SCALE).astype(np.float32)), "auto"),
         "features64": (torch.randn(64, h, h, generator=torch.Generator().manual_seed(0)), "auto"),
         "probs8": (torch.softmax(logits, 0), "probabilities"),
     }
@@ -97,7 +77,7 @@ def check_render(guide: np.ndarray, nir: np.ndarray) -> None:
 
 def check_fit(index: int, guide: np.ndarray, nir: np.ndarray) -> None:
     h = CROP // SCALE
-    x = area_down(nir, SCALE)
+    x = area_down(nir, SCALE).astype(np.float32)
     for objective in ("back_projected", "plain"):
         runs = {"cpu/torch": ("cpu", "auto"), "cuda/triton": ("cuda", "triton"),
                 "cuda/torch": ("cuda", "torch")}
