@@ -36,6 +36,19 @@ def write_tif(path, data: np.ndarray, transform: Affine, crs=CRS_UTM, nodata=Non
     return str(path)
 
 
+def damage_block(path, band: int = 1, block: tuple[int, int] = (1, 1)) -> str:
+    """Overwrite the compressed bytes of one block (``(col, row)`` in blocks) of a tiled,
+    compressed GeoTIFF ``path`` in place, as a truncated download or a bad disk would; GDAL then
+    fails to decode that block (and only that one). Returns the path."""
+    with rasterio.open(path) as ds:
+        offset = int(ds.get_tag_item(f"BLOCK_OFFSET_{block[0]}_{block[1]}", "TIFF", bidx=band))
+        size = int(ds.get_tag_item(f"BLOCK_SIZE_{block[0]}_{block[1]}", "TIFF", bidx=band))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * size)
+    return str(path)
+
+
 def identity(ctx):
     """Per-tile function: the input ``img`` as is."""
     return ctx.data["img"]

@@ -29,6 +29,7 @@ from tests._tiling_helpers import (
     Repeat,
     box3,
     box3_whole,
+    damage_block,
     identity,
     kill_9_after_bands,
     write_tif,
@@ -156,6 +157,34 @@ def test_output_appears_only_when_complete_and_errors_clean_up(tmp_path):
         tiling.run(Failing((1, 1)), {"img": tiling.RasterInput(src)}, _spec(src, out2),
                    tile=512, halo=0)
     assert sorted(os.listdir(tmp_path)) == ["out.tif"]
+
+
+def test_damaged_block_names_file_window_and_gdal_reason(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 3000, (2, 256, 256)).astype(np.uint16)
+    src = str(tmp_path / "src.tif")
+    with rasterio.open(src, "w", driver="GTiff", width=256, height=256, count=2, dtype="uint16",
+                       crs=CRS_UTM, transform=Affine(1, 0, 500000, 0, -1, 5400000), tiled=True,
+                       blockxsize=128, blockysize=128, compress="deflate") as ds:
+        ds.write(data)
+    damage_block(src, band=2, block=(1, 0))
+    reader = tiling.RasterInput(src)
+    whole = Window(0, 0, 256, 256)
+    left = reader.read(Window(0, 0, 128, 256), reader.transform)  # the intact blocks still read
+    np.testing.assert_array_equal(left, data[:, :, :128].astype(np.float32))
+    with pytest.raises(rasterio.errors.RasterioIOError) as err:
+        reader.read(whole, reader.transform)
+    message = str(err.value)
+    assert "cannot read rows 0-256, columns 0-256 of " + src in message
+    gdal_reason = str(err.value.__cause__.__cause__).rstrip(".")  # rasterio keeps it as a cause
+    assert "IReadBlock failed" in gdal_reason and gdal_reason in message
+    assert f"gdalinfo -checksum {src}" in message
+    assert "See previous exception" not in message
+
+    out = str(tmp_path / "out.tif")
+    with pytest.raises(rasterio.errors.RasterioIOError, match="damaged or truncated"):
+        tiling.run(identity, {"img": reader}, _spec(src, out), tile=128, halo=0)
+    assert sorted(os.listdir(tmp_path)) == ["src.tif"]  # no partial output, no journal
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -24,7 +24,7 @@ import geoupsample as gu
 from geoupsample.cli import app
 from geoupsample.inputs import InputError, scene_guide_stats
 from geoupsample.pipeline import upsample_raster
-from tests._tiling_helpers import kill_9_after_bands, read_tif
+from tests._tiling_helpers import damage_block, kill_9_after_bands, read_tif
 
 DATA = files("geoupsample") / "data"
 LR = str(DATA / "rotterdam_ms.tif")
@@ -354,6 +354,18 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
     res = CliRunner().invoke(app, ["upsample", kwargs["lowres"], HR, "-o", out])
     assert res.exit_code == 2
     assert "error:" in res.output and "gdalwarp" in res.output
+    assert "Traceback" not in res.output and not os.path.exists(out)
+
+
+def test_cli_damaged_guide_block_names_the_file_and_gdal_check(tmp_path):
+    guide = _variant(tmp_path, "pan.tif", src=HR, tiled=True, blockxsize=256, blockysize=256,
+                     compress="deflate")
+    damage_block(guide, block=(1, 1))
+    out = str(tmp_path / "o.tif")
+    res = CliRunner().invoke(app, ["upsample", LR, guide, "-o", out, "--method", "jbu"])
+    assert res.exit_code == 2, res.output
+    assert "error: cannot read rows" in res.output and f"of {guide}" in res.output
+    assert f"gdalinfo -checksum {guide}" in res.output and "IReadBlock failed" in res.output
     assert "Traceback" not in res.output and not os.path.exists(out)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window, bounds, from_bounds
 
@@ -168,13 +169,36 @@ def mask_band_used(ds: Any, indexes: Any) -> bool:
                for f in flags)  # fmt: skip
 
 
-def read_valid(ds: Any, indexes: Any, window: Window, nodata: float | None) -> np.ndarray:
+def read_valid(ds: Any, indexes: Any, window: Window, nodata: float | None,
+               path: str | None = None) -> np.ndarray:
     """float32 ``[bands, rows, cols]`` of bands ``indexes`` in ``window``, NaN where the
-    pixels are ``nodata``, NaN, or masked out by the file's mask band."""
-    data = to_float(ds.read(indexes, window=window), nodata)
-    if mask_band_used(ds, indexes):
-        data = np.where(ds.read_masks(indexes, window=window) == 0, np.float32(np.nan), data)
+    pixels are ``nodata``, NaN, or masked out by the file's mask band.
+
+    A block GDAL cannot decode (a damaged or truncated file) raises
+    :class:`rasterio.errors.RasterioIOError` naming ``path`` (default ``ds.name``), the window
+    and GDAL's own reason, where rasterio alone says "Read failed. See previous exception".
+    """
+    try:
+        data = to_float(ds.read(indexes, window=window), nodata)
+        if mask_band_used(ds, indexes):
+            data = np.where(ds.read_masks(indexes, window=window) == 0, np.float32(np.nan), data)
+    except RasterioIOError as err:
+        raise RasterioIOError(read_failure(path or ds.name, window, err)) from err
     return data
+
+
+def read_failure(path: str, window: Window, err: BaseException) -> str:
+    """What to tell a user when reading ``window`` of ``path`` failed with ``err``: where, GDAL's
+    reason (rasterio keeps it as the exception's cause) and what to check."""
+    reason = str(err.__cause__ or err).strip().rstrip(".")
+    rows = f"{int(window.row_off)}-{int(window.row_off + window.height)}"
+    cols = f"{int(window.col_off)}-{int(window.col_off + window.width)}"
+    message = (f"cannot read rows {rows}, columns {cols} of {path}: {reason}. The file is "
+               f"probably damaged or truncated: check it with `gdalinfo -checksum {path}` and "
+               "re-create or re-download it")
+    if not is_local_path(path):
+        message += "; for a remote file also check the connection (a transfer may have failed)"
+    return message
 
 
 @dataclass(frozen=True)
@@ -211,7 +235,7 @@ class RasterInput:
         win = input_window(out_window, out_transform, ds.transform)
         indexes = list(self.bands) if self.bands else list(range(1, ds.count + 1))
         nodata = self.nodata if self.nodata is not None and self.warp is None else ds.nodata
-        return _boundless(lambda w: read_valid(ds, indexes, w, nodata), win,
+        return _boundless(lambda w: read_valid(ds, indexes, w, nodata, self.path), win,
                           ds.height, ds.width, len(indexes))
 
     def identity(self) -> dict:
