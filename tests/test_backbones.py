@@ -177,8 +177,9 @@ def test_tile_size_must_be_multiple_of_patch() -> None:
 
 def test_spectral_statistics_and_indices(ms: np.ndarray) -> None:
     bb = gb.create("spectral", band_names=BANDS, cell_size=10)
-    assert (bb.stride, bb.num_features, bb.in_chans) == (10, 12, 4)
+    assert (bb.stride, bb.num_features, bb.in_chans) == (10, 24, 4)
     names = bb.feature_names()
+    assert names[12:14] == ["red_mean_around3", "green_mean_around3"] and len(names) == 24
     assert names[:6] == [
         "red_mean",
         "green_mean",
@@ -188,7 +189,7 @@ def test_spectral_statistics_and_indices(ms: np.ndarray) -> None:
         "ndwi_mean",
     ]
     feats = bb.extract(ms)
-    assert feats.shape == (12, 30, 30)
+    assert feats.shape == (24, 30, 30)
     blocks = ms.astype(np.float64).reshape(4, 30, 10, 30, 10)
     np.testing.assert_allclose(feats[:4], blocks.mean(axis=(2, 4)), rtol=1e-5)
     np.testing.assert_allclose(feats[6:10], blocks.std(axis=(2, 4)), rtol=1e-4, atol=1e-3)
@@ -198,6 +199,21 @@ def test_spectral_statistics_and_indices(ms: np.ndarray) -> None:
     np.testing.assert_allclose(feats[4], ndvi.reshape(30, 10, 30, 10).mean(axis=(1, 3)), atol=1e-5)
     np.testing.assert_allclose(feats[5], ndwi.reshape(30, 10, 30, 10).mean(axis=(1, 3)), atol=1e-5)
     assert -1 <= feats[4].min() and feats[4].max() <= 1 and feats[4].std() > 0.05
+    # context: each cell statistic averaged over the 3 x 3 cells around (fewer at the edges)
+    own = feats[:12].astype(np.float64)
+    np.testing.assert_allclose(feats[12:, 7, 4], own[:, 6:9, 3:6].mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(feats[12:, 0, 29], own[:, 0:2, 28:30].mean(axis=(1, 2)),
+                               rtol=1e-5)
+    alone = gb.create("spectral", band_names=BANDS, cell_size=10, context=0)
+    assert alone.num_features == 12
+    np.testing.assert_array_equal(alone.extract(ms), feats[:12])
+    wide = gb.create("spectral", band_names=BANDS, cell_size=10, context=2)
+    assert wide.feature_names()[12] == "red_mean_around5"
+    np.testing.assert_allclose(wide.extract(ms)[12:, 10, 10],
+                               own[:, 8:13, 8:13].mean(axis=(1, 2)), rtol=1e-5)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(gb.BackboneError, match="context must be a whole number"):
+            gb.create("spectral", band_names=BANDS, context=bad)
 
 
 def test_spectral_nodata_and_band_errors(ms: np.ndarray) -> None:
@@ -206,14 +222,16 @@ def test_spectral_nodata_and_band_errors(ms: np.ndarray) -> None:
     x[:, :5, :5] = np.nan  # one whole cell
     x[:, 5, 5] = np.nan  # one pixel of another
     feats = bb.extract(x)
-    assert np.isnan(feats[:, 0, 0]).all() and np.isfinite(feats[:, 1:, :]).all()
+    assert np.isnan(feats[:6, 0, 0]).all() and np.isfinite(feats[:6, 1:, :]).all()
     np.testing.assert_allclose(feats[0, 1, 1], np.nanmean(x[0, 5:10, 5:10]), rtol=1e-6)
+    # the empty cell's neighbourhood means are those of its three valid neighbours
+    np.testing.assert_allclose(feats[6:, 0, 0], feats[:6, [0, 1, 1], [1, 0, 1]].mean(1), rtol=1e-6)
     no_names = gb.create("spectral", cell_size=5)
-    assert no_names.extract(ms[:3, :10, :10]).shape == (6, 2, 2)
+    assert no_names.extract(ms[:3, :10, :10]).shape == (12, 2, 2)
     with pytest.raises(gb.BackboneError, match="ndvi needs the nir and red band"):
         gb.create("spectral", indices=["ndvi"])
     explicit = gb.create("spectral", in_chans=4, index_bands={"red": 0, "nir": 3}, indices=["ndvi"])
-    assert explicit.feature_names()[-1] == "ndvi_std"
+    assert explicit.feature_names()[-1] == "ndvi_std_around3"
     with pytest.raises(gb.BandCountError):
         bb(torch.zeros(3, 10, 10))
 

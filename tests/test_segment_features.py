@@ -164,7 +164,7 @@ def test_features_timm_pca_and_band_mismatch(tmp_path: Path) -> None:
     assert code == 2 and "expect 3 input band" in text and "--model-bands" in text
     code, text = cli(
         "features", SCENE, "-o", tmp_path / "s.tif", "--cell-size", "10", "--bands", "red,nir",
-        *FAST,
+        "--context", "0", *FAST,
     )  # fmt: skip
     assert code == 0, text
     with rasterio.open(tmp_path / "s.tif") as ds:

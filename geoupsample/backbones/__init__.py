@@ -2,8 +2,9 @@
 
 Names:
 
-- ``"spectral"``: weight-free per-cell band statistics and spectral indices
-  (:class:`~geoupsample.backbones.spectral.SpectralBackbone`); works offline on any machine.
+- ``"spectral"``: weight-free per-cell band statistics and spectral indices, and their means
+  over the neighbouring cells (:class:`~geoupsample.backbones.spectral.SpectralBackbone`);
+  works offline on any machine.
 - ``"timm:<model>"``: any timm model, ViT-style patch tokens or CNN stages
   (:class:`~geoupsample.backbones.timm_backbone.TimmBackbone`); weights from a local file,
   the user's Hugging Face cache, or random (``random_init=True``) for smoke tests.

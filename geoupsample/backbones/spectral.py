@@ -14,6 +14,15 @@ Bands are identified from ``band_names`` (case-insensitive: ``red``/``r``, ``gre
 digital numbers or reflectances, not per-band rescaled data); pass the tile as read.
 Non-finite pixels (nodata as NaN) are left out of every statistic; a cell without valid pixels
 gets NaN features.
+
+With ``context=r`` (default 1) every one of those features is followed, after all of them, by its
+mean over the ``(2r + 1) x (2r + 1)`` cells centred on the cell (cells outside the tile or
+without valid pixels left out): what surrounds a cell tells a lawn from a tree crown or a roof
+from a road where the cell's own colour does not. On the 512 x 512 Vaihingen development crop
+(``benchmarks/quality_labels.py``, predicted regime, bilinear) a linear probe scores 40.1 / 39.7
+mIoU at x8 / x16 on the cell statistics alone and 42.0 / 40.4 with ``context=1``. A tile's
+edge cells see a truncated neighbourhood: tile with a halo of at least ``r`` cells (the
+engine's default halo, 64 px, covers ``r x cell_size <= 64``).
 """
 
 from __future__ import annotations
@@ -67,6 +76,8 @@ class SpectralBackbone(Backbone):
         index_bands: explicit role -> band index mapping, overriding the names.
         indices: which indices to compute: ``"auto"`` (all whose bands are present), or a list.
         stats: per-cell statistics, a subset of ``("mean", "std")``.
+        context: rings of neighbouring cells over which every feature is also averaged (0: the
+            cell's own statistics only).
     """
 
     def __init__(
@@ -78,8 +89,12 @@ class SpectralBackbone(Backbone):
         index_bands: Mapping[str, int] | None = None,
         indices: str | Sequence[str] = "auto",
         stats: Sequence[str] = STATS,
+        context: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(context, bool) or int(context) != context or context < 0:
+            raise BackboneError(f"context must be a whole number of cells >= 0, got {context!r}")
+        self.context = int(context)
         if int(cell_size) < 1:
             raise BackboneError(f"cell_size must be a positive number of pixels, got {cell_size}")
         if band_names is not None and in_chans is not None and len(band_names) != in_chans:
@@ -117,7 +132,7 @@ class SpectralBackbone(Backbone):
             raise BackboneError(
                 "num_features depends on the band count: pass band_names or in_chans"
             )
-        return len(self.stats) * (self.in_chans + len(self.index_pairs))
+        return (1 + (self.context > 0)) * len(self.stats) * (self.in_chans + len(self.index_pairs))
 
     def feature_names(self, d: int | None = None) -> list[str]:
         """Names of the output channels for a tile of ``d`` bands (default: ``in_chans``)."""
@@ -130,7 +145,10 @@ class SpectralBackbone(Backbone):
             else [f"band{i + 1}" for i in range(d)]
         )
         indices = [n for n, _, _ in self.index_pairs]
-        return [f"{name}_{s}" for s in self.stats for name in bands + indices]
+        own = [f"{name}_{s}" for s in self.stats for name in bands + indices]
+        if not self.context:
+            return own
+        return own + [f"{name}_around{2 * self.context + 1}" for name in own]
 
     def _check_bands(self, d: int) -> None:
         super()._check_bands(d)
@@ -171,8 +189,26 @@ class SpectralBackbone(Backbone):
                 )
             idx_stats = self._cell_stats(torch.stack(idx, dim=1))
             per_stat = [torch.cat([p, q], dim=1) for p, q in zip(per_stat, idx_stats, strict=True)]
-        return torch.cat(per_stat, dim=1).float()
+        own = torch.cat(per_stat, dim=1)
+        if not self.context:
+            return own.float()
+        return torch.cat([own, neighbourhood_mean(own, self.context)], dim=1).float()
 
     def extra_repr(self) -> str:
         names = [n for n, _, _ in self.index_pairs]
-        return f"cell_size={self.stride}, stats={self.stats}, indices={names}"
+        return (f"cell_size={self.stride}, stats={self.stats}, indices={names}, "
+                f"context={self.context}")
+
+
+def neighbourhood_mean(f: torch.Tensor, rings: int) -> torch.Tensor:
+    """Mean of ``f [B, C, h, w]`` over the ``(2 rings + 1)^2`` cells centred on each cell, NaN
+    cells and cells beyond the edge left out; NaN where none of them is finite."""
+    ok = torch.isfinite(f)
+    k = 2 * rings + 1
+    values = torch.where(ok, f, torch.zeros((), dtype=f.dtype))
+    total = torch.nn.functional.avg_pool2d(values, k, stride=1, padding=rings,
+                                           count_include_pad=True)
+    count = torch.nn.functional.avg_pool2d(ok.to(f.dtype), k, stride=1, padding=rings,
+                                           count_include_pad=True)
+    return torch.where(count > 0, total / count.clamp_min(1e-12),
+                       torch.full((), float("nan"), dtype=f.dtype))

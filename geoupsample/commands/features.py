@@ -15,7 +15,8 @@ HELP = (
     "Compute features of SCENE with a backbone and write them upsampled to SCENE's full "
     "resolution (one float32 band per feature, or per PCA component with --pca) into OUT.\n\n"
     "Backbones: 'spectral' (built in, no weights: per-cell band means and standard deviations "
-    "plus NDVI/NDWI where bands named red/green/nir exist; --cell-size sets the cell) or "
+    "plus NDVI/NDWI where bands named red/green/nir exist, and their means over the cells "
+    "around (--context rings); --cell-size sets the cell) or "
     "'timm:<model>' (any timm model: ViT/DINOv2-style patch tokens or CNN stages). timm models "
     "need weights: --weights FILE (safetensors or a PyTorch state dict), --pretrained (only if "
     "already in your Hugging Face cache; nothing is downloaded) or --random-init (smoke "
@@ -47,6 +48,7 @@ def build_backbone(
     model_bands: str | None = None,
     adapt_stem: bool = False,
     cell_size: int = 8,
+    context: int = 1,
 ) -> Any:
     """A backbone for a scene with ``band_names`` from the CLI options."""
     from geoupsample.backbones import BackboneError, create
@@ -57,7 +59,7 @@ def build_backbone(
                 "the spectral backbone takes no weights or model bands; drop --weights, "
                 "--pretrained, --random-init and --model-bands (use --bands to choose bands)"
             )
-        return create("spectral", band_names=band_names, cell_size=cell_size)
+        return create("spectral", band_names=band_names, cell_size=cell_size, context=context)
     chosen: list[int | str] | None = None
     if model_bands:
         chosen = [int(b) - 1 if b.isdigit() else b for b in opt.split(model_bands) or []]
@@ -89,6 +91,7 @@ def features_command(
     model_bands: opt.ModelBandsOption = None,
     adapt_stem: opt.AdaptStemOption = False,
     cell_size: opt.CellSizeOption = 8,
+    context: opt.ContextOption = 1,
     pca: Annotated[
         int | None, typer.Option(help="Reduce to K principal components (fitted on the scene).")
     ] = None,
@@ -128,6 +131,7 @@ def features_command(
             model_bands=model_bands,
             adapt_stem=adapt_stem,
             cell_size=cell_size,
+            context=context,
         )
         report = features_raster(
             scene,

@@ -93,6 +93,9 @@ ModelBandsOption = Annotated[str | None, typer.Option(
 AdaptStemOption = Annotated[bool, typer.Option(
     help="Adapt a 3-band stem to the bands fed (timm in_chans).")]
 CellSizeOption = Annotated[int, typer.Option(help="Cell size in pixels (spectral).")]
+ContextOption = Annotated[int, typer.Option(
+    help="Rings of neighbouring cells over which the cell statistics are also averaged, as "
+         "extra features (spectral; 0: each cell's own statistics only).")]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -52,6 +52,7 @@ def segment_command(
     model_bands: opt.ModelBandsOption = None,
     adapt_stem: opt.AdaptStemOption = False,
     cell_size: opt.CellSizeOption = 8,
+    context: opt.ContextOption = 1,
     labels_crs: Annotated[
         str | None,
         typer.Option(help="CRS of the polygons' coordinates, overriding what the file says (a "
@@ -104,6 +105,7 @@ def segment_command(
             model_bands=model_bands,
             adapt_stem=adapt_stem,
             cell_size=cell_size,
+            context=context,
         )
         report = segment_raster(
             scene,
