@@ -186,7 +186,9 @@ def upsample_raster(
 
     Returns:
         :class:`tiling.RunReport`. The output has the guide's CRS and transform, nodata (the
-        low-res nodata when it fits the dtype, else NaN / the dtype's max), the low-res band
+        low-res nodata when it fits the dtype, else NaN / the dtype's max; for an integer
+        low-res raster without nodata whose values could include that max, e.g. uint8 ->
+        uint8, an internal mask band and no nodata value), the low-res band
         descriptions, and tags recording the method, parameters and package version.
     """
     tune_allocator()  # the fits' large temporaries: see geoupsample.core.allocator
@@ -232,7 +234,7 @@ def _upsample_raster(
         lr_dtype = np.dtype(lr_file.dtypes[lr_idx[0] - 1])
         out_dtype = _out_dtype(dtype) if dtype else (
             "float32" if lr_dtype.kind == "f" else lr_dtype.name)
-        nodata = _output_nodata(lr_file.nodata, out_dtype)
+        nodata, nodata_mask = _output_nodata(lr_file.nodata, lr_dtype, out_dtype)
         descriptions = [lr_file.descriptions[i - 1] for i in lr_idx]
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
         # interpolations use the guide only for its nodata mask: skip reading a guide that
@@ -277,7 +279,7 @@ def _upsample_raster(
               "geoupsample_render": json.dumps(render),
               **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {}),
               **({"geoupsample_warp": _warp_text(lr_warp, rel)} if lr_warp else {})},
-        compress=compress, blocksize=blocksize, cog=cog)
+        compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask)
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        render=render, unit=scene.unit)
     if workers is None and scheduler is None:
@@ -333,10 +335,23 @@ def _out_dtype(dtype: Any) -> str:
     return name
 
 
-def _output_nodata(lr_nodata: float | None, dtype: str) -> float:
+def _output_nodata(lr_nodata: float | None, lr_dtype: np.dtype,
+                   dtype: str) -> tuple[float | None, bool]:
+    """The output's nodata value, and whether it is marked by a mask band instead.
+
+    The low-res nodata when the output dtype holds it; else the dtype's default (NaN, or the
+    integer max / min that valid values are clipped away from), unless that default could be a
+    valid value of an integer low-res raster without nodata (uint8 -> uint8: 255): then no value
+    is reserved and nodata goes to an internal mask band, so that every input value survives.
+    """
     dt = np.dtype(dtype)
     if lr_nodata is not None:
         if dt.kind == "f" or (not math.isnan(lr_nodata) and float(lr_nodata).is_integer()
                               and np.iinfo(dt).min <= lr_nodata <= np.iinfo(dt).max):
-            return float(lr_nodata)
-    return tiling.default_nodata(dtype)
+            return float(lr_nodata), False
+    default = tiling.default_nodata(dtype)
+    if lr_nodata is None and dt.kind in "iu" and lr_dtype.kind in "iu":
+        info = np.iinfo(lr_dtype)
+        if info.min <= default <= info.max:
+            return None, True
+    return default, False

@@ -138,6 +138,45 @@ def test_integer_output_is_rounded_clipped_and_avoids_nodata(tmp_path):
         np.testing.assert_array_equal(ds.read(1)[0], [0, 0, 254, 254, 254, 255])
 
 
+@pytest.mark.parametrize("cog", [False, True])
+def test_nodata_mask_keeps_every_integer_value_valid(tmp_path, cog):
+    """``nodata_mask``: no value is reserved (255 stays 255); NaN pixels and cells outside the
+    AOI (never written) are masked in an internal mask band, which the COG keeps."""
+    x = np.array([[[-3.0, 0.4, 254.6, 255.0, 1000.0, np.nan]]], dtype=np.float32)
+    tr = Affine(1, 0, 0, 0, -1, 64)
+    src = write_tif(tmp_path / "f.tif", np.repeat(np.tile(x, (1, 1, 8)), 64, axis=1), tr,
+                    block=16)
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = tiling.OutputSpec(str(out / "u8.tif"), crs=CRS_UTM, transform=tr, width=48,
+                             height=64, count=1, dtype="uint8", blocksize=16, nodata_mask=True,
+                             cog=cog)
+    aoi = box(0, 32, 48, 64)  # the top half (rows 0-31)
+    tiling.run(identity, {"img": tiling.RasterInput(src)}, spec, tile=16, halo=0, aoi=aoi,
+               aoi_crs=CRS_UTM)
+    with rasterio.open(spec.path) as ds:
+        assert ds.nodata is None and ds.files == [spec.path]  # internal mask, no .msk file
+        assert ds.mask_flag_enums[0] == [rasterio.enums.MaskFlags.per_dataset]
+        values, mask = ds.read(1), ds.read_masks(1)
+    np.testing.assert_array_equal(values[0, :6], [0, 0, 255, 255, 255, 0])
+    np.testing.assert_array_equal(mask[0, :6], [255, 255, 255, 255, 255, 0])
+    assert (mask[32:] == 0).all()  # outside the AOI: blocks never written read as masked
+    np.testing.assert_array_equal(mask[:32], np.tile([255] * 5 + [0], 8)[None].repeat(32, 0))
+    # our own reader honours the mask: masked pixels come back as NaN
+    back = tiling.RasterInput(spec.path).read(Window(0, 0, 48, 64), tr)[0]
+    assert np.isnan(back[32:]).all() and back[0, 3] == 255 and np.isnan(back[0, 5])
+
+
+def test_nodata_mask_is_for_integer_geotiffs():
+    grid = dict(crs=CRS_UTM, transform=Affine(1, 0, 0, 0, -1, 0), width=8, height=8, count=1)
+    with pytest.raises(ValueError, match="nodata_mask is for integer outputs"):
+        tiling.OutputSpec("a.tif", dtype="float32", nodata_mask=True, **grid)
+    with pytest.raises(ValueError, match="nodata or nodata_mask, not both"):
+        tiling.OutputSpec("a.tif", dtype="uint8", nodata=0, nodata_mask=True, **grid)
+    with pytest.raises(ValueError, match="nodata_mask applies to GeoTIFF"):
+        tiling.ZarrOutputSpec("a.zarr", dtype="uint8", nodata_mask=True, **grid)
+
+
 def test_output_appears_only_when_complete_and_errors_clean_up(tmp_path):
     src = _real_raster(tmp_path)
     out = str(tmp_path / "out.tif")

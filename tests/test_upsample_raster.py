@@ -200,6 +200,69 @@ def test_guide_nodata_gives_output_nodata(small, tmp_path):
     assert np.isnan(y[:, :40, :40]).all() and np.isfinite(y[:, 40:, 40:]).all()
 
 
+def test_uint8_lowres_without_nodata_keeps_255(small, tmp_path, capfd):
+    """A uint8 raster using all of 0..255 and no nodata value: the output reserves no value
+    (255 stays 255) and marks the guide's nodata in a mask band; into uint16, 65535 is free and
+    stays the nodata value."""
+    lr, hr = small
+    with rasterio.open(lr) as ds:
+        prof = ds.profile
+    codes = np.random.default_rng(0).integers(0, 256, (2, prof["height"], prof["width"]))
+    codes[:, :3, :3] = 255
+    lr8 = str(tmp_path / "lr8.tif")
+    prof.update(count=2, dtype="uint8", nodata=None)
+    with rasterio.open(lr8, "w", **prof) as ds:
+        ds.write(codes.astype(np.uint8))
+    g = read_tif(hr)
+    g[:, -40:, -40:] = 0
+    hr0 = str(tmp_path / "hr0.tif")
+    with rasterio.open(hr) as ds:
+        gprof = ds.profile
+    with rasterio.open(hr0, "w", **{**gprof, "nodata": 0}) as ds:
+        ds.write(g)
+    out = str(tmp_path / "o.tif")
+    upsample_raster(lr8, hr0, out, method="nearest", tile=48, halo=16, blocksize=32, workers=1)
+    with rasterio.open(out) as ds:
+        assert ds.dtypes[0] == "uint8" and ds.nodata is None
+        values, mask = ds.read(), ds.read_masks(1)
+    assert (mask[-40:, -40:] == 0).all() and (mask[:-40, :] == 255).all()
+    scale = g.shape[-1] // codes.shape[-1]
+    nearest = codes.repeat(scale, 1).repeat(scale, 2)
+    np.testing.assert_array_equal(values[:, mask > 0], nearest[:, mask > 0])
+    assert (values[:, :3 * scale, :3 * scale] == 255).all()
+    assert "ERROR" not in capfd.readouterr().err  # GDAL's threaded compression of mask blocks
+
+    upsample_raster(lr8, hr0, str(tmp_path / "o16.tif"), method="nearest", tile=48, halo=16,
+                    blocksize=16, dtype="uint16")
+    with rasterio.open(tmp_path / "o16.tif") as ds:
+        assert ds.nodata == 65535 and ds.mask_flag_enums[0] == [rasterio.enums.MaskFlags.nodata]
+        assert (ds.read(1)[-40:, -40:] == 65535).all()
+
+
+def test_masked_output_writes_without_gdal_errors(tmp_path, capfd):
+    """GDAL 3.10's threaded compression fails now and then on the mask blocks of a reopened file
+    ("Bad value 1 for ExtraSamples tag" on stderr; seen in three runs of three of this test with
+    threaded compression): masked outputs are compressed on one thread."""
+    rng = np.random.default_rng(0)
+    t = Affine(1, 0, 500000, 0, -1, 5400000)
+    guide = str(tmp_path / "g.tif")
+    with rasterio.open(guide, "w", driver="GTiff", width=512, height=512, count=3,
+                       dtype="uint16", crs="EPSG:32632", transform=t, tiled=True,
+                       blockxsize=256, blockysize=256) as ds:
+        ds.write(rng.integers(0, 3000, (3, 512, 512)).astype(np.uint16))
+    lr8 = str(tmp_path / "lr8.tif")
+    with rasterio.open(lr8, "w", driver="GTiff", width=64, height=64, count=2, dtype="uint8",
+                       crs="EPSG:32632", transform=t * Affine.scale(8)) as ds:
+        ds.write(rng.integers(0, 256, (2, 64, 64)).astype(np.uint8))
+    for i in range(3):
+        out = str(tmp_path / f"o{i}.tif")
+        upsample_raster(lr8, guide, out, method="nearest", tile=128, halo=16, blocksize=128,
+                        workers=1)
+        with rasterio.open(out) as ds:
+            assert ds.nodata is None and (ds.read_masks(1) == 255).all()
+    assert "ERROR" not in capfd.readouterr().err
+
+
 # ---- acceptance 5: atomic and resumable, through the CLI -----------------------------------
 def test_cli_kill_9_then_resume_is_pixel_identical(small, tmp_path):
     lr, hr = small

@@ -13,6 +13,13 @@ GDAL creation option ``NBITS=16`` on a Float32 band, since GDAL < 3.11 has no Fl
 GDAL and rasterio read it back as float32 holding half-precision values. Values are rounded to
 the nearest float16 by numpy (round half to even) and clipped to its finite range (+-65504).
 
+Nodata is a value by default (:func:`default_nodata`: NaN for floats, the dtype's max or min for
+integers, which valid values are clipped away from). ``nodata_mask=True`` marks it instead in an
+internal per-dataset mask band (GDAL ``GDAL_TIFF_INTERNAL_MASK``; kept by the COG conversion),
+so that every value of an integer dtype stays valid (a uint8 raster using 0..255); the file then
+has no nodata value, masked pixels hold 0, and blocks never written (outside an AOI) read as
+masked.
+
 Other stores: an :class:`OutputSpec` subclass may name its own writer in ``writer_class`` (a
 :class:`Writer` subclass); ``Writer(spec)`` then builds that one (see
 :mod:`tiling.zarr_writer`).
@@ -50,7 +57,10 @@ class OutputSpec:
         count: number of bands.
         dtype: one of :data:`SUPPORTED_DTYPES`; float results are rounded and clipped for ints.
         nodata: nodata value; default NaN for floats, the dtype's max for unsigned and min for
-            signed ints (valid values are clipped away from it).
+            signed ints (valid values are clipped away from it). None with ``nodata_mask``.
+        nodata_mask: integer dtypes only: no nodata value; nodata pixels (NaN in the data, and
+            blocks never written) are marked in an internal mask band instead, and every value
+            of the dtype is valid.
         descriptions: band descriptions (``count`` strings) or None.
         tags: dataset tags (e.g. method and parameters), values stringified.
         compress: ``"deflate"``, ``"zstd"``, ``"lzw"`` or ``"none"``.
@@ -74,6 +84,7 @@ class OutputSpec:
     compress: str = "deflate"
     blocksize: int = 256
     cog: bool = False
+    nodata_mask: bool = False
 
     def __post_init__(self) -> None:
         self.dtype = np.dtype(self.dtype).name
@@ -87,7 +98,13 @@ class OutputSpec:
         if self.compress.lower() not in ("deflate", "zstd", "lzw", "none"):
             raise ValueError(f"unsupported compression {self.compress!r}; "
                              "use deflate, zstd, lzw or none")
-        if self.nodata is None:
+        if self.nodata_mask:
+            if np.dtype(self.dtype).kind not in "iu":
+                raise ValueError(f"nodata_mask is for integer outputs; a {self.dtype} output "
+                                 "marks nodata with NaN")
+            if self.nodata is not None:
+                raise ValueError("give nodata or nodata_mask, not both")
+        elif self.nodata is None:
             self.nodata = default_nodata(self.dtype)
         if self.descriptions is not None and len(self.descriptions) != self.count:
             raise ValueError(f"{len(self.descriptions)} band descriptions for {self.count} bands")
@@ -111,6 +128,8 @@ class OutputSpec:
             prof["predictor"] = 3 if kind == "f" else 2
         if half:
             prof["nbits"] = 16
+        if self.nodata_mask:  # see Writer._threads
+            prof["num_threads"] = "1"
         return prof
 
 
@@ -123,10 +142,17 @@ def default_nodata(dtype: str) -> float:
     return float(info.max if dt.kind == "u" else info.min)
 
 
-def cast(data: np.ndarray, dtype: str, nodata: float) -> np.ndarray:
+def cast(data: np.ndarray, dtype: str, nodata: float | None) -> np.ndarray:
     """float ``data`` (NaN = nodata) -> ``dtype``; ints are rounded and clipped so that no valid
-    pixel collides with ``nodata``."""
+    pixel collides with ``nodata``. ``nodata=None`` (integers, see ``nodata_mask``): clipped to
+    the dtype's whole range, NaN written as 0."""
     dt = np.dtype(dtype)
+    if nodata is None:
+        if dt.kind not in "iu":
+            raise ValueError(f"a {dtype} output needs a nodata value")
+        info = np.iinfo(dt)
+        bad = ~np.isfinite(data)
+        return np.clip(np.rint(np.where(bad, 0, data)), info.min, info.max).astype(dt)
     if dt == np.float16:  # rounded to half here; stored as float32 values (see the docstring)
         half = np.clip(data, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16).astype(np.float32)
         if not math.isnan(nodata):
@@ -177,7 +203,7 @@ class Writer:
                                     "name such as out.tif")
         self.tmp = spec.partial_path
         if resume and os.path.exists(self.tmp):
-            self.ds = rasterio.open(self.tmp, "r+", num_threads="ALL_CPUS")
+            self.ds = rasterio.open(self.tmp, "r+", num_threads=self._threads())
         else:
             self.ds = rasterio.open(self.tmp, "w", **spec.profile())
             if spec.descriptions:
@@ -187,14 +213,25 @@ class Writer:
             if spec.tags:
                 self.ds.update_tags(**{k: str(v) for k, v in spec.tags.items()})
 
+    def _threads(self) -> str:
+        """GDAL compression threads when reopening the file: all cores, but one with a mask
+        band (GDAL 3.10's threaded compression of a reopened file's mask blocks fails with
+        "Bad value 1 for ExtraSamples tag")."""
+        return "1" if self.spec.nodata_mask else "ALL_CPUS"
+
     def write(self, data: np.ndarray, window: Window) -> None:
-        """Write float ``data`` ``[count, rows, cols]`` (NaN = nodata) at ``window``."""
+        """Write float ``data`` ``[count, rows, cols]`` (NaN = nodata) at ``window``; with
+        ``nodata_mask`` a pixel is valid where all its bands are finite."""
         self.ds.write(cast(data, self.spec.dtype, self.spec.nodata), window=window)
+        if self.spec.nodata_mask:
+            valid = np.isfinite(data).all(axis=0)
+            with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):  # in the file, not a .msk sidecar
+                self.ds.write_mask(np.where(valid, np.uint8(255), np.uint8(0)), window=window)
 
     def flush(self) -> None:
         self.ds.close()
         # creation options do not persist: multi-threaded compression must be asked again
-        self.ds = rasterio.open(self.tmp, "r+", num_threads="ALL_CPUS")
+        self.ds = rasterio.open(self.tmp, "r+", num_threads=self._threads())
 
     def finish(self) -> str:
         """Close, convert to COG if asked, and atomically move onto the output path."""

@@ -64,6 +64,9 @@ class ZarrOutputSpec(OutputSpec):
         super().__post_init__()
         if self.cog:
             raise ValueError("cog applies to GeoTIFF outputs; a Zarr store cannot be a COG")
+        if self.nodata_mask:
+            raise ValueError("nodata_mask applies to GeoTIFF outputs; a Zarr store marks "
+                             "nodata with its fill value")
         if self.compress.lower() not in ("deflate", "zstd", "none"):
             raise ValueError(
                 f"compression {self.compress!r} is not available for Zarr; "
