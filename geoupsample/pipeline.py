@@ -236,6 +236,7 @@ def _upsample_raster(
             "float32" if lr_dtype.kind == "f" else lr_dtype.name)
         nodata, nodata_mask = _output_nodata(lr_file.nodata, lr_dtype, out_dtype)
         descriptions = [lr_file.descriptions[i - 1] for i in lr_idx]
+        kept_tags = _kept_tags(lr_file.tags(), lr_idx, lr_file.count)
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
         # interpolations use the guide only for its nodata mask: skip reading a guide that
         # cannot have nodata (integer bands, no nodata value, no mask)
@@ -278,7 +279,8 @@ def _upsample_raster(
               "geoupsample_scale": rel.scale_text,
               "geoupsample_render": json.dumps(render),
               **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {}),
-              **({"geoupsample_warp": _warp_text(lr_warp, rel)} if lr_warp else {})},
+              **({"geoupsample_warp": _warp_text(lr_warp, rel)} if lr_warp else {}),
+              **kept_tags},
         compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask)
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        render=render, unit=scene.unit)
@@ -333,6 +335,20 @@ def _out_dtype(dtype: Any) -> str:
         raise InputError(f"unsupported output dtype {dtype!r}; use one of "
                          f"{', '.join(tiling.writer.SUPPORTED_DTYPES)}")
     return name
+
+
+#: Tags of the low-res raster that describe its values and so hold for the output too (as
+#: ``geoupsample segment --probs`` writes them).
+KEPT_TAGS = ("probability_scale", "class_names")
+
+
+def _kept_tags(tags: dict[str, str], indexes: Sequence[int], count: int) -> dict[str, str]:
+    """The low-res raster's :data:`KEPT_TAGS`; ``class_names`` (one per band) only when every
+    band is upsampled, in the file's order."""
+    kept = {k: tags[k] for k in KEPT_TAGS if k in tags}
+    if list(indexes) != list(range(1, count + 1)):
+        kept.pop("class_names", None)
+    return kept
 
 
 def _output_nodata(lr_nodata: float | None, lr_dtype: np.dtype,

@@ -239,6 +239,33 @@ def test_uint8_lowres_without_nodata_keeps_255(small, tmp_path, capfd):
         assert (ds.read(1)[-40:, -40:] == 65535).all()
 
 
+def test_probability_tags_are_kept(small, tmp_path):
+    """A ``segment --probs`` raster (uint8 x 254, ``probability_scale`` and ``class_names``
+    tags) upsampled keeps both tags; ``class_names`` only when every band is upsampled."""
+    lr, hr = small
+    with rasterio.open(lr) as ds:
+        prof = ds.profile
+    p = np.random.default_rng(0).random((3, prof["height"], prof["width"]))
+    p /= p.sum(0)
+    probs = str(tmp_path / "probs.tif")
+    names = ["water", "trees", "roofs"]
+    with rasterio.open(probs, "w", **{**prof, "count": 3, "dtype": "uint8", "nodata": 255}) as ds:
+        ds.write(np.rint(p * 254).astype(np.uint8))
+        ds.update_tags(probability_scale=str(1 / 254), class_names=json.dumps(names))
+        ds.descriptions = tuple(names)
+    upsample_raster(probs, hr, str(tmp_path / "all.tif"), method="bilinear", tile=48, halo=16)
+    upsample_raster(probs, hr, str(tmp_path / "two.tif"), method="bilinear", tile=48, halo=16,
+                    bands=["roofs", "water"], kind="continuous")  # a subset: not a simplex
+    with rasterio.open(tmp_path / "all.tif") as ds:
+        tags = ds.tags()
+        assert json.loads(tags["class_names"]) == names and ds.descriptions == tuple(names)
+        assert float(tags["probability_scale"]) == pytest.approx(1 / 254)
+        assert tags["geoupsample_probability_unit"] == "254" and ds.read().max() <= 254
+    with rasterio.open(tmp_path / "two.tif") as ds:
+        assert "class_names" not in ds.tags() and ds.descriptions == ("roofs", "water")
+        assert float(ds.tags()["probability_scale"]) == pytest.approx(1 / 254)
+
+
 def test_masked_output_writes_without_gdal_errors(tmp_path, capfd):
     """GDAL 3.10's threaded compression fails now and then on the mask blocks of a reopened file
     ("Bad value 1 for ExtraSamples tag" on stderr; seen in three runs of three of this test with
