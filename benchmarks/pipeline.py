@@ -2,13 +2,16 @@
 
 Synthetic scenes (generated once under ``benchmarks/_data/``, git-ignored): an N x N 4-band
 uint16 guide (tiled 256, deflate) and an (N/8) x (N/8) 8-band float32 low-res raster (smooth
-class probabilities) on a nesting grid, scale 8. For each size and method,
+class probabilities) on a nesting grid, scale 8; with ``--lowres uint8`` the same probabilities
+stored as ``geoupsample segment --probs`` writes them (uint8 x 254, nodata 255, a
+``probability_scale`` tag), which the output keeps (uint8). For each size and method,
 ``geoupsample.pipeline.upsample_raster`` runs in a fresh process that reports output megapixels
 per second and peak RSS minus the RSS after imports; a bare rasterio block-by-block write of the
 same output (same pixels, dtype, compression, blocks, NUM_THREADS) runs beside it.
 
     python benchmarks/pipeline.py                                   # 4096, 8192, 16384; both
     python benchmarks/pipeline.py --sizes 2048 --methods bilinear   # a quick small run
+    python benchmarks/pipeline.py --sizes 4096 8192 --methods bilinear --lowres uint8
     python benchmarks/pipeline.py --sizes 4096 --methods gsjbu --iters 10 --no-bare
     python benchmarks/pipeline.py --sizes 16384 --methods gsjbu --rows 2048 --no-bare
 
@@ -56,7 +59,7 @@ SCALE = 8
 CLASSES = 8
 
 
-def make_scene(n: int) -> tuple[Path, Path]:
+def make_scene(n: int, lowres_dtype: str = "float32") -> tuple[Path, Path]:
     """Write (once) the guide and low-res rasters for size ``n``; returns their paths."""
     import numpy as np
     import rasterio
@@ -64,7 +67,8 @@ def make_scene(n: int) -> tuple[Path, Path]:
     from rasterio.windows import Window
 
     DATA.mkdir(exist_ok=True)
-    guide, lowres = DATA / f"guide_{n}.tif", DATA / f"lowres_{n}.tif"
+    suffix = "" if lowres_dtype == "float32" else "_u8"
+    guide, lowres = DATA / f"guide_{n}.tif", DATA / f"lowres_{n}{suffix}.tif"
     crs = "EPSG:32631"
     res = 0.5
     t_hr = Affine(res, 0, 500000.0, 0, -res, 5800000.0)
@@ -77,10 +81,14 @@ def make_scene(n: int) -> tuple[Path, Path]:
         p = np.exp(logits - logits.max(0))
         p /= p.sum(0)
         tmp = lowres.with_suffix(".tmp.tif")
+        u8 = lowres_dtype == "uint8"
         with rasterio.open(tmp, "w", driver="GTiff", width=m, height=m, count=CLASSES,
-                           dtype="float32", crs=crs, transform=t_lr, tiled=True,
-                           blockxsize=256, blockysize=256, compress="deflate") as ds:
-            ds.write(p.astype(np.float32))
+                           dtype=lowres_dtype, crs=crs, transform=t_lr, tiled=True,
+                           blockxsize=256, blockysize=256, compress="deflate",
+                           nodata=255 if u8 else None) as ds:
+            ds.write(np.rint(p * 254).astype(np.uint8) if u8 else p.astype(np.float32))
+            if u8:
+                ds.update_tags(probability_scale=str(1 / 254))
         os.replace(tmp, lowres)
     if not guide.exists():
         rng = np.random.default_rng(n)
@@ -121,7 +129,7 @@ def child_pipeline(args: argparse.Namespace) -> dict:
     """One upsample_raster run in this (fresh) process."""
     import geoupsample.pipeline as pipeline
 
-    guide, lowres = make_scene(args.size)
+    guide, lowres = make_scene(args.size, args.lowres)
     out = DATA / f"out_{args.size}_{args.method}.tif"
     aoi, rows = None, args.size
     if args.rows:  # only the top rows, full width (memory depends on the width, not rows)
@@ -196,7 +204,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--halo", type=int, default=64)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default=None,
+                    help="output dtype (default: the low-res raster's; float32 or uint8)")
+    ap.add_argument("--lowres", choices=["float32", "uint8"], default="float32",
+                    help="the low-res probabilities as float32 fractions or uint8 x 254")
     ap.add_argument("--compress", default="deflate")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare rasterio write")
     ap.add_argument("--rows", type=int, default=0,
@@ -215,17 +226,19 @@ def main() -> None:
     if args.child == "bare":
         print(json.dumps(child_bare(args)))
         return
+    args.dtype = args.dtype or args.lowres
     common = ["--iters", str(args.iters), "--tile", str(args.tile), "--halo", str(args.halo),
-              "--dtype", args.dtype, "--compress", args.compress, "--rows", str(args.rows)]
+              "--dtype", args.dtype, "--compress", args.compress, "--rows", str(args.rows),
+              "--lowres", args.lowres]
     if args.device:
         common += ["--device", args.device]
-    print(f"scale {SCALE}, {CLASSES}-band float32 low-res, 4-band uint16 guide; tile "
+    print(f"scale {SCALE}, {CLASSES}-band {args.lowres} low-res, 4-band uint16 guide; tile "
           f"{args.tile}, halo {args.halo}, iters {args.iters}, output {args.dtype} "
           f"{args.compress}; {os.cpu_count()} CPUs, device {args.device or 'auto'}")
     print(f"{'size':>6} {'kind':<22} {'seconds':>9} {'MP/s':>8} {'peak RSS - imports (MB)':>24}")
     for n in args.sizes:
         t0 = time.perf_counter()
-        make_scene(n)
+        make_scene(n, args.lowres)
         if time.perf_counter() - t0 > 1:
             print(f"  (generated the {n} scene in {time.perf_counter() - t0:.0f} s)")
         for method in args.methods:

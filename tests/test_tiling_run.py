@@ -138,6 +138,20 @@ def test_integer_output_is_rounded_clipped_and_avoids_nodata(tmp_path):
         np.testing.assert_array_equal(ds.read(1)[0], [0, 0, 254, 254, 254, 255])
 
 
+def test_integer_cast_clips_float32_beyond_32_bit_range():
+    """float32 cannot hold 2^32 - 2: the bounds of 32-bit outputs are applied in float64, so
+    out-of-range values clip instead of wrapping (5e9 became 0 in uint32, 4.29e9 the int32
+    nodata value)."""
+    from tiling.writer import cast
+
+    x = np.array([5e9, 4294967000.0, -3e9, 7.4, np.nan], np.float32)
+    np.testing.assert_array_equal(cast(x, "uint32", 4294967295.0),
+                                  [4294967294, 4294967040, 0, 7, 4294967295])
+    np.testing.assert_array_equal(cast(x, "int32", -2147483648.0),
+                                  [2147483647, 2147483647, -2147483647, 7, -2147483648])
+    np.testing.assert_array_equal(cast(x, "uint32", None), [4294967295, 4294967040, 0, 7, 0])
+
+
 @pytest.mark.parametrize("cog", [False, True])
 def test_nodata_mask_keeps_every_integer_value_valid(tmp_path, cog):
     """``nodata_mask``: no value is reserved (255 stays 255); NaN pixels and cells outside the
