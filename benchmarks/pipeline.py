@@ -28,6 +28,20 @@ spill past 16 MB, GDAL cache 32 MB), three runs of ``--methods bilinear``, media
     The 4096^2 scene (4 x 4 tiles) does not fill the pipeline's buffers; from 8192^2 on the
     figure no longer moves.
 
+    --lowres uint8 (probabilities as uint8 x 254, written as uint8 deflate), three runs each,
+    median (runs), 2026-11-23:
+
+    size    MP/s               bare write MP/s   pipeline / bare
+    4096    7.53 (7.03-7.63)   16.6              2.24x (2.21, 2.28, 2.24)
+    8192    8.42 (8.22-8.78)   17.0              1.94x (1.93, 2.08, 1.94)
+
+    NOT within 1.25x. Both cores are busy (93% of 2 cores, user + sys over wall, at 4096^2):
+    deflate of uint8 costs about 2 core-seconds per 16.8 MP, and the pipeline's own work is
+    about as much again (per 1152^2 tile, halo included, the 8-band bilinear interpolation
+    alone is 0.03 s; then blending, and the float -> uint8 cast, which in-place rounding and
+    clipping made 2x cheaper: 5.9 -> 7.5 MP/s at 4096^2). Into float32 the write is 4.7x
+    dearer and the same work hides behind it.
+
     --methods gsjbu --no-bare (8-class probabilities: the probability render preset applies)
       4096, iters 50: 0.104 MP/s, 1072 MB
       memory with --iters 2 (a tile's memory does not depend on the steps):
