@@ -39,7 +39,7 @@ spill past 16 MB, GDAL cache 32 MB), three runs of ``--methods bilinear``, media
     deflate of uint8 costs about 2 core-seconds per 16.8 MP, and the pipeline's own work is
     about as much again (per 1152^2 tile, halo included, the 8-band bilinear interpolation
     alone is 0.03 s; then blending, and the float -> uint8 cast, which in-place rounding and
-    clipping made 2x cheaper: 5.9 -> 7.5 MP/s at 4096^2). Into float32 the write is 4.7x
+    clipping made 2x cheaper: one run before it, 5.9 MP/s at 4096^2). Into float32 the write is 4.7x
     dearer and the same work hides behind it.
 
     --methods gsjbu --no-bare (8-class probabilities: the probability render preset applies)
