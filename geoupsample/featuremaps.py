@@ -92,6 +92,24 @@ class TileFeatures:
     def stride(self) -> int:
         return self.backbone.stride
 
+    @property
+    def margin(self) -> int:
+        """Pixels around a window that its cells' features depend on (``spectral``'s context
+        rings; 0 for other backbones, whose tiles carry the engine's halo instead)."""
+        return int(getattr(self.backbone, "context", 0)) * self.stride
+
+    def of_window(self, scene: Any, window: Window) -> np.ndarray:
+        """LR features ``[C, h, w]`` of the cells of ``window`` of ``scene``, read with
+        :attr:`margin` around it so that edge cells see the same neighbourhood as in a tile of
+        the whole-scene run (beyond the scene's edge: nodata, as there)."""
+        m = self.margin
+        if m == 0:
+            return self(scene.read(window))
+        wide = Window(window.col_off - m, window.row_off - m, window.width + 2 * m,
+                      window.height + 2 * m)
+        k = m // self.stride
+        return self(scene.read(wide))[:, k:-k, k:-k]
+
     def __call__(self, guide: np.ndarray) -> np.ndarray:
         g = torch.from_numpy(np.ascontiguousarray(guide, dtype=np.float32))
         valid = torch.isfinite(g).all(0)
@@ -125,7 +143,7 @@ def sample_features(
     pick = np.unique(np.linspace(0, len(wins) - 1, min(n_tiles, len(wins))).round().astype(int))
     parts = []
     for i in pick:
-        f = features(scene.read(wins[i]))
+        f = features.of_window(scene, wins[i])
         parts.append(f.reshape(f.shape[0], -1).T)
     out = np.concatenate(parts)
     out = out[np.isfinite(out).all(1)]

@@ -134,7 +134,7 @@ def training_set(
         labelled = frac.sum(0) > 0
         if not labelled.any():
             continue
-        f = features(scene.read(win))
+        f = features.of_window(scene, win)
         n_win += 1
         keep = labelled & np.isfinite(f).all(0)
         n_cells += int(keep.sum())

@@ -216,6 +216,27 @@ def test_spectral_statistics_and_indices(ms: np.ndarray) -> None:
             gb.create("spectral", band_names=BANDS, context=bad)
 
 
+def test_spectral_window_features_match_the_whole_scene(ms: np.ndarray) -> None:
+    """Training windows are read with the context margin: a window's edge cells get the
+    neighbourhood they have in the whole scene (without it they average fewer cells)."""
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from geoupsample.featuremaps import TileFeatures
+    from geoupsample.scenes import ArrayScene
+
+    scene = ArrayScene(ms, BANDS, "EPSG:32631", Affine(1, 0, 500000, 0, -1, 5800000))
+    features = TileFeatures(gb.create("spectral", band_names=BANDS, cell_size=10), None)
+    assert features.margin == 10
+    whole = features(ms)
+    win = Window(100, 50, 120, 100)
+    np.testing.assert_allclose(features.of_window(scene, win), whole[:, 5:15, 10:22], rtol=1e-5)
+    plain = features(scene.read(win))
+    assert not np.allclose(plain[12:, 0, :], whole[12:, 5, 10:22], rtol=1e-3)
+    corner = features.of_window(scene, Window(0, 0, 60, 60))  # the scene's edge: as in the whole
+    np.testing.assert_allclose(corner, whole[:, :6, :6], rtol=1e-5)
+
+
 def test_spectral_nodata_and_band_errors(ms: np.ndarray) -> None:
     bb = gb.create("spectral", band_names=BANDS, cell_size=5, stats=["mean"])
     x = ms[:, :10, :10].copy()
