@@ -94,9 +94,11 @@ class TileFeatures:
 
     @property
     def margin(self) -> int:
-        """Pixels around a window that its cells' features depend on (``spectral``'s context
-        rings; 0 for other backbones, whose tiles carry the engine's halo instead)."""
-        return int(getattr(self.backbone, "context", 0)) * self.stride
+        """Pixels around a window that its cells' features depend on, in whole cells
+        (``spectral``'s context rings and gradient; 0 for other backbones, whose tiles carry the
+        engine's halo instead)."""
+        need = int(getattr(self.backbone, "context_margin", 0))
+        return -(-need // self.stride) * self.stride
 
     def of_window(self, scene: Any, window: Window) -> np.ndarray:
         """LR features ``[C, h, w]`` of the cells of ``window`` of ``scene``, read with

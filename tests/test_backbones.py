@@ -177,9 +177,10 @@ def test_tile_size_must_be_multiple_of_patch() -> None:
 
 def test_spectral_statistics_and_indices(ms: np.ndarray) -> None:
     bb = gb.create("spectral", band_names=BANDS, cell_size=10)
-    assert (bb.stride, bb.num_features, bb.in_chans) == (10, 24, 4)
+    assert (bb.stride, bb.num_features, bb.in_chans) == (10, 36, 4)
     names = bb.feature_names()
-    assert names[12:14] == ["red_mean_around3", "green_mean_around3"] and len(names) == 24
+    assert names[12:14] == ["red_edge", "green_edge"]
+    assert names[18:20] == ["red_mean_around3", "green_mean_around3"] and len(names) == 36
     assert names[:6] == [
         "red_mean",
         "green_mean",
@@ -189,7 +190,7 @@ def test_spectral_statistics_and_indices(ms: np.ndarray) -> None:
         "ndwi_mean",
     ]
     feats = bb.extract(ms)
-    assert feats.shape == (24, 30, 30)
+    assert feats.shape == (36, 30, 30)
     blocks = ms.astype(np.float64).reshape(4, 30, 10, 30, 10)
     np.testing.assert_allclose(feats[:4], blocks.mean(axis=(2, 4)), rtol=1e-5)
     np.testing.assert_allclose(feats[6:10], blocks.std(axis=(2, 4)), rtol=1e-4, atol=1e-3)
@@ -199,17 +200,23 @@ def test_spectral_statistics_and_indices(ms: np.ndarray) -> None:
     np.testing.assert_allclose(feats[4], ndvi.reshape(30, 10, 30, 10).mean(axis=(1, 3)), atol=1e-5)
     np.testing.assert_allclose(feats[5], ndwi.reshape(30, 10, 30, 10).mean(axis=(1, 3)), atol=1e-5)
     assert -1 <= feats[4].min() and feats[4].max() <= 1 and feats[4].std() > 0.05
+    # edge: cell mean of the gradient magnitude (central differences, edge pixels replicated)
+    padded = np.pad(ms.astype(np.float64), ((0, 0), (1, 1), (1, 1)), mode="edge")
+    gy = (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]) / 2
+    gx = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]) / 2
+    magnitude = np.hypot(gx, gy).reshape(4, 30, 10, 30, 10).mean(axis=(2, 4))
+    np.testing.assert_allclose(feats[12:16], magnitude, rtol=1e-4, atol=1e-3)
     # context: each cell statistic averaged over the 3 x 3 cells around (fewer at the edges)
-    own = feats[:12].astype(np.float64)
-    np.testing.assert_allclose(feats[12:, 7, 4], own[:, 6:9, 3:6].mean(axis=(1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(feats[12:, 0, 29], own[:, 0:2, 28:30].mean(axis=(1, 2)),
+    own = feats[:18].astype(np.float64)
+    np.testing.assert_allclose(feats[18:, 7, 4], own[:, 6:9, 3:6].mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(feats[18:, 0, 29], own[:, 0:2, 28:30].mean(axis=(1, 2)),
                                rtol=1e-5)
     alone = gb.create("spectral", band_names=BANDS, cell_size=10, context=0)
-    assert alone.num_features == 12
-    np.testing.assert_array_equal(alone.extract(ms), feats[:12])
+    assert alone.num_features == 18
+    np.testing.assert_array_equal(alone.extract(ms), feats[:18])
     wide = gb.create("spectral", band_names=BANDS, cell_size=10, context=2)
-    assert wide.feature_names()[12] == "red_mean_around5"
-    np.testing.assert_allclose(wide.extract(ms)[12:, 10, 10],
+    assert wide.feature_names()[18] == "red_mean_around5"
+    np.testing.assert_allclose(wide.extract(ms)[18:, 10, 10],
                                own[:, 8:13, 8:13].mean(axis=(1, 2)), rtol=1e-5)
     for bad in (-1, 1.5, True):
         with pytest.raises(gb.BackboneError, match="context must be a whole number"):
@@ -227,7 +234,7 @@ def test_spectral_window_features_match_the_whole_scene(ms: np.ndarray) -> None:
 
     scene = ArrayScene(ms, BANDS, "EPSG:32631", Affine(1, 0, 500000, 0, -1, 5800000))
     features = TileFeatures(gb.create("spectral", band_names=BANDS, cell_size=10), None)
-    assert features.margin == 10
+    assert features.margin == 20  # a ring of cells, and a pixel more for the gradient
     whole = features(ms)
     win = Window(100, 50, 120, 100)
     np.testing.assert_allclose(features.of_window(scene, win), whole[:, 5:15, 10:22], rtol=1e-5)
@@ -248,11 +255,11 @@ def test_spectral_nodata_and_band_errors(ms: np.ndarray) -> None:
     # the empty cell's neighbourhood means are those of its three valid neighbours
     np.testing.assert_allclose(feats[6:, 0, 0], feats[:6, [0, 1, 1], [1, 0, 1]].mean(1), rtol=1e-6)
     no_names = gb.create("spectral", cell_size=5)
-    assert no_names.extract(ms[:3, :10, :10]).shape == (12, 2, 2)
+    assert no_names.extract(ms[:3, :10, :10]).shape == (18, 2, 2)
     with pytest.raises(gb.BackboneError, match="ndvi needs the nir and red band"):
         gb.create("spectral", indices=["ndvi"])
     explicit = gb.create("spectral", in_chans=4, index_bands={"red": 0, "nir": 3}, indices=["ndvi"])
-    assert explicit.feature_names()[-1] == "ndvi_std_around3"
+    assert explicit.feature_names()[-1] == "ndvi_edge_around3"
     with pytest.raises(gb.BandCountError):
         bb(torch.zeros(3, 10, 10))
 

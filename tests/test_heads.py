@@ -145,7 +145,7 @@ def test_errors(tmp_path: Path, scene: dict) -> None:
     with pytest.raises(HeadError, match="2 class names for 3"):
         LinearProbe().fit(feats, frac, classes=["a", "b"])
     probe = LinearProbe().fit(feats, frac)
-    with pytest.raises(HeadError, match="fitted on 24 feature channels, got 6"):
+    with pytest.raises(HeadError, match="fitted on 36 feature channels, got 6"):
         probe.predict_proba(feats[:6])
     bogus = tmp_path / "x.safetensors"
     bogus.write_bytes(b"nope")

@@ -175,4 +175,7 @@ def test_features_timm_pca_and_band_mismatch(tmp_path: Path) -> None:
             "red_std",
             "nir_std",
             "ndvi_std",
+            "red_edge",
+            "nir_edge",
+            "ndvi_edge",
         )

@@ -14,8 +14,9 @@ from geoupsample.commands import options as opt
 HELP = (
     "Compute features of SCENE with a backbone and write them upsampled to SCENE's full "
     "resolution (one float32 band per feature, or per PCA component with --pca) into OUT.\n\n"
-    "Backbones: 'spectral' (built in, no weights: per-cell band means and standard deviations "
-    "plus NDVI/NDWI where bands named red/green/nir exist, and their means over the cells "
+    "Backbones: 'spectral' (built in, no weights: per-cell band means, standard deviations and "
+    "mean gradient magnitudes, plus NDVI/NDWI where bands named red/green/nir exist, and their "
+    "means over the cells "
     "around (--context rings); --cell-size sets the cell) or "
     "'timm:<model>' (any timm model: ViT/DINOv2-style patch tokens or CNN stages). timm models "
     "need weights: --weights FILE (safetensors or a PyTorch state dict), --pretrained (only if "
