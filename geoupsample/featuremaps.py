@@ -97,8 +97,7 @@ class TileFeatures:
         """Pixels around a window that its cells' features depend on, in whole cells
         (``spectral``'s context rings and gradient; 0 for other backbones, whose tiles carry the
         engine's halo instead)."""
-        need = int(getattr(self.backbone, "context_margin", 0))
-        return -(-need // self.stride) * self.stride
+        return -(-self.backbone.context_margin // self.stride) * self.stride
 
     def of_window(self, scene: Any, window: Window) -> np.ndarray:
         """LR features ``[C, h, w]`` of the cells of ``window`` of ``scene``, read with

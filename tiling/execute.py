@@ -343,7 +343,7 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
         "output": {"crs": str(output.crs), "transform": list(output.transform)[:6],
                    "count": output.count, "dtype": output.dtype, "nodata": str(output.nodata),
                    "compress": output.compress, "blocksize": output.blocksize, "cog": output.cog,
-                   "nodata_mask": getattr(output, "nodata_mask", False)},
+                   "nodata_mask": output.nodata_mask},
         "aoi": None if geom is None else geom.wkt,
         "params": dict(params or {}),
     }

@@ -114,6 +114,13 @@ class OutputSpec:
         p = Path(self.path)
         return str(p.with_name(f".{p.name}.partial.tif"))
 
+    @property
+    def compress_threads(self) -> str:
+        """GDAL compression threads (``NUM_THREADS``): all cores, but one with ``nodata_mask``
+        (GDAL 3.10's threaded compression of a reopened file's mask blocks fails with "Bad value
+        1 for ExtraSamples tag")."""
+        return "1" if self.nodata_mask else "ALL_CPUS"
+
     def profile(self) -> dict:
         """Creation options of the working (tiled GeoTIFF) file."""
         kind = np.dtype(self.dtype).kind
@@ -121,15 +128,14 @@ class OutputSpec:
         prof = dict(driver="GTiff", width=self.width, height=self.height, count=self.count,
                     dtype="float32" if half else self.dtype, crs=self.crs, transform=self.transform,
                     nodata=self.nodata, tiled=True, blockxsize=self.blocksize,
-                    blockysize=self.blocksize, bigtiff="IF_SAFER", num_threads="ALL_CPUS",
+                    blockysize=self.blocksize, bigtiff="IF_SAFER",
+                    num_threads=self.compress_threads,
                     interleave="pixel" if self.count <= 4 else "band")
         if self.compress.lower() != "none":
             prof["compress"] = self.compress.lower()
             prof["predictor"] = 3 if kind == "f" else 2
         if half:
             prof["nbits"] = 16
-        if self.nodata_mask:  # see Writer._threads
-            prof["num_threads"] = "1"
         return prof
 
 
@@ -211,7 +217,7 @@ class Writer:
                                     "name such as out.tif")
         self.tmp = spec.partial_path
         if resume and os.path.exists(self.tmp):
-            self.ds = rasterio.open(self.tmp, "r+", num_threads=self._threads())
+            self.ds = rasterio.open(self.tmp, "r+", num_threads=self.spec.compress_threads)
         else:
             self.ds = rasterio.open(self.tmp, "w", **spec.profile())
             if spec.descriptions:
@@ -220,12 +226,6 @@ class Writer:
                         self.ds.set_band_description(i, str(d))
             if spec.tags:
                 self.ds.update_tags(**{k: str(v) for k, v in spec.tags.items()})
-
-    def _threads(self) -> str:
-        """GDAL compression threads when reopening the file: all cores, but one with a mask
-        band (GDAL 3.10's threaded compression of a reopened file's mask blocks fails with
-        "Bad value 1 for ExtraSamples tag")."""
-        return "1" if self.spec.nodata_mask else "ALL_CPUS"
 
     def write(self, data: np.ndarray, window: Window) -> None:
         """Write float ``data`` ``[count, rows, cols]`` (NaN = nodata) at ``window``; with
@@ -239,7 +239,7 @@ class Writer:
     def flush(self) -> None:
         self.ds.close()
         # creation options do not persist: multi-threaded compression must be asked again
-        self.ds = rasterio.open(self.tmp, "r+", num_threads=self._threads())
+        self.ds = rasterio.open(self.tmp, "r+", num_threads=self.spec.compress_threads)
 
     def finish(self) -> str:
         """Close, convert to COG if asked, and atomically move onto the output path."""

@@ -49,6 +49,12 @@ class Backbone(nn.Module):
     stride: int
 
     @property
+    def context_margin(self) -> int:
+        """HR pixels beyond a tile's own that the features of its cells depend on, when read
+        window by window (0: none; a model's receptive field is the engine's halo's business)."""
+        return 0
+
+    @property
     def patch_size(self) -> int:
         """Tile sides must be a multiple of this (HR pixels). Equal to :attr:`stride`."""
         return self.stride

@@ -173,8 +173,12 @@ class SpectralBackbone(Backbone):
         b, n, hh, ww = x.shape
         s = self.stride
         valid = torch.isfinite(x)
-        xv = torch.where(valid, x, torch.zeros((), dtype=x.dtype))
-        blocks = xv.view(b, n, hh // s, s, ww // s, s)
+        zero = torch.zeros((), dtype=x.dtype)
+
+        def cell_blocks(v: torch.Tensor) -> torch.Tensor:  # [B, n, h, s, w, s], invalid as 0
+            return torch.where(valid, v, zero).view(b, n, hh // s, s, ww // s, s)
+
+        blocks = cell_blocks(x)
         vblocks = valid.view(b, n, hh // s, s, ww // s, s).to(x.dtype)
         count = vblocks.sum(dim=(3, 5))
         mean = blocks.sum(dim=(3, 5)) / count  # NaN where no valid pixel
@@ -182,13 +186,8 @@ class SpectralBackbone(Backbone):
         for stat in self.stats:
             if stat == "mean":
                 out.append(mean)
-            elif stat == "edge":
-                mag = gradient_magnitude(x)
-                ok = torch.isfinite(mag)
-                mb = torch.where(ok, mag, torch.zeros((), dtype=x.dtype)).view(b, n, hh // s, s,
-                                                                               ww // s, s)
-                cnt = ok.to(x.dtype).view(b, n, hh // s, s, ww // s, s).sum(dim=(3, 5))
-                out.append(mb.sum(dim=(3, 5)) / cnt)
+            elif stat == "edge":  # the gradient is finite exactly where x is
+                out.append(cell_blocks(gradient_magnitude(x)).sum(dim=(3, 5)) / count)
             else:
                 dev = (blocks - mean[:, :, :, None, :, None]) * vblocks
                 out.append(torch.sqrt((dev * dev).sum(dim=(3, 5)) / count))
