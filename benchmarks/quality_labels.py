@@ -10,12 +10,12 @@ two of the true one, far finer than a cell), so that boundary placement counts.
 
 - ``oracle``: the one-hot labels (over labelled pixels) area-averaged by x8 and x16, upsampled
   by each method with its default arguments (``gu.upsample(probs, guide, method=...)``), argmax.
-- ``predicted``: a linear probe on ``spectral`` features (per-cell band means/stds, NDVI and
-  NDWI, and their means over the 3 x 3 cells around; cell = the scale) trained under the soft
-  labels of half the crop predicts LR probabilities of the whole crop; these are upsampled by
-  each method; mIoU on the other half (held out). Mean over six splits (the white or the black
-  squares of a checkerboard of 128 px blocks, or the left, right, top or bottom half held out);
-  the per-split gsjbu - bilinear gaps are printed too.
+- ``predicted``: a linear probe on ``spectral`` features (per-cell means, stds and mean
+  gradient magnitudes of the bands, NDVI and NDWI, and their means over the 3 x 3 cells around;
+  cell = the scale) trained under the soft labels of half the crop predicts LR probabilities of
+  the whole crop; these are upsampled by each method; mIoU on the other half (held out). Mean
+  over six splits (the white or the black squares of a checkerboard of 128 px blocks, or the
+  left, right, top or bottom half held out); the per-split gsjbu - bilinear gaps are printed too.
 - ``smoothed``: the oracle's fractions blurred by a Gaussian of ``--smooth`` LR cells and
   renormalised: an over-smooth predictor whose classes are in the right places; not run by
   default.
