@@ -546,3 +546,18 @@ def test_big_endian_arrays_are_read(rotterdam_ms):
     x = np.random.default_rng(0).random((1, 4, 4)).astype(">f8")
     want = gu.upsample(x.astype("<f8"), guide.astype("<f4"), method="bilinear")
     np.testing.assert_array_equal(gu.upsample(x, guide, method="bilinear"), want)
+
+
+@pytest.mark.parametrize("cells", [(12, 12), (150, 150)])
+def test_first_adam_step_is_lr_whatever_the_tile_size(rotterdam_ms, cells):
+    """Adam's first step is ``lr * g / (|g| + eps)``. The loss is a mean over the tile, so its
+    gradients shrink as ``1 / cells``: with a fixed ``eps`` of 1e-8 this step was 0.91 x ``lr``
+    at 150 x 150 cells (and later steps of a 1024 px tile at x8 about 0.7 x), so one scene
+    fitted in tiles of two sizes got two different fits."""
+    guide = rotterdam_ms[:3]
+    k0 = gu.fit(guide, cells, iters=0, device="cpu")
+    k1 = gu.fit(guide, cells, iters=1, device="cpu", lr=0.1)
+    step = (k1.params - k0.params).abs().flatten()
+    moved = step[step > 1e-3]  # parameters with a gradient (not those of flat, clamped cells)
+    assert moved.numel() > 0.5 * step.numel()
+    assert float(moved.median()) == pytest.approx(0.1, rel=0.02)

@@ -96,7 +96,9 @@ def build_psi(
     return gsjbu.build_psi(params, gbar, cell_valid, layout, radius, geometry, workspace)
 
 
-def adam_fit(prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float) -> Any | None:
+def adam_fit(
+    prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float, eps: float = 1e-8
+) -> Any | None:
     """The fused Triton Adam loop (:class:`triton_gsjbu.AdamFit`) for this fit, or ``None``.
 
     ``None`` means the torch path (autograd + :class:`geoupsample.core.adam.Adam`). ``prep``
@@ -109,5 +111,5 @@ def adam_fit(prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float) -
 
     return triton_gsjbu.AdamFit(
         params, prep.gbar, prep.cell_valid, prep.layout, prep.radius, prep.phi, values,
-        prep.guide_cells, prep.pixel_valid, lr=lr,
+        prep.guide_cells, prep.pixel_valid, lr=lr, eps=eps,
     )  # fmt: skip
