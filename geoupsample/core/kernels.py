@@ -253,7 +253,7 @@ class Kernels:
                 property); 0 renders the pure kernels, a convex combination of the neighbours;
                 a fraction adds one damped round (0.25: a quarter step).
             self_guidance: weight of ``x`` itself in the range term (0 = off): the range
-                distance also compares ``x`` bilinearly upsampled at the pixel with ``x`` at
+                distance also compares ``x`` interpolated (bicubic) at the pixel with ``x`` at
                 the neighbour (:mod:`geoupsample.core.self_guidance`), so that weight goes to
                 neighbours whose values agree with the local trend of ``x``, not only with
                 the guide's colour.

@@ -12,21 +12,18 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from geoupsample.core import presets
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import check_guide, valid_mask
+from geoupsample.core.interpolation import interpolate
 from geoupsample.core.kernels import (
     check_lr_shape,
     check_raster,
     check_rounds,
     fit,
 )
-from geoupsample.core.layout import CellLayout, pixel_cells
-from geoupsample.core.masking import render_with_mask
+from geoupsample.core.layout import CellLayout
 
 Method = Callable[..., Any]
 _REGISTRY: dict[str, Method] = {}
@@ -147,46 +144,6 @@ def _interpolating(mode: str) -> Method:
         return like_input(out, x)
 
     return run
-
-
-def interpolate(x: torch.Tensor, hr_shape: tuple[int, int], mode: str) -> torch.Tensor:
-    """Plain interpolation of ``x [C, h, w]`` to ``hr_shape`` (pixel centres, no antialiasing).
-
-    NaN cells are missing: ``nearest`` keeps them NaN; ``bilinear`` renormalises over the valid
-    cells of its 2 x 2 support; ``bicubic`` interpolates the raster with missing cells filled
-    from their valid neighbours and is NaN where bilinear has no valid cell.
-    """
-    if mode == "nearest":  # the cell whose footprint holds the pixel centre, as everywhere
-        rows = pixel_cells(hr_shape[0], x.shape[-2]).to(x.device)
-        cols = pixel_cells(hr_shape[1], x.shape[-1]).to(x.device)
-        return x.index_select(-2, rows).index_select(-1, cols)
-    if mode == "bilinear":
-        return render_with_mask(x, lambda v: _resize(v, hr_shape, "bilinear"))
-    finite = torch.isfinite(x)
-    if bool(finite.all()):
-        return _resize(x, hr_shape, "bicubic")
-    support = render_with_mask(x, lambda v: _resize(v, hr_shape, "bilinear"))
-    out = _resize(fill_missing(x), hr_shape, "bicubic")
-    return torch.where(torch.isnan(support), support, out)
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    return F.interpolate(x[None], size=size, mode=mode, align_corners=False)[0]
-
-
-def fill_missing(x: torch.Tensor, rounds: int = 4) -> torch.Tensor:
-    """Fill non-finite cells of ``x [C, h, w]`` with the mean of their valid 3 x 3 neighbours,
-    repeated ``rounds`` times; what is still missing becomes 0."""
-    finite = torch.isfinite(x)
-    v = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
-    m = finite.to(x.dtype)
-    for _ in range(rounds):
-        num = F.avg_pool2d(v[None], 3, 1, 1, count_include_pad=False)[0]
-        den = F.avg_pool2d(m[None], 3, 1, 1, count_include_pad=False)[0]
-        grow = (m == 0) & (den > 0)
-        v = torch.where(grow, num / den.clamp_min(1e-12), v)
-        m = torch.where(grow, torch.ones_like(m), m)
-    return v
 
 
 for _mode in ("nearest", "bilinear", "bicubic"):

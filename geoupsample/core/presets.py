@@ -7,34 +7,39 @@ makes the kernels sharp in colour (small range sigmas) and tight in space, so a 
 class from the neighbours of its colour, across the true boundary, and the rest copy their own
 cell (blocky borders). Probabilities therefore render with
 
-- ``self_guidance=1`` (scale 1): the range term also compares the probabilities' bilinear trend
-  at the pixel with each neighbour's probabilities, so weight goes to neighbours of the locally
-  likely class, not only to those of the same colour;
+- ``self_guidance=1`` (scale 1): the range term also compares the probabilities' trend at the
+  pixel (bicubic interpolation, :data:`geoupsample.core.self_guidance.TREND`) with each
+  neighbour's probabilities, so weight goes to neighbours of the locally likely class, not only
+  to those of the same colour;
 - ``min_sigma_r=0.3``: the fitted range sigmas are floored, so colour alone cannot cut a pixel
   off from the neighbours of its class;
 - ``consistency=1``: one back-projection round, so each cell's class shares average back to
   ``x`` (for exact fractions the truth does);
 - outputs clipped to ``[0, 1]`` and renormalised to sum to 1.
 
-Measured on the Vaihingen crop (``benchmarks/quality_labels.py``, mIoU minus bilinear's; oracle
-= area fractions of the true labels, predicted = a spectral linear probe's probabilities, mean of
-six train/test splits), x8 / x16: these defaults oracle -0.2 / +0.0, predicted -0.4 / -0.4; the
-continuous defaults oracle -1.8 / -2.7, predicted -1.1 / -0.8. With the border pixels scored
-(``--borders nearest``) these defaults give oracle -0.2 / +0.7, predicted -0.5 / +0.0. Sharp
-rendering (``consistency=0, min_sigma_r=0``) gains little on the probe's probabilities at x16
-(+0.4 on average, from -3.2 to +8.4 between splits) and loses at x8 (-0.6) and on exact
-fractions (-3.3 / -5.5): no setting measured did both, so the default is the safe one and sharp is
-an explicit choice. Without back-projection alone (``consistency=0``) the probe's probabilities
-gain +0.6 / +2.2, but exact fractions lose 0.8 / 4.7 and over-smooth yet well-placed
-probabilities (fractions blurred by 0.7 cells) 5.6 / 5.9: that gain is the kernels smoothing the
-probe's scattered errors, not better boundaries.
+Measured with ``benchmarks/quality_labels.py`` (mIoU minus bilinear's, x8 / x16; oracle = area
+fractions of the true labels, predicted = a spectral linear probe's probabilities, mean of six
+train/test splits; smoothed = the fractions blurred by 0.7 cells, an over-smooth predictor with
+its classes in the right places):
 
-The worst case for any guidance is classes whose boundaries owe nothing to the image:
-``quality_labels.py --parcels 60`` cuts three Landsat farmland windows into random parcels. There
-these defaults give oracle -0.5 / -0.9 and smoothed (blur 1 cell) -0.6 / -0.1, where the colour
-defaults lose 4.1 / 8.5 and 5.5 / 8.1. The rest of the loss is the range term: a kernel with no
-range term (``jbu``, ``min_sigma_r=10, self_guidance=0``) is +0.2 / +0.4 there, and would give up
-the gains where classes do follow the image (Vaihingen smoothed: these defaults +1.4 / +0.1).
+============================  ===========  ===========  ===========  ===============
+render                        oracle       predicted    smoothed     parcels oracle
+============================  ===========  ===========  ===========  ===============
+these defaults                -0.0 / +1.0  -0.3 / -0.0  +1.0 / +2.6  +0.0 / -0.1
+``consistency=0``             -0.2 / -1.3  +1.7 / +1.2  -3.3 / -4.9
+sharp (``consistency=0,       -3.0 / -2.7  -0.2 / -1.0  -3.6 / -3.0
+min_sigma_r=0``)
+``kind="continuous"``         -1.9 / -2.8                              -4.4 / -8.5
+============================  ===========  ===========  ===========  ===============
+
+The Vaihingen crop's figures; parcels = ``--parcels 60``, three Landsat farmland windows cut
+into random parcels whose boundaries owe nothing to the image, the worst case for any guidance.
+Without back-projection the probe's probabilities gain, but exact fractions and over-smooth,
+well-placed probabilities lose: that gain is the kernels smoothing the probe's scattered errors,
+not better boundaries, so the defaults keep the round. With the border pixels scored
+(``--borders nearest``) the defaults give oracle +0.4 / +1.9 and predicted -0.3 / +0.2;
+``bicubic`` alone gives oracle +1.4 / +2.8 there and predicted -0.4 / +0.1. With a bilinear trend
+the defaults gave oracle -0.2 / -0.0 and parcels -0.5 / -0.9.
 """
 
 from __future__ import annotations
