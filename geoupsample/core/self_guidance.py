@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 MAX_CHANNELS = 8
 #: The interpolation that gives the trend ``xhat_up``. Bicubic places a class boundary inside a
 #: mixed cell closer to the truth than bilinear (argmax of upsampled area fractions, Vaihingen
-#: x16: bicubic 85.9 mIoU, bilinear 83.1), and the range term pulls each pixel towards the
-#: neighbours that agree with it. ``benchmarks/quality_labels.py``, gsjbu's defaults minus
-#: bilinear, x8 / x16, bilinear -> bicubic trend: oracle -0.2 / -0.0 -> -0.0 / +1.0; random
-#: parcels (``--parcels 60``) -0.5 / -0.9 -> +0.0 / -0.1; predicted -0.2 / -0.0 -> -0.3 / -0.0.
+#: x16, border pixels scored: bicubic 85.9 mIoU, bilinear 83.1), and the range term pulls each
+#: pixel towards the neighbours that agree with it. ``benchmarks/quality_labels.py``, gsjbu's
+#: defaults minus bilinear, x8 / x16, bilinear -> bicubic trend: oracle -0.2 / -0.0 -> -0.0 /
+#: +1.0; random parcels (``--parcels 60``) -0.5 / -0.9 -> +0.0 / -0.1; predicted -0.2 / -0.0 ->
+#: -0.3 / -0.0.
 TREND = "bicubic"
 
 
