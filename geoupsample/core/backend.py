@@ -97,13 +97,14 @@ def build_psi(
 
 
 def adam_fit(
-    prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float, eps: float = 1e-8
+    prep: Any, params: torch.Tensor, values: torch.Tensor, lr: float, eps: float
 ) -> Any | None:
     """The fused Triton Adam loop (:class:`triton_gsjbu.AdamFit`) for this fit, or ``None``.
 
     ``None`` means the torch path (autograd + :class:`geoupsample.core.adam.Adam`). ``prep``
     holds the fit's prepared tensors (``gbar``, ``cell_valid``, ``layout``, ``radius``, ``phi``,
-    ``guide_cells``, ``pixel_valid``); ``values`` are the neighbours' cell means ``[n, K, d]``.
+    ``guide_cells``, ``pixel_valid``); ``values`` are the neighbours' cell means ``[n, K, d]``;
+    ``lr`` and ``eps`` are Adam's (``eps`` scaled to the loss: :func:`kernels.adam_eps`).
     """
     if name(prep.phi) != "triton":
         return None
