@@ -55,7 +55,34 @@ from geoupsample.workers import (
 from tiling.execute import gdal_env
 from tiling.reader import mask_band_used
 
-__all__ = ["InputError", "UpsampleTile", "upsample_raster"]
+__all__ = ["InputError", "UpsampleTile", "tile_blend", "upsample_raster"]
+
+#: Context, in low-res cells, that an interpolation needs around a tile for its pixels to equal
+#: a whole-array run: nearest none; bilinear 1 cell; bicubic 2 cells of cubic weights plus the
+#: 4 rounds with which :func:`~geoupsample.core.interpolation.fill_missing` fills missing cells
+#: from their neighbours (without missing cells 2 would do: measured at scales 2, 8 and 16).
+INTERPOLATION_SUPPORT_CELLS = {"nearest": 0, "bilinear": 1, "bicubic": 6}
+
+
+def tile_blend(blend: str, method: str, halo: int, scale: tuple[Any, Any]) -> tuple[str, int]:
+    """The tile blend and halo (guide pixels) a run uses: ``(blend, halo)`` as given unless
+    ``blend`` is ``"auto"``.
+
+    ``"auto"`` crops (``"crop"``: each pixel from one tile) for interpolations whose support
+    (:data:`INTERPOLATION_SUPPORT_CELLS` x ``scale``, guide pixels per low-res pixel along each
+    axis) fits in ``halo``, with the halo cut to that support: every tile then holds the
+    whole-array values, so a taper over a wider halo would only compute the overlap twice and
+    average equal values. Fitted methods (jbu, gsjbu), and interpolations at scales whose
+    support exceeds the halo, get ``"taper"`` and ``halo``.
+    """
+    if blend != "auto":
+        return blend, halo
+    cells = INTERPOLATION_SUPPORT_CELLS.get(method)
+    if cells is not None:
+        support = cells * math.ceil(max(scale))
+        if halo >= support:
+            return "crop", support
+    return "taper", halo
 
 
 class UpsampleTile:
@@ -92,9 +119,10 @@ class UpsampleTile:
             out = gu.upsample(x, g, method=self.method, iters=self.iters, radius=self.radius,
                               device=self.device, seed=self.seed, normalize=self.stats,
                               **self.render)
+        out = np.asarray(out, dtype=np.float32)  # a new array: scaled in place
         if self.unit is not None:
-            out = out * np.float32(self.unit)
-        return np.asarray(out, dtype=np.float32)
+            out *= np.float32(self.unit)
+        return out
 
 
 def upsample_raster(
@@ -118,7 +146,7 @@ def upsample_raster(
     resume: bool = False,
     scheduler: Any = None,
     workers: int | None = None,
-    blend: str = "taper",
+    blend: str = "auto",
     seed: int = 0,
     kind: str = "auto",
     consistency: float | None = None,
@@ -144,10 +172,12 @@ def upsample_raster(
         tile, halo: core tile size and context/blend width in guide pixels. Cores are aligned to
             the scale. For an exact match with a whole-array run of a local method the taper
             needs ``halo >= 2 x support`` (``blend="crop"``: ``halo >= support``); the support
-            is about ``2 x scale`` guide pixels for bilinear/bicubic and
-            ``(radius + 1) x scale + 1`` for jbu/gsjbu (so the default halo 64 is exact with the
-            taper for bilinear up to scale 16 and jbu up to scale 7; at larger scales raise the
-            halo, or the tiles differ from a whole-array run by tiny amounts in the ramps).
+            is 1 low-res pixel for bilinear, 2 for bicubic, 0 for nearest and about
+            ``(radius + 1) x scale + 1`` guide pixels for jbu/gsjbu (so the default halo 64 is
+            exact with the taper for jbu up to scale 7; at larger scales raise the halo, or the
+            tiles differ from a whole-array run by tiny amounts in the ramps). With the default
+            ``blend="auto"`` interpolations crop with the halo cut to their support, exact up
+            to scale 64 (bilinear) and 10 (bicubic) with the default halo.
         bands: low-res bands to upsample (1-based indexes or descriptions; default all).
         guide_bands: guide bands to use (default all).
         aoi, aoi_crs: area of interest (shapely geometry or GeoJSON file/dict) and its CRS.
@@ -162,7 +192,9 @@ def upsample_raster(
             interpolations; 1 for fits, which use every core through torch's threads). With
             more fits at once each gets ``cores // workers`` torch threads and its own working
             memory (about 0.6 GB per 1024 px gsjbu tile): see :mod:`geoupsample.workers`.
-        blend: ``taper`` or ``crop``.
+        blend: ``taper``, ``crop`` or ``auto`` (default: ``crop`` for interpolations whose
+            support fits in the halo, where it gives the same pixels for less work;
+            ``taper`` otherwise; see :func:`tile_blend`).
         kind: ``continuous``, ``probabilities`` or ``auto`` (jbu/gsjbu render defaults, see
             :meth:`geoupsample.Kernels.render`): ``auto`` decides once for the whole scene,
             from a decimated read of the low-res raster: class probabilities when its channels
@@ -229,6 +261,7 @@ def _upsample_raster(
         check_dtype(hr, hr_idx, "guide")
         rel, lr_warp = relate_or_nest(lr_file.crs, lr_file.transform, lr_file.shape, hr.crs,
                                       hr.transform, hr.shape, warp)
+        blend, halo = tile_blend(blend, method, halo, rel.scale)
         # the low-res raster as the tiles see it: the file, or the file warped onto the grid
         lr = stack.enter_context(lr_warp.open(lr_file)) if lr_warp else lr_file
         lr_dtype = np.dtype(lr_file.dtypes[lr_idx[0] - 1])

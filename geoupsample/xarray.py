@@ -35,7 +35,7 @@ from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import plan_features
 from geoupsample.grids import overlap_window, relate_or_nest
 from geoupsample.inputs import InputError, array_guide_stats, array_reader, check_method_options
-from geoupsample.pipeline import UpsampleTile
+from geoupsample.pipeline import UpsampleTile, tile_blend
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, scene_aoi
 from geoupsample.workers import check_device
@@ -82,7 +82,7 @@ def _north_up(a: xr.DataArray, y: str, x: str) -> xr.DataArray:
 
 def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              tile: int = 1024, halo: int = 64, iters: int = 50, radius: int = 3,
-             device: str | None = None, seed: int = 0, blend: str = "taper",
+             device: str | None = None, seed: int = 0, blend: str = "auto",
              aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256, kind: str = "auto",
              consistency: float | None = None, self_guidance: float | None = None,
              min_sigma_r: float | None = None, warp: str | None = None) -> xr.DataArray:
@@ -130,6 +130,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                          declared_unit(lowres.attrs),
                          consistency=consistency, self_guidance=self_guidance,
                          min_sigma_r=min_sigma_r)
+    blend, halo = tile_blend(blend, method, halo, rel.scale)
     if nesting is not None:
         lowres = _warped(lowres, nesting)
         lr_t = lowres.rio.transform()

@@ -53,3 +53,34 @@ def test_a_pixel_covered_once_keeps_its_value_exactly():
                  0, 0)
     out = blend_parts([part], 1, Window(0, 0, 2, 2))
     np.testing.assert_array_equal(out, data)  # w * v / w is v, not v within rounding
+
+
+def test_a_single_covering_part_is_returned_as_its_blend():
+    data = np.array([[[1.5, np.nan], [3.0, 4.0]]], dtype=np.float32)
+    part = _Part((0, 0), data, np.ones(2, np.float32), np.ones(2, np.float32), 0, 0)
+    out = blend_parts([part], 1, Window(0, 0, 2, 2))
+    assert np.shares_memory(out, data)  # no copy, no arithmetic
+    np.testing.assert_array_equal(out, data)
+
+
+def test_a_crop_grid_blends_without_holding_or_copying_parts():
+    """Each cell of a crop grid comes from one tile: it is returned as a view of that tile's
+    output, and the accumulator never holds a part."""
+    from tiling.accumulate import Accumulator
+    from tiling.grid import TileGrid
+
+    grid = TileGrid(100, 130, tile=32, halo=8, block=16, blend="crop")
+    rng = np.random.default_rng(0)
+    scene = rng.normal(size=(2, 100, 130)).astype(np.float32)
+    acc = Accumulator(grid, 2)
+    out = np.full_like(scene, np.nan)
+    for tile in grid.tiles():
+        r, c = int(tile.read.row_off), int(tile.read.col_off)
+        data = scene[:, r:r + int(tile.read.height), c:c + int(tile.read.width)].copy()
+        for cell, values in acc.add(tile.id, data):
+            assert np.shares_memory(values, data)
+            w = cell.window
+            out[:, int(w.row_off):int(w.row_off + w.height),
+                int(w.col_off):int(w.col_off + w.width)] = values
+    assert acc.pending == 0 and acc.peak_held_bytes == 0
+    np.testing.assert_array_equal(out, scene)

@@ -128,6 +128,65 @@ def test_fractional_scale_tiled_equals_whole_array(fractional, tmp_path, method,
     np.testing.assert_array_equal(lazy.values, got)  # the same tiles, lazily
 
 
+@pytest.fixture(scope="module")
+def eightfold_with_holes(tmp_path_factory):
+    """The Rotterdam MS (1 m, 296 x 296) as the guide and its bands area-averaged x8 (37 x 37
+    cells, nodata -9999) with missing cells: a 3 x 3 hole, a lone cell and a 1 x 5 strip, some
+    of them across the 64 px tile boundaries."""
+    d = tmp_path_factory.mktemp("x8")
+    with rasterio.open(LR) as ds:
+        guide = ds.read(window=Window(0, 0, 296, 296)).astype(np.float32)
+        t, crs = ds.transform, ds.crs
+    lr = guide.reshape(4, 37, 8, 37, 8).mean(axis=(2, 4))
+    for rows, cols in ((slice(7, 10), slice(7, 10)), (16, 23), (slice(24, 25), slice(3, 8))):
+        lr[:, rows, cols] = -9999.0
+    paths = []
+    for name, arr, tr, nd in (("guide.tif", guide, t, None),
+                              ("lr.tif", lr, t * Affine.scale(8), -9999.0)):
+        path = str(d / name)
+        with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1],
+                           count=arr.shape[0], dtype="float32", crs=crs, transform=tr,
+                           nodata=nd) as out:
+            out.write(arr)
+        paths.append(path)
+    return paths[1], paths[0]
+
+
+def test_tile_blend_crops_interpolations_within_their_support():
+    from fractions import Fraction
+
+    from geoupsample.pipeline import tile_blend
+
+    eight = (Fraction(8), Fraction(8))
+    assert tile_blend("auto", "bilinear", 64, eight) == ("crop", 8)
+    assert tile_blend("auto", "nearest", 64, eight) == ("crop", 0)
+    assert tile_blend("auto", "bicubic", 64, eight) == ("crop", 48)
+    assert tile_blend("auto", "bicubic", 64, (Fraction(16), Fraction(4))) == ("taper", 64)
+    assert tile_blend("auto", "bilinear", 64, (Fraction(10, 3),) * 2) == ("crop", 4)
+    assert tile_blend("auto", "gsjbu", 64, eight) == ("taper", 64)
+    assert tile_blend("taper", "bilinear", 64, eight) == ("taper", 64)
+
+
+@pytest.mark.parametrize("method", ["nearest", "bilinear", "bicubic"])
+def test_interpolations_crop_exactly_by_default(eightfold_with_holes, tmp_path, method):
+    """The default blend crops interpolations with the halo cut to their support: the tiles
+    (64 px, many boundaries) still give the whole-array pixels, missing cells included."""
+    lr, hr = eightfold_with_holes
+    out = str(tmp_path / "o.tif")
+    upsample_raster(lr, hr, out, method=method, tile=64, blocksize=16)
+    with rasterio.open(out) as ds:
+        params = ds.tags()["geoupsample_params"]
+        got = ds.read(masked=True).filled(np.nan)
+    halo = {"nearest": 0, "bilinear": 8, "bicubic": 48}[method]
+    assert f"halo={halo} blend=crop" in params
+    with rasterio.open(lr) as ds:
+        x = ds.read(masked=True).filled(np.nan).astype(np.float32)
+    want = np.asarray(gu.upsample(x, read_tif(hr).astype(np.float32), method=method))
+    assert np.isnan(want).any()  # the holes reach the output (nearest, bilinear: 3 x 3 hole)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, equal_nan=True)
+
+
 def test_fractional_scale_gsjbu_runs_without_seams(fractional, tmp_path):
     lr, hr = fractional
     out = str(tmp_path / "o.tif")
@@ -175,7 +234,8 @@ def test_georeferencing_descriptions_tags_and_cog(tmp_path):
         assert o.descriptions == ("nir", "red")
         tags = o.tags()
         assert tags["geoupsample_method"] == "bilinear"
-        assert "tile=256 halo=16" in tags["geoupsample_params"]
+        # the tiling actually used: bilinear at scale 2 crops with the halo cut to 1 cell
+        assert "tile=256 halo=2 blend=crop" in tags["geoupsample_params"]
         assert tags["geoupsample_version"] == gu.__version__
         assert o.profile["tiled"] and o.overviews(1)
         assert o.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"

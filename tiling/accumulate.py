@@ -37,6 +37,7 @@ class _Part:
     wx: np.ndarray  # float32 [cols]
     r0: int  # offsets inside the cell
     c0: int
+    held: bool = False  # counted in the accumulator's bytes (a copy kept for a later blend)
 
 
 @dataclass
@@ -47,9 +48,10 @@ class _CellState:
 
 
 def tile_parts(grid: TileGrid, tile_id: tuple[int, int], data: np.ndarray,
-               cell: Cell) -> _Part | None:
+               cell: Cell, copy: bool = True) -> _Part | None:
     """The part of tile ``tile_id``'s output ``data`` (on its read window) that falls on ``cell``,
-    with its blending weights; None when it has no weight there."""
+    with its blending weights; None when it has no weight there. ``copy=False``: the part is a
+    view of ``data`` (for a cell blended at once, while ``data`` is alive)."""
     tile = grid.get(*tile_id)
     (sy0, sy1), (sx0, sx1) = grid.support(*tile_id)
     w = cell.window
@@ -61,7 +63,8 @@ def tile_parts(grid: TileGrid, tile_id: tuple[int, int], data: np.ndarray,
     x1 = min(sx1, rx1, int(w.col_off + w.width))
     if y1 <= y0 or x1 <= x0:
         return None
-    crop = np.ascontiguousarray(data[:, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0], dtype=np.float32)
+    crop = data[:, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+    crop = np.array(crop, dtype=np.float32) if copy else crop.astype(np.float32, copy=False)
     wy = axis_weights(grid.rows, tile_id[0], grid.taper, y0, y1)
     wx = axis_weights(grid.cols, tile_id[1], grid.taper, x0, x1)
     return _Part(tile_id, crop, wy, wx, y0 - int(w.row_off), x0 - int(w.col_off))
@@ -73,17 +76,33 @@ def blend_parts(parts: list[_Part], count: int, window: Window) -> np.ndarray:
 
     Only where parts overlap (the taper strips) or a weight is 0 is there anything to average;
     elsewhere a single part with positive weight covers the pixel, and its value (the weighted
-    mean of one value) is copied as it is.
+    mean of one value) is copied as it is. A single part covering the whole window with positive
+    weight (each cell of a ``crop`` grid) is returned as it is: the result may be a part's own
+    array (a copy, or a view of the tile's output: see :func:`tile_parts`).
     """
     h, w = int(window.height), int(window.width)
+    if len(parts) == 1 and _covers(parts[0], h, w):
+        return parts[0].data
     parts = sorted(parts, key=lambda p: p.tile)
-    out = np.full((count, h, w), np.nan, dtype=np.float32)
+    out = np.empty((count, h, w), dtype=np.float32)
+    covered = np.zeros((h, w), dtype=bool)
     rects = [(p.r0, p.r0 + p.data.shape[1], p.c0, p.c0 + p.data.shape[2]) for p in parts]
     for p, (y0, y1, x0, x1) in zip(parts, rects, strict=True):
         out[:, y0:y1, x0:x1] = p.data
+        covered[y0:y1, x0:x1] = True
+    if not covered.all():  # no part there (outside the region, or tiles skipped as empty)
+        out[:, ~covered] = np.nan
     for y0, y1, x0, x1 in _mixed_rects(parts, rects):
         out[:, y0:y1, x0:x1] = _weighted_mean(parts, rects, count, (y0, y1, x0, x1))
     return out
+
+
+def _covers(part: _Part, h: int, w: int) -> bool:
+    """Whether ``part`` is an in-memory array covering an ``h x w`` window with positive
+    weight everywhere."""
+    return (isinstance(part.data, np.ndarray) and (part.r0, part.c0) == (0, 0)
+            and part.data.shape[1:] == (h, w) and bool((part.wy > 0).all())
+            and bool((part.wx > 0).all()))
 
 
 def _mixed_rects(parts: list[_Part], rects: list[tuple[int, int, int, int]]
@@ -179,14 +198,17 @@ class Accumulator:
         done = []
         for i in self.by_tile.pop(tile_id, []):
             st = self.state[i]
+            st.remaining -= 1
             if data is not None:
-                part = tile_parts(self.grid, tile_id, data, st.cell)
+                # a part blended by this very call stays a view of data; a held one is copied
+                held = st.remaining > 0
+                part = tile_parts(self.grid, tile_id, data, st.cell, copy=held)
                 if part is not None:
-                    self._hold(part, st)
+                    if held:
+                        self._hold(part, st)
                     st.parts.append(part)
                     self.parts += 1
                     self.peak_parts = max(self.peak_parts, self.parts)
-            st.remaining -= 1
             if st.remaining == 0:
                 done.append(i)
         return self._blend_each([self.state.pop(i) for i in sorted(done)])
@@ -211,6 +233,7 @@ class Accumulator:
         """Account for a new part; spill it if it is frontier beyond the budget."""
         assert isinstance(part.data, np.ndarray)
         size = part.data.nbytes
+        part.held = True
         if self._frontier(part, st):
             if self.spill is not None and self.frontier_bytes + size > self.frontier_budget:
                 part.data = self.spill.put(part.data)
@@ -224,6 +247,8 @@ class Accumulator:
         if isinstance(part.data, Spilled):
             assert self.spill is not None
             part.data = self.spill.take(part.data)
+            return
+        if not part.held:  # a view blended in the call that made it: never counted
             return
         size = part.data.nbytes
         self.held_bytes -= size

@@ -132,7 +132,9 @@ def _interpolating(mode: str) -> Method:
         dtype = float_dtype(xt)
         flat = xt.reshape(-1, *lr_shape).to(dtype)
         out = interpolate(flat, hr_shape, mode)
-        out.masked_fill_(~valid_mask(g, nodata).to(out.device)[None], float("nan"))
+        valid = valid_mask(g, nodata).to(out.device)
+        if not bool(valid.all()):
+            out.masked_fill_(~valid[None], float("nan"))
         if check_rounds(consistency):
             out = back_project(out, flat, CellLayout.build(hr_shape, lr_shape), consistency)
         out = out.reshape(*lead, *hr_shape)
