@@ -54,7 +54,9 @@ DeviceOption = Annotated[str | None, typer.Option(
 # --- tiling and output --------------------------------------------------------------------
 TileOption = Annotated[int, typer.Option(help="Tile core size in output pixels.")]
 HaloOption = Annotated[int, typer.Option(
-    help="Context and blend width around each tile (output pixels).")]
+    help="Context and blend width around each tile (output pixels). upsample's "
+         "interpolations use only what their support needs and crop instead of blending "
+         "(the same pixels as one whole-array run).")]
 CompressOption = Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")]
 CogOption = Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")]
 BlocksizeOption = Annotated[int, typer.Option(
