@@ -270,6 +270,37 @@ def test_guide_nodata_gives_nan_output_for_every_method():
         assert np.isfinite(out[0, 12:, 12:]).all(), method
 
 
+@pytest.mark.parametrize("method", gu.METHODS)
+def test_masked_arrays_mask_means_missing(rotterdam_ms, tmp_path, method):
+    """rasterio's ``read(masked=True)`` hands over masked arrays: masked guide pixels and low-res
+    cells are missing (as NaN would be), whatever value lies under the mask, and the result is
+    a masked array, masked where it is NaN."""
+    import rasterio
+    from affine import Affine
+
+    guide = rotterdam_ms[:3, :96, :96]
+    lr = rotterdam_ms[3:, :96, :96].reshape(1, 12, 8, 12, 8).mean(axis=(2, 4))
+    lr[:, 4:6, 3:5] = -9999.0  # nodata cells, as stored in the file
+    path = tmp_path / "lr.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=12, height=12, count=1,
+                       dtype="float32", nodata=-9999.0, crs="EPSG:32631",
+                       transform=Affine(8, 0, 0, 0, -8, 0)) as dst:
+        dst.write(lr.astype(np.float32))
+    with rasterio.open(path) as src:
+        masked_lr = src.read(masked=True)
+    hole = np.zeros(guide.shape, bool)
+    hole[:, 40:56, 60:80] = True
+    masked_guide = np.ma.masked_array(guide, hole)
+    out = gu.upsample(masked_lr, masked_guide, method=method, iters=3)
+    nan_lr = np.where(lr == -9999.0, np.nan, lr).astype(np.float32)
+    want = gu.upsample(nan_lr, np.where(hole, np.nan, guide), method=method, iters=3)
+    assert isinstance(out, np.ma.MaskedArray)
+    np.testing.assert_array_equal(out.mask, np.isnan(want))
+    assert out.mask[0, 40:56, 60:80].all() and np.isfinite(out.compressed()).all()
+    np.testing.assert_allclose(out.filled(np.nan), want, rtol=0, atol=1e-5, equal_nan=True)
+    assert float(out.min()) > float(np.nanmin(lr[lr > -9999])) - 200  # no -9999 leaked in
+
+
 @pytest.mark.parametrize("objective", ["back_projected", "plain"])
 @pytest.mark.parametrize("lr_shape", [(12, 12), (10, 11)])  # x8, and fractional (stencil-free)
 def test_nodata_collar_wider_than_the_neighbourhood_stays_out_of_the_fit(

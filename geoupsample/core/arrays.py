@@ -15,6 +15,8 @@ def as_tensor(value: object, name: str) -> torch.Tensor:
     """
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, np.ma.MaskedArray):  # rasterio's read(masked=True): masked = missing
+        value = without_mask(value, name)
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be a numeric array; got dtype {value.dtype}")
@@ -31,13 +33,29 @@ def as_tensor(value: object, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a numpy array or a torch tensor; got {type(value).__name__}")
 
 
+def without_mask(value: np.ma.MaskedArray, name: str) -> np.ndarray:
+    """A masked array as a plain one whose masked entries are NaN (missing, as everywhere in the
+    API): float64 stays float64, other numbers become float32 when anything is masked."""
+    if value.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a numeric array; got dtype {value.dtype}")
+    mask = np.ma.getmaskarray(value)
+    if not mask.any():
+        return np.ma.getdata(value)
+    dtype = np.float64 if value.dtype == np.float64 else np.float32
+    return value.astype(dtype).filled(np.nan)
+
+
 def float_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 stays float64; every other dtype computes in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def like_input(result: torch.Tensor, template: object) -> torch.Tensor | np.ndarray:
-    """Return ``result`` as the same kind of array as ``template`` (numpy in, numpy out)."""
+    """Return ``result`` as the same kind of array as ``template`` (numpy in, numpy out; a
+    masked array in, a masked array out, masked where the result is NaN)."""
     if isinstance(template, torch.Tensor):
         return result
-    return result.detach().cpu().numpy()
+    out = result.detach().cpu().numpy()
+    if isinstance(template, np.ma.MaskedArray):
+        return np.ma.masked_invalid(out, copy=False)
+    return out
