@@ -46,6 +46,7 @@ def test_segment_spectral_writes_classes_and_probs(tmp_path: Path) -> None:
         names = json.loads(ds.tags()["class_names"])
         assert names == ["bright_impervious", "dark_impervious", "vegetation"]
         assert ds.colormap(1)[2][:3] == (51, 160, 44)  # vegetation is green
+        assert [c.name for c in ds.colorinterp] == ["palette", "undefined"]
         cls, conf = ds.read()
     assert set(np.unique(cls)) == {0, 1, 2} and conf.min() >= 254 // 3
     truth = gl.rasterize_classes(
@@ -56,6 +57,8 @@ def test_segment_spectral_writes_classes_and_probs(tmp_path: Path) -> None:
     with rasterio.open(probs) as ds:
         p = ds.read().astype(int)
         assert ds.count == 3 and ds.dtypes[0] == "uint8" and ds.descriptions == tuple(names)
+        # class probabilities, not the red, green and blue of an image
+        assert [c.name for c in ds.colorinterp] == ["gray", "undefined", "undefined"]
     assert np.abs(p.sum(0) - 254).max() <= 2
     np.testing.assert_array_equal(p.argmax(0), cls)
 

@@ -152,6 +152,29 @@ def eightfold_with_holes(tmp_path_factory):
     return paths[1], paths[0]
 
 
+def test_four_byte_bands_are_not_rgba(tmp_path):
+    """Four uint8 class probabilities stay four quantities in the output, COG included: GDAL's
+    default would call them RGBA, and the 4th class's probability an alpha band (a mask that
+    a warp or a viewer applies wherever that class has probability 0)."""
+    with rasterio.open(LR) as ds:
+        ms, profile = ds.read().astype(np.float64), ds.profile
+    z = (ms - ms.mean(axis=(1, 2), keepdims=True)) / ms.std(axis=(1, 2), keepdims=True)
+    probs = np.exp(3 * z) / np.exp(3 * z).sum(0)
+    stored = np.rint(probs * 254).astype(np.uint8)
+    assert (stored[3] == 0).any()  # where an alpha band would hide the pixels
+    lr = str(tmp_path / "probs.tif")
+    profile.update(dtype="uint8", nodata=255)
+    with rasterio.open(lr, "w", **profile) as dst:
+        dst.write(stored)
+        dst.update_tags(probability_scale=str(1 / 254))
+    out = str(tmp_path / "o.tif")
+    upsample_raster(lr, HR, out, method="bilinear", cog=True)
+    with rasterio.open(out) as ds:
+        assert ds.dtypes[0] == "uint8" and ds.count == 4
+        assert [c.name for c in ds.colorinterp] == ["gray"] + ["undefined"] * 3
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+
+
 def test_tile_blend_crops_interpolations_within_their_support():
     from fractions import Fraction
 

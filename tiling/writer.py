@@ -130,7 +130,10 @@ class OutputSpec:
                     nodata=self.nodata, tiled=True, blockxsize=self.blocksize,
                     blockysize=self.blocksize, bigtiff="IF_SAFER",
                     num_threads=self.compress_threads,
-                    interleave="pixel" if self.count <= 4 else "band")
+                    interleave="pixel" if self.count <= 4 else "band",
+                    # bands are quantities, never colours: GDAL would take 3 or 4 byte bands for
+                    # RGB(A), and a 4th band (a class's probability) for alpha, i.e. a mask
+                    photometric="MINISBLACK")
         if self.compress.lower() != "none":
             prof["compress"] = self.compress.lower()
             prof["predictor"] = 3 if kind == "f" else 2
