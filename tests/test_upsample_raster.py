@@ -449,6 +449,26 @@ def test_aoi_geojson_in_wgs84(tmp_path):
     np.testing.assert_allclose(y[:, 5:290, 5:290], ref[:, 5:290, 5:290], atol=1e-5)
 
 
+def test_aoi_in_projected_coordinates_without_a_crs_member(tmp_path):
+    """A GeoJSON written in UTM metres without a 'crs' member is read as lon/lat (RFC 7946): a
+    clear error naming --aoi-crs, nothing written; with --aoi-crs the same file works."""
+    with rasterio.open(HR) as ds:
+        b, crs = ds.bounds, ds.crs
+    quarter = box(b.left, (b.top + b.bottom) / 2, (b.left + b.right) / 2, b.top)
+    path = tmp_path / "aoi_utm.geojson"
+    path.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": mapping(quarter)}))
+    out = tmp_path / "o.tif"
+    args = ["upsample", LR, HR, "-o", str(out), "--method", "bilinear", "--aoi", str(path), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "are not longitudes and latitudes" in result.output and "--aoi-crs" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(app, [*args, "--aoi-crs", crs.to_string()])
+    assert result.exit_code == 0, result.output
+    y = read_tif(out)
+    assert np.isnan(y[:, 310:, :]).all() and np.isfinite(y[:, 5:290, 5:290]).all()
+
+
 # ---- acceptance 8: bad input -> clear error, nothing at OUT --------------------------------
 def _variant(tmp_path, name: str, src: str = LR, data=None, **update) -> str:
     with rasterio.open(src) as ds:

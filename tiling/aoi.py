@@ -114,10 +114,26 @@ def load_aoi(aoi: Any, dst_crs: CRS | None, crs: Any = None) -> BaseGeometry:
     if geom.is_empty:
         raise ValueError("the AOI geometry is empty")
     if dst_crs is not None and src_crs is not None and CRS.from_user_input(src_crs) != dst_crs:
-        geom = shape(transform_geom(src_crs, dst_crs, mapping(geom)))
+        geom = _reprojected(geom, CRS.from_user_input(src_crs), CRS.from_user_input(dst_crs))
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
     return geom
+
+
+def _reprojected(geom: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
+    """``geom`` from ``src`` to ``dst``; a clear error when its coordinates cannot be in ``src``
+    (projected metres in a GeoJSON without a 'crs' member, read as lon/lat)."""
+    fix = ("pass the AOI's CRS (aoi_crs=..., or --aoi-crs on the command line, e.g. "
+           "'EPSG:32631'); a GeoJSON without a 'crs' member is read as lon/lat WGS 84")
+    west, south, east, north = geom.bounds
+    if src.is_geographic and not (-360 <= west <= east <= 360 and -90 <= south <= north <= 90):
+        raise ValueError(f"the AOI's coordinates ({west:g}, {south:g}, {east:g}, {north:g}) "
+                         f"are not longitudes and latitudes, but it is read in {src}: {fix}")
+    try:
+        return shape(transform_geom(src, dst, mapping(geom)))
+    except Exception as err:  # GDAL/PROJ errors come as several rasterio types
+        raise ValueError(f"cannot reproject the AOI from {src} to {dst} ({err}): are its "
+                         f"coordinates in {src}? If not, {fix}") from err
 
 
 def window_intersects(geom: BaseGeometry, window: Window, transform: Affine) -> bool:

@@ -65,6 +65,9 @@ AoiOption = Annotated[str | None, typer.Option(
     help="Area of interest: GeoJSON (EPSG:4326 unless it names a CRS) or any one-layer vector "
          "file GDAL reads (GeoPackage, Shapefile...), by path, URL or GDAL /vsi path; pixels "
          "outside are nodata, tiles outside are skipped.")]
+AoiCrsOption = Annotated[str | None, typer.Option(
+    help="CRS of the AOI's coordinates (e.g. EPSG:32631), overriding what the file says (a "
+         "GeoJSON without a 'crs' member is read as lon/lat WGS 84).")]
 ResumeOption = Annotated[bool, typer.Option(
     help="Continue an interrupted run with the same inputs and parameters.")]
 SchedulerOption = Annotated[str | None, typer.Option(

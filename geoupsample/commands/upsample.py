@@ -50,6 +50,7 @@ def upsample_command(
     guide_bands: Annotated[str | None, typer.Option(help="Guide bands to use, same syntax "
                                                          "(default: all).")] = None,
     aoi: opt.AoiOption = None,
+    aoi_crs: opt.AoiCrsOption = None,
     cog: opt.CogOption = False,
     dtype: Annotated[str | None, typer.Option(help="Output dtype: uint8, uint16, int16, uint32, "
                                                    "int32, float16, float32, float64 (default: the "
@@ -78,11 +79,11 @@ def upsample_command(
 
     report = opt.run_command("upsample", quiet, lambda progress: upsample_raster(
         lowres, guide, out, method=method.value, iters=iters, radius=radius, tile=tile,
-        halo=halo, bands=opt.split(bands), guide_bands=opt.split(guide_bands), aoi=aoi, cog=cog,
-        dtype=dtype, compress=compress, blocksize=blocksize, device=device, resume=resume,
-        scheduler=scheduler, workers=workers, kind=(kind or Kind.auto).value,
-        consistency=consistency, self_guidance=self_guidance, min_sigma_r=min_sigma_r,
-        warp=warp, progress=progress))
+        halo=halo, bands=opt.split(bands), guide_bands=opt.split(guide_bands), aoi=aoi,
+        aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
+        device=device, resume=resume, scheduler=scheduler, workers=workers,
+        kind=(kind or Kind.auto).value, consistency=consistency, self_guidance=self_guidance,
+        min_sigma_r=min_sigma_r, warp=warp, progress=progress))
     if not quiet:
         typer.echo(f"wrote {os.fspath(out)}: {report.megapixels:.1f} MP in {report.seconds:.1f} s "
                    f"({report.mp_per_s:.2f} MP/s), {report.computed} tiles computed, "
