@@ -85,6 +85,33 @@ def check_dtype(ds: rasterio.io.DatasetReader, indexes: Sequence[int], what: str
                              "integer or floating-point bands (e.g. split complex data)")
 
 
+def check_not_class_map(ds: rasterio.io.DatasetReader, indexes: Sequence[int], method: str,
+                        kind: str) -> None:
+    """Refuse to interpolate class numbers: an integer band with a colour table, or the one
+    integer band of a raster tagged ``class_names``, holds classes, which any method but
+    ``nearest`` would average into classes that do not exist (1 and 3 into 2). ``kind`` set
+    to ``"continuous"`` says the numbers are quantities after all."""
+    if method == "nearest" or kind == "continuous":
+        return
+    for i in indexes:
+        if np.dtype(ds.dtypes[i - 1]).kind not in "iu":
+            continue
+        try:
+            ds.colormap(i)
+            why = "has a colour table"
+        except ValueError:  # no colour table
+            if ds.count > 1 or "class_names" not in ds.tags():
+                continue
+            why = "is tagged with class_names"
+        raise InputError(
+            f"band {i} of the low-res raster {why}: it holds class numbers, which {method} "
+            "would average into classes that do not exist (1 and 3 into 2). Upsample the class "
+            "probabilities instead (one band per class, e.g. from geoupsample segment --probs) "
+            "and take the most likely class, or use --method nearest; if the numbers are "
+            "quantities, pass --kind continuous"
+        )
+
+
 def decimated_stats_sample(read: Callable[[Window], np.ndarray], height: int, width: int,
                            side: int = STATS_SIDE) -> np.ndarray:
     """A regular subsample ``[:, ::k, ::k]`` (``k = ceil(max(H, W) / side)``) of a raster read

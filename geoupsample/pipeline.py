@@ -38,6 +38,7 @@ from geoupsample.inputs import (
     any_valid,
     check_dtype,
     check_method_options,
+    check_not_class_map,
     check_output_paths,
     file_reader,
     is_zarr_path,
@@ -259,6 +260,7 @@ def _upsample_raster(
         hr_idx = select_bands(hr, guide_bands, "guide")
         check_dtype(lr_file, lr_idx, "low-res raster")
         check_dtype(hr, hr_idx, "guide")
+        check_not_class_map(lr_file, lr_idx, method, kind)
         rel, lr_warp = relate_or_nest(lr_file.crs, lr_file.transform, lr_file.shape, hr.crs,
                                       hr.transform, hr.shape, warp)
         blend, halo = tile_blend(blend, method, halo, rel.scale)
@@ -270,6 +272,7 @@ def _upsample_raster(
         nodata, nodata_mask = _output_nodata(lr_file.nodata, lr_dtype, out_dtype)
         descriptions = [lr_file.descriptions[i - 1] for i in lr_idx]
         kept_tags = _kept_tags(lr_file.tags(), lr_idx, lr_file.count)
+        colormaps = _kept_colormaps(lr_file, lr_idx, method, out_dtype)
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
         # interpolations use the guide only for its nodata mask: skip reading a guide that
         # cannot have nodata (integer bands, no nodata value, no mask)
@@ -314,7 +317,8 @@ def _upsample_raster(
               **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {}),
               **({"geoupsample_warp": _warp_text(lr_warp, rel)} if lr_warp else {}),
               **kept_tags},
-        compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask)
+        compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask,
+        colormaps=colormaps)
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        render=render, unit=scene.unit)
     if workers is None and scheduler is None:
@@ -332,6 +336,22 @@ def _upsample_raster(
                           align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
                           aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                           workers=workers, progress=progress)
+
+
+def _kept_colormaps(lr: rasterio.io.DatasetReader, indexes: Sequence[int], method: str,
+                    out_dtype: str) -> dict[int, dict]:
+    """The low-res bands' colour tables, by output band, when ``nearest`` copies their class
+    numbers into a uint8/uint16 output (other methods refuse class rasters:
+    :func:`~geoupsample.inputs.check_not_class_map`)."""
+    if method != "nearest" or out_dtype not in ("uint8", "uint16"):
+        return {}
+    kept = {}
+    for k, i in enumerate(indexes, 1):
+        try:
+            kept[k] = lr.colormap(i)
+        except ValueError:  # no colour table
+            pass
+    return kept
 
 
 def _warp_text(grid: tiling.Warp, rel: GridRelation) -> str:

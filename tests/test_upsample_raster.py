@@ -469,6 +469,46 @@ def test_aoi_in_projected_coordinates_without_a_crs_member(tmp_path):
     assert np.isnan(y[:, 310:, :]).all() and np.isfinite(y[:, 5:290, 5:290]).all()
 
 
+@pytest.fixture(scope="module")
+def class_map(tmp_path_factory):
+    """A uint8 land-cover map on the low-res grid (classes 0, 5 and 10 from the MS bands' NDVI
+    and brightness) with a colour table and class names, as a classification tool writes it."""
+    with rasterio.open(LR) as ds:
+        ms, profile = ds.read().astype(np.float64), ds.profile
+    red, nir = ms[0], ms[3]
+    ndvi = (nir - red) / (nir + red + 1e-9)
+    classes = np.where(ndvi > 0.3, 10, np.where(ms[:3].mean(0) > np.median(ms[:3]), 5, 0))
+    path = str(tmp_path_factory.mktemp("classes") / "classes.tif")
+    profile.update(count=1, dtype="uint8", nodata=255)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(classes.astype(np.uint8)[None])
+        dst.write_colormap(1, {0: (128, 128, 128, 255), 5: (200, 30, 30, 255),
+                               10: (30, 160, 40, 255)})
+        dst.update_tags(class_names=json.dumps(["road", "roof", "vegetation"]))
+    return path
+
+
+def test_class_maps_are_refused_by_averaging_methods(class_map, tmp_path):
+    out = str(tmp_path / "o.tif")
+    for method in ("bilinear", "gsjbu"):
+        with pytest.raises(InputError, match="holds class numbers.*--method nearest"):
+            upsample_raster(class_map, HR, out, method=method, iters=2)
+        assert not os.path.exists(out)
+    # numbers that are quantities after all: the user says so
+    upsample_raster(class_map, HR, out, method="bilinear", kind="continuous")
+    assert len(np.unique(read_tif(out))) > 3
+
+
+def test_nearest_keeps_a_class_map_its_classes_and_colours(class_map, tmp_path):
+    out = str(tmp_path / "o.tif")
+    upsample_raster(class_map, HR, out, method="nearest", cog=True)
+    with rasterio.open(class_map) as src, rasterio.open(out) as ds:
+        assert ds.dtypes[0] == "uint8" and ds.colorinterp[0].name == "palette"
+        assert ds.colormap(1)[10] == src.colormap(1)[10] == (30, 160, 40, 255)
+        assert json.loads(ds.tags()["class_names"]) == ["road", "roof", "vegetation"]
+        assert set(np.unique(ds.read(1))) == {0, 5, 10}
+
+
 # ---- acceptance 8: bad input -> clear error, nothing at OUT --------------------------------
 def _variant(tmp_path, name: str, src: str = LR, data=None, **update) -> str:
     with rasterio.open(src) as ds:

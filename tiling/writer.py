@@ -66,6 +66,8 @@ class OutputSpec:
         compress: ``"deflate"``, ``"zstd"``, ``"lzw"`` or ``"none"``.
         blocksize: tile block size in pixels (multiple of 16).
         cog: convert to a Cloud-Optimized GeoTIFF at the end.
+        colormaps: colour tables ``{band: {value: (r, g, b, a)}}`` (1-based bands of a uint8 or
+            uint16 output), e.g. those of a class raster carried over.
     """
 
     #: the :class:`Writer` subclass that writes this kind of output (None: the GeoTIFF writer)
@@ -85,6 +87,7 @@ class OutputSpec:
     blocksize: int = 256
     cog: bool = False
     nodata_mask: bool = False
+    colormaps: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dtype = np.dtype(self.dtype).name
@@ -229,6 +232,8 @@ class Writer:
                         self.ds.set_band_description(i, str(d))
             if spec.tags:
                 self.ds.update_tags(**{k: str(v) for k, v in spec.tags.items()})
+            for band, cmap in spec.colormaps.items():
+                self.ds.write_colormap(band, cmap)
 
     def write(self, data: np.ndarray, window: Window) -> None:
         """Write float ``data`` ``[count, rows, cols]`` (NaN = nodata) at ``window``; with
