@@ -15,32 +15,32 @@ same output (same pixels, dtype, compression, blocks, NUM_THREADS) runs beside i
     python benchmarks/pipeline.py --sizes 4096 --methods gsjbu --iters 10 --no-bare
     python benchmarks/pipeline.py --sizes 16384 --methods gsjbu --rows 2048 --no-bare
 
-Measured 2026-11-22 on the 2-core CPU machine, quiet (tile 1024, halo 64, float32 deflate output,
-NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare write alike). Final code (frontier
-spill past 16 MB, GDAL cache 32 MB), three runs of ``--methods bilinear``, median (runs):
+Measured 2026-11-23 on the 2-core CPU machine, quiet (tile 1024, default halo 64: bilinear now
+crops its tiles with the halo cut to its 8 px support, ``blend="auto"``; float32 deflate output,
+NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare write alike). Three runs of
+``--sizes 4096 8192 --methods bilinear``, median (runs); 16384 one run:
 
     size    MP/s               peak RSS - imports (MB)   bare write MP/s   pipeline / bare
-    4096    2.95 (2.78-3.38)   445 (439, 451, 445)       3.68              1.25x (1.26, 1.25, 1.16)
-    8192    3.23 (2.90-3.46)   521 (521, 525, 504)       3.65              1.19x (1.19, 1.13, 1.20)
-    16384   3.29 (2.93-3.31)   525 (525, 522, 528)       3.70              1.13x (1.27, 1.13, 1.06)
+    4096    3.67 (3.57-3.87)   348 (347, 348, 349)       4.45              1.16x (1.16, 1.21, 1.07)
+    8192    3.61 (3.52-3.79)   405 (404, 405, 405)       4.24              1.17x (1.16, 1.17, 1.19)
+    16384   3.66               401                       4.16              1.14x
 
-    Before the spill (one row of cell edges held in memory, 64 MB GDAL cache): 474 / 595 / 687 MB.
-    The 4096^2 scene (4 x 4 tiles) does not fill the pipeline's buffers; from 8192^2 on the
-    figure no longer moves.
+    Before (2026-11-22, taper over the full 64 px halo): 1.25x / 1.19x / 1.13x, 445 / 521 /
+    525 MB.
 
     --lowres uint8 (probabilities as uint8 x 254, written as uint8 deflate), three runs each,
-    median (runs), 2026-11-23:
+    median (runs):
 
-    size    MP/s               bare write MP/s   pipeline / bare
-    4096    7.53 (7.03-7.63)   16.6              2.24x (2.21, 2.28, 2.24)
-    8192    8.42 (8.22-8.78)   17.0              1.94x (1.93, 2.08, 1.94)
+    size    MP/s               peak RSS (MB)   bare write MP/s   pipeline / bare
+    4096    8.68 (8.40-9.29)   334             16.1              1.85x (1.92, 1.85, 1.71)
+    8192    9.90 (9.59-10.10)  344             16.7              1.73x (1.73, 1.65, 1.74)
 
-    NOT within 1.25x. Both cores are busy (93% of 2 cores, user + sys over wall, at 4096^2):
-    deflate of uint8 costs about 2 core-seconds per 16.8 MP, and the pipeline's own work is
-    about as much again (per 1152^2 tile, halo included, the 8-band bilinear interpolation
-    alone is 0.03 s; then blending, and the float -> uint8 cast, which in-place rounding and
-    clipping made 2x cheaper: one run before it, 5.9 MP/s at 4096^2). Into float32 the write is 4.7x
-    dearer and the same work hides behind it.
+    Before the crop: 2.24x (4096) and 1.94x (8192), 7.53 / 8.42 MP/s.
+    NOT within 1.25x. Deflate of uint8 costs about 2 core-seconds per 16.8 MP; with the write
+    replaced by nothing the pipeline's own work is 0.85 core-s at 4096^2 (reads, the 8-band
+    interpolation, about 0.03 s per 1040^2 tile, scaling to the unit), and the float -> uint8
+    cast 0.33 core-s more; on 2 cores that cannot hide behind a write that already keeps both
+    busy. Into float32 the write is 4.7x dearer and the same work hides behind it.
 
     --methods gsjbu --no-bare (8-class probabilities: the probability render preset applies)
       4096, iters 50: 0.104 MP/s, 1072 MB
