@@ -15,9 +15,11 @@ from affine import Affine
 import geoupsample as gu
 from geoupsample.core.presets import (
     PROBABILITIES,
+    SIMPLEX_TOLERANCE,
     check_probabilities,
     looks_like_probabilities,
     probability_unit,
+    rounding,
 )
 from geoupsample.pipeline import InputError, upsample_raster
 
@@ -75,6 +77,26 @@ def test_probability_units():
         check_probabilities(t(as_uint8.astype(np.float32)))
     with pytest.raises(ValueError, match="not class probabilities.*kind='continuous'"):
         check_probabilities(t(bands))
+
+
+def test_probabilities_stored_rounded_are_still_probabilities(rotterdam_ms):
+    """8-bit probabilities divided by 255, or rounded to 2 decimals, sum to 1 only within
+    their rounding (0.98..1.02 with 4 classes): still probabilities, rendered on the simplex;
+    bands rounded the same way but not summing to one value are not."""
+    t = torch.from_numpy
+    p = softmax_probs((37, 37))  # 4 classes
+    guide = rotterdam_ms[:3, :296, :296].astype(np.float32)
+    for stored, unit in ((np.round(p * 255) / np.float32(255), 255), (np.round(p, 2), 100)):
+        stored = stored.astype(np.float32)
+        assert rounding(t(stored).double()) == pytest.approx(0.5 / unit)
+        assert np.abs(stored.sum(0) - 1).max() > SIMPLEX_TOLERANCE  # not within float error
+        assert looks_like_probabilities(t(stored))
+        assert probability_unit(t(stored)) == 1.0
+        out = gu.upsample(stored, guide, method="gsjbu", iters=3)
+        assert out.min() >= 0 and np.allclose(out.sum(0), 1, atol=1e-5)
+    bands = np.round(rotterdam_ms[:, :37, :37] / rotterdam_ms.max(), 2).astype(np.float32)
+    assert rounding(t(bands).double()) == pytest.approx(0.005)
+    assert not looks_like_probabilities(t(bands)) and probability_unit(t(bands)) is None
 
 
 def test_declared_probabilities_that_are_not_are_refused(guide_and_kernels):

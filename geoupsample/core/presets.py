@@ -86,12 +86,32 @@ def complete_cells(x: torch.Tensor, min_channels: int = 2) -> torch.Tensor | Non
     return x.movedim(-3, -1)[complete].double()
 
 
+#: Storage units whose rounding :func:`rounding` recognises in fractions (8-bit x 254 or 255,
+#: percent, per mille, basis points).
+ROUNDING_UNITS = (254, 255, 100, 1000, 10000)
+
+
+def rounding(values: torch.Tensor) -> float:
+    """Half the step to which ``values`` (float64) were rounded: 0.5 for whole numbers,
+    ``0.5 / U`` for fractions stored as whole multiples of ``1 / U`` (:data:`ROUNDING_UNITS`:
+    8-bit probabilities divided by 255, values rounded to 2 decimals...), 0 otherwise."""
+    if bool((values == values.round()).all()):
+        return 0.5
+    for unit in ROUNDING_UNITS:
+        scaled = values * unit
+        if bool(((scaled - scaled.round()).abs() <= 1e-3).all()):
+            return 0.5 / unit
+    return 0.0
+
+
 def looks_like_probabilities(x: torch.Tensor) -> bool:
     """Whether ``x [..., C, h, w]`` holds class probabilities (or fractions).
 
     True when ``C >= 2``, every finite value lies in ``[0, 1]`` and the channels of every cell
-    whose channels are all finite sum to 1 (within :data:`SIMPLEX_TOLERANCE`); cells with a
-    missing channel are ignored, and at least one cell must be complete.
+    whose channels are all finite sum to 1, within :data:`SIMPLEX_TOLERANCE` or the rounding
+    of their storage (``C`` x :func:`rounding`: 8-bit probabilities divided by 255 sum to
+    1 +- 0.008 with 4 classes); cells with a missing channel are ignored, and at least one cell
+    must be complete.
     """
     values = complete_cells(x)
     if values is None:
@@ -99,6 +119,7 @@ def looks_like_probabilities(x: torch.Tensor) -> bool:
     tol = SIMPLEX_TOLERANCE
     if bool((values < -tol).any()) or bool((values > 1 + tol).any()):
         return False
+    tol = max(tol, values.shape[-1] * rounding(values))
     return bool(((values.sum(-1) - 1.0).abs() <= tol).all())
 
 
@@ -107,23 +128,25 @@ def probability_unit(x: torch.Tensor) -> float | None:
     10000...) in ``x [..., C, h, w]``, or None when ``x`` does not hold such probabilities.
 
     ``S`` is the channels' common sum: ``C >= 2``, no negative value, and every complete cell
-    (all channels finite) sums to ``S`` up to rounding (0.5 per channel for whole numbers, e.g.
-    uint8 storage; :data:`SIMPLEX_TOLERANCE` x ``S`` otherwise). At least one cell must be
-    complete.
+    (all channels finite) sums to ``S`` up to rounding (per channel, :func:`rounding`: 0.5 for
+    whole numbers, e.g. uint8 storage, ``0.5 / U`` for fractions stored as multiples of
+    ``1 / U``; at least :data:`SIMPLEX_TOLERANCE` x ``S`` for fractions). At least one cell must
+    be complete.
     """
     values = complete_cells(x)
     if values is None or bool((values < 0).any()):
         return None
     sums = values.sum(-1)
     unit = float(sums.median())
-    whole = bool((values == values.round()).all())
-    if whole:
+    step = rounding(values)
+    if step == 0.5:  # whole numbers
+        tolerance = step * values.shape[-1]
+    else:  # fractions: float sums (1.0000000008 is 1), or stored rounded (0.99 is 1)
+        tolerance = max(step * values.shape[-1], SIMPLEX_TOLERANCE * unit)
+    if abs(unit - round(unit)) <= tolerance:
         unit = float(round(unit))
-    tolerance = 0.5 * values.shape[-1] if whole else SIMPLEX_TOLERANCE * unit
     if not unit > 0 or float((sums - unit).abs().max()) > tolerance:
         return None
-    if abs(unit - round(unit)) <= SIMPLEX_TOLERANCE * unit:  # float sums: 1.0000000008 is 1
-        unit = float(round(unit))
     return unit
 
 
