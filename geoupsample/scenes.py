@@ -42,13 +42,29 @@ class Scene:
     nodata: float | None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], bands: Sequence[int | str] | None = None) -> Scene:
-        """Open ``path`` and choose ``bands`` (1-based indexes or descriptions; default all)."""
+    def open(cls, path: str | os.PathLike[str], bands: Sequence[int | str] | None = None,
+             band_names: Sequence[str] | None = None) -> Scene:
+        """Open ``path`` and choose ``bands`` (1-based indexes or names; default all).
+
+        A band's name is its description in the file, or ``band_names[i - 1]`` when given
+        (one name per band of the file, in order: for files without descriptions, so that
+        ``spectral`` finds its red and near-infrared bands)."""
         p = os.fspath(path)
         with open_raster(p, "scene") as ds:
+            if band_names is not None:
+                band_names = tuple(band_names)
+                if len(band_names) != ds.count:
+                    raise InputError(
+                        f"--band-names gives {len(band_names)} name(s) but the scene {p} has "
+                        f"{ds.count} band(s): name every band of the file, in order (e.g. "
+                        f"{','.join(['red', 'green', 'blue', 'nir'][:ds.count] or ['red'])})")
+                if bands is not None:
+                    bands = [band_names.index(b) + 1 if isinstance(b, str) and b in band_names
+                             else b for b in bands]
             idx = select_bands(ds, bands, "scene")
             check_dtype(ds, idx, "scene")
-            names = tuple(ds.descriptions[i - 1] or f"band{i}" for i in idx)
+            names = tuple(band_names[i - 1] if band_names is not None else
+                          ds.descriptions[i - 1] or f"band{i}" for i in idx)
             if ds.crs is None:
                 raise InputError(f"the scene {p} has no CRS; assign one (gdal_edit.py -a_srs)")
             return cls(p, idx, names, ds.crs, ds.transform, (ds.height, ds.width), ds.nodata)

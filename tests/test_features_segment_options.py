@@ -285,3 +285,36 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["link.tif", "scene.tif"]
     code, text = cli("features", tmp_path / "link.tif", "-o", scene, "-q")
     assert code == 2 and "would overwrite the scene" in text, text
+
+
+def test_band_names_name_a_scene_without_descriptions(tmp_path) -> None:
+    """The bundled scene with its band descriptions removed: spectral finds no red or nir band
+    (no NDVI); --band-names names them, and --bands may use those names."""
+    bare = tmp_path / "bare.tif"
+    shutil.copy(SCENE, bare)
+    with rasterio.open(bare, "r+") as ds:
+        for i in range(1, ds.count + 1):
+            ds.set_band_description(i, "")
+    code, text = cli("features", bare, "-o", tmp_path / "a.tif", "--cell-size", "10",
+                     "--context", "0", *SMALL_CLI)
+    assert code == 0, text
+    with rasterio.open(tmp_path / "a.tif") as ds:
+        assert not any("ndvi" in d for d in ds.descriptions)
+    named = ["--band-names", "red,green,blue,nir", "--cell-size", "10", "--context", "0"]
+    code, text = cli("features", bare, "-o", tmp_path / "b.tif", *named, *SMALL_CLI)
+    assert code == 0, text
+    code, text = cli("features", SCENE, "-o", tmp_path / "c.tif", "--cell-size", "10",
+                     "--context", "0", *SMALL_CLI)
+    assert code == 0, text
+    with rasterio.open(tmp_path / "b.tif") as b, rasterio.open(tmp_path / "c.tif") as c:
+        assert "ndvi_mean" in b.descriptions and b.descriptions == c.descriptions
+        np.testing.assert_array_equal(b.read(), c.read())  # as if the file had named them
+    code, text = cli("features", bare, "-o", tmp_path / "d.tif", *named, "--bands", "nir,red",
+                     *SMALL_CLI)
+    assert code == 0, text
+    with rasterio.open(tmp_path / "d.tif") as ds:
+        assert ds.descriptions[:2] == ("nir_mean", "red_mean")
+    code, text = cli("segment", bare, "--labels", LABELS, "--class-field", "class", "-o",
+                     tmp_path / "e.tif", "--band-names", "red,green,blue", *SMALL_CLI)
+    assert code == 2 and "gives 3 name(s) but the scene" in text and "4 band(s)" in text
+    assert not (tmp_path / "e.tif").exists()

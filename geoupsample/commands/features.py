@@ -89,6 +89,7 @@ def features_command(
     random_init: opt.RandomInitOption = False,
     layer: opt.LayerOption = -1,
     bands: opt.BandsOption = None,
+    band_names: opt.BandNamesOption = None,
     model_bands: opt.ModelBandsOption = None,
     adapt_stem: opt.AdaptStemOption = False,
     cell_size: opt.CellSizeOption = 8,
@@ -122,7 +123,7 @@ def features_command(
     from geoupsample.scenes import Scene
 
     def work(progress: Any) -> tuple[Any, Any]:
-        sc = Scene.open(scene, opt.split(bands))
+        sc = Scene.open(scene, opt.split(bands), band_names=opt.split(band_names))
         bb = build_backbone(
             backbone,
             sc.band_names,
@@ -139,7 +140,7 @@ def features_command(
             scene,
             out,
             bb,
-            bands=opt.split(bands),
+            bands=list(sc.bands),  # indexes: --band-names are not in the file
             pca=pca,
             method=method.value,
             iters=iters,

@@ -93,6 +93,10 @@ LayerOption = Annotated[int, typer.Option(
     help="Transformer block or CNN stage (timm out_indices; -1 = last).")]
 BandsOption = Annotated[str | None, typer.Option(
     help="Scene bands to use: 1-based indexes or descriptions (default: all).")]
+BandNamesOption = Annotated[str | None, typer.Option(
+    help="Names of the scene's bands, one per band of the file in order (e.g. "
+         "red,green,blue,nir), for files without band descriptions: spectral's indices (NDVI, "
+         "NDWI) need the red, nir and green bands by name; --bands may then use them.")]
 ModelBandsOption = Annotated[str | None, typer.Option(
     help="Which of those a timm model sees (e.g. red,green,blue); default all.")]
 AdaptStemOption = Annotated[bool, typer.Option(

@@ -49,6 +49,7 @@ def segment_command(
     random_init: opt.RandomInitOption = False,
     layer: opt.LayerOption = -1,
     bands: opt.BandsOption = None,
+    band_names: opt.BandNamesOption = None,
     model_bands: opt.ModelBandsOption = None,
     adapt_stem: opt.AdaptStemOption = False,
     cell_size: opt.CellSizeOption = 8,
@@ -95,7 +96,7 @@ def segment_command(
     from geoupsample.segmentation import segment_raster
 
     def work(progress: Any) -> tuple[Any, Any]:
-        sc = Scene.open(scene, opt.split(bands))
+        sc = Scene.open(scene, opt.split(bands), band_names=opt.split(band_names))
         bb = build_backbone(
             backbone,
             sc.band_names,
@@ -114,7 +115,7 @@ def segment_command(
             class_field,
             out,
             bb,
-            bands=opt.split(bands),
+            bands=list(sc.bands),  # indexes: --band-names are not in the file
             labels_crs=labels_crs,
             layer=layer_name,
             probs_path=probs,
