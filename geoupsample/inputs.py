@@ -216,15 +216,18 @@ def is_zarr_path(path: str | os.PathLike[str]) -> bool:
 
 
 def check_output_paths(
-    outputs: dict[str, str | os.PathLike | None], inputs: dict[str, Any]
+    outputs: dict[str, str | os.PathLike | None], inputs: dict[str, Any],
+    rasters: tuple[str, ...] = ("-o", "--probs"),
 ) -> None:
     """Refuse, before any work, an output that would overwrite an input or another output (also
-    through a symbolic link), or whose folder does not exist (:class:`InputError`).
+    through a symbolic link), whose folder does not exist, or whose extension names another
+    format than GeoTIFF (or Zarr) (:class:`InputError`).
 
     Args:
         outputs: option name (``-o``, ``--probs``...) -> output path, or None when not asked for.
         inputs: what the input is ("the scene", ...) -> its path; remote URLs and non-path
             inputs (a GeoDataFrame) are skipped.
+        rasters: the options whose outputs are rasters (their extension is checked).
     """
     seen: dict[str, str] = {}
     for what, path in inputs.items():
@@ -233,6 +236,10 @@ def check_output_paths(
     for option, path in outputs.items():
         if path is None:
             continue
+        ext = os.path.splitext(os.fspath(path).rstrip("/"))[1].lower()
+        if option in rasters and ext and ext not in (".tif", ".tiff", ".zarr"):
+            raise InputError(f"{option} {os.fspath(path)}: outputs are GeoTIFFs (features may "
+                             f"also write .zarr), not {ext} files; give a .tif path")
         real = os.path.realpath(path)
         if real in seen:
             raise InputError(f"{option} {os.fspath(path)} would overwrite {seen[real]}; "

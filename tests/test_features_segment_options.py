@@ -277,6 +277,8 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path) -> None:
         (["-o", tmp_path / "link.tif"], "-o", "would overwrite the scene"),  # via a symlink
         (["-o", tmp_path / "c.tif", "--save-probe", tmp_path / "no" / "p.st"], "--save-probe",
          "does not exist"),
+        (["-o", tmp_path / "c.png"], "-o", "outputs are GeoTIFFs"),  # not a PNG in disguise
+        (["-o", tmp_path / "c.tif", "--probs", tmp_path / "p.jpg"], "--probs", "not .jpg"),
     ]  # fmt: skip
     for extra, option, message in cases:
         code, text = cli(*seg, *extra)
