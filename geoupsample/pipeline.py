@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -332,10 +333,26 @@ def _upsample_raster(
               "version": __version__}
     fits_at_once = workers if method not in INTERPOLATIONS and scheduler is None else None
     with threads_per_worker(fits_at_once, device):  # cores // workers torch threads per fit
-        return tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.period,
-                          align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
-                          aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
-                          workers=workers, progress=progress)
+        report = tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.period,
+                            align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
+                            aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
+                            workers=workers, progress=progress)
+    warn_clipped(report, spec)
+    return report
+
+
+def warn_clipped(report: tiling.RunReport, spec: tiling.OutputSpec) -> None:
+    """Warn when an integer output clipped values it cannot hold (``--dtype uint8`` for a band
+    of reflectances in the thousands), saying how many and what to pass instead."""
+    clipped = int(report.extra.get("clipped_values", 0))
+    bounds = tiling.writer.integer_range(spec.dtype, spec.nodata)
+    if not clipped or bounds is None:
+        return
+    total = max(1.0, report.megapixels * 1e6 * spec.count)
+    warnings.warn(
+        f"{clipped} output values ({clipped / total:.1%}) lay outside what {spec.dtype} holds "
+        f"({bounds[0]:g} to {bounds[1]:g}) and were clipped to it: pass a wider --dtype "
+        "(e.g. float32)", UserWarning, stacklevel=3)
 
 
 def _kept_colormaps(lr: rasterio.io.DatasetReader, indexes: Sequence[int], method: str,

@@ -509,6 +509,21 @@ def test_nearest_keeps_a_class_map_its_classes_and_colours(class_map, tmp_path):
         assert set(np.unique(ds.read(1))) == {0, 5, 10}
 
 
+def test_an_integer_dtype_that_clips_says_so(tmp_path):
+    """--dtype uint8 for bands in the thousands: the values are clipped, with a warning that
+    counts them and names the fix; a dtype that holds them stays silent."""
+    import warnings
+
+    out = str(tmp_path / "o.tif")
+    with pytest.warns(UserWarning, match=r"output values \(\d+\.\d%\) lay outside what uint8 "
+                      r"holds \(0 to 254\).*wider --dtype"):
+        upsample_raster(LR, HR, out, method="bilinear", dtype="uint8", bands=["nir"])
+    assert read_tif(out).max() == 254
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lay outside what")
+        upsample_raster(LR, HR, out, method="bilinear", dtype="uint16", bands=["nir"])
+
+
 # ---- acceptance 8: bad input -> clear error, nothing at OUT --------------------------------
 def _variant(tmp_path, name: str, src: str = LR, data=None, **update) -> str:
     with rasterio.open(src) as ds:

@@ -451,7 +451,8 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
                      time.perf_counter() - t0, state["mp"],
                      extra={"peak_pending_parts": acc.peak_parts, "cells": len(cells),
                             "peak_held_mb": round(acc.peak_held_bytes / 2 ** 20, 1),
-                            "spill_file_mb": round(spill.size / 2 ** 20, 1)})
+                            "spill_file_mb": round(spill.size / 2 ** 20, 1),
+                            "clipped_values": writer.clipped})
 
 
 def _cluster_threads(scheduler: Any) -> int:

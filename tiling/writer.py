@@ -184,6 +184,31 @@ def cast(data: np.ndarray, dtype: str, nodata: float | None) -> np.ndarray:
     return _to_int(data, dt, lo, hi, nodata)
 
 
+def integer_range(dtype: str, nodata: float | None) -> tuple[float, float] | None:
+    """``(lo, hi)``, the values an integer ``dtype`` output holds besides ``nodata``
+    (see :func:`cast`); None for floats."""
+    dt = np.dtype(dtype)
+    if dt.kind not in "iu":
+        return None
+    info = np.iinfo(dt)
+    lo, hi = float(info.min), float(info.max)
+    if nodata == hi:
+        hi -= 1
+    elif nodata == lo:
+        lo += 1
+    return lo, hi
+
+
+def out_of_range(data: np.ndarray, dtype: str, nodata: float | None) -> int:
+    """How many finite values of ``data`` an integer ``dtype`` output clips (beyond its range
+    by more than rounding); 0 for float outputs."""
+    bounds = integer_range(dtype, nodata)
+    if bounds is None:
+        return 0
+    lo, hi = bounds
+    return int(np.count_nonzero(data < lo - 0.5)) + int(np.count_nonzero(data > hi + 0.5))
+
+
 def _to_int(data: np.ndarray, dt: np.dtype, lo: float, hi: float, fill: float) -> np.ndarray:
     """``data`` rounded, clipped to ``[lo, hi]`` and cast to the integer ``dt``; non-finite
     values become ``fill``. One float temporary, worked in place (half the time of a chain of
@@ -217,6 +242,8 @@ class Writer:
 
     def __init__(self, spec: OutputSpec, resume: bool = False) -> None:
         self.spec = spec
+        #: values written this session that the integer dtype clipped (see :meth:`write`)
+        self.clipped = 0
         check_output_dir(spec.path)
         if os.path.isdir(spec.path):
             raise IsADirectoryError(f"the output path {spec.path} is a directory; give a file "
@@ -237,7 +264,9 @@ class Writer:
 
     def write(self, data: np.ndarray, window: Window) -> None:
         """Write float ``data`` ``[count, rows, cols]`` (NaN = nodata) at ``window``; with
-        ``nodata_mask`` a pixel is valid where all its bands are finite."""
+        ``nodata_mask`` a pixel is valid where all its bands are finite. Values an integer
+        dtype cannot hold are clipped, and counted in :attr:`clipped`."""
+        self.clipped += out_of_range(data, self.spec.dtype, self.spec.nodata)
         self.ds.write(cast(data, self.spec.dtype, self.spec.nodata), window=window)
         if self.spec.nodata_mask:
             valid = np.isfinite(data).all(axis=0)
