@@ -99,6 +99,17 @@ def test_weights_from_file(tmp_path: Path, tile: np.ndarray, fmt: str) -> None:
     assert bb.extract(tile).shape == (512, 2, 3)
 
 
+def test_weights_of_a_larger_model_are_refused(tmp_path: Path) -> None:
+    """resnet34's weights hold every tensor of resnet18 and 80 more: they would load into
+    resnet18's layers (timm only warns) and give a model nobody trained."""
+    path = tmp_path / "r34.safetensors"
+    save_file(timm.create_model("resnet34", pretrained=False).state_dict(), str(path))
+    with pytest.raises(gb.BackboneError, match=r"80 of its 218 tensors that resnet18 does not "
+                       r"have.*another, larger model"):
+        gb.create("timm:resnet18", weights=path)
+    assert gb.create("timm:resnet34", weights=path).weights_source == str(path)
+
+
 def test_band_count_mismatch_with_weights(tmp_path: Path) -> None:
     path = tmp_path / "rgb.safetensors"
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(path))

@@ -171,6 +171,8 @@ class TimmBackbone(Backbone):
                     state_dict=state_dict, input_size=(weight_chans, *size[1:])
                 ),
             )
+        if state_dict is not None:  # before timm lists every unexpected key of it
+            self._check_not_larger(state_dict, model_chans, model_kwargs)
         try:
             self.model = self._build(model_name, kwargs)
         except IndexError:  # timm looks out_indices up in its list of feature layers
@@ -231,6 +233,28 @@ class TimmBackbone(Backbone):
             raise BackboneError(
                 f"the weight file matches only {matched} of the {len(own)} tensors of "
                 f"{self.model_name} (missing e.g. {missing}): is it for this model?"
+            )
+
+    def _check_not_larger(self, sd: dict[str, torch.Tensor], chans: int,
+                          model_kwargs: dict[str, Any]) -> None:
+        """Refuse weight files with many tensors the whole model (head included) does not have:
+        a deeper model's weights (resnet34 for resnet18) would otherwise load into the shallower
+        one's layers and leave the rest unused. A few extra tensors (a checkpoint's mask token,
+        training leftovers) are allowed. The model is built on the meta device (no memory)."""
+        try:
+            with torch.device("meta"):
+                whole = timm.create_model(self.model_name, in_chans=chans, **model_kwargs)
+        except Exception:  # noqa: BLE001 - a model timm cannot build there: nothing to compare
+            return
+        own = {k for k in whole.state_dict() if not k.endswith("num_batches_tracked")}
+        if sum(k in sd for k in own) < _MIN_MATCHED * len(own):
+            return  # another model altogether: _check_loaded says so once it is built
+        extra = [k for k in sd if k not in own and not k.endswith("num_batches_tracked")]
+        if len(extra) > (1 - _MIN_MATCHED) * len(sd):
+            raise BackboneError(
+                f"the weight file has {len(extra)} of its {len(sd)} tensors that "
+                f"{self.model_name} does not have (e.g. {extra[:3]}): it is for another, "
+                "larger model; pass that model's name or this model's weights"
             )
 
     @staticmethod
