@@ -94,6 +94,9 @@ def test_probabilities_stored_rounded_are_still_probabilities(rotterdam_ms):
         assert probability_unit(t(stored)) == 1.0
         out = gu.upsample(stored, guide, method="gsjbu", iters=3)
         assert out.min() >= 0 and np.allclose(out.sum(0), 1, atol=1e-5)
+    doubled = np.zeros((2, 8, 8), np.float32)
+    doubled[:, :, 4:] = 1.0  # 0 / 1 in both channels: sums 0 and 2, not one-hot
+    assert not looks_like_probabilities(t(doubled))
     bands = np.round(rotterdam_ms[:, :37, :37] / rotterdam_ms.max(), 2).astype(np.float32)
     assert rounding(t(bands).double()) == pytest.approx(0.005)
     assert not looks_like_probabilities(t(bands)) and probability_unit(t(bands)) is None

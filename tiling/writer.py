@@ -232,6 +232,9 @@ class Writer:
     e.g. :class:`tiling.zarr_writer.ZarrWriter`), with the same four methods.
     """
 
+    #: values written this session that an integer dtype clipped (see :meth:`write`)
+    clipped: int = 0
+
     def __new__(cls, spec: OutputSpec, resume: bool = False) -> Writer:
         other = getattr(spec, "writer_class", None)
         if cls is Writer and other is not None:
@@ -242,8 +245,6 @@ class Writer:
 
     def __init__(self, spec: OutputSpec, resume: bool = False) -> None:
         self.spec = spec
-        #: values written this session that the integer dtype clipped (see :meth:`write`)
-        self.clipped = 0
         check_output_dir(spec.path)
         if os.path.isdir(spec.path):
             raise IsADirectoryError(f"the output path {spec.path} is a directory; give a file "

@@ -119,7 +119,9 @@ def looks_like_probabilities(x: torch.Tensor) -> bool:
     tol = SIMPLEX_TOLERANCE
     if bool((values < -tol).any()) or bool((values > 1 + tol).any()):
         return False
-    tol = max(tol, values.shape[-1] * rounding(values))
+    step = rounding(values)
+    if step < 0.5:  # whole numbers in [0, 1] are 0 and 1: one-hot, exact
+        tol = max(tol, values.shape[-1] * step)
     return bool(((values.sum(-1) - 1.0).abs() <= tol).all())
 
 
