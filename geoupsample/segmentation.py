@@ -8,9 +8,11 @@
    -> LR class probabilities -> upsampled onto the tile's pixels with GSJBU kernels fitted on the
    tile (or a baseline method) -> clipped at 0 and renormalised to sum to 1. The engine blends
    the tiles' probabilities (a weighted mean of distributions is a distribution) and writes them.
-4. The class raster: band 1 ``class`` (uint8 index into the class list, with a colour table),
+4. The class raster: band 1 ``class`` (uint8 index into the class list, or the class code
+   itself when the class field holds whole numbers 0..254: :func:`class_values`; with a colour
+   table),
    band 2 ``confidence`` (the winning probability x 254), both with nodata 255; class names in
-   the tags ``class_names`` (JSON list) and ``class_<i>``.
+   the tags ``class_names`` (JSON list) and ``class_<value>``.
 
 Probabilities are kept (``probs_path``) as uint8 (p x 254, nodata 255) or float32 (NaN nodata);
 without ``probs_path`` they go to a hidden float32 file beside the output
@@ -471,14 +473,30 @@ def segment_raster(
     )
 
 
-def class_bands(probs: np.ndarray, scale: float = 1.0) -> np.ndarray:
+def class_values(classes: Sequence[str]) -> np.ndarray | None:
+    """The pixel value of each class in the class raster: the class codes themselves when every
+    class is a whole number from 0 to 254 (a numeric class field: ``"3"`` is written as 3),
+    else None (classes are written as their index in ``classes``). uint8 ``[K]``."""
+    codes = []
+    for name in classes:
+        text = str(name).strip()
+        if not text.isdigit() or str(int(text)) != text or int(text) >= UINT8_NODATA:
+            return None
+        codes.append(int(text))
+    return np.array(codes, dtype=np.uint8)
+
+
+def class_bands(probs: np.ndarray, scale: float = 1.0,
+                values: np.ndarray | None = None) -> np.ndarray:
     """Probabilities ``[K, h, w]`` (times ``scale``; NaN = nodata) -> uint8 ``[2, h, w]``: the
-    winning class and its probability x :data:`UINT8_SCALE`, :data:`UINT8_NODATA` where any
-    probability is missing."""
+    winning class (its index, or ``values[index]``: :func:`class_values`) and its probability
+    x :data:`UINT8_SCALE`, :data:`UINT8_NODATA` where any probability is missing."""
     p = np.asarray(probs, dtype=np.float32)
     valid = np.isfinite(p).all(0)
     safe = np.where(np.isfinite(p), p, -1.0)
     cls = safe.argmax(0)
+    if values is not None:
+        cls = values[cls]
     conf = np.clip(np.round(safe.max(0) / scale * UINT8_SCALE), 0, UINT8_SCALE)
     cls = np.where(valid, cls, UINT8_NODATA).astype(np.uint8)
     conf = np.where(valid, conf, UINT8_NODATA).astype(np.uint8)
@@ -504,7 +522,9 @@ def write_classes(
         os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.partial.tif"
     )
     cog_tmp = tmp[: -len(".tif")] + ".cog.tif"
-    counts = np.zeros(len(classes), dtype=np.int64)
+    values = class_values(classes)
+    pixel = values if values is not None else np.arange(len(classes))  # each class's value
+    counts = np.zeros(256, dtype=np.int64)
     with rasterio.open(probs_path) as src:
         profile = dict(
             driver="GTiff",
@@ -526,16 +546,17 @@ def write_classes(
             with rasterio.open(tmp, "w", **profile) as dst:
                 for _, win in dst.block_windows(1):
                     p = src.read(window=win, masked=True).astype(np.float32).filled(np.nan)
-                    out = class_bands(p, scale)
+                    out = class_bands(p, scale, values)
                     cls = out[0][out[0] != UINT8_NODATA]
-                    counts += np.bincount(cls.ravel(), minlength=len(classes))[: len(classes)]
+                    counts += np.bincount(cls.ravel(), minlength=256)
                     dst.write(out, window=win)
-                dst.write_colormap(1, class_colours(classes))
+                colours = class_colours(classes)
+                dst.write_colormap(1, {int(pixel[i]): c for i, c in colours.items()})
                 dst.set_band_description(1, "class")
                 dst.set_band_description(2, "confidence")
                 dst.update_tags(
                     **tags,
-                    **{f"class_{i}": c for i, c in enumerate(classes)},
+                    **{f"class_{int(pixel[i])}": c for i, c in enumerate(classes)},
                     confidence_scale=str(1.0 / UINT8_SCALE),
                 )
             if cog:
@@ -548,4 +569,4 @@ def write_classes(
                 if os.path.exists(leftover):
                     os.remove(leftover)
     total = max(1, int(counts.sum()))
-    return {c: float(n) / total for c, n in zip(classes, counts, strict=True)}
+    return {c: float(counts[v]) / total for c, v in zip(classes, pixel, strict=True)}

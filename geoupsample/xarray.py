@@ -320,7 +320,13 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
     """
     import dask.array as da
 
-    from geoupsample.segmentation import UINT8_NODATA, class_bands, load_labels, plan_segment
+    from geoupsample.segmentation import (
+        UINT8_NODATA,
+        class_bands,
+        class_values,
+        load_labels,
+        plan_segment,
+    )
 
     scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
     sc = _scene(scene)
@@ -341,7 +347,7 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
     if probabilities:
         return _on_scene_grid(probs, scene, np.arange(1, k + 1),
                               {**attrs, "long_name": tuple(polys.classes)}, np.nan)
-    classes = da.map_blocks(class_bands, probs, dtype=np.uint8,
+    classes = da.map_blocks(class_bands, probs, dtype=np.uint8, values=class_values(polys.classes),
                             chunks=((2,), *probs.chunks[1:]))
     return _on_scene_grid(classes, scene, np.array([1, 2]),
                           {**attrs, "long_name": ("class", "confidence")}, UINT8_NODATA)

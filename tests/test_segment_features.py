@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import geoupsample.backbones as gb
 import geoupsample.labels as gl
 from geoupsample.cli import app
-from geoupsample.segmentation import segment_raster
+from geoupsample.segmentation import class_colours, segment_raster
 
 DATA = resources.files("geoupsample") / "data"
 SCENE = str(DATA / "rotterdam_ms.tif")
@@ -182,3 +182,28 @@ def test_features_timm_pca_and_band_mismatch(tmp_path: Path) -> None:
             "nir_edge",
             "ndvi_edge",
         )
+
+
+def test_a_numeric_class_field_writes_its_codes(tmp_path: Path) -> None:
+    """Classes 10, 2 and 7 in a numeric field: the class raster holds 2, 7 and 10 (not the
+    indexes 0..2), coloured and tagged by value, and partitions the scene as the named run."""
+    codes = {"bright_impervious": 10, "dark_impervious": 2, "vegetation": 7}
+    collection = json.loads(Path(LABELS).read_text())
+    for feature in collection["features"]:
+        feature["properties"]["code"] = codes[feature["properties"]["class"]]
+    numeric = tmp_path / "codes.geojson"
+    numeric.write_text(json.dumps(collection))
+    named, coded = tmp_path / "named.tif", tmp_path / "coded.tif"
+    for labels, field, out in ((LABELS, "class", named), (numeric, "code", coded)):
+        code, text = cli("segment", SCENE, "--labels", labels, "--class-field", field, "-o", out,
+                         "--cell-size", "10", *FAST)
+        assert code == 0, text
+    with rasterio.open(named) as a, rasterio.open(coded) as b:
+        by_index, by_code = a.read(1), b.read(1)
+        assert json.loads(b.tags()["class_names"]) == ["2", "7", "10"]
+        assert b.tags()["class_7"] == "7"
+        assert b.colormap(1)[7] == class_colours(["2", "7", "10"])[1]  # keyed by value
+        np.testing.assert_array_equal(a.read(2), b.read(2))  # the same confidences
+    assert set(np.unique(by_code)) == {2, 7, 10}
+    names = ["bright_impervious", "dark_impervious", "vegetation"]  # the named run's order
+    np.testing.assert_array_equal(by_code, np.array([codes[n] for n in names])[by_index])
