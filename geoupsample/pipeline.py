@@ -188,7 +188,8 @@ def upsample_raster(
             outputs are rounded and clipped.
         compress, blocksize: GeoTIFF compression (deflate/zstd/lzw/none) and block size.
         device: torch device for the fits (``cpu``/``cuda``; default CUDA when available).
-        resume: continue an interrupted run with the same inputs and parameters.
+        resume: continue an interrupted run with the same inputs and parameters (a finished
+            output of the same run is left as it is).
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
         workers: tiles computed at once by local threads (default: all cores for
             interpolations; 1 for fits, which use every core through torch's threads). With

@@ -398,6 +398,24 @@ def test_cli_kill_9_then_resume_is_pixel_identical(small, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["o.tif", "ref.tif"]
 
 
+def test_resume_leaves_a_finished_output_of_the_same_run_alone(small, tmp_path):
+    """A batch job re-run with --resume skips outputs it already finished (nothing computed,
+    the file untouched); other parameters or a changed input recompute it."""
+    lr, hr = small
+    out = str(tmp_path / "o.tif")
+    kw = dict(method="jbu", tile=48, halo=16, blocksize=16, resume=True)
+    first = upsample_raster(lr, hr, out, **kw)
+    assert first.computed == first.tiles > 1
+    stamp = os.stat(out).st_mtime_ns
+    again = upsample_raster(lr, hr, out, **kw)
+    assert again.computed == 0 and again.extra["already_complete"]
+    assert os.stat(out).st_mtime_ns == stamp
+    other = upsample_raster(lr, hr, out, **{**kw, "radius": 2})
+    assert other.computed == other.tiles
+    plain = upsample_raster(lr, hr, out, **{**kw, "resume": False})  # no resume: recomputed
+    assert plain.computed == plain.tiles
+
+
 def test_cli_progress_and_summary(tmp_path):
     out = str(tmp_path / "o.tif")
     res = CliRunner().invoke(app, ["upsample", LR, HR, "-o", out, "--method", "bilinear",

@@ -13,7 +13,7 @@ import concurrent.futures as cf
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,22 @@ class RunReport:
     @property
     def mp_per_s(self) -> float:
         return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
+
+
+#: Tag of a finished output holding the key (:func:`tiling.journal.make_key`) of its run.
+RUN_KEY_TAG = "tiling_run_key"
+
+
+def finished_by(path: str, key: str) -> bool:
+    """Whether ``path`` is a finished output of the run whose key is ``key`` (same inputs,
+    unchanged since, and same parameters)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with rasterio.open(path) as ds:
+            return ds.tags().get(RUN_KEY_TAG) == key
+    except rasterio.errors.RasterioError:
+        return False
 
 
 def read_tile(inputs: Mapping[str, Any], tile: Tile,
@@ -283,7 +299,8 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
             :mod:`tiling.aoi` for defaults).
         resume: continue a run interrupted (even by ``kill -9``) with the same inputs and
             parameters; a journal from other inputs/parameters raises
-            :class:`tiling.JournalMismatch`.
+            :class:`tiling.JournalMismatch`. An output the same run already finished (its
+            ``tiling_run_key`` tag) is left as it is: nothing is computed.
         params: extra parameters identifying the job (method, iterations...) for the journal key.
         scheduler: None (local threads) or a ``distributed.Client`` or scheduler address. ``fn``
             is sent to every worker once (``Client.scatter``), not with each tile, and the
@@ -351,6 +368,11 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
     done_bands: set[int] = journal.load() if resume else set()
     if resume and done_bands and not os.path.exists(output.partial_path):
         done_bands = set()  # journal without its partial file: start over
+    if resume and not done_bands and finished_by(output.path, journal.key):
+        return RunReport(output.path, len(grid), 0, len(grid), grid.rows.n_cells,
+                         time.perf_counter() - t0, 0.0, extra={"already_complete": True})
+    # the finished file records its run's key: a later resume of the same run leaves it be
+    output = replace(output, tags={**output.tags, RUN_KEY_TAG: journal.key})
 
     skip = set()
     band_left: dict[int, int] = {}

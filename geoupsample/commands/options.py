@@ -69,7 +69,8 @@ AoiCrsOption = Annotated[str | None, typer.Option(
     help="CRS of the AOI's coordinates (e.g. EPSG:32631), overriding what the file says (a "
          "GeoJSON without a 'crs' member is read as lon/lat WGS 84).")]
 ResumeOption = Annotated[bool, typer.Option(
-    help="Continue an interrupted run with the same inputs and parameters.")]
+    help="Continue an interrupted run with the same inputs and parameters; an output the "
+         "same run already finished is left as it is.")]
 SchedulerOption = Annotated[str | None, typer.Option(
     help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")]
 WorkersOption = Annotated[int | None, typer.Option(
