@@ -197,6 +197,13 @@ def test_fit_lowers_l1_loss_and_is_deterministic(rotterdam_ms):
     torch.testing.assert_close(again.params, k.params, rtol=0, atol=0)
 
 
+def test_kernels_repr_is_a_summary():
+    k = gu.fit(np.random.default_rng(0).random((3, 64, 64)), (8, 8), iters=3)
+    text = repr(k)
+    assert text.startswith("Kernels(lr_shape=(8, 8), hr_shape=(64, 64), guide_bands=3, radius=3")
+    assert "3 steps, L1" in text and len(text) < 200  # not the tensors
+
+
 def test_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     guide = rng.integers(0, 4000, (4, 40, 36)).astype(np.uint16)
@@ -323,6 +330,8 @@ def test_nodata_collar_wider_than_the_neighbourhood_stays_out_of_the_fit(
     "call,error,match",
     [
         (lambda g, x: gu.fit(g, (50, 8)), ValueError, "finer than the guide"),
+        (lambda g, x: gu.upsample(x, np.moveaxis(g, 0, -1)), ValueError,
+         r"channels-last.*np.moveaxis\(guide, -1, 0\)"),
         (lambda g, x: gu.fit(g, (8,)), TypeError, "pair of ints"),
         (lambda g, x: gu.fit(g, (8.7, 8)), TypeError, "whole numbers of cells"),
         (lambda g, x: gu.fit(g, (8, 8), nodata="x"), TypeError, "nodata must be a number"),

@@ -105,10 +105,14 @@ def check_lr_shape(lr_shape: object, hr_shape: tuple[int, int]) -> tuple[int, in
     if h < 1 or w < 1:
         raise ValueError(f"lr_shape must be positive; got {(h, w)}")
     if h > hr_shape[0] or w > hr_shape[1]:
+        hint = ""
+        if w > hr_shape[1] and hr_shape[1] <= 16:  # (H, W, bands) read as (bands, H, W)
+            hint = (f"; a guide {hr_shape[1]} pixels wide: is it channels-last [H, W, bands]? "
+                    "pass [bands, H, W], e.g. np.moveaxis(guide, -1, 0)")
         raise ValueError(
             f"the low-res grid {(h, w)} is finer than the guide {hr_shape} along at least one "
             "axis; the guide must have at least as many pixels as the low-res raster "
-            "(h <= H, w <= W)"
+            f"(h <= H, w <= W){hint}"
         )
     return h, w
 
@@ -190,6 +194,16 @@ class Kernels:
     valid: torch.Tensor
     radius: int
     loss_history: list[float] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """Shapes and the fit's outcome, not the tensors (a 1024 px guide is millions of
+        numbers)."""
+        (h, w), (hh, ww) = self.lr_shape, self.hr_shape
+        fit = (f"{len(self.loss_history)} steps, L1 {self.loss_history[0]:.4g} -> "
+               f"{self.loss_history[-1]:.4g}" if self.loss_history else "not fitted")
+        return (f"Kernels(lr_shape=({h}, {w}), hr_shape=({hh}, {ww}), "
+                f"guide_bands={int(self.guide.shape[0])}, radius={self.radius}, {fit}, "
+                f"device={self.device})")
 
     # --- geometry -------------------------------------------------------------------------
     @property
