@@ -110,8 +110,9 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
     """
     if (lr_crs is None) != (hr_crs is None):
         which = "low-res raster" if lr_crs is None else "guide"
-        raise InputError(f"the {which} has no CRS; both rasters need one (assign it with "
-                         "`gdal_edit.py -a_srs EPSG:XXXX file.tif`)")
+        raise InputError(f"the {which} has no CRS; both rasters need one (assign it: "
+                         "`gdal_edit.py -a_srs EPSG:XXXX file.tif` for a file, "
+                         "`da.rio.write_crs('EPSG:XXXX')` for a DataArray)")
     if lr_crs is not None and CRS.from_user_input(lr_crs) != CRS.from_user_input(hr_crs):
         raise GridMismatch(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform,
                                         hr_shape))

@@ -88,6 +88,13 @@ def test_crs_mismatch_is_refused():
         upsample(lr, g, method="bilinear")
 
 
+def test_a_dataarray_without_crs_is_told_how_to_assign_one():
+    lr = rioxarray.open_rasterio(LR).drop_vars("spatial_ref")
+    assert lr.rio.crs is None
+    with pytest.raises(InputError, match=r"low-res raster has no CRS.*rio\.write_crs"):
+        upsample(lr, rioxarray.open_rasterio(HR), method="bilinear")
+
+
 def test_not_a_dataarray_is_refused():
     with pytest.raises(InputError, match="DataArray"):
         upsample(np.zeros((1, 4, 4)), rioxarray.open_rasterio(HR))
