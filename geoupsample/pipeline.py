@@ -155,6 +155,7 @@ def upsample_raster(
     self_guidance: float | None = None,
     min_sigma_r: float | None = None,
     warp: str | None = None,
+    keep_missing: bool = False,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
     """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``.
@@ -217,6 +218,9 @@ def upsample_raster(
             size in the guide's CRS, on the guide's lattice. The warp is recorded in the
             ``geoupsample_warp`` tag. None (default): such a raster is refused. A raster
             whose grid nests is never warped.
+        keep_missing: nodata on the whole footprint of every low-res nodata cell (a cloud
+            mask's), instead of values wherever the method's support reaches a valid cell
+            (see :func:`geoupsample.upsample`).
         progress: callback receiving :class:`tiling.Progress` after each tile.
 
     Returns:
@@ -236,7 +240,7 @@ def upsample_raster(
             aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
             device=device, resume=resume, scheduler=scheduler, workers=workers, blend=blend,
             seed=seed, kind=kind, consistency=consistency, self_guidance=self_guidance,
-            min_sigma_r=min_sigma_r, warp=warp, progress=progress)
+            min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing, progress=progress)
 
 
 def _upsample_raster(
@@ -246,7 +250,7 @@ def _upsample_raster(
     aoi: Any, aoi_crs: Any, cog: bool, dtype: str | None, compress: str, blocksize: int,
     device: str | None, resume: bool, scheduler: Any, workers: int | None, blend: str,
     seed: int, kind: str, consistency: float | None, self_guidance: float | None,
-    min_sigma_r: float | None, warp: str | None,
+    min_sigma_r: float | None, warp: str | None, keep_missing: bool,
     progress: Callable[[tiling.Progress], None] | None,
 ) -> tiling.RunReport:
     check_method_options(method, iters, radius, seed)
@@ -288,7 +292,7 @@ def _upsample_raster(
         scene = _render_options(method, kind, lr_file, lr_idx, file_window,
                                 consistency=consistency, self_guidance=self_guidance,
                                 min_sigma_r=min_sigma_r)
-        render = scene.arguments
+        render = {**scene.arguments, **({"keep_missing": True} if keep_missing else {})}
         if (render.get("kind") == "probabilities" and scene.unit is None
                 and np.dtype(out_dtype).kind in "iu"):
             raise InputError(

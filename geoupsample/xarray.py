@@ -85,7 +85,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              device: str | None = None, seed: int = 0, blend: str = "auto",
              aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256, kind: str = "auto",
              consistency: float | None = None, self_guidance: float | None = None,
-             min_sigma_r: float | None = None, warp: str | None = None) -> xr.DataArray:
+             min_sigma_r: float | None = None, warp: str | None = None,
+             keep_missing: bool = False) -> xr.DataArray:
     """Upsample ``lowres`` onto ``guide``'s grid; returns a lazy dask-backed DataArray.
 
     Args:
@@ -102,6 +103,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
             ``lowres`` on a grid that does not nest in the guide's is reprojected onto one that
             does (with the CLI's own :class:`tiling.Warp`: the low-res array is computed and
             warped in memory when this is called).
+        keep_missing: NaN on the whole footprint of every missing cell of ``lowres``, as in
+            :func:`~geoupsample.pipeline.upsample_raster`.
 
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
@@ -131,6 +134,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                          consistency=consistency, self_guidance=self_guidance,
                          min_sigma_r=min_sigma_r)
     blend, halo = tile_blend(blend, method, halo, rel.scale)
+    render = {**scene.arguments, **({"keep_missing": True} if keep_missing else {})}
     if nesting is not None:
         lowres = _warped(lowres, nesting)
         lr_t = lowres.rio.transform()
@@ -144,7 +148,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend)
     geom = load_aoi(aoi, guide.rio.crs, aoi_crs) if aoi is not None else None
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       render=scene.arguments, unit=scene.unit)
+                       render=render, unit=scene.unit)
     inputs = {"lowres": tiling.ArrayInput(lowres.data, lr_t, lr_nodata),
               "guide": tiling.ArrayInput(guide.data, hr_t, hr_nodata)}
     arr = to_dask(job, inputs, grid, lowres.shape[0], hr_t, geom)
@@ -160,7 +164,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     out = out.assign_coords({k: v for k, v in lowres.coords.items()
                              if v.ndim == 0 and k != "spatial_ref"})  # fmt: skip
     out.attrs.update(geoupsample_version=__version__, geoupsample_method=method,
-                     geoupsample_render=json.dumps(scene.arguments))
+                     geoupsample_render=json.dumps(render))
     if scene.unit:
         out.attrs["geoupsample_probability_unit"] = f"{scene.unit:g}"
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)

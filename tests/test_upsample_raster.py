@@ -175,6 +175,38 @@ def test_four_byte_bands_are_not_rgba(tmp_path):
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
 
 
+def _read_nan(path) -> np.ndarray:
+    """All bands, nodata as NaN."""
+    with rasterio.open(path) as ds:
+        return ds.read(masked=True).filled(np.nan)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "gsjbu"])
+def test_keep_missing_keeps_the_footprint_of_nodata_cells(eightfold_with_holes, tmp_path,
+                                                          method):
+    """--keep-missing: nodata exactly on the footprint of the low-res nodata cells (8 x 8 px
+    per cell here), tiled as in one piece; without it the method fills into the holes."""
+    lr, hr = eightfold_with_holes
+    with rasterio.open(lr) as ds:
+        missing = ds.read(1, masked=True).mask
+    footprint = np.kron(missing, np.ones((8, 8), bool))
+    kept, filled = str(tmp_path / "kept.tif"), str(tmp_path / "filled.tif")
+    kw = dict(method=method, iters=3, tile=64, blocksize=16)
+    upsample_raster(lr, hr, kept, keep_missing=True, **kw)
+    upsample_raster(lr, hr, filled, **kw)
+    with rasterio.open(kept) as ds:
+        assert json.loads(ds.tags()["geoupsample_render"])["keep_missing"] is True
+    got, full = (_read_nan(p) for p in (kept, filled))
+    np.testing.assert_array_equal(np.isnan(got).all(0), footprint)  # nodata -9999, as the input
+    assert np.isnan(full).all(0).sum() < footprint.sum()  # filled in part without the option
+    np.testing.assert_array_equal(got[:, ~footprint], full[:, ~footprint])
+    result = CliRunner().invoke(app, ["upsample", lr, hr, "-o", str(tmp_path / "cli.tif"),
+                                      "-m", method, "--iters", "3", "--tile", "64",
+                                      "--blocksize", "16", "--keep-missing", "-q"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_tif(tmp_path / "cli.tif"), read_tif(kept))
+
+
 def test_tile_blend_crops_interpolations_within_their_support():
     from fractions import Fraction
 

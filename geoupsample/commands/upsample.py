@@ -73,6 +73,10 @@ def upsample_command(
         help="Reproject a LOWRES whose grid does not nest in the guide's, with this GDAL "
              "resampling: bilinear or average for probabilities, features and other continuous "
              "values; nearest or mode for class numbers (default: refuse it).")] = None,
+    keep_missing: Annotated[bool, typer.Option(
+        help="Nodata on the whole footprint of every low-res nodata cell (a cloud mask's), "
+             "instead of values wherever the method reaches a valid cell (bilinear: about half "
+             "a cell into the hole; jbu/gsjbu: up to --radius cells).")] = False,
     quiet: opt.QuietOption = False,
 ) -> None:
     from geoupsample.pipeline import upsample_raster
@@ -83,7 +87,7 @@ def upsample_command(
         aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
         device=device, resume=resume, scheduler=scheduler, workers=workers,
         kind=(kind or Kind.auto).value, consistency=consistency, self_guidance=self_guidance,
-        min_sigma_r=min_sigma_r, warp=warp, progress=progress))
+        min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing, progress=progress))
     if not quiet:
         typer.echo(f"wrote {os.fspath(out)}: {report.megapixels:.1f} MP in {report.seconds:.1f} s "
                    f"({report.mp_per_s:.2f} MP/s), {report.computed} tiles computed, "

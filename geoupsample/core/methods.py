@@ -12,6 +12,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from geoupsample.core import presets
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
@@ -54,7 +56,8 @@ def list_methods() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
+def upsample(x: Any, guide: Any, method: str = "gsjbu", keep_missing: bool = False,
+             **kwargs: Any) -> Any:
     """Upsample ``x`` onto the grid of ``guide``.
 
     Args:
@@ -62,6 +65,10 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
         guide: ``[d, H, W]`` the high-resolution guide (its shape fixes the output grid).
         method: one of :func:`list_methods`: ``nearest``, ``bilinear``, ``bicubic``, ``jbu``,
             ``gsjbu``.
+        keep_missing: output NaN on the whole footprint of every missing cell of ``x`` (a
+            cloud mask's, say: the pixels whose centre lies in the cell). By default a
+            pixel there gets a value wherever the method's support reaches a valid cell
+            (nearest: none; bilinear: about half a cell; jbu/gsjbu: up to ``radius`` cells).
         **kwargs: ``consistency``, ``self_guidance``, ``self_guidance_scale``,
             ``min_sigma_r`` and ``kind`` (see :meth:`Kernels.render`: class probabilities get
             label-safe defaults) and the arguments of :func:`geoupsample.fit` (``iters``,
@@ -81,7 +88,20 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", **kwargs: Any) -> Any:
             f"unexpected argument(s) {', '.join(sorted(unknown))}; upsample takes consistency "
             f"and the keyword arguments of gu.fit: {', '.join(sorted(FIT_KWARGS))}"
         )
-    return _REGISTRY[method](x, guide, **kwargs)
+    out = _REGISTRY[method](x, guide, **kwargs)
+    return without_missing_cells(out, x) if keep_missing else out
+
+
+def without_missing_cells(out: Any, x: Any) -> Any:
+    """``out`` (``[..., C, H, W]``, an upsampling of ``x [..., C, h, w]``) with NaN on the
+    footprint of each missing (non-finite) cell of ``x``, channel by channel; same array kind as
+    ``x``."""
+    xt = as_tensor(x, "x")
+    result = as_tensor(out, "out")
+    flat = xt.reshape(-1, *xt.shape[-2:]).to(float_dtype(xt))
+    missing = ~torch.isfinite(interpolate(flat, tuple(result.shape[-2:]), "nearest"))
+    return like_input(result.masked_fill(missing.reshape(result.shape).to(result.device),
+                                         float("nan")), x)
 
 
 @register_method("gsjbu")
