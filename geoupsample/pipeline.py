@@ -175,12 +175,13 @@ def upsample_raster(
         tile, halo: core tile size and context/blend width in guide pixels. Cores are aligned to
             the scale. For an exact match with a whole-array run of a local method the taper
             needs ``halo >= 2 x support`` (``blend="crop"``: ``halo >= support``); the support
-            is 1 low-res pixel for bilinear, 2 for bicubic, 0 for nearest and about
-            ``(radius + 1) x scale + 1`` guide pixels for jbu/gsjbu (so the default halo 64 is
-            exact with the taper for jbu up to scale 7; at larger scales raise the halo, or the
-            tiles differ from a whole-array run by tiny amounts in the ramps). With the default
-            ``blend="auto"`` interpolations crop with the halo cut to their support, exact up
-            to scale 64 (bilinear) and 10 (bicubic) with the default halo.
+            is 1 low-res pixel for bilinear, 2 for bicubic (6 with missing cells to fill), 0 for
+            nearest and about ``(radius + 1) x scale + 1`` guide pixels for jbu/gsjbu (so the
+            default halo 64 is exact with the taper for jbu up to scale 7; at larger scales
+            raise the halo, or the tiles differ from a whole-array run by tiny amounts in the
+            ramps). With the default ``blend="auto"`` interpolations crop with the halo cut to
+            their support, exact up to scale 64 (bilinear) and 10 (bicubic) with the default
+            halo.
         bands: low-res bands to upsample (1-based indexes or descriptions; default all).
         guide_bands: guide bands to use (default all).
         aoi, aoi_crs: area of interest (shapely geometry or GeoJSON file/dict) and its CRS.
