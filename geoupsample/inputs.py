@@ -51,7 +51,8 @@ def open_raster(path: str | os.PathLike, what: str) -> rasterio.io.DatasetReader
 
 def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int | str] | None,
                  what: str) -> tuple[int, ...]:
-    """1-based band indexes from indexes (1-based ints or digit strings) or band descriptions."""
+    """1-based band indexes from indexes (1-based ints or digit strings) or band descriptions
+    (matched exactly, else ignoring case when that names one band)."""
     if ds.count == 0:
         raise InputError(f"the {what} has no bands")
     if bands is None:
@@ -61,12 +62,19 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int | str] | Non
                          "descriptions")
     out = []
     descs = [d or "" for d in ds.descriptions]
+    folded = [d.strip().casefold() for d in descs]
     for b in bands:
         if isinstance(b, str) and not b.strip().isdigit():
-            if b not in descs:
-                raise InputError(f"the {what} has no band described {b!r}; its bands are "
-                                 f"{', '.join(repr(d) for d in descs)}")
-            out.append(descs.index(b) + 1)
+            key = b.strip().casefold()  # "RED" and "Red" name the band described "red"
+            if b in descs:
+                out.append(descs.index(b) + 1)
+            elif key and folded.count(key) == 1:
+                out.append(folded.index(key) + 1)
+            else:
+                named = ", ".join(repr(d) for d in descs if d)
+                hint = (f"its bands are described {named}" if named else
+                        "its bands have no descriptions: use 1-based indexes")
+                raise InputError(f"the {what} has no band described {b!r}; {hint}")
         else:
             i = int(b)
             if not 1 <= i <= ds.count:

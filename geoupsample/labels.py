@@ -195,7 +195,8 @@ def _assemble(
     kept_v: list[str] = []
     skipped_kind = skipped_null = 0
     for g, v in zip(geoms, values, strict=True):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (
+                isinstance(v, str) and not v.strip()):  # an empty class is no class
             skipped_null += 1
             continue
         poly = _polygonal(g) if g is not None else None

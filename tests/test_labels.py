@@ -120,6 +120,20 @@ def test_overlaps_later_feature_wins_and_numeric_classes(tmp_path: Path, scene: 
     np.testing.assert_allclose(frac[:, 0, :3], [[0, 1, 1], [1, 0, 0]])
 
 
+def test_empty_class_values_are_no_class(tmp_path: Path, scene: tuple) -> None:
+    """A blank attribute (an unfinished label in QGIS) is skipped with the unlabelled features,
+    not made a class named ''."""
+    transform, _, _ = scene
+    x0, y1 = transform.c, transform.f
+    boxes = [shapely.box(x0 + 20 * i, y1 - 20, x0 + 20 * i + 20, y1) for i in range(4)]
+    path = write_geojson(tmp_path / "e.geojson",
+                         [(boxes[0], {"k": "road"}), (boxes[1], {"k": "roof"}),
+                          (boxes[2], {"k": ""}), (boxes[3], {"k": "  "})], crs="EPSG:32631")
+    with pytest.warns(UserWarning, match="2 feature.*without a class"):
+        lab = gl.read_polygons(path, "k")
+    assert lab.classes == ("road", "roof") and len(lab) == 2
+
+
 def test_class_field_missing(tmp_path: Path) -> None:
     with pytest.raises(gl.LabelError, match=r"class field 'landuse' not found.*\['class'\]"):
         gl.read_polygons(LABELS, "landuse")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.resources import files
@@ -557,6 +558,20 @@ def test_nearest_keeps_a_class_map_its_classes_and_colours(class_map, tmp_path):
         assert ds.colormap(1)[10] == src.colormap(1)[10] == (30, 160, 40, 255)
         assert json.loads(ds.tags()["class_names"]) == ["road", "roof", "vegetation"]
         assert set(np.unique(ds.read(1))) == {0, 5, 10}
+
+
+def test_band_names_match_ignoring_case(tmp_path):
+    out = str(tmp_path / "o.tif")
+    upsample_raster(LR, HR, out, method="nearest", bands=["NIR", " Red"])
+    with rasterio.open(out) as ds:
+        assert ds.descriptions == ("nir", "red")
+    bare = str(tmp_path / "bare.tif")
+    shutil.copy(LR, bare)
+    with rasterio.open(bare, "r+") as ds:
+        for i in range(1, ds.count + 1):
+            ds.set_band_description(i, "")
+    with pytest.raises(InputError, match="its bands have no descriptions: use 1-based indexes"):
+        upsample_raster(bare, HR, out, method="nearest", bands=["nir"])
 
 
 def test_an_integer_dtype_that_clips_says_so(tmp_path):
