@@ -35,7 +35,7 @@ import shapely
 
 import tiling
 from geoupsample import labels as gl
-from geoupsample.backbones import Backbone
+from geoupsample.backbones import Backbone, BackboneError
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.featuremaps import (
     FeatureTile,
@@ -45,7 +45,7 @@ from geoupsample.featuremaps import (
     lr_window_grid,
     run_backbone_job,
 )
-from geoupsample.heads import LinearProbe
+from geoupsample.heads import HeadError, LinearProbe
 from geoupsample.inputs import (
     InputError,
     check_method_options,
@@ -235,9 +235,10 @@ class SegmentPlan:
 
 def plan_segment(
     scene: AnyScene,
-    labels: gl.LabelPolygons,
+    labels: gl.LabelPolygons | None,
     backbone: Backbone,
     *,
+    probe: LinearProbe | None = None,
     scale: float = 1.0,
     method: str = "gsjbu",
     iters: int = 50,
@@ -251,16 +252,21 @@ def plan_segment(
     self_guidance: float | None = None,
     min_sigma_r: float | None = None,
 ) -> SegmentPlan:
-    """Fit the probe on all the polygons (``labels`` in the scene's CRS) and build the job.
+    """Fit the probe on all the polygons (``labels`` in the scene's CRS), or take a fitted
+    ``probe`` (``labels`` None), and build the job.
 
     ``scale`` multiplies the probabilities (254 for uint8 outputs, 1 for float32).
     """
     check_method_options(method, iters, radius, seed)
     stats = scene.guide_stats()
     feats = TileFeatures(backbone, stats)
-    train = training_set(scene, labels, feats, tile=tile)
-    probe = LinearProbe(weight_decay=weight_decay, class_weight=class_weight, seed=seed)
-    probe.fit(train.features, train.fractions, classes=labels.classes)
+    if probe is not None:
+        train = TrainingSet([], [], 0, 0)  # nothing learnt here
+    else:
+        assert labels is not None
+        train = training_set(scene, labels, feats, tile=tile)
+        probe = LinearProbe(weight_decay=weight_decay, class_weight=class_weight, seed=seed)
+        probe.fit(train.features, train.fractions, classes=labels.classes)
     job = SegmentTile(
         probe,
         scale,
@@ -287,7 +293,7 @@ def plan_segment(
         "stats": [stats.lo.tolist(), stats.hi.tolist()],
         "render": job.render,
         "scale": scale,
-        "classes": list(labels.classes),
+        "classes": list(probe.classes),
         "probe": probe.weight.numpy().round(8).tolist() if probe.weight is not None else None,
         "probe_digest": array_digest(
             *(np.asarray(v) for v in (probe.weight, probe.bias, probe.mean, probe.std))
@@ -295,6 +301,30 @@ def plan_segment(
         "version": __version__,
     }
     return SegmentPlan(job, probe, train, params)
+
+
+def applied_probe(probe: str | os.PathLike[str] | LinearProbe, backbone: Backbone
+                  ) -> LinearProbe:
+    """A fitted probe (or the file it was saved to) checked against the features
+    ``backbone`` gives, before any tile runs."""
+    if not isinstance(probe, LinearProbe):
+        try:
+            probe = LinearProbe.load(probe)
+        except HeadError as err:
+            raise InputError(f"--probe: {err}") from err
+    if not probe.fitted:
+        raise InputError("the probe is not fitted: fit it, or load the file --save-probe wrote")
+    try:
+        expected = backbone.num_features
+    except BackboneError:  # a spectral backbone without band names: known at the first tile
+        return probe
+    if probe.num_features != expected:
+        raise InputError(
+            f"the probe was fitted on {probe.num_features} features but the backbone "
+            f"({backbone.extra_repr()}) gives {expected}: use the backbone, layer, bands and "
+            "options it was fitted with"
+        )
+    return probe
 
 
 def hidden_probs_path(out_path: str) -> str:
@@ -306,8 +336,8 @@ def hidden_probs_path(out_path: str) -> str:
 
 def segment_raster(
     scene_path: str | os.PathLike[str],
-    labels_path: str | os.PathLike[str] | gl.LabelPolygons | Any,
-    class_field: str,
+    labels_path: str | os.PathLike[str] | gl.LabelPolygons | Any | None,
+    class_field: str | None,
     out_path: str | os.PathLike[str],
     backbone: Backbone,
     *,
@@ -337,9 +367,11 @@ def segment_raster(
     self_guidance: float | None = None,
     min_sigma_r: float | None = None,
     workers: int | None = None,
+    probe: str | os.PathLike[str] | LinearProbe | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> SegmentReport:
-    """Segment a scene from labelled polygons (see the module docstring for the steps).
+    """Segment a scene from labelled polygons (see the module docstring for the steps), or with
+    a probe fitted before (``probe``; ``labels_path`` and ``class_field`` None).
 
     Args:
         scene_path: the image; ``bands`` chooses its bands (1-based or descriptions).
@@ -360,6 +392,9 @@ def segment_raster(
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
         weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
         probe_path: save the fitted probe there (safetensors).
+        probe: a fitted probe, or the file ``probe_path`` saved it to (on another scene, say),
+            applied instead of training one: the backbone must give the features it was
+            fitted on (same backbone, layer, bands and options).
         compress, cog, blocksize: GeoTIFF compression, Cloud-Optimized GeoTIFFs (class raster
             and kept probabilities), block size (a multiple of 16).
         aoi, aoi_crs: area of interest (see :func:`geoupsample.featuremaps.features_raster`):
@@ -380,10 +415,23 @@ def segment_raster(
     scene = Scene.open(scene_path, bands)
     out_path = os.fspath(out_path)
     check_output_paths({"-o": out_path, "--probs": probs_path, "--save-probe": probe_path},
-                       {"the scene": scene.path, "the labels": labels_path})  # fmt: skip
+                       {"the scene": scene.path, "the labels": labels_path,
+                        "the probe": probe})  # fmt: skip
     if is_zarr_path(out_path) or (probs_path is not None and is_zarr_path(probs_path)):
         raise InputError("segment writes GeoTIFFs; give .tif paths (Zarr is for features)")
-    labels = load_labels(labels_path, class_field, scene, labels_crs=labels_crs, layer=layer)
+    labels, fitted = None, None
+    if probe is not None:
+        if labels_path is not None:
+            raise InputError("give labelled polygons to train a probe (--labels, "
+                             "--class-field) or a saved probe to apply (--probe), not both")
+        fitted = applied_probe(probe, backbone)
+    elif labels_path is None or not class_field:
+        raise InputError("segment needs labelled polygons and their class field to train a "
+                         "probe (--labels FILE --class-field NAME), or a saved probe (--probe "
+                         "FILE, from --save-probe)")
+    else:
+        labels = load_labels(labels_path, class_field, scene, labels_crs=labels_crs,
+                             layer=layer)
     geom = scene_aoi(aoi, aoi_crs, scene)
 
     keep_probs = probs_path is not None
@@ -394,6 +442,7 @@ def segment_raster(
         scene,
         labels,
         backbone,
+        probe=fitted,
         scale=scale,
         method=method,
         iters=iters,
@@ -412,17 +461,23 @@ def segment_raster(
 
     from geoupsample import __version__
 
-    from_file = not (isinstance(labels_path, gl.LabelPolygons) or gl.is_frame(labels_path))
-    labels_name = labels_path if from_file else labels.source
+    classes = plan.probe.classes
+    if labels is not None:
+        from_file = not (isinstance(labels_path, gl.LabelPolygons) or gl.is_frame(labels_path))
+        labels_name = labels_path if from_file else labels.source
+        source = {"labels": os.path.basename(os.fspath(labels_name)),
+                  "class_field": str(class_field)}
+    else:
+        source = {"probe": os.path.basename(os.fspath(probe)) if isinstance(
+            probe, (str, os.PathLike)) else "LinearProbe"}
     tags = {
         "geoupsample_version": __version__,
         "geoupsample_method": method,
         "geoupsample_backbone": backbone.extra_repr(),
         "geoupsample_render": json.dumps(plan.job.render),
         "geoupsample_params": params_text(method, iters, radius, tile, halo, "taper", seed),
-        "class_names": json.dumps(list(labels.classes)),
-        "labels": os.path.basename(os.fspath(labels_name)),
-        "class_field": str(class_field),
+        "class_names": json.dumps(list(classes)),
+        **source,
     }
     spec = tiling.OutputSpec(
         ppath,
@@ -430,10 +485,10 @@ def segment_raster(
         transform=scene.transform,
         width=scene.shape[1],
         height=scene.shape[0],
-        count=len(labels.classes),
+        count=len(classes),
         dtype=pdtype,
         nodata=UINT8_NODATA if pdtype == "uint8" else None,
-        descriptions=list(labels.classes),
+        descriptions=list(classes),
         tags={**tags, "probability_scale": str(1.0 / scale)},
         compress=compress,
         blocksize=blocksize,
@@ -456,7 +511,7 @@ def segment_raster(
             device=device,
         )
         fractions = write_classes(
-            ppath, out_path, labels.classes, scale, tags, compress, cog, blocksize
+            ppath, out_path, classes, scale, tags, compress, cog, blocksize
         )
     finally:
         if not keep_probs and os.path.exists(ppath):
@@ -464,7 +519,7 @@ def segment_raster(
     return SegmentReport(
         out_path,
         ppath if keep_probs else None,
-        labels.classes,
+        classes,
         fractions,
         plan.train.cells,
         plan.train.windows,

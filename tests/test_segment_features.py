@@ -207,3 +207,30 @@ def test_a_numeric_class_field_writes_its_codes(tmp_path: Path) -> None:
     assert set(np.unique(by_code)) == {2, 7, 10}
     names = ["bright_impervious", "dark_impervious", "vegetation"]  # the named run's order
     np.testing.assert_array_equal(by_code, np.array([codes[n] for n in names])[by_index])
+
+
+def test_a_saved_probe_segments_without_labels(tmp_path: Path) -> None:
+    """--save-probe then --probe (no labels): the same classes, confidences and class names as
+    the run that trained it; a probe for other features, both sources or neither are refused
+    before anything is written."""
+    trained, applied, probe = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "p.st"
+    code, text = cli("segment", SCENE, "--labels", LABELS, "--class-field", "class", "-o",
+                     trained, "--save-probe", probe, "--cell-size", "10", *FAST)
+    assert code == 0, text
+    code, text = cli("segment", SCENE, "-o", applied, "--probe", probe, "--cell-size", "10",
+                     *FAST)
+    assert code == 0, text
+    with rasterio.open(trained) as a, rasterio.open(applied) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert b.tags()["class_names"] == a.tags()["class_names"]
+        assert b.tags()["probe"] == "p.st" and "labels" not in b.tags()
+    bad = tmp_path / "bad.tif"
+    for extra, message in (
+        (["--probe", probe, "--cell-size", "10", "--context", "0"], "fitted on 36 features"),
+        (["--probe", probe, "--labels", LABELS, "--class-field", "class"], "not both"),
+        ([], "--labels FILE --class-field NAME), or a saved probe (--probe FILE"),
+        (["--probe", tmp_path / "none.st"], "probe file not found"),
+    ):
+        code, text = cli("segment", SCENE, "-o", bad, *extra, *FAST)
+        assert code == 2 and message in text, text
+        assert not bad.exists()

@@ -26,7 +26,9 @@ HELP = (
     "Outputs appear only when complete; --resume continues an interrupted run with the same "
     "inputs and parameters, --aoi limits the prediction to an area (the probe still learns "
     "from every polygon), --scheduler runs the tiles on a dask cluster, --cog writes "
-    "Cloud-Optimized GeoTIFFs."
+    "Cloud-Optimized GeoTIFFs.\n\n"
+    "--save-probe keeps the fitted probe; --probe applies it to another scene (no --labels), "
+    "with the backbone options it was trained with."
 )
 
 
@@ -38,11 +40,15 @@ class ProbsDtype(str, Enum):
 def segment_command(
     scene: Annotated[str, typer.Argument(help="Image to segment (GeoTIFF; a path, URL or GDAL "
                                              "/vsi path).")],
-    labels: Annotated[str, typer.Option(
-        help="Labelled polygons: GeoJSON, GeoPackage, Shapefile, FlatGeobuf... (a path, URL or "
-             "GDAL /vsi path).")],
-    class_field: Annotated[str, typer.Option(help="Attribute holding each polygon's class.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output class raster (GeoTIFF).")],
+    labels: Annotated[str | None, typer.Option(
+        help="Labelled polygons to train the probe on: GeoJSON, GeoPackage, Shapefile, "
+             "FlatGeobuf... (a path, URL or GDAL /vsi path).")] = None,
+    class_field: Annotated[str | None, typer.Option(
+        help="Attribute holding each polygon's class.")] = None,
+    probe: Annotated[Path | None, typer.Option(
+        help="Apply a probe saved by --save-probe (on another scene, say) instead of training "
+             "one: give the backbone options it was trained with.")] = None,
     backbone: opt.BackboneOption = "spectral",
     weights: opt.WeightsOption = None,
     pretrained: opt.PretrainedOption = False,
@@ -130,6 +136,7 @@ def segment_command(
             halo=halo,
             class_weight="balanced" if balanced else None,
             probe_path=save_probe,
+            probe=probe,
             compress=compress,
             cog=cog,
             blocksize=blocksize,
@@ -146,11 +153,10 @@ def segment_command(
     bb, report = opt.run_command("segment", quiet, work)
     if not quiet:
         shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in report.class_fractions.items())
-        typer.echo(
-            f"probe fitted on {report.train_cells} labelled cells ({bb.stride} px); "
-            f"wrote {os.fspath(out)} in {report.run.seconds:.1f} s: {shares}",
-            err=True,
-        )
+        learnt = (f"probe fitted on {report.train_cells} labelled cells ({bb.stride} px)"
+                  if probe is None else f"probe from {os.fspath(probe)}")
+        typer.echo(f"{learnt}; wrote {os.fspath(out)} in {report.run.seconds:.1f} s: {shares}",
+                   err=True)
         if report.probs_path:
             typer.echo(f"probabilities: {report.probs_path}", err=True)
 
