@@ -206,6 +206,13 @@ def test_keep_missing_keeps_the_footprint_of_nodata_cells(eightfold_with_holes, 
                                       "--blocksize", "16", "--keep-missing", "-q"])
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(read_tif(tmp_path / "cli.tif"), read_tif(kept))
+    import rioxarray
+
+    from geoupsample.xarray import upsample as xr_upsample
+
+    lazy = xr_upsample(rioxarray.open_rasterio(lr), rioxarray.open_rasterio(hr), method=method,
+                       iters=3, tile=64, blocksize=16, keep_missing=True)
+    np.testing.assert_array_equal(lazy.values, got)  # the same tiles, lazily
 
 
 def test_tile_blend_crops_interpolations_within_their_support():
