@@ -292,8 +292,9 @@ def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
     return _on_scene_grid(arr, scene, np.arange(1, len(plan.names) + 1), attrs, np.nan)
 
 
-def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
-            backbone: Backbone | str = "spectral", *, probabilities: bool = False,
+def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = None,
+            backbone: Backbone | str = "spectral", *, probe: Any = None,
+            probabilities: bool = False,
             labels_crs: Any = None, layer: str | None = None, method: str = "gsjbu",
             iters: int = 50, radius: int = 3, tile: int = 512, halo: int = 64,
             weight_decay: float = 1e-3, class_weight: str | None = None,
@@ -312,6 +313,8 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
             Shapefile...) or a GeoDataFrame, and the attribute holding the class (or
             :class:`~geoupsample.labels.LabelPolygons`).
         backbone, backbone_options: as in :func:`features`.
+        probe: a fitted :class:`~geoupsample.heads.LinearProbe`, or the file ``--save-probe``
+            wrote, applied instead of fitting one (``labels`` None).
         probabilities: return the class probabilities instead of the class raster.
         Other arguments: as in :func:`~geoupsample.segmentation.segment_raster`.
 
@@ -326,6 +329,7 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
 
     from geoupsample.segmentation import (
         UINT8_NODATA,
+        applied_probe,
         class_bands,
         class_values,
         load_labels,
@@ -335,23 +339,30 @@ def segment(scene: xr.DataArray, labels: Any, class_field: str | None = None,
     scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
     sc = _scene(scene)
     bb = _backbone(backbone, sc, backbone_options)
-    polys = load_labels(labels, class_field, sc, labels_crs=labels_crs, layer=layer)
+    if (probe is None) == (labels is None):
+        raise InputError("give labelled polygons to fit a probe (labels, class_field) or a "
+                         "saved probe to apply (probe=...), one of the two")
+    polys = None if labels is None else load_labels(labels, class_field, sc,
+                                                    labels_crs=labels_crs, layer=layer)
+    fitted = None if probe is None else applied_probe(probe, bb)
     geom = scene_aoi(aoi, aoi_crs, sc)
-    plan = plan_segment(sc, polys, bb, scale=1.0, method=method, iters=iters, radius=radius,
-                        tile=tile, weight_decay=weight_decay, class_weight=class_weight,
-                        device=device, seed=seed, consistency=consistency,
-                        self_guidance=self_guidance, min_sigma_r=min_sigma_r)
-    k = len(polys.classes)
+    plan = plan_segment(sc, polys, bb, probe=fitted, scale=1.0, method=method, iters=iters,
+                        radius=radius, tile=tile, weight_decay=weight_decay,
+                        class_weight=class_weight, device=device, seed=seed,
+                        consistency=consistency, self_guidance=self_guidance,
+                        min_sigma_r=min_sigma_r)
+    names = plan.probe.classes
+    k = len(names)
     probs = _lazy(plan.job, sc, bb.stride, k, tile, halo, blocksize, geom)
     from geoupsample import __version__
 
     attrs = {"geoupsample_version": __version__, "geoupsample_method": method,
              "geoupsample_backbone": bb.extra_repr(),
-             "class_names": json.dumps(list(polys.classes))}
+             "class_names": json.dumps(list(names))}
     if probabilities:
         return _on_scene_grid(probs, scene, np.arange(1, k + 1),
-                              {**attrs, "long_name": tuple(polys.classes)}, np.nan)
-    classes = da.map_blocks(class_bands, probs, dtype=np.uint8, values=class_values(polys.classes),
+                              {**attrs, "long_name": tuple(names)}, np.nan)
+    classes = da.map_blocks(class_bands, probs, dtype=np.uint8, values=class_values(names),
                             chunks=((2,), *probs.chunks[1:]))
     return _on_scene_grid(classes, scene, np.array([1, 2]),
                           {**attrs, "long_name": ("class", "confidence")}, UINT8_NODATA)

@@ -224,6 +224,13 @@ def test_a_saved_probe_segments_without_labels(tmp_path: Path) -> None:
         np.testing.assert_array_equal(a.read(), b.read())
         assert b.tags()["class_names"] == a.tags()["class_names"]
         assert b.tags()["probe"] == "p.st" and "labels" not in b.tags()
+        import rioxarray
+
+        from geoupsample.xarray import segment
+
+        lazy = segment(rioxarray.open_rasterio(SCENE), probe=probe, method="bilinear", tile=160,
+                       halo=32, cell_size=10)
+        np.testing.assert_array_equal(lazy.values, a.read())  # xarray applies it alike
     bad = tmp_path / "bad.tif"
     for extra, message in (
         (["--probe", probe, "--cell-size", "10", "--context", "0"], "fitted on 36 features"),
