@@ -159,11 +159,11 @@ def cast(data: np.ndarray, dtype: str, nodata: float | None) -> np.ndarray:
     pixel collides with ``nodata``. ``nodata=None`` (integers, see ``nodata_mask``): clipped to
     the dtype's whole range, NaN written as 0."""
     dt = np.dtype(dtype)
+    bounds = integer_range(dtype, nodata)
     if nodata is None:
-        if dt.kind not in "iu":
+        if bounds is None:
             raise ValueError(f"a {dtype} output needs a nodata value")
-        info = np.iinfo(dt)
-        return _to_int(data, dt, float(info.min), float(info.max), 0)
+        return _to_int(data, dt, *bounds, 0)
     if dt == np.float16:  # rounded to half here; stored as float32 values (see the docstring)
         half = np.clip(data, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16).astype(np.float32)
         if not math.isnan(nodata):
@@ -175,18 +175,14 @@ def cast(data: np.ndarray, dtype: str, nodata: float | None) -> np.ndarray:
         out = data.astype(dt, copy=True)
         out[~np.isfinite(data)] = nodata
         return out
-    info = np.iinfo(dt)
-    lo, hi = float(info.min), float(info.max)
-    if nodata == hi:
-        hi -= 1
-    elif nodata == lo:
-        lo += 1
-    return _to_int(data, dt, lo, hi, nodata)
+    assert bounds is not None  # an integer dtype
+    return _to_int(data, dt, *bounds, nodata)
 
 
 def integer_range(dtype: str, nodata: float | None) -> tuple[float, float] | None:
-    """``(lo, hi)``, the values an integer ``dtype`` output holds besides ``nodata``
-    (see :func:`cast`); None for floats."""
+    """``(lo, hi)``, the values an integer ``dtype`` output holds besides ``nodata`` (the
+    dtype's whole range for ``nodata=None``; valid values are clipped away from a nodata at
+    either end); None for floats."""
     dt = np.dtype(dtype)
     if dt.kind not in "iu":
         return None
