@@ -93,6 +93,14 @@ def check_dtype(ds: rasterio.io.DatasetReader, indexes: Sequence[int], what: str
                              "integer or floating-point bands (e.g. split complex data)")
 
 
+def colour_table(ds: rasterio.io.DatasetReader, band: int) -> dict | None:
+    """Band ``band``'s colour table ``{value: (r, g, b, a)}``, or None when it has none."""
+    try:
+        return ds.colormap(band)
+    except ValueError:  # rasterio's way of saying there is none
+        return None
+
+
 def check_not_class_map(ds: rasterio.io.DatasetReader, indexes: Sequence[int], method: str,
                         kind: str) -> None:
     """Refuse to interpolate class numbers: an integer band with a colour table, or the one
@@ -104,13 +112,12 @@ def check_not_class_map(ds: rasterio.io.DatasetReader, indexes: Sequence[int], m
     for i in indexes:
         if np.dtype(ds.dtypes[i - 1]).kind not in "iu":
             continue
-        try:
-            ds.colormap(i)
+        if colour_table(ds, i) is not None:
             why = "has a colour table"
-        except ValueError:  # no colour table
-            if ds.count > 1 or "class_names" not in ds.tags():
-                continue
+        elif ds.count == 1 and "class_names" in ds.tags():
             why = "is tagged with class_names"
+        else:
+            continue
         raise InputError(
             f"band {i} of the low-res raster {why}: it holds class numbers, which {method} "
             "would average into classes that do not exist (1 and 3 into 2). Upsample the class "

@@ -41,6 +41,7 @@ from geoupsample.inputs import (
     check_method_options,
     check_not_class_map,
     check_output_paths,
+    colour_table,
     file_reader,
     is_zarr_path,
     open_raster,
@@ -368,13 +369,8 @@ def _kept_colormaps(lr: rasterio.io.DatasetReader, indexes: Sequence[int], metho
     :func:`~geoupsample.inputs.check_not_class_map`)."""
     if method != "nearest" or out_dtype not in ("uint8", "uint16"):
         return {}
-    kept = {}
-    for k, i in enumerate(indexes, 1):
-        try:
-            kept[k] = lr.colormap(i)
-        except ValueError:  # no colour table
-            pass
-    return kept
+    tables = {k: colour_table(lr, i) for k, i in enumerate(indexes, 1)}
+    return {k: table for k, table in tables.items() if table is not None}
 
 
 def _warp_text(grid: tiling.Warp, rel: GridRelation) -> str:
