@@ -303,6 +303,24 @@ def plan_segment(
     return SegmentPlan(job, probe, train, params)
 
 
+def labels_or_probe(
+    labels: Any, class_field: str | None, probe: str | os.PathLike[str] | LinearProbe | None,
+    scene: AnyScene, backbone: Backbone, labels_crs: Any = None, layer: str | None = None,
+) -> tuple[gl.LabelPolygons | None, LinearProbe | None]:
+    """What a segmentation learns from: ``(polygons in the scene's CRS, None)`` to fit a probe,
+    or ``(None, probe)`` to apply a saved one (:func:`applied_probe`); exactly one is given."""
+    if probe is not None:
+        if labels is not None:
+            raise InputError("give labelled polygons to train a probe (--labels, "
+                             "--class-field) or a saved probe to apply (--probe), not both")
+        return None, applied_probe(probe, backbone)
+    if labels is None or not class_field:
+        raise InputError("segment needs labelled polygons and their class field to train a "
+                         "probe (--labels FILE --class-field NAME), or a saved probe (--probe "
+                         "FILE, from --save-probe)")
+    return load_labels(labels, class_field, scene, labels_crs=labels_crs, layer=layer), None
+
+
 def applied_probe(probe: str | os.PathLike[str] | LinearProbe, backbone: Backbone
                   ) -> LinearProbe:
     """A fitted probe (or the file it was saved to) checked against the features
@@ -419,19 +437,8 @@ def segment_raster(
                         "the probe": probe})  # fmt: skip
     if is_zarr_path(out_path) or (probs_path is not None and is_zarr_path(probs_path)):
         raise InputError("segment writes GeoTIFFs; give .tif paths (Zarr is for features)")
-    labels, fitted = None, None
-    if probe is not None:
-        if labels_path is not None:
-            raise InputError("give labelled polygons to train a probe (--labels, "
-                             "--class-field) or a saved probe to apply (--probe), not both")
-        fitted = applied_probe(probe, backbone)
-    elif labels_path is None or not class_field:
-        raise InputError("segment needs labelled polygons and their class field to train a "
-                         "probe (--labels FILE --class-field NAME), or a saved probe (--probe "
-                         "FILE, from --save-probe)")
-    else:
-        labels = load_labels(labels_path, class_field, scene, labels_crs=labels_crs,
-                             layer=layer)
+    labels, fitted = labels_or_probe(labels_path, class_field, probe, scene, backbone,
+                                     labels_crs=labels_crs, layer=layer)
     geom = scene_aoi(aoi, aoi_crs, scene)
 
     keep_probs = probs_path is not None

@@ -329,22 +329,17 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
 
     from geoupsample.segmentation import (
         UINT8_NODATA,
-        applied_probe,
         class_bands,
         class_values,
-        load_labels,
+        labels_or_probe,
         plan_segment,
     )
 
     scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
     sc = _scene(scene)
     bb = _backbone(backbone, sc, backbone_options)
-    if (probe is None) == (labels is None):
-        raise InputError("give labelled polygons to fit a probe (labels, class_field) or a "
-                         "saved probe to apply (probe=...), one of the two")
-    polys = None if labels is None else load_labels(labels, class_field, sc,
-                                                    labels_crs=labels_crs, layer=layer)
-    fitted = None if probe is None else applied_probe(probe, bb)
+    polys, fitted = labels_or_probe(labels, class_field, probe, sc, bb, labels_crs=labels_crs,
+                                    layer=layer)
     geom = scene_aoi(aoi, aoi_crs, sc)
     plan = plan_segment(sc, polys, bb, probe=fitted, scale=1.0, method=method, iters=iters,
                         radius=radius, tile=tile, weight_decay=weight_decay,
