@@ -15,11 +15,11 @@ def as_tensor(value: object, name: str) -> torch.Tensor:
     """
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, np.ma.MaskedArray):  # rasterio's read(masked=True): masked = missing
-        value = without_mask(value, name)
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be a numeric array; got dtype {value.dtype}")
+        if isinstance(value, np.ma.MaskedArray):  # rasterio's read(masked=True)
+            value = without_mask(value)
         if not value.dtype.isnative:  # big-endian data from netCDF/HDF5 readers
             value = value.astype(value.dtype.newbyteorder("="))
         if value.dtype.kind == "u" and value.dtype.itemsize > 1:  # uint16/32/64: widen
@@ -33,11 +33,10 @@ def as_tensor(value: object, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a numpy array or a torch tensor; got {type(value).__name__}")
 
 
-def without_mask(value: np.ma.MaskedArray, name: str) -> np.ndarray:
-    """A masked array as a plain one whose masked entries are NaN (missing, as everywhere in the
-    API): float64 stays float64, other numbers become float32 when anything is masked."""
-    if value.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a numeric array; got dtype {value.dtype}")
+def without_mask(value: np.ma.MaskedArray) -> np.ndarray:
+    """A numeric masked array as a plain one whose masked entries are NaN (missing, as
+    everywhere in the API): float64 stays float64, other numbers become float32 when anything
+    is masked."""
     mask = np.ma.getmaskarray(value)
     if not mask.any():
         return np.ma.getdata(value)
