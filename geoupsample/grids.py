@@ -54,11 +54,14 @@ class GridRelation:
         offset: ``(row, col)`` guide pixel where low-res pixel ``(0, 0)`` starts (may be < 0).
         region: the guide window covered by the low-res raster (clipped to the guide): the
             guide pixels whose centres lie in its footprint.
+        footprint: the same window unclipped, in guide pixels (negative offsets and ends past
+            the guide where the low-res raster reaches beyond it, as around a guide chip).
     """
 
     scale: tuple[Fraction, Fraction]
     offset: tuple[int, int]
     region: Window
+    footprint: Window
 
     @property
     def period(self) -> tuple[int, int]:
@@ -145,13 +148,14 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
             f"the grids do not nest: the low-res raster's origin falls at guide pixel "
             f"({row_f:.3f}, {col_f:.3f}), not on a pixel corner; warp the low-res raster onto "
             "the guide's pixel lattice (gdalwarp -te/-tr aligned to the guide)")
-    r0, c0 = max(0, oy), max(0, ox)
     # the guide pixels whose centres lie in the low-res footprint (all of them for whole scales)
-    r1 = min(hr_shape[0], math.ceil(oy + h * sy - Fraction(1, 2)))
-    c1 = min(hr_shape[1], math.ceil(ox + w * sx - Fraction(1, 2)))
+    end_r, end_c = math.ceil(oy + h * sy - Fraction(1, 2)), math.ceil(ox + w * sx - Fraction(1, 2))
+    r0, c0 = max(0, oy), max(0, ox)
+    r1, c1 = min(hr_shape[0], end_r), min(hr_shape[1], end_c)
     if r1 <= r0 or c1 <= c0:
         raise InputError("the low-res raster and the guide do not overlap")
-    return GridRelation((sy, sx), (oy, ox), Window(c0, r0, c1 - c0, r1 - r0))
+    return GridRelation((sy, sx), (oy, ox), Window(c0, r0, c1 - c0, r1 - r0),
+                        Window(ox, oy, end_c - ox, end_r - oy))
 
 
 def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,

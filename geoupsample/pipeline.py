@@ -88,6 +88,16 @@ def tile_blend(blend: str, method: str, halo: int, scale: tuple[Any, Any]) -> tu
     return "taper", halo
 
 
+def read_context(method: str, rel: GridRelation) -> Window | None:
+    """Where the tiles of ``method`` may read beyond the processing region (see
+    :class:`tiling.TileGrid`): for an interpolation, the low-res raster's whole footprint, so
+    that the pixels along the edge of a guide chip inside a larger low-res raster interpolate
+    towards the cells beyond the chip, as a whole-scene run does. None (the region) for jbu and
+    gsjbu, whose kernels need guide pixels, which a chip does not have beyond its edge.
+    """
+    return rel.footprint if method in INTERPOLATIONS else None
+
+
 class UpsampleTile:
     """The per-tile job: upsample the tile's low-res window onto its guide window.
 
@@ -341,7 +351,8 @@ def _upsample_raster(
     fits_at_once = workers if method not in INTERPOLATIONS and scheduler is None else None
     with threads_per_worker(fits_at_once, device):  # cores // workers torch threads per fit
         report = tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.period,
-                            align_offset=rel.offset, blend=blend, region=rel.region, aoi=aoi,
+                            align_offset=rel.offset, blend=blend, region=rel.region,
+                            context=read_context(method, rel), aoi=aoi,
                             aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                             workers=workers, progress=progress)
     warn_clipped(report, spec)

@@ -35,7 +35,7 @@ from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import plan_features
 from geoupsample.grids import overlap_window, relate_or_nest
 from geoupsample.inputs import InputError, array_guide_stats, array_reader, check_method_options
-from geoupsample.pipeline import UpsampleTile, tile_blend
+from geoupsample.pipeline import UpsampleTile, read_context, tile_blend
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, scene_aoi
 from geoupsample.workers import check_device
@@ -145,7 +145,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
             stats = array_guide_stats(guide.data, hr_nodata, "DataArray")
     height, width = guide.shape[1:]
     grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.period,
-                           offset=rel.offset, block=blocksize, region=rel.region, blend=blend)
+                           offset=rel.offset, block=blocksize, region=rel.region, blend=blend,
+                           context=read_context(method, rel))
     geom = load_aoi(aoi, guide.rio.crs, aoi_crs) if aoi is not None else None
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        render=render, unit=scene.unit)

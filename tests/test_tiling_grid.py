@@ -103,6 +103,29 @@ def test_region_restricts_tiles():
         assert t.read.row_off >= 50 and t.read.row_off + t.read.height <= 250
 
 
+def test_context_lets_edge_tiles_read_past_the_region():
+    """Inputs with data beyond the region (a low-res raster around a guide chip): the edge
+    tiles read ``halo`` pixels past it (then aligned), no further; the cores and write cells
+    stay those of the region, and without a context nothing changes."""
+    region = Window(100, 50, 300, 200)
+    plain = TileGrid(600, 600, tile=128, halo=16, align=8, block=64, region=region)
+    wide = TileGrid(600, 600, tile=128, halo=16, align=8, block=64, region=region,
+                    context=Window(-40, -40, 700, 700))
+    assert (wide.rows.cores, wide.cols.cores) == (plain.rows.cores, plain.cols.cores)
+    assert [c.window for c in wide.cells()] == [c.window for c in plain.cells()]
+    assert plain.rows.reads[0][0] == 48 and plain.cols.reads[0][0] == 96  # aligned at the edge
+    assert wide.rows.reads[0][0] == 32 and wide.cols.reads[0][0] == 80  # 16 px further out
+    assert wide.rows.reads[-1][1] == 272 and wide.cols.reads[-1][1] == 416
+    # a context as wide as the region, taller: no reads past it across, 16 px down
+    tall = TileGrid(600, 600, tile=128, halo=16, align=8, block=64, region=region,
+                    context=Window(100, 0, 300, 600))
+    assert tall.cols.reads[0][0] == 96 and tall.cols.reads[-1][1] == 400
+    assert tall.rows.reads[0][0] == 32
+    assert TileGrid(600, 600, context=Window(-64, -64, 728, 728)).rows.reads[0][0] == -64
+    with pytest.raises(ValueError, match="context window"):
+        TileGrid(600, 600, region=region, context=Window(120, 50, 300, 200))
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(tile=64, halo=100), "halo"),
     (dict(tile=0), "tile"),

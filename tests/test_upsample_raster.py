@@ -250,6 +250,30 @@ def test_interpolations_crop_exactly_by_default(eightfold_with_holes, tmp_path, 
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("method,guide_dtype", [
+    ("nearest", "uint16"), ("bilinear", "uint16"), ("bicubic", "uint16"), ("bilinear", "float32"),
+])
+def test_guide_chip_interpolates_towards_the_cells_beyond_it(tmp_path, method, guide_dtype):
+    """A guide chip inside the larger low-res raster (the whole Rotterdam sample around a
+    251 x 250 px piece of the pan band, its rows starting half a cell off the low-res lattice
+    and its columns on it): its pixels equal
+    the whole scene's, up to its edges, because the edge tiles read the low-res cells beyond
+    the chip. They used to be interpolated as at the raster's edge (bilinear off by up to 174
+    here). A float32 guide is read (for its nodata), a uint16 one without nodata is not."""
+    chip = _crop(HR, tmp_path / "chip.tif", Window(100, 101, 250, 251), dtype=guide_dtype)
+    out = str(tmp_path / "o.tif")
+    upsample_raster(LR, chip, out, method=method, tile=96, blocksize=16)
+    whole = _whole(LR, HR, method)[:, 101:352, 100:350]
+    np.testing.assert_allclose(read_tif(out), whole, rtol=0, atol=1e-3)
+    import rioxarray
+
+    from geoupsample.xarray import upsample as xr_upsample
+
+    lazy = xr_upsample(rioxarray.open_rasterio(LR), rioxarray.open_rasterio(chip),
+                       method=method, tile=96, blocksize=16)
+    np.testing.assert_allclose(lazy.values, whole, rtol=0, atol=1e-3)
+
+
 def test_fractional_scale_gsjbu_runs_without_seams(fractional, tmp_path):
     lr, hr = fractional
     out = str(tmp_path / "o.tif")

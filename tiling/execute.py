@@ -273,8 +273,8 @@ def gdal_env() -> rasterio.Env:
 def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
         tile: int = 1024, halo: int = 64, align: int | tuple[int, int] = 1,
         align_offset: tuple[int, int] = (0, 0), blend: str = "taper",
-        region: Window | None = None, aoi: Any = None, aoi_crs: Any = None,
-        resume: bool = False, params: Mapping[str, Any] | None = None,
+        region: Window | None = None, context: Window | None = None, aoi: Any = None,
+        aoi_crs: Any = None, resume: bool = False, params: Mapping[str, Any] | None = None,
         scheduler: Any = None, workers: int | None = None, max_in_flight: int | None = None,
         progress: Callable[[Progress], None] | None = None,
         frontier_budget: int = FRONTIER_BUDGET) -> RunReport:
@@ -294,6 +294,9 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
         blend: ``"taper"`` (raised cosine over the overlap, none at the region border) or
             ``"crop"`` (each pixel from the tile that owns it).
         region: optional output window to process; everything outside it is nodata.
+        context: optional output window, containing the region and possibly reaching past the
+            output raster, where the inputs hold data worth reading: the tiles at the region's
+            edge read up to ``halo`` pixels into it (see :class:`TileGrid`). Default: the region.
         aoi: optional shapely geometry / GeoJSON (file path, dict or string); tiles outside it are
             skipped and pixels outside it are nodata. ``aoi_crs`` gives its CRS (see
             :mod:`tiling.aoi` for defaults).
@@ -330,15 +333,15 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
     share_malloc_arena()
     with gdal_env():
         return _run(fn, inputs, output, tile=tile, halo=halo, align=align,
-                    align_offset=align_offset, blend=blend, region=region, aoi=aoi,
-                    aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
+                    align_offset=align_offset, blend=blend, region=region, context=context,
+                    aoi=aoi, aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                     workers=workers, max_in_flight=max_in_flight, progress=progress,
                     frontier_budget=frontier_budget)
 
 
 def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, tile: int,
          halo: int, align: int | tuple[int, int], align_offset: tuple[int, int], blend: str,
-         region: Window | None, aoi: Any, aoi_crs: Any, resume: bool,
+         region: Window | None, context: Window | None, aoi: Any, aoi_crs: Any, resume: bool,
          params: Mapping[str, Any] | None, scheduler: Any, workers: int | None,
          max_in_flight: int | None, progress: Callable[[Progress], None] | None,
          frontier_budget: int) -> RunReport:
@@ -346,7 +349,8 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
     if not inputs:
         raise ValueError("run() needs at least one input")
     grid = TileGrid(output.height, output.width, tile=tile, halo=halo, align=align,
-                    offset=align_offset, block=output.blocksize, region=region, blend=blend)
+                    offset=align_offset, block=output.blocksize, region=region, blend=blend,
+                    context=context)
     geom = load_aoi(aoi, output.crs, aoi_crs) if aoi is not None else None
     if geom is not None and not window_intersects(geom, grid.region_window, output.transform):
         raise ValueError("the AOI does not overlap the raster")
@@ -356,7 +360,8 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
         "inputs": {k: v.identity() for k, v in inputs.items()},
         "grid": {"height": grid.height, "width": grid.width, "tile": tile, "halo": halo,
                  "align": align, "align_offset": list(align_offset), "blend": blend,
-                 "region": None if region is None else str(region)},
+                 "region": None if region is None else str(region),
+                 **({"context": str(context)} if context is not None else {})},
         "output": {"crs": str(output.crs), "transform": list(output.transform)[:6],
                    "count": output.count, "dtype": output.dtype, "nodata": str(output.nodata),
                    "compress": output.compress, "blocksize": output.blocksize, "cog": output.cog,

@@ -6,11 +6,14 @@ All windows here are :class:`rasterio.windows.Window` objects in **output pixel*
 (row/col offsets from the output raster's top-left pixel, integer valued). Along each axis the
 processing *region* ``[start, stop)`` is cut into *cores*: consecutive intervals of ``tile``
 pixels (the last one shorter). Each core is owned by one tile. A tile *reads* its core grown by
-``halo`` pixels on every side (context for the per-tile function), shifted back inside the region
-when it would stick out (so the last row/column of tiles keeps the full size and is stitched by its
-real offset), then grown outward to the alignment lattice ``offset + k * align`` (so every tile's
-low-resolution grid is an exact sub-grid of the scene's). Reads may therefore extend past the
-region by less than ``align`` pixels; readers pad that with nodata.
+``halo`` pixels on every side (context for the per-tile function), shifted back inside the
+*context* window when it would stick out (so the last row/column of tiles keeps the full size and
+is stitched by its real offset), then grown outward to the alignment lattice ``offset + k * align``
+(so every tile's low-resolution grid is an exact sub-grid of the scene's). The context is the
+region unless the inputs hold data beyond it (a low-res raster that reaches past the edge of a
+guide chip): then the tiles at the region's edge read past it, and an interpolation there sees
+the cells beyond as a whole-scene run would. Reads may extend past the context by less than
+``align`` pixels; readers pad whatever lies outside an input with nodata.
 
 Writes happen in *cells*: a second partition of the region whose boundaries are the core
 boundaries moved back by the halo and rounded down to the output's block size, so every write is
@@ -55,8 +58,12 @@ class Axis:
 
 
 def _build_axis(start: int, stop: int, tile: int, halo: int, align: int, offset: int,
-                block: int, taper: int) -> Axis:
-    """Cut ``[start, stop)`` into cores, read ranges and write cells (see module docstring)."""
+                block: int, taper: int, context: tuple[int, int] | None = None) -> Axis:
+    """Cut ``[start, stop)`` into cores, read ranges and write cells (see module docstring);
+    reads are shifted inside ``context`` (``(lo, hi)`` containing ``[start, stop)``; default:
+    the region itself), and leave the region by at most ``halo`` pixels before alignment."""
+    lo, hi = context if context is not None else (start, stop)
+    lo, hi = max(lo, start - halo), min(hi, stop + halo)
     length = stop - start
     n = max(1, math.ceil(length / tile))
     cores = tuple([start + i * tile for i in range(n)] + [stop])
@@ -66,12 +73,12 @@ def _build_axis(start: int, stop: int, tile: int, halo: int, align: int, offset:
         b, e = cores[i] - halo, cores[i + 1] + halo
         if e - b < nominal:  # the short last tile: shift its start back to keep the full size
             b = e - nominal
-        if b < start:  # shift inside the region (or clip when the region is smaller)
-            e = min(stop, e + (start - b))
-            b = start
-        if e > stop:
-            b = max(start, b - (e - stop))
-            e = stop
+        if b < lo:  # shift inside the context (or clip when it is smaller)
+            e = min(hi, e + (lo - b))
+            b = lo
+        if e > hi:
+            b = max(lo, b - (e - hi))
+            e = hi
         # grow outward to the alignment lattice offset + k * align
         b = offset + math.floor((b - offset) / align) * align
         e = offset + math.ceil((e - offset) / align) * align
@@ -132,6 +139,9 @@ class TileGrid:
             memory stays at about one row of cell edges; smaller tiles still give correct
             results, with more tiles per cell.
         region: optional window restricting processing; pixels outside it are left as nodata.
+        context: optional window (containing the region; it may reach past the raster) within
+            which tiles may read: where the inputs hold data beyond the region, the edge tiles
+            read it instead of being shifted inside the region. Default: the region.
         blend: ``"taper"`` (raised-cosine ramp of width ``halo`` centred on each interior core
             boundary; every weighted pixel keeps >= ``halo / 2`` px of context, so the blend is
             exact for per-tile functions whose support is <= ``halo / 2``) or ``"crop"`` (each
@@ -152,6 +162,7 @@ class TileGrid:
     block: int | tuple[int, int] = 256
     region: Window | None = None
     blend: str = "taper"
+    context: Window | None = None
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
@@ -178,10 +189,19 @@ class TileGrid:
             raise ValueError("the processing region does not overlap the raster")
         ty = math.ceil(self.tile / ay) * ay
         tx = math.ceil(self.tile / ax) * ax
-        object.__setattr__(self, "_rows", _build_axis(r0, r1, ty, self.halo, ay,
-                                                      self.offset[0], by, self.taper))
-        object.__setattr__(self, "_cols", _build_axis(c0, c1, tx, self.halo, ax,
-                                                      self.offset[1], bx, self.taper))
+        ctx_rows, ctx_cols = (r0, r1), (c0, c1)
+        if self.context is not None:
+            ctx = self.context.round_offsets().round_lengths()
+            k0, j0 = int(ctx.row_off), int(ctx.col_off)
+            k1, j1 = k0 + int(ctx.height), j0 + int(ctx.width)
+            if k0 > r0 or j0 > c0 or k1 < r1 or j1 < c1:
+                raise ValueError(f"the context window {self.context} must contain the "
+                                 f"processing region (rows {r0}-{r1}, cols {c0}-{c1})")
+            ctx_rows, ctx_cols = (k0, k1), (j0, j1)
+        object.__setattr__(self, "_rows", _build_axis(r0, r1, ty, self.halo, ay, self.offset[0],
+                                                      by, self.taper, ctx_rows))
+        object.__setattr__(self, "_cols", _build_axis(c0, c1, tx, self.halo, ax, self.offset[1],
+                                                      bx, self.taper, ctx_cols))
 
     # ---- geometry -------------------------------------------------------------------------
     @property
