@@ -333,7 +333,7 @@ def _upsample_raster(
               "geoupsample_scale": rel.scale_text,
               "geoupsample_render": json.dumps(render),
               **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {}),
-              **({"geoupsample_warp": _warp_text(lr_warp, rel)} if lr_warp else {}),
+              **({"geoupsample_warp": warp_text(lr_warp, rel)} if lr_warp else {}),
               **kept_tags},
         compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask,
         colormaps=colormaps)
@@ -384,7 +384,7 @@ def _kept_colormaps(lr: rasterio.io.DatasetReader, indexes: Sequence[int], metho
     return {k: table for k, table in tables.items() if table is not None}
 
 
-def _warp_text(grid: tiling.Warp, rel: GridRelation) -> str:
+def warp_text(grid: tiling.Warp, rel: GridRelation) -> str:
     """The ``geoupsample_warp`` tag: how the low-res raster was warped."""
     return (f"{grid.resampling} onto the guide's CRS, cells of {rel.scale_text} guide pixels "
             f"({grid.height} x {grid.width} cells from the guide's origin)")

@@ -35,7 +35,7 @@ from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import plan_features
 from geoupsample.grids import overlap_window, relate_or_nest
 from geoupsample.inputs import InputError, array_guide_stats, array_reader, check_method_options
-from geoupsample.pipeline import UpsampleTile, read_context, tile_blend
+from geoupsample.pipeline import UpsampleTile, read_context, tile_blend, warp_text
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, scene_aoi
 from geoupsample.workers import check_device
@@ -109,7 +109,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
         nodata, band ``long_name`` from ``lowres`` and attributes recording the method and the
-        render (``geoupsample_render``, JSON). The scene-wide guide statistics (for
+        render (``geoupsample_render``, JSON; ``geoupsample_warp`` with a warp, as the CLI's
+        tag). The scene-wide guide statistics (for
         ``jbu``/``gsjbu``) and the render's sample are computed eagerly from regular
         subsamples; everything else runs when the result is computed.
     """
@@ -168,6 +169,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                      geoupsample_render=json.dumps(render))
     if scene.unit:
         out.attrs["geoupsample_probability_unit"] = f"{scene.unit:g}"
+    if nesting is not None:
+        out.attrs["geoupsample_warp"] = warp_text(nesting, rel)
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)
     return out.rio.write_nodata(np.nan, encoded=False)
 

@@ -199,7 +199,10 @@ def test_xarray_warp_equals_the_cli(pair, tmp_path):
     guide = rioxarray.open_rasterio(hr, chunks={"y": 64, "x": 64})
     with pytest.raises(GridMismatch, match="warp="):
         upsample(lowres, guide, method="jbu")
-    out = upsample(lowres, guide, method="jbu", warp="bilinear").values
+    lazy = upsample(lowres, guide, method="jbu", warp="bilinear")
+    with rasterio.open(tmp_path / "cli.tif") as ds:
+        assert lazy.attrs["geoupsample_warp"] == ds.tags()["geoupsample_warp"]
+    out = lazy.values
     ref = read_tif(tmp_path / "cli.tif")
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
     np.testing.assert_allclose(out, ref, rtol=1e-6, equal_nan=True)
