@@ -32,6 +32,7 @@ from tests._tiling_helpers import (
     damage_block,
     identity,
     kill_9_after_bands,
+    read_tif,
     write_tif,
 )
 from tiling.aoi import load_aoi
@@ -210,6 +211,31 @@ def test_output_appears_only_when_complete_and_errors_clean_up(tmp_path):
         tiling.run(Failing((1, 1)), {"img": tiling.RasterInput(src)}, _spec(src, out2),
                    tile=512, halo=0)
     assert sorted(os.listdir(tmp_path)) == ["out.tif"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_path):
+    """Two runs writing one output used to share its partial file: one renamed half-written
+    blocks onto the output and exited 0. Now the second is refused at once (here started from
+    the first one's progress callback: a lock is per open file, so this is the same case as
+    another process), writes nothing, and the first finishes intact; the lock file goes with
+    the run, and a later run takes the output again."""
+    src = _real_raster(tmp_path)
+    out = str(tmp_path / "out.tif")
+    refused = []
+
+    def progress(p):
+        if p.done == 1:
+            with pytest.raises(tiling.OutputBusy, match="another run is writing") as err:
+                tiling.run(identity, {"img": tiling.RasterInput(src)}, _spec(src, out),
+                           tile=512, halo=0)
+            refused.append(str(err.value))
+
+    tiling.run(identity, {"img": tiling.RasterInput(src)}, _spec(src, out), tile=512, halo=0,
+               progress=progress)
+    assert len(refused) == 1 and ".out.tif.lock" in refused[0]
+    np.testing.assert_array_equal(read_tif(out), read_tif(src))
+    assert sorted(os.listdir(tmp_path)) == ["out.tif"]
+    tiling.run(identity, {"img": tiling.RasterInput(src)}, _spec(src, out), tile=512, halo=0)
 
 
 def test_damaged_block_names_file_window_and_gdal_reason(tmp_path):

@@ -17,6 +17,7 @@ Modules: :mod:`~tiling.grid` (tile/cell geometry), :mod:`~tiling.blend` (taper w
 :mod:`~tiling.spill` (its scratch file),
 :mod:`~tiling.writer` (GeoTIFF/COG writer), :mod:`~tiling.zarr_writer` (Zarr stores:
 ``run(..., ZarrOutputSpec(...))``), :mod:`~tiling.journal` (resume),
+:mod:`~tiling.lock` (one run per output),
 :mod:`~tiling.aoi` (areas of interest), :mod:`~tiling.execute` (:func:`run`),
 :mod:`~tiling.lazy` (the same blend as a lazy dask array).
 """
@@ -24,12 +25,13 @@ Modules: :mod:`~tiling.grid` (tile/cell geometry), :mod:`~tiling.blend` (taper w
 from tiling.execute import Progress, RunReport, TileContext, TileFunction, compute_tile, run
 from tiling.grid import Cell, Tile, TileGrid
 from tiling.journal import JournalMismatch
+from tiling.lock import OutputBusy
 from tiling.reader import ArrayInput, RasterInput, Warp, open_dask
 from tiling.writer import OutputSpec, default_nodata
 from tiling.zarr_writer import ZarrOutputSpec
 
 __all__ = [
-    "ArrayInput", "Cell", "JournalMismatch", "OutputSpec", "Progress", "RasterInput",
+    "ArrayInput", "Cell", "JournalMismatch", "OutputBusy", "OutputSpec", "Progress", "RasterInput",
     "RunReport", "Tile", "TileContext", "TileFunction", "TileGrid", "Warp", "compute_tile",
     "ZarrOutputSpec", "default_nodata", "open_dask", "run",
 ]

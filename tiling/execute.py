@@ -27,8 +27,9 @@ from tiling.aoi import load_aoi, window_intersects, window_mask
 from tiling.background import BackgroundWriter
 from tiling.grid import Tile, TileGrid
 from tiling.journal import Journal
+from tiling.lock import output_lock
 from tiling.spill import SpillFile
-from tiling.writer import OutputSpec, Writer
+from tiling.writer import OutputSpec, Writer, check_output_dir
 
 
 @dataclass
@@ -320,8 +321,9 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
 
     Returns:
         a :class:`RunReport`. Nothing exists at ``output.path`` until the run is complete: the
-        file is written under a temporary name beside it and renamed at the end. On an error the
-        temporary files are removed; on ``KeyboardInterrupt`` they are kept for ``resume=True``.
+        file is written under a temporary name beside it and renamed at the end. A second run
+        writing the same output meanwhile is refused (:class:`tiling.OutputBusy`). On an error
+        the temporary files are removed; on ``KeyboardInterrupt`` they are kept for ``resume=True``.
 
     Memory: about ``max_in_flight`` tile outputs (``count x (tile + 2 halo)^2`` float32 each),
     plus at most ``frontier_budget`` bytes of the row of cell edges waiting for the next tile row
@@ -331,7 +333,8 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
     file of about the frontier's size while running.
     """
     share_malloc_arena()
-    with gdal_env():
+    check_output_dir(output.path)
+    with output_lock(output.path), gdal_env():  # one run per output: see tiling.lock
         return _run(fn, inputs, output, tile=tile, halo=halo, align=align,
                     align_offset=align_offset, blend=blend, region=region, context=context,
                     aoi=aoi, aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
