@@ -289,6 +289,7 @@ def _upsample_raster(
             "float32" if lr_dtype.kind == "f" else lr_dtype.name)
         nodata, nodata_mask = _output_nodata(lr_file.nodata, lr_dtype, out_dtype)
         descriptions = [lr_file.descriptions[i - 1] for i in lr_idx]
+        packing = band_packing(lr_file, lr_idx)
         kept_tags = _kept_tags(lr_file.tags(), lr_idx, lr_file.count)
         colormaps = _kept_colormaps(lr_file, lr_idx, method, out_dtype)
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
@@ -336,7 +337,7 @@ def _upsample_raster(
               **({"geoupsample_warp": warp_text(lr_warp, rel)} if lr_warp else {}),
               **kept_tags},
         compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask,
-        colormaps=colormaps)
+        colormaps=colormaps, **packing)
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        render=render, unit=scene.unit)
     if workers is None and scheduler is None:
@@ -382,6 +383,24 @@ def _kept_colormaps(lr: rasterio.io.DatasetReader, indexes: Sequence[int], metho
         return {}
     tables = {k: colour_table(lr, i) for k, i in enumerate(indexes, 1)}
     return {k: table for k, table in tables.items() if table is not None}
+
+
+def band_packing(ds: Any, indexes: Sequence[int]) -> dict[str, Any]:
+    """The scales, offsets and units of bands ``indexes`` (1-based) of ``ds``, as
+    :class:`tiling.OutputSpec` arguments (only those that are set). Every method's output is a
+    weighted mean of stored values with weights summing to one, so it is in the same stored
+    units: a packed reflectance (uint16 x 2.75e-5 - 0.2) keeps its scale and offset."""
+    scales = [float(ds.scales[i - 1]) for i in indexes]
+    offsets = [float(ds.offsets[i - 1]) for i in indexes]
+    units = [ds.units[i - 1] or None for i in indexes]
+    packing: dict[str, Any] = {}
+    if any(v != 1.0 for v in scales):
+        packing["scales"] = scales
+    if any(v != 0.0 for v in offsets):
+        packing["offsets"] = offsets
+    if any(units):
+        packing["units"] = units
+    return packing
 
 
 def warp_text(grid: tiling.Warp, rel: GridRelation) -> str:

@@ -176,8 +176,10 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
 
 
 #: Low-res attributes that describe the stored encoding or the old grid, not the values.
-ENCODING_ATTRS = frozenset({"_FillValue", "missing_value", "scale_factor", "add_offset",
-                            "grid_mapping", "nodata"})  # fmt: skip
+#: ``scale_factor`` and ``add_offset`` are kept unless 1 and 0: the output holds the same stored
+#: values (weighted means of them), which they still turn into physical ones (rioxarray applies
+#: them itself, and leaves them out of the attributes, with ``mask_and_scale=True``).
+ENCODING_ATTRS = frozenset({"_FillValue", "missing_value", "grid_mapping", "nodata"})
 
 
 def _value_attrs(lowres: xr.DataArray) -> dict[str, Any]:
@@ -188,7 +190,7 @@ def _value_attrs(lowres: xr.DataArray) -> dict[str, Any]:
     n = lowres.shape[0]
     kept = {}
     for key, value in lowres.attrs.items():
-        if key in ENCODING_ATTRS:
+        if key in ENCODING_ATTRS or (key, value) in (("scale_factor", 1), ("add_offset", 0)):
             continue
         if isinstance(value, (tuple, list)) and len(value) != n:
             continue

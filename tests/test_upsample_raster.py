@@ -25,7 +25,7 @@ import geoupsample as gu
 from geoupsample.cli import app
 from geoupsample.inputs import InputError, scene_guide_stats
 from geoupsample.pipeline import upsample_raster
-from tests._tiling_helpers import damage_block, kill_9_after_bands, read_tif
+from tests._tiling_helpers import damage_block, kill_9_after_bands, read_tif, write_tif
 
 DATA = files("geoupsample") / "data"
 LR = str(DATA / "rotterdam_ms.tif")
@@ -272,6 +272,35 @@ def test_guide_chip_interpolates_towards_the_cells_beyond_it(tmp_path, method, g
     lazy = xr_upsample(rioxarray.open_rasterio(LR), rioxarray.open_rasterio(chip),
                        method=method, tile=96, blocksize=16)
     np.testing.assert_allclose(lazy.values, whole, rtol=0, atol=1e-3)
+
+
+def test_packed_values_keep_their_scale_offset_and_units(tmp_path):
+    """A low-res raster of packed reflectances (uint16 x 2.75e-5 - 0.2, unit "reflectance"):
+    the output (GeoTIFF and COG, and xarray's attributes) keeps the scale, offset and unit, so
+    that its stored values still mean the same physical ones. They were dropped: a reader got
+    11633 for a reflectance of 0.12."""
+    import rioxarray
+
+    from geoupsample.xarray import upsample as xr_upsample
+
+    x = (read_tif(LR)[:2, :60, :60] / 2.75e-5 * 1e-4).astype(np.uint16)
+    lr = write_tif(tmp_path / "lr.tif", x, Affine(2.0, 0, 500000, 0, -2.0, 5000000))
+    with rasterio.open(lr, "r+") as ds:
+        ds.scales, ds.offsets, ds.units = (2.75e-5, 2.75e-5), (-0.2, -0.2), ("reflectance", "")
+    hr = write_tif(tmp_path / "hr.tif", read_tif(HR)[:, :120, :120],
+                   Affine(1.0, 0, 500000, 0, -1.0, 5000000))
+    for cog in (False, True):
+        out = str(tmp_path / f"o{cog}.tif")
+        upsample_raster(lr, hr, out, method="bilinear", cog=cog)
+        with rasterio.open(out) as ds:
+            assert ds.scales == (2.75e-5, 2.75e-5) and ds.offsets == (-0.2, -0.2)
+            assert ds.units == ("reflectance", None) and ds.dtypes[0] == "uint16"
+    lazy = xr_upsample(rioxarray.open_rasterio(lr), rioxarray.open_rasterio(hr),
+                       method="bilinear")
+    assert (lazy.attrs["scale_factor"], lazy.attrs["add_offset"]) == (2.75e-5, -0.2)
+    lazy.rio.to_raster(tmp_path / "xr.tif")
+    with rasterio.open(tmp_path / "xr.tif") as ds:
+        assert ds.scales[0] == 2.75e-5 and ds.offsets[0] == -0.2
 
 
 def test_fractional_scale_gsjbu_runs_without_seams(fractional, tmp_path):

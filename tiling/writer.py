@@ -68,6 +68,9 @@ class OutputSpec:
         cog: convert to a Cloud-Optimized GeoTIFF at the end.
         colormaps: colour tables ``{band: {value: (r, g, b, a)}}`` (1-based bands of a uint8 or
             uint16 output), e.g. those of a class raster carried over.
+        scales, offsets: per band, GDAL's scale and offset (physical value = stored value x
+            scale + offset), e.g. those of packed reflectances carried over; None: 1 and 0.
+        units: per band, the unit of the physical values (``"m"``, ``"K"``) or None.
     """
 
     #: the :class:`Writer` subclass that writes this kind of output (None: the GeoTIFF writer)
@@ -88,6 +91,9 @@ class OutputSpec:
     cog: bool = False
     nodata_mask: bool = False
     colormaps: dict = field(default_factory=dict)
+    scales: Sequence[float] | None = None
+    offsets: Sequence[float] | None = None
+    units: Sequence[str | None] | None = None
 
     def __post_init__(self) -> None:
         self.dtype = np.dtype(self.dtype).name
@@ -109,8 +115,10 @@ class OutputSpec:
                 raise ValueError("give nodata or nodata_mask, not both")
         elif self.nodata is None:
             self.nodata = default_nodata(self.dtype)
-        if self.descriptions is not None and len(self.descriptions) != self.count:
-            raise ValueError(f"{len(self.descriptions)} band descriptions for {self.count} bands")
+        for name in ("descriptions", "scales", "offsets", "units"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.count:
+                raise ValueError(f"{len(values)} band {name} for {self.count} bands")
 
     @property
     def partial_path(self) -> str:
@@ -258,6 +266,12 @@ class Writer:
                 self.ds.update_tags(**{k: str(v) for k, v in spec.tags.items()})
             for band, cmap in spec.colormaps.items():
                 self.ds.write_colormap(band, cmap)
+            if spec.scales is not None:
+                self.ds.scales = tuple(float(v) for v in spec.scales)
+            if spec.offsets is not None:
+                self.ds.offsets = tuple(float(v) for v in spec.offsets)
+            if spec.units is not None:
+                self.ds.units = tuple(u or "" for u in spec.units)
 
     def write(self, data: np.ndarray, window: Window) -> None:
         """Write float ``data`` ``[count, rows, cols]`` (NaN = nodata) at ``window``; with
