@@ -264,14 +264,34 @@ def _simple_scale(v: float, tolerance: float = 0.02) -> Fraction:
     return max(Fraction(1), Fraction(v).limit_denominator(MAX_SCALE_DENOMINATOR))
 
 
+#: Rotation terms of a transform up to this fraction of the pixel size count as 0: the
+#: rounding left by some writers (1e-12 m on 30 m pixels); over 10^6 rows it moves a pixel by
+#: 1/1000 of its size.
+ROTATION_TOLERANCE = 1e-9
+
+
+def is_rectilinear(t: Affine) -> bool:
+    """Whether ``t`` has no rotation (rotation terms within :data:`ROTATION_TOLERANCE` of the
+    pixel size)."""
+    size = max(abs(t.a), abs(t.e))
+    return abs(t.b) <= ROTATION_TOLERANCE * size and abs(t.d) <= ROTATION_TOLERANCE * size
+
+
 def _north_up(t: Affine) -> bool:
-    return t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
+    return is_rectilinear(t) and t.a > 0 and t.e < 0
+
+
+def not_north_up_message(name: str, t: Affine) -> str:
+    """What to do with a rotated or flipped raster: warp it with gdalwarp, which writes
+    north-up grids."""
+    return (f"the {name} is not north-up (transform {tuple(t)[:6]}: "
+            f"{'rotated' if not is_rectilinear(t) else 'flipped'}); warp it to a north-up grid "
+            "first: gdalwarp IN.tif OUT.tif (gdalwarp writes north-up grids)")
 
 
 def _check_north_up(t: Affine, name: str, error: type[InputError] = InputError) -> None:
     if not _north_up(t):
-        raise error(f"the {name} is not north-up (transform {tuple(t)[:6]}); warp it to a "
-                         "north-up grid first (gdalwarp)")
+        raise error(not_north_up_message(name, t))
 
 
 def _crs_message(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,

@@ -18,6 +18,7 @@ from shapely.geometry.base import BaseGeometry
 
 import geoupsample as gu
 import tiling
+from geoupsample.grids import is_rectilinear, not_north_up_message
 from geoupsample.inputs import (
     InputError,
     array_guide_stats,
@@ -67,6 +68,7 @@ class Scene:
                           ds.descriptions[i - 1] or f"band{i}" for i in idx)
             if ds.crs is None:
                 raise InputError(f"the scene {p} has no CRS; assign one (gdal_edit.py -a_srs)")
+            check_not_rotated(ds.transform, f"scene {p}")
             return cls(p, idx, names, ds.crs, ds.transform, (ds.height, ds.width), ds.nodata)
 
     def reader(self) -> tiling.RasterInput:
@@ -115,6 +117,13 @@ class ArrayScene:
 
 
 AnyScene = Scene | ArrayScene
+
+
+def check_not_rotated(transform: Affine, name: str) -> None:
+    """Refuse a rotated scene before any work (tiles need whole pixels along rows and columns;
+    a flipped, south-up scene is fine)."""
+    if not is_rectilinear(transform):
+        raise InputError(not_north_up_message(name, transform))
 
 
 def scene_aoi(aoi: Any, aoi_crs: Any, scene: AnyScene) -> BaseGeometry | None:

@@ -37,7 +37,7 @@ from geoupsample.grids import overlap_window, relate_or_nest
 from geoupsample.inputs import InputError, array_guide_stats, array_reader, check_method_options
 from geoupsample.pipeline import UpsampleTile, read_context, tile_blend, warp_text
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
-from geoupsample.scenes import ArrayScene, scene_aoi
+from geoupsample.scenes import ArrayScene, check_not_rotated, scene_aoi
 from geoupsample.workers import check_device
 from tiling.aoi import load_aoi
 from tiling.execute import gdal_env
@@ -232,6 +232,7 @@ def _scene(scene: xr.DataArray) -> ArrayScene:
     as :func:`_as_bands` returns it."""
     if scene.rio.crs is None:
         raise InputError("the scene has no CRS; assign one (scene.rio.write_crs(...))")
+    check_not_rotated(scene.rio.transform(), "scene")
     n = scene.shape[0]
     long_name = scene.attrs.get("long_name")
     names = [long_name] if isinstance(long_name, str) else list(long_name or ())

@@ -322,3 +322,49 @@ def test_south_up_lowres_is_warped_like_its_north_up_twin(pair, tmp_path):
     upsample_raster(south_up, hr, tmp_path / "w.tif", method="bilinear", warp="nearest")
     upsample_raster(lr, hr, tmp_path / "ref.tif", method="bilinear")
     np.testing.assert_array_equal(read_tif(tmp_path / "w.tif"), read_tif(tmp_path / "ref.tif"))
+
+
+def _retransformed(src: str, dst, transform: Affine) -> str:
+    with rasterio.open(src) as ds:
+        profile, data = ds.profile, ds.read()
+    profile.update(transform=transform)
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+    return str(dst)
+
+
+def test_rotation_terms_left_by_rounding_count_as_north_up(pair, tmp_path):
+    """Rotation terms of 1e-12 m (some writers leave such rounding) on both grids: accepted,
+    and the pixels are those of the exact north-up pair. They were refused as "not north-up"
+    (the guide with no way out, --warp being for the low-res raster)."""
+    lr, hr, _ = pair
+    (lt, ht) = (rasterio.open(p).transform for p in (lr, hr))
+    lr_eps = _retransformed(lr, tmp_path / "lr.tif", Affine(lt.a, 1e-12, lt.c, -1e-12, lt.e, lt.f))
+    hr_eps = _retransformed(hr, tmp_path / "hr.tif", Affine(ht.a, 1e-12, ht.c, -1e-12, ht.e, ht.f))
+    upsample_raster(lr_eps, hr_eps, tmp_path / "eps.tif", method="bilinear")
+    upsample_raster(lr, hr, tmp_path / "ref.tif", method="bilinear")
+    np.testing.assert_array_equal(read_tif(tmp_path / "eps.tif"), read_tif(tmp_path / "ref.tif"))
+
+
+def test_rotated_scene_is_refused_before_any_work_with_the_gdalwarp_command(pair, tmp_path):
+    """features (and segment, xarray.features) on a rotated scene: a clear error naming
+    gdalwarp before any tile; it was an internal "tile window does not fall on whole pixels"
+    from the first tile. A south-up guide of upsample gets the same command."""
+    import rioxarray
+
+    from geoupsample.xarray import features
+
+    _, hr, _ = pair
+    t = rasterio.open(hr).transform
+    rotated = _retransformed(hr, tmp_path / "rot.tif", Affine.translation(t.c, t.f)
+                             * Affine.rotation(10) * Affine.scale(t.a, t.e))
+    res = CliRunner().invoke(app, ["features", rotated, "-o", str(tmp_path / "f.tif"),
+                                   "--backbone", "spectral", "-q"])
+    assert res.exit_code == 2 and "not north-up" in res.output and "rotated" in res.output
+    assert "gdalwarp IN.tif OUT.tif" in res.output
+    assert not os.path.exists(tmp_path / "f.tif")
+    with pytest.raises(InputError, match="gdalwarp IN.tif OUT.tif"):
+        features(rioxarray.open_rasterio(rotated), backbone="spectral")
+    south_up = _retransformed(hr, tmp_path / "su.tif", Affine(t.a, 0, t.c, 0, -t.e, t.f))
+    with pytest.raises(InputError, match="flipped.*gdalwarp IN.tif OUT.tif"):
+        upsample_raster(pair[0], south_up, tmp_path / "x.tif", method="bilinear")
