@@ -31,6 +31,9 @@ from .weights import WEIGHTS_HINT, cached_pretrained_file, describe_source, read
 #: Below this fraction of the model's tensors found in a weight file, the file is refused.
 _MIN_MATCHED = 0.9
 
+#: Seed of ``random_init`` weights (drawn from it in a forked generator).
+RANDOM_INIT_SEED = 0
+
 
 def resolve_bands(
     bands: Sequence[int | str] | None, band_names: Sequence[str] | None
@@ -80,7 +83,9 @@ class TimmBackbone(Backbone):
             ``torch.load(weights_only=True)``).
         pretrained: use the model's published weights if they are already in the user's Hugging
             Face (or torch hub) cache; never downloads.
-        random_init: random weights, for smoke tests. Exactly one weight source must be chosen.
+        random_init: random weights, for smoke tests; seeded (:data:`RANDOM_INIT_SEED`), so that
+            every run, worker and ``--resume`` gets the same ones. Exactly one weight source must
+            be chosen.
         adapt_stem: allow a stem whose weights have a different channel count than the chosen
             bands to be adapted by timm; otherwise that mismatch is an error.
         mean, std: per-band normalisation in the input's units (one value or one per model band);
@@ -174,7 +179,9 @@ class TimmBackbone(Backbone):
         if state_dict is not None:  # before timm lists every unexpected key of it
             self._check_not_larger(state_dict, model_chans, model_kwargs)
         try:
-            self.model = self._build(model_name, kwargs)
+            with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+                torch.manual_seed(RANDOM_INIT_SEED)  # random_init: the same weights every run
+                self.model = self._build(model_name, kwargs)
         except IndexError:  # timm looks out_indices up in its list of feature layers
             raise BackboneError(
                 f"{model_name} has no layer {self.layer}: pass a smaller index (blocks or stages "
