@@ -372,7 +372,7 @@ def features_raster(
             working memory, see :mod:`geoupsample.workers`).
     """
     check_method_options(method, iters, radius, seed)
-    check_workers(workers)
+    check_workers(workers, scheduler)
     check_device(device, local=scheduler is None)
     checked_overrides(method, consistency=consistency)  # refuse a bad value before any work
     gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator

@@ -243,7 +243,7 @@ def upsample_raster(
         descriptions, and tags recording the method, parameters and package version.
     """
     tune_allocator()  # the fits' large temporaries: see geoupsample.core.allocator
-    check_workers(workers)
+    check_workers(workers, scheduler)
     check_device(device, local=scheduler is None)
     with gdal_env():  # GDAL's block cache stays bounded during the checks and the run
         return _upsample_raster(

@@ -424,7 +424,7 @@ def segment_raster(
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
     """
     check_method_options(method, iters, radius, seed)
-    check_workers(workers)
+    check_workers(workers, scheduler)
     check_device(device, local=scheduler is None)
     probability_render(method, consistency, self_guidance, min_sigma_r)  # refuse bad ones now
     tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator

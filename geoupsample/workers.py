@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -51,11 +52,18 @@ def threads_per_worker(workers: int | None, device: str | torch.device | None) -
         torch.set_num_threads(before)
 
 
-def check_workers(workers: int | None) -> None:
-    """Refuse a ``workers`` count below 1 with a message that says what to pass."""
+def check_workers(workers: int | None, scheduler: Any = None) -> None:
+    """Refuse a ``workers`` count below 1, or one given with a ``scheduler`` (whose worker
+    threads run the tiles: it would be ignored), with a message that says what to pass."""
     if workers is not None and (isinstance(workers, bool) or int(workers) != workers
                                 or workers < 1):  # fmt: skip
         raise ValueError(f"workers must be a whole number >= 1 (tiles at once); got {workers!r}")
+    if workers is not None and scheduler is not None:
+        raise ValueError(
+            f"workers={workers} counts this machine's threads, but with a scheduler the "
+            "cluster's worker threads run the tiles: leave workers (--workers) out, and size "
+            "the cluster instead (dask worker --nthreads)"
+        )
 
 
 def check_device(device: str | torch.device | None, local: bool = True) -> None:

@@ -89,6 +89,26 @@ def test_cli_workers_option(pair, tmp_path):
         assert ds.count == 4 and ds.shape == (128, 128)
 
 
+def test_workers_with_a_scheduler_and_a_bad_scheduler_address_are_clear_errors(pair, tmp_path):
+    """--workers with --scheduler used to be ignored silently, and a malformed address gave
+    "invalid literal for int()". Both now say what to pass; nothing is written."""
+    lr, hr = pair
+    base = ["upsample", lr, hr, "-o", str(tmp_path / "o.tif"), "-m", "bilinear", "-q"]
+    both = CliRunner().invoke(app, [*base, "--scheduler", "tcp://127.0.0.1:8786",
+                                    "--workers", "2"])
+    assert both.exit_code == 2 and "cluster's worker threads" in both.output
+    for cmd in (["features", hr, "-o", str(tmp_path / "f.tif"), "--backbone", "spectral"],
+                ["segment", hr, "--probe", str(tmp_path / "p.json"), "-o",
+                 str(tmp_path / "s.tif")]):  # fmt: skip
+        res = CliRunner().invoke(app, [*cmd, "--scheduler", "tcp://127.0.0.1:8786",
+                                       "--workers", "2", "-q"])
+        assert res.exit_code == 2 and "cluster's worker threads" in res.output, res.output
+    bad = CliRunner().invoke(app, [*base, "--scheduler", "localhost:8799x"])
+    assert bad.exit_code == 2 and "cannot reach the dask scheduler" in bad.output
+    assert "tcp://HOST:PORT" in bad.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_features_with_two_workers(pair, tmp_path):
     import geoupsample.backbones as gb
     from geoupsample.featuremaps import features_raster

@@ -190,7 +190,14 @@ def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[T
     from distributed import Client, as_completed
 
     own = isinstance(scheduler, str)
-    client = Client(scheduler) if own else scheduler
+    try:
+        client = Client(scheduler) if own else scheduler
+    except (ValueError, OSError) as err:  # a malformed address, or nothing listening there
+        raise ValueError(
+            f"cannot reach the dask scheduler at {scheduler!r} ({err}); give its address as "
+            "tcp://HOST:PORT (as the scheduler prints it), or leave the scheduler out to run "
+            "on this machine"
+        ) from err
     # fn goes to every worker once (a backbone's weights are tens to hundreds of MB), not with
     # every task: each worker deserialises it once and its tasks share it
     shared_fn = client.scatter(fn, broadcast=True, hash=False)
