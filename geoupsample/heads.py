@@ -28,6 +28,10 @@ ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 #: Tag stored in saved probes, checked on load.
 FORMAT = "geoupsample.linear_probe/1"
 
+#: A class labelled over fewer low-res cells than this in all (summed coverage) is warned
+#: about: a polygon smaller than a cell trains a class the probe almost never predicts.
+MIN_CLASS_CELLS = 1.0
+
 
 class HeadError(ValueError):
     """A head cannot be fitted or applied to the given arrays."""
@@ -166,6 +170,14 @@ class LinearProbe:
             absent = [names[i] for i in range(k) if mass[i] <= 0]
             warnings.warn(
                 f"no labelled cells for classes {absent}: they get low probability", stacklevel=2
+            )
+        scarce = [f"{names[i]} ({float(mass[i]):.2g})" for i in range(k)
+                  if 0 < mass[i] < MIN_CLASS_CELLS]  # fmt: skip
+        if scarce:
+            warnings.warn(
+                f"classes labelled over less than {MIN_CLASS_CELLS:g} low-res cell in all (cells "
+                f"of coverage): {', '.join(scarce)}; too little to learn from, so they will "
+                "rarely be predicted: label more of them", stacklevel=2
             )
         weight = cover.clone()
         if self.class_weight == "balanced":

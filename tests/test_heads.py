@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -130,6 +131,21 @@ def test_save_and_load(tmp_path: Path, scene: dict) -> None:
     np.testing.assert_array_equal(
         back.predict_proba(scene["features"]), probe.predict_proba(scene["features"])
     )
+
+
+def test_a_class_labelled_over_less_than_a_cell_is_warned_about(scene: dict) -> None:
+    """A class whose only polygon covers a tenth of a cell trained silently and was never
+    predicted; now the fit warns, naming it with its coverage. The other classes do not."""
+    feats, frac = scene["features"], scene["fractions"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real labels: every class well covered, no warning
+        LinearProbe().fit(feats, frac, classes=["a", "b", "c"])
+    tiny = np.zeros_like(frac[:1])
+    tiny[0, 10, 10] = 0.1
+    frac = np.concatenate([frac, tiny])
+    frac[:3, 10, 10] *= 0.9
+    with pytest.warns(UserWarning, match=r"less than 1 low-res cell.*: d \(0\.1\); too little"):
+        LinearProbe().fit(feats, frac, classes=["a", "b", "c", "d"])
 
 
 def test_errors(tmp_path: Path, scene: dict) -> None:
