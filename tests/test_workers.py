@@ -106,6 +106,11 @@ def test_workers_with_a_scheduler_and_a_bad_scheduler_address_are_clear_errors(p
     bad = CliRunner().invoke(app, [*base, "--scheduler", "localhost:8799x"])
     assert bad.exit_code == 2 and "cannot reach the dask scheduler" in bad.output
     assert "tcp://HOST:PORT" in bad.output
+    # the failed client did not make itself dask's default scheduler (later computes hung)
+    import dask
+    from distributed.client import _get_global_client
+
+    assert dask.config.get("scheduler", None) is None and _get_global_client() is None
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

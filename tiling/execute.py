@@ -191,7 +191,7 @@ def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[T
 
     own = isinstance(scheduler, str)
     try:
-        client = Client(scheduler) if own else scheduler
+        client = Client(scheduler, set_as_default=False) if own else scheduler
     except (ValueError, OSError) as err:  # a malformed address, or nothing listening there
         raise ValueError(
             f"cannot reach the dask scheduler at {scheduler!r} ({err}); give its address as "
