@@ -182,6 +182,13 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
 ENCODING_ATTRS = frozenset({"_FillValue", "missing_value", "grid_mapping", "nodata"})
 
 
+def _identity_packing(key: str, value: Any) -> bool:
+    """Whether ``key: value`` is a ``scale_factor`` of 1 or an ``add_offset`` of 0 (rioxarray
+    writes them on every array; per-band tuples are compared band by band)."""
+    neutral = {"scale_factor": 1.0, "add_offset": 0.0}.get(key)
+    return neutral is not None and bool(np.all(np.asarray(value, dtype=float) == neutral))
+
+
 def _value_attrs(lowres: xr.DataArray) -> dict[str, Any]:
     """The attributes of ``lowres`` that hold for its upsampled values (``units``,
     ``long_name``, ``description``...). rioxarray keeps a multi-band file's per-band tuples on
@@ -190,7 +197,7 @@ def _value_attrs(lowres: xr.DataArray) -> dict[str, Any]:
     n = lowres.shape[0]
     kept = {}
     for key, value in lowres.attrs.items():
-        if key in ENCODING_ATTRS or (key, value) in (("scale_factor", 1), ("add_offset", 0)):
+        if key in ENCODING_ATTRS or _identity_packing(key, value):
             continue
         if isinstance(value, (tuple, list)) and len(value) != n:
             continue
