@@ -154,6 +154,7 @@ class LinearProbe:
         cover = y.sum(1)
         keep = (cover > 1e-9) & torch.isfinite(x).all(1)
         x, y, cover = x[keep], y[keep], cover[keep]
+        labelled = y.sum(0)  # each class's coverage in cells, over all cells (not the sample)
         if x.shape[0] > self.max_samples:
             gen = torch.Generator().manual_seed(self.seed)
             pick = torch.randperm(x.shape[0], generator=gen)[: self.max_samples].sort().values
@@ -171,8 +172,8 @@ class LinearProbe:
             warnings.warn(
                 f"no labelled cells for classes {absent}: they get low probability", stacklevel=2
             )
-        scarce = [f"{names[i]} ({float(mass[i]):.2g})" for i in range(k)
-                  if 0 < mass[i] < MIN_CLASS_CELLS]  # fmt: skip
+        scarce = [f"{names[i]} ({float(labelled[i]):.2g})" for i in range(k)
+                  if 0 < labelled[i] < MIN_CLASS_CELLS]  # fmt: skip
         if scarce:
             warnings.warn(
                 f"classes labelled over less than {MIN_CLASS_CELLS:g} low-res cell in all (cells "

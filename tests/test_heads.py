@@ -146,6 +146,15 @@ def test_a_class_labelled_over_less_than_a_cell_is_warned_about(scene: dict) -> 
     frac[:3, 10, 10] *= 0.9
     with pytest.warns(UserWarning, match=r"less than 1 low-res cell.*: d \(0\.1\); too little"):
         LinearProbe().fit(feats, frac, classes=["a", "b", "c", "d"])
+    # coverage counts over every labelled cell, not the max_samples drawn for the fit: a class
+    # of 1.5 cells in all is not scarce even where the sample holds a fraction of it
+    spread = np.zeros_like(frac[:1])
+    spread[0, 20, 5:10] = 0.3
+    frac[3] = spread[0]
+    frac[:3, 20, 5:10] *= 0.7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LinearProbe(max_samples=100).fit(feats, frac, classes=["a", "b", "c", "d"])
 
 
 def test_errors(tmp_path: Path, scene: dict) -> None:
