@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -349,6 +350,43 @@ def test_resume_after_kill_9_is_pixel_identical(tmp_path):
     with rasterio.open(out) as a, rasterio.open(ref) as b:
         np.testing.assert_array_equal(a.read(), b.read())
     assert sorted(os.listdir(tmp_path)) == ["out.tif", "ref.tif"]
+
+
+def _interrupt_after_bands(out: str, bands: int):
+    """A progress callback raising KeyboardInterrupt once ``out``'s journal records ``bands``
+    finished row bands (the run keeps its partial file for a resume)."""
+
+    def progress(_p) -> None:
+        path = journal_path(out)
+        if os.path.exists(path) and len(open(path).read().splitlines()) > bands:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_a_run_without_resume_says_it_discards_an_interrupted_run(tmp_path):
+    src = _real_raster(tmp_path)
+    out = str(tmp_path / "out.tif")
+    with pytest.raises(KeyboardInterrupt):
+        _run_resumable(src, out, box3, progress=_interrupt_after_bands(out, 2))
+    assert os.path.exists(_partial(out)) and not os.path.exists(out)
+
+    with pytest.warns(tiling.PartialRunDiscarded, match=r"out.tif: discarding an interrupted "
+                      r"run .*2 of \d+ row bands were finished, with the same inputs.*resume"):
+        rep = _run_resumable(src, out, box3)
+    assert rep.resumed_bands == 0 and rep.computed == rep.tiles
+    ref = str(tmp_path / "ref.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tiling.PartialRunDiscarded)  # nothing to discard here
+        _run_resumable(src, ref, box3)
+    np.testing.assert_array_equal(read_tif(out), read_tif(ref))
+    assert sorted(os.listdir(tmp_path)) == ["out.tif", "ref.tif"]
+
+    # other parameters: also said, as such
+    with pytest.raises(KeyboardInterrupt):
+        _run_resumable(src, out, box3, progress=_interrupt_after_bands(out, 1))
+    with pytest.warns(tiling.PartialRunDiscarded, match="1 of .* other inputs or parameters"):
+        _run_resumable(src, out, box3, params={"job": "other"})
 
 
 def test_journal_header_records_parameters(tmp_path):

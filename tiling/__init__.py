@@ -24,14 +24,14 @@ Modules: :mod:`~tiling.grid` (tile/cell geometry), :mod:`~tiling.blend` (taper w
 
 from tiling.execute import Progress, RunReport, TileContext, TileFunction, compute_tile, run
 from tiling.grid import Cell, Tile, TileGrid
-from tiling.journal import JournalMismatch
+from tiling.journal import JournalMismatch, PartialRunDiscarded
 from tiling.lock import OutputBusy
 from tiling.reader import ArrayInput, RasterInput, Warp, open_dask
 from tiling.writer import OutputSpec, default_nodata
 from tiling.zarr_writer import ZarrOutputSpec
 
 __all__ = [
-    "ArrayInput", "Cell", "JournalMismatch", "OutputBusy", "OutputSpec", "Progress", "RasterInput",
-    "RunReport", "Tile", "TileContext", "TileFunction", "TileGrid", "Warp", "compute_tile",
-    "ZarrOutputSpec", "default_nodata", "open_dask", "run",
+    "ArrayInput", "Cell", "JournalMismatch", "OutputBusy", "OutputSpec", "PartialRunDiscarded",
+    "Progress", "RasterInput", "RunReport", "Tile", "TileContext", "TileFunction", "TileGrid",
+    "Warp", "ZarrOutputSpec", "compute_tile", "default_nodata", "open_dask", "run",
 ]

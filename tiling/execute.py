@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,7 +27,7 @@ from tiling.accumulate import FRONTIER_BUDGET, Accumulator
 from tiling.aoi import load_aoi, window_intersects, window_mask
 from tiling.background import BackgroundWriter
 from tiling.grid import Tile, TileGrid
-from tiling.journal import Journal
+from tiling.journal import Journal, PartialRunDiscarded
 from tiling.lock import output_lock
 from tiling.spill import SpillFile
 from tiling.writer import OutputSpec, Writer, check_output_dir
@@ -380,6 +381,8 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
         "params": dict(params or {}),
     }
     journal = Journal(output.path, key_params)
+    if not resume:
+        _warn_discarded(journal, output.path, output.partial_path, grid.rows.n_cells)
     done_bands: set[int] = journal.load() if resume else set()
     if resume and done_bands and not os.path.exists(output.partial_path):
         done_bands = set()  # journal without its partial file: start over
@@ -490,6 +493,20 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
                             "peak_held_mb": round(acc.peak_held_bytes / 2 ** 20, 1),
                             "spill_file_mb": round(spill.size / 2 ** 20, 1),
                             "clipped_values": writer.clipped})
+
+
+def _warn_discarded(journal: Journal, path: str, partial_path: str, bands: int) -> None:
+    """Warn that a run without ``resume`` discards the interrupted run of the same output whose
+    partial file and journal it found (it used to vanish silently)."""
+    found = journal.peek()
+    if found is None or not found[0] or not os.path.exists(partial_path):
+        return
+    done, same = found
+    how = ("with the same inputs and parameters: resume=True (--resume on the command line) "
+           "would have continued it" if same else "with other inputs or parameters")
+    warnings.warn(f"{path}: discarding an interrupted run "
+                  f"of this output ({done} of {bands} row bands were finished, {how}); "
+                  "starting over", PartialRunDiscarded, stacklevel=4)
 
 
 def _cluster_threads(scheduler: Any) -> int:

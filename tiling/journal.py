@@ -20,6 +20,10 @@ class JournalMismatch(ValueError):
     """The journal next to the output was made with other inputs or parameters."""
 
 
+class PartialRunDiscarded(UserWarning):
+    """A run without ``resume`` found an interrupted run of the same output and starts over."""
+
+
 def make_key(params: dict[str, Any]) -> str:
     """SHA-256 hex digest of ``params`` as canonical JSON."""
     blob = json.dumps(params, sort_keys=True, default=str, separators=(",", ":"))
@@ -44,17 +48,9 @@ class Journal:
         """Read an existing journal; return its finished bands. Refuses a mismatching key."""
         if not os.path.exists(self.path):
             return set()
-        with open(self.path) as f:
-            lines = [ln for ln in f.read().splitlines() if ln.strip()]
         try:
-            header = json.loads(lines[0])
-            bands = set()
-            for ln in lines[1:]:
-                try:
-                    bands.add(int(json.loads(ln)["band"]))
-                except (ValueError, KeyError):  # a torn last line after a crash
-                    break
-        except (IndexError, ValueError, KeyError) as err:
+            header, bands = _read(self.path)
+        except (IndexError, ValueError, KeyError, AttributeError) as err:
             raise JournalMismatch(f"the resume journal {self.path} is unreadable ({err}); "
                                   "delete it or run without --resume") from err
         if header.get("key") != self.key:
@@ -65,6 +61,15 @@ class Journal:
                 "over (this discards the partial result), or use the original inputs/parameters")
         self.done = set(bands)  # a copy: the caller's set of resumed bands must not grow
         return bands
+
+    def peek(self) -> tuple[int, bool] | None:
+        """``(finished bands, same key as this run)`` of the journal on disk, or None when there
+        is none or it is unreadable; never raises (:meth:`load` is for resuming)."""
+        try:
+            header, bands = _read(self.path)
+        except (OSError, IndexError, ValueError, KeyError, AttributeError):
+            return None
+        return len(bands), header.get("key") == self.key
 
     def start(self) -> None:
         """Create a fresh journal (drops any previous one)."""
@@ -87,6 +92,23 @@ class Journal:
             os.remove(self.path)
         except FileNotFoundError:
             pass
+
+
+def _read(path: str) -> tuple[dict[str, Any], set[int]]:
+    """The header and the finished bands of the journal at ``path`` (a torn last line, left by
+    a crash, ends the bands); raises on a missing or unreadable header."""
+    with open(path) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    header = json.loads(lines[0])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    bands = set()
+    for ln in lines[1:]:
+        try:
+            bands.add(int(json.loads(ln)["band"]))
+        except (ValueError, KeyError, TypeError):
+            break
+    return header, bands
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
