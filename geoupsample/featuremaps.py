@@ -237,7 +237,8 @@ def plan_features(
     feats = TileFeatures(backbone, stats)
     reducer = None
     if pca is not None:
-        reducer = PCA.fit(sample_features(scene, feats, tile=tile, aoi=aoi), pca)
+        reducer = PCA.fit(sample_features(scene, feats, tile=tile, aoi=aoi), pca,
+                          standardize=backbone.mixed_units)
         names = [f"pca_{i + 1}" for i in range(reducer.components.shape[0])]
     else:
         names = backbone.feature_names(len(scene.bands))
@@ -251,6 +252,8 @@ def plan_features(
         "geoupsample_backbone": repr(backbone.extra_repr()),
         "geoupsample_stride": str(backbone.stride),
         "geoupsample_pca": str(pca or 0),
+        **({"geoupsample_pca_scaling": "standardized" if backbone.mixed_units else "none"}
+           if pca else {}),
         "geoupsample_render": json.dumps(render),
     }
     params = {
@@ -264,7 +267,8 @@ def plan_features(
         "backbone_digest": backbone_digest(backbone),
         "stats": [stats.lo.tolist(), stats.hi.tolist()],
         "pca": pca,
-        "pca_digest": None if reducer is None else array_digest(reducer.mean, reducer.components),
+        "pca_digest": None if reducer is None
+        else array_digest(reducer.mean, reducer.scale, reducer.components),
         "render": render,
         "version": __version__,
     }

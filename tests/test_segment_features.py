@@ -147,6 +147,34 @@ def test_segment_label_errors(tmp_path: Path) -> None:
     assert code == 2 and "at least two classes" in text
 
 
+def test_spectral_pca_does_not_depend_on_the_bands_units(tmp_path: Path) -> None:
+    """``spectral`` features mix units (band means beside NDVI): their PCA standardises them,
+    so the scene in reflectance (x 1e-4) gets the components of the scene in digital numbers
+    (a covariance PCA follows the largest-valued features: the band statistics in DN, NDVI and
+    NDWI in reflectance)."""
+    with rasterio.open(SCENE) as src:
+        profile, data = src.profile, src.read()
+        descriptions = src.descriptions
+    scaled = tmp_path / "reflectance.tif"
+    profile.update(dtype="float32")
+    with rasterio.open(scaled, "w", **profile) as dst:
+        dst.write((data * 1e-4).astype(np.float32))
+        dst.descriptions = descriptions
+    outs = []
+    for scene, name in ((SCENE, "dn.tif"), (scaled, "refl.tif")):
+        code, text = cli(
+            "features", scene, "-o", tmp_path / name, "--pca", "3", "--cell-size", "10",
+            "--method", "nearest", "-q",
+        )  # fmt: skip
+        assert code == 0, text
+        with rasterio.open(tmp_path / name) as ds:
+            assert ds.tags()["geoupsample_pca_scaling"] == "standardized"
+            outs.append(ds.read())
+    dn, refl = outs
+    assert dn.std(axis=(1, 2)).min() > 0.1  # standardised units: components of a few tenths
+    np.testing.assert_allclose(refl, dn, atol=1e-3 * float(dn.std()))
+
+
 def test_features_timm_pca_and_band_mismatch(tmp_path: Path) -> None:
     out = tmp_path / "f.tif"
     code, text = cli(

@@ -47,6 +47,9 @@ class Backbone(nn.Module):
     num_features: int
     #: HR pixels per LR cell along each axis.
     stride: int
+    #: Whether the channels are in different units (band statistics beside indices), so that a
+    #: PCA must standardise them first; an embedding's channels share one.
+    mixed_units: bool = False
 
     @property
     def context_margin(self) -> int:

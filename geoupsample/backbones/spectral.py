@@ -68,7 +68,8 @@ def identify_bands(band_names: Sequence[str] | None) -> dict[str, int]:
 
 
 class SpectralBackbone(Backbone):
-    """Per-cell band statistics and spectral indices; no weights, deterministic.
+    """Per-cell band statistics and spectral indices; no weights, deterministic. The channels
+    are in mixed units (:attr:`mixed_units`: a ``--pca`` standardises them).
 
     Output channels, in order: for each statistic (``mean``, ``std``, ``edge``), every band
     followed by every index; then, with ``context``, their neighbourhood means in the same order
@@ -84,6 +85,8 @@ class SpectralBackbone(Backbone):
         context: rings of neighbouring cells over which every feature is also averaged (0: the
             cell's own statistics only).
     """
+
+    mixed_units = True
 
     def __init__(
         self,
