@@ -349,8 +349,11 @@ def _upsample_raster(
               "device": str(device), "stats": None if stats is None else
               [stats.lo.tolist(), stats.hi.tolist()], "render": render, "unit": scene.unit,
               "version": __version__}
-    fits_at_once = workers if method not in INTERPOLATIONS and scheduler is None else None
-    with threads_per_worker(fits_at_once, device):  # cores // workers torch threads per fit
+    # cores // workers torch threads per tile: interpolations run a tile per core by default,
+    # and torch's own threads on top of them (and of GDAL's compression threads) stall its
+    # parallel regions on a busy machine
+    tiles_at_once = workers if scheduler is None else None
+    with threads_per_worker(tiles_at_once, device):
         report = tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.period,
                             align_offset=rel.offset, blend=blend, region=rel.region,
                             context=read_context(method, rel), aoi=aoi,

