@@ -66,6 +66,13 @@ def backbone_digest(backbone: Backbone) -> str:
     return h.hexdigest()
 
 
+def bands_tag(indexes: Sequence[int], names: Sequence[str]) -> str:
+    """The ``geoupsample_bands`` tag: which of the scene's bands were used (the CLI's
+    ``--bands``, ``bands=`` of the Python functions), as JSON
+    ``{"indexes": [1-based band numbers], "names": [their names]}``."""
+    return json.dumps({"indexes": [int(i) for i in indexes], "names": [str(n) for n in names]})
+
+
 def array_digest(*arrays: np.ndarray, decimals: int = 6) -> str:
     """A digest of arrays rounded to ``decimals`` (refits on the same data agree)."""
     h = hashlib.blake2b(digest_size=16)
@@ -230,8 +237,13 @@ def plan_features(
     seed: int = 0,
     consistency: float | None = None,
     aoi: BaseGeometry | None = None,
+    band_indexes: Sequence[int] | None = None,
 ) -> FeaturePlan:
-    """Scene statistics, the PCA (fitted on windows touching ``aoi`` when given) and the job."""
+    """Scene statistics, the PCA (fitted on windows touching ``aoi`` when given) and the job.
+
+    ``band_indexes``: the 1-based numbers, in the source the scene was chosen from, of the
+    scene's bands, recorded in the ``geoupsample_bands`` tag (default ``scene.bands``: a
+    :class:`Scene`'s file band numbers)."""
     check_method_options(method, iters, radius, seed)
     stats = scene.guide_stats()
     feats = TileFeatures(backbone, stats)
@@ -249,7 +261,10 @@ def plan_features(
     tags = {
         "geoupsample_version": __version__,
         "geoupsample_method": method,
-        "geoupsample_backbone": repr(backbone.extra_repr()),
+        "geoupsample_backbone": backbone.extra_repr(),
+        "geoupsample_bands": bands_tag(
+            scene.bands if band_indexes is None else band_indexes, scene.band_names
+        ),
         "geoupsample_stride": str(backbone.stride),
         "geoupsample_pca": str(pca or 0),
         **({"geoupsample_pca_scaling": "standardized" if backbone.mixed_units else "none"}

@@ -42,6 +42,7 @@ from geoupsample.featuremaps import (
     TileFeatures,
     array_digest,
     backbone_digest,
+    bands_tag,
     lr_window_grid,
     run_backbone_job,
 )
@@ -481,6 +482,7 @@ def segment_raster(
         "geoupsample_version": __version__,
         "geoupsample_method": method,
         "geoupsample_backbone": backbone.extra_repr(),
+        "geoupsample_bands": bands_tag(scene.bands, scene.band_names),
         "geoupsample_render": json.dumps(plan.job.render),
         "geoupsample_params": params_text(method, iters, radius, tile, halo, "taper", seed),
         "class_names": json.dumps(list(classes)),

@@ -16,13 +16,21 @@ agree exactly.
 segment`` on a scene DataArray (lazy too; the PCA and the probe are fitted when called)::
 
     scene = rioxarray.open_rasterio("scene.tif", chunks=True)
-    feats = features(scene, "timm:resnet18", weights="w.safetensors", pca=8)
+    feats = features(scene, "timm:resnet18", weights="w.safetensors", layer=2,
+                     bands=["red", "green", "blue"], pca=8)
     classes = segment(scene, "polygons.geojson", "class", "spectral", cell_size=8)
+
+Their arguments mean what the CLI's options of the same names do: ``bands=`` chooses the scene's
+bands (``--bands``), ``model_bands=`` those of them a timm model sees (``--model-bands``),
+``layer=`` is the backbone's layer (``--layer``) and segment's ``labels_layer=`` the labels
+file's (``--labels-layer``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,9 +40,15 @@ import xarray as xr
 import tiling
 from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.featuremaps import plan_features
+from geoupsample.featuremaps import bands_tag, plan_features
 from geoupsample.grids import overlap_window, relate_or_nest
-from geoupsample.inputs import InputError, array_guide_stats, array_reader, check_method_options
+from geoupsample.inputs import (
+    InputError,
+    array_guide_stats,
+    array_reader,
+    check_method_options,
+    select_bands,
+)
 from geoupsample.pipeline import UpsampleTile, read_context, tile_blend, warp_text
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, check_not_rotated, scene_aoi
@@ -233,30 +247,83 @@ def _warped(lowres: xr.DataArray, grid: tiling.Warp) -> xr.DataArray:
     return out.rio.write_nodata(np.nan, encoded=False)
 
 
-def _scene(scene: xr.DataArray) -> ArrayScene:
-    """An :class:`~geoupsample.featuremaps.ArrayScene` from a rioxarray ``[band, y, x]`` array;
-    band names from ``long_name`` (rioxarray's band descriptions), else ``band1``...; ``scene``
-    as :func:`_as_bands` returns it."""
-    if scene.rio.crs is None:
-        raise InputError("the scene has no CRS; assign one (scene.rio.write_crs(...))")
-    check_not_rotated(scene.rio.transform(), "scene")
+def _descriptions(scene: xr.DataArray) -> tuple[str, ...]:
+    """The band descriptions of a ``[band, y, x]`` ``scene``: its ``long_name`` (rioxarray's
+    band descriptions: one string per band, or a string for one band), "" where a band has none
+    or when they do not fit the bands (a selection of a multi-band file keeps all of them)."""
     n = scene.shape[0]
     long_name = scene.attrs.get("long_name")
     names = [long_name] if isinstance(long_name, str) else list(long_name or ())
-    if len(names) != n or not all(names):
-        names = [f"band{i}" for i in range(1, n + 1)]
-    return ArrayScene(scene.data, tuple(str(v) for v in names), scene.rio.crs,
-                      scene.rio.transform(), scene.rio.nodata)
+    if len(names) != n:
+        return ("",) * n
+    return tuple(str(v) if v else "" for v in names)
 
 
-def _backbone(backbone: Backbone | str, scene: ArrayScene, options: dict[str, Any]) -> Backbone:
-    if isinstance(backbone, str):
-        from geoupsample.backbones import create
+def _chosen_bands(scene: xr.DataArray, bands: Sequence[int | str] | None
+                  ) -> tuple[xr.DataArray, tuple[int, ...], tuple[str, ...]]:
+    """``scene`` reduced to ``bands`` (1-based positions along its band dim, or band
+    descriptions: the CLI's ``--bands``, matched by the CLI's own rules), with the chosen
+    positions and names (a band without description is ``band<i>``, as in the CLI).
 
-        return create(backbone, band_names=scene.band_names, **options)
-    if options:
-        raise InputError("backbone options are for a backbone given by name")
-    return backbone
+    ``scene`` is ``[band, y, x]`` as :func:`_as_bands` returns it."""
+    descs = _descriptions(scene)
+    if isinstance(bands, (str, int)):
+        bands = [bands]  # one band: "nir" or 4, not the letters of "nir"
+    # select_bands reads only a dataset's band count and descriptions
+    idx = select_bands(SimpleNamespace(count=len(descs), descriptions=descs), bands, "scene")
+    names = tuple(descs[i - 1] or f"band{i}" for i in idx)
+    if bands is not None:
+        scene = scene.isel({scene.dims[0]: [i - 1 for i in idx]})
+    return scene, idx, names
+
+
+def _scene(scene: xr.DataArray, names: Sequence[str]) -> ArrayScene:
+    """An :class:`~geoupsample.scenes.ArrayScene` from a rioxarray ``[band, y, x]`` array
+    (as :func:`_as_bands` returns it) and its band names."""
+    if scene.rio.crs is None:
+        raise InputError("the scene has no CRS; assign one (scene.rio.write_crs(...))")
+    check_not_rotated(scene.rio.transform(), "scene")
+    return ArrayScene(scene.data, tuple(names), scene.rio.crs, scene.rio.transform(),
+                      scene.rio.nodata)
+
+
+def _model_bands(model_bands: Sequence[int | str]) -> list[int | str]:
+    """The CLI's ``--model-bands`` (1-based indexes among the chosen bands, or names) as the
+    timm backbone's ``bands`` (0-based indexes, or names), converted as the CLI does."""
+    if isinstance(model_bands, (str, int)):
+        model_bands = [model_bands]
+    out: list[int | str] = []
+    for b in model_bands:
+        if isinstance(b, str) and not b.strip().isdigit():
+            out.append(b.strip())
+            continue
+        i = int(b)
+        if isinstance(b, bool) or i < 1:
+            raise InputError(f"model_bands are band names or 1-based indexes among the chosen "
+                             f"bands (as the CLI's --model-bands), got {b!r}")
+        out.append(i - 1)
+    if not out:
+        raise InputError("model_bands=[] chooses no band; leave it out to feed all the bands")
+    return out
+
+
+def _backbone(backbone: Backbone | str, scene: ArrayScene, options: dict[str, Any],
+              model_bands: Sequence[int | str] | None = None) -> Backbone:
+    """``backbone``, or the backbone it names built for ``scene``'s bands with ``options``
+    (the CLI's backbone options; ``model_bands``: its ``--model-bands``)."""
+    if not isinstance(backbone, str):
+        if options or model_bands is not None:
+            raise InputError("backbone options (model_bands=, layer=, weights=...) are for a "
+                             "backbone given by name; build a Backbone object with them instead")
+        return backbone
+    from geoupsample.backbones import create
+
+    if model_bands is not None:
+        if backbone.strip().lower() == "spectral":
+            raise InputError("the spectral backbone takes no model bands; drop model_bands= "
+                             "(use bands= to choose the scene's bands)")
+        options = {**options, "bands": _model_bands(model_bands)}
+    return create(backbone, band_names=scene.band_names, **options)
 
 
 def _on_scene_grid(arr: Any, scene: xr.DataArray, bands: Any, attrs: dict[str, Any],
@@ -270,6 +337,8 @@ def _on_scene_grid(arr: Any, scene: xr.DataArray, bands: Any, attrs: dict[str, A
 
 
 def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
+             bands: Sequence[int | str] | None = None,
+             model_bands: Sequence[int | str] | None = None,
              pca: int | None = None, method: str = "gsjbu", iters: int = 50, radius: int = 3,
              tile: int = 512, halo: int = 64, device: str | None = None, seed: int = 0,
              consistency: float | None = None, aoi: Any = None, aoi_crs: Any = None,
@@ -277,30 +346,45 @@ def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
     """Backbone features of ``scene`` upsampled to its grid; a lazy dask-backed DataArray.
 
     The same tiles, blended the same way, as :func:`geoupsample.featuremaps.features_raster`
-    (``geoupsample features``): computing the result gives the pixels of its float32 GeoTIFF.
+    (``geoupsample features``): computing the result gives the pixels of its float32 GeoTIFF,
+    the arguments meaning what the CLI's options of the same names do.
 
     Args:
-        scene: ``[band, y, x]`` rioxarray DataArray (numpy- or dask-backed) with a CRS.
+        scene: ``[band, y, x]`` rioxarray DataArray (numpy- or dask-backed) with a CRS; its
+            band names are its ``long_name`` (rioxarray's band descriptions; ``band<i>`` for a
+            band without one).
         backbone: a :class:`~geoupsample.backbones.Backbone`, or a name for
-            :func:`geoupsample.backbones.create` (``"spectral"``, ``"timm:<model>"``) built with
-            the scene's band names (``long_name``) and ``backbone_options`` (e.g.
-            ``cell_size=10``; ``weights=...``, ``bands=["red", "green", "blue"]`` for timm).
+            :func:`geoupsample.backbones.create` (``"spectral"``, ``"timm:<model>"``) built for
+            the chosen bands with ``model_bands`` and ``backbone_options``.
+        bands: the scene's bands to use at all, as guide and backbone input (CLI: ``--bands``):
+            1-based positions along the band dim (a whole file's band numbers) or band names
+            (``long_name``: exact, else ignoring case when that names one band); default all.
+        model_bands: which of the chosen bands a timm model sees, names or 1-based indexes
+            among them (CLI: ``--model-bands``; e.g. ``["red", "green", "blue"]`` for an RGB
+            model on a 4-band scene); default all. Not for ``spectral``.
+        backbone_options: the other options of the backbone, as the CLI's: ``layer=2``,
+            ``weights="w.safetensors"``, ``pretrained=True``, ``random_init=True``,
+            ``adapt_stem=True`` (timm); ``cell_size=10``, ``context=0`` (spectral); or any
+            keyword of the backbone's class.
         pca, method, iters, radius, tile, halo, device, seed, consistency, aoi, aoi_crs: as in
             :func:`~geoupsample.featuremaps.features_raster`.
         blocksize: output chunk size (the block size of the file you will write).
 
     Returns:
         float32 ``[band, y, x]`` on the scene's coordinates with its CRS and transform, NaN as
-        nodata, ``long_name`` the feature (or ``pca_<i>``) names. Computed eagerly: the
-        scene-wide guide statistics (a regular subsample) and the PCA (a sample of windows);
-        the tiles run when the result is computed.
+        nodata, ``long_name`` the feature (or ``pca_<i>``) names, and the tags of the CLI's
+        file as attributes (``geoupsample_backbone``, ``geoupsample_bands``: the chosen
+        bands...). Computed eagerly: the scene-wide guide statistics (a regular subsample) and
+        the PCA (a sample of windows); the tiles run when the result is computed.
     """
     scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
-    sc = _scene(scene)
-    bb = _backbone(backbone, sc, backbone_options)
+    scene, idx, names = _chosen_bands(scene, bands)
+    sc = _scene(scene, names)
+    bb = _backbone(backbone, sc, backbone_options, model_bands)
     geom = scene_aoi(aoi, aoi_crs, sc)
     plan = plan_features(sc, bb, pca=pca, method=method, iters=iters, radius=radius, tile=tile,
-                         device=device, seed=seed, consistency=consistency, aoi=geom)
+                         device=device, seed=seed, consistency=consistency, aoi=geom,
+                         band_indexes=idx)
     arr = _lazy(plan.job, sc, bb.stride, len(plan.names), tile, halo, blocksize, geom)
     attrs = {**plan.tags, "long_name": tuple(plan.names)}
     return _on_scene_grid(arr, scene, np.arange(1, len(plan.names) + 1), attrs, np.nan)
@@ -308,8 +392,9 @@ def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
 
 def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = None,
             backbone: Backbone | str = "spectral", *, probe: Any = None,
-            probabilities: bool = False,
-            labels_crs: Any = None, layer: str | None = None, method: str = "gsjbu",
+            probabilities: bool = False, bands: Sequence[int | str] | None = None,
+            model_bands: Sequence[int | str] | None = None,
+            labels_crs: Any = None, labels_layer: str | None = None, method: str = "gsjbu",
             iters: int = 50, radius: int = 3, tile: int = 512, halo: int = 64,
             weight_decay: float = 1e-3, class_weight: str | None = None,
             device: str | None = None, seed: int = 0, consistency: float | None = None,
@@ -319,14 +404,18 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
     """Segment ``scene`` from labelled polygons; a lazy dask-backed DataArray on its grid.
 
     The probe is fitted eagerly (as in :func:`geoupsample.segmentation.segment_raster`, on all
-    the polygons); the probabilities' tiles run when the result is computed.
+    the polygons); the probabilities' tiles run when the result is computed. The arguments
+    mean what the CLI's options of the same names do (``geoupsample segment``).
 
     Args:
         scene: ``[band, y, x]`` rioxarray DataArray with a CRS.
-        labels, class_field, labels_crs, layer: a vector file (GeoJSON, GeoPackage,
-            Shapefile...) or a GeoDataFrame, and the attribute holding the class (or
+        labels, class_field: a vector file (GeoJSON, GeoPackage, Shapefile...) or a
+            GeoDataFrame, and the attribute holding the class (or
             :class:`~geoupsample.labels.LabelPolygons`).
-        backbone, backbone_options: as in :func:`features`.
+        labels_crs, labels_layer: the polygons' CRS if the file does not say, and the layer
+            holding them in a file with several (CLI: ``--labels-crs``, ``--labels-layer``).
+        backbone, bands, model_bands, backbone_options: as in :func:`features`; ``layer=`` is
+            the backbone's layer (CLI: ``--layer``), not the labels file's.
         probe: a fitted :class:`~geoupsample.heads.LinearProbe`, or the file ``--save-probe``
             wrote, applied instead of fitting one (``labels`` None).
         probabilities: return the class probabilities instead of the class raster.
@@ -337,7 +426,8 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
         ``attrs["class_names"]``) and ``confidence`` (winning probability x 254), nodata 255:
         the pixels of ``geoupsample segment``'s OUT (without ``--probs``). With
         ``probabilities=True``: float32 ``[band, y, x]``, one band per class (``long_name``),
-        NaN as nodata: the pixels of ``--probs-dtype float32``.
+        NaN as nodata: the pixels of ``--probs-dtype float32``. Attributes:
+        ``geoupsample_backbone``, ``geoupsample_bands`` (the chosen bands), ``class_names``...
     """
     import dask.array as da
 
@@ -349,11 +439,16 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
         plan_segment,
     )
 
+    if isinstance(backbone_options.get("layer"), str):
+        raise InputError(f"layer={backbone_options['layer']!r} is the backbone's layer (a "
+                         "block or stage number, CLI: --layer); name the labels file's layer "
+                         "with labels_layer= (CLI: --labels-layer)")
     scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
-    sc = _scene(scene)
-    bb = _backbone(backbone, sc, backbone_options)
+    scene, idx, band_names = _chosen_bands(scene, bands)
+    sc = _scene(scene, band_names)
+    bb = _backbone(backbone, sc, backbone_options, model_bands)
     polys, fitted = labels_or_probe(labels, class_field, probe, sc, bb, labels_crs=labels_crs,
-                                    layer=layer)
+                                    layer=labels_layer)
     geom = scene_aoi(aoi, aoi_crs, sc)
     plan = plan_segment(sc, polys, bb, probe=fitted, scale=1.0, method=method, iters=iters,
                         radius=radius, tile=tile, weight_decay=weight_decay,
@@ -367,6 +462,7 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
 
     attrs = {"geoupsample_version": __version__, "geoupsample_method": method,
              "geoupsample_backbone": bb.extra_repr(),
+             "geoupsample_bands": bands_tag(idx, band_names),
              "class_names": json.dumps(list(names))}
     if probabilities:
         return _on_scene_grid(probs, scene, np.arange(1, k + 1),
