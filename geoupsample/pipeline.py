@@ -48,7 +48,13 @@ from geoupsample.inputs import (
     scene_guide_stats,
     select_bands,
 )
-from geoupsample.render_settings import SceneRender, declared_unit, lowres_sample, scene_render
+from geoupsample.render_settings import (
+    SceneRender,
+    declared_unit,
+    lowres_sample,
+    missing_cells,
+    scene_render,
+)
 from geoupsample.workers import (
     available_cores,
     check_device,
@@ -108,17 +114,24 @@ class UpsampleTile:
 
     def __init__(self, method: str, stats: gu.GuideStats | None, iters: int = 50,
                  radius: int = 3, device: str | None = None, seed: int = 0,
-                 render: dict[str, Any] | None = None, unit: float | None = None) -> None:
+                 render: dict[str, Any] | None = None, unit: float | None = None,
+                 cell_nodata: float | None = None,
+                 channels: Sequence[int] | None = None) -> None:
         self.method, self.stats, self.iters = method, stats, iters
         self.radius, self.device, self.seed = radius, device, seed
         #: rendering arguments of gu.upsample (``kind``, ``consistency``, ...), scene-wide
         self.render = dict(render or {})
         #: probabilities stored as fractions of ``unit`` (e.g. 255): rendered as fractions of 1
         self.unit = unit
+        #: probabilities read as stored: the cells whose channels all hold this are missing
+        self.cell_nodata = cell_nodata
+        #: the channels returned (0-based), when more are rendered than written (a subset of
+        #: a probability raster's bands renders with all of them)
+        self.channels = None if channels is None else list(channels)
 
     def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
         tune_allocator()  # once per process, so on dask.distributed workers too (see its module)
-        x = ctx.data["lowres"]
+        x = missing_cells(ctx.data["lowres"], self.cell_nodata)
         g = ctx.data.get("guide")
         if g is None:  # interpolation with a guide that cannot hold nodata: only its shape
             g = np.zeros((1, int(ctx.window.height), int(ctx.window.width)), np.float32)
@@ -133,6 +146,8 @@ class UpsampleTile:
                               device=self.device, seed=self.seed, normalize=self.stats,
                               **self.render)
         out = np.asarray(out, dtype=np.float32)  # a new array: scaled in place
+        if self.channels is not None:
+            out = out[self.channels]
         if self.unit is not None:
             out *= np.float32(self.unit)
         return out
@@ -305,6 +320,25 @@ def _upsample_raster(
         scene = _render_options(method, kind, lr_file, lr_idx, file_window,
                                 consistency=consistency, self_guidance=self_guidance,
                                 min_sigma_r=min_sigma_r)
+        read_idx, channels = lr_idx, None
+        if kind != "continuous" and len(set(lr_idx)) < lr_file.count:
+            # some bands of a probability raster are still probabilities: they render with
+            # all the bands (on the simplex), and the chosen ones are written
+            full = _render_options(method, kind, lr_file, list(range(1, lr_file.count + 1)),
+                                   file_window, consistency=consistency,
+                                   self_guidance=self_guidance, min_sigma_r=min_sigma_r)
+            if full.arguments.get("kind") == "probabilities":
+                scene, read_idx = full, list(range(1, lr_file.count + 1))
+                channels = [i - 1 for i in lr_idx]
+        # probabilities with a nodata value: read as stored, missing where every band holds it
+        # (a warp resamples band by band: there the nodata value stays GDAL's, per band)
+        cell_nodata = scene.cell_nodata if lr_warp is None else None
+        if (scene.arguments.get("kind") == "probabilities" and nodata is not None
+                and 0 <= nodata <= (scene.unit or 1.0)):
+            # a probability can hold the nodata value (1 x 255 with nodata 255): floats take
+            # NaN, integers a mask band, so that no probability is clipped or masked
+            nodata, nodata_mask = ((float("nan"), False) if np.dtype(out_dtype).kind == "f"
+                                   else (None, True))
         render = {**scene.arguments, **({"keep_missing": True} if keep_missing else {})}
         if (render.get("kind") == "probabilities" and scene.unit is None
                 and np.dtype(out_dtype).kind in "iu"):
@@ -339,10 +373,13 @@ def _upsample_raster(
         compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask,
         colormaps=colormaps, **packing)
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       render=render, unit=scene.unit)
+                       render=render, unit=scene.unit, cell_nodata=cell_nodata,
+                       channels=channels)
     if workers is None and scheduler is None:
         workers = available_cores() if method in INTERPOLATIONS else 1
-    inputs = {"lowres": tiling.RasterInput(lowres_path, lr_idx, warp=lr_warp)}
+    inputs = {"lowres": tiling.RasterInput(
+        lowres_path, tuple(read_idx), nodata=None if cell_nodata is None else float("nan"),
+        warp=lr_warp)}
     if guide_needed:
         inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
@@ -417,9 +454,9 @@ def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
                     ) -> SceneRender:
     """:func:`scene_render` for a low-res raster file, sampled over ``window``
     (:func:`lowres_sample`); its ``probability_scale`` tag, if any, declares the unit."""
-    read = file_reader(lr, indexes, lr.nodata)
+    read = file_reader(lr, indexes, None)  # as stored: scene_render applies the nodata value
     return scene_render(method, kind, lambda: lowres_sample(read, window),
-                        declared_unit(lr.tags()), **overrides)
+                        declared_unit(lr.tags()), lr.nodata, **overrides)
 
 
 def params_text(method: str, iters: int, radius: int, tile: int, halo: int, blend: str,

@@ -68,6 +68,32 @@ class SceneRender:
 
     arguments: dict[str, Any]
     unit: float | None = None
+    #: For probabilities with a nodata value: the tiles read the values as stored and take as
+    #: missing only the cells whose channels all hold it (:func:`missing_cells`); None: nodata
+    #: is applied band by band as it is read.
+    cell_nodata: float | None = None
+
+
+def missing_values(x: np.ndarray | torch.Tensor, nodata: float | None) -> Any:
+    """``x [C, h, w]`` with NaN wherever a value equals ``nodata`` (band by band)."""
+    if nodata is None or math.isnan(nodata):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.masked_fill(x == nodata, float("nan"))
+    return np.where(x == nodata, np.float32(np.nan), x)
+
+
+def missing_cells(x: np.ndarray | torch.Tensor, nodata: float | None) -> Any:
+    """``x [C, h, w]`` (class probabilities as stored) with NaN in every channel of the cells
+    whose channels all equal ``nodata``. A probability raster's nodata marks cells, not single
+    values: with uint8 probabilities x 255 and nodata 255 (or 0) a class that is certain (or
+    impossible) holds the nodata value in its own band, and masking band by band would drop it
+    (the other classes' zeros would then win the cell)."""
+    if nodata is None or math.isnan(nodata):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.masked_fill((x == nodata).all(-3, keepdim=True), float("nan"))
+    return np.where((x == nodata).all(-3, keepdims=True), np.float32(np.nan), x)
 
 
 def declared_unit(tags: Mapping[str, Any]) -> float | None:
@@ -82,7 +108,8 @@ def declared_unit(tags: Mapping[str, Any]) -> float | None:
 
 
 def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
-                 unit: float | None = None, **overrides: float | None) -> SceneRender:
+                 unit: float | None = None, nodata: float | None = None,
+                 **overrides: float | None) -> SceneRender:
     """The tiles' rendering, decided once for the scene so that tiles agree.
 
     Args:
@@ -94,6 +121,10 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
         unit: the probability unit the raster declares (:func:`declared_unit`), if any.
             Otherwise probabilities are recognised by their channels summing to one value: 1
             for fractions, 255 for 8-bit storage... (:func:`presets.probability_unit`).
+        nodata: the raster's nodata value when ``sample`` returns the values as stored (NaN
+            only where they are NaN or masked): probabilities take as missing the cells whose
+            channels all hold it (:attr:`SceneRender.cell_nodata`), other rasters every value
+            that equals it. None: ``sample`` has applied the nodata value already.
         overrides: ``consistency``, ``self_guidance``, ``min_sigma_r`` (None = the default).
 
     Raises:
@@ -105,9 +136,10 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
         presets.check_kind(kind)
     except ValueError as err:
         raise InputError(str(err)) from err
-    x = None
+    x = stored = None
     if kind in ("auto", "probabilities") or render.get("self_guidance"):
-        x = sample()
+        stored = sample()
+        x = missing_cells(stored, nodata)
     if kind != "continuous":
         if unit is not None:  # a stale tag (values rescaled since) would scale the output wrongly
             try:
@@ -130,7 +162,8 @@ def scene_render(method: str, kind: str, sample: Callable[[], torch.Tensor],
     if kind == "probabilities":  # (interpolations: the kind only keeps them on [0, 1])
         if method not in INTERPOLATIONS:
             render["self_guidance_scale"] = 1.0  # the same unit in every tile
-        return SceneRender(render, None if unit == 1.0 else unit)
+        cell_nodata = None if nodata is None or math.isnan(nodata) else float(nodata)
+        return SceneRender(render, None if unit == 1.0 else unit, cell_nodata)
     if render.get("self_guidance"):  # the scene's span, not each tile's: tiles agree
-        render["self_guidance_scale"] = robust_span(x)
+        render["self_guidance_scale"] = robust_span(missing_values(stored, nodata))
     return SceneRender(render)

@@ -143,9 +143,9 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     # the render is decided from the values as given, before any warp (as the CLI does)
     window = overlap_window(lr_t, lowres.shape[1:], guide.rio.bounds(), guide.rio.crs,
                             lowres.rio.crs)
-    read = array_reader(lowres.data, lowres.rio.nodata)  # computes only the sampled slices
+    read = array_reader(lowres.data, None)  # as stored; computes only the sampled slices
     scene = scene_render(method, kind, lambda: lowres_sample(read, window),
-                         declared_unit(lowres.attrs),
+                         declared_unit(lowres.attrs), lowres.rio.nodata,
                          consistency=consistency, self_guidance=self_guidance,
                          min_sigma_r=min_sigma_r)
     blend, halo = tile_blend(blend, method, halo, rel.scale)
@@ -154,6 +154,10 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         lowres = _warped(lowres, nesting)
         lr_t = lowres.rio.transform()
     lr_nodata, hr_nodata = lowres.rio.nodata, guide.rio.nodata
+    # probabilities with a nodata value: read as stored, missing where every band holds it
+    cell_nodata = scene.cell_nodata if nesting is None else None
+    if cell_nodata is not None:
+        lr_nodata = None
     stats = None
     if method not in INTERPOLATIONS:
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
@@ -164,7 +168,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                            context=read_context(method, rel))
     geom = load_aoi(aoi, guide.rio.crs, aoi_crs) if aoi is not None else None
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       render=render, unit=scene.unit)
+                       render=render, unit=scene.unit, cell_nodata=cell_nodata)
     inputs = {"lowres": tiling.ArrayInput(lowres.data, lr_t, lr_nodata),
               "guide": tiling.ArrayInput(guide.data, hr_t, hr_nodata)}
     arr = to_dask(job, inputs, grid, lowres.shape[0], hr_t, geom)

@@ -281,7 +281,8 @@ class Kernels:
                 the four arguments above (:mod:`geoupsample.core.presets`): continuous
                 ``consistency=2`` and nothing else; probabilities ``consistency=1``,
                 ``self_guidance=1`` at scale 1, ``min_sigma_r=0.3``, and outputs kept on the
-                simplex (clipped to [0, 1], renormalised).
+                simplex (clipped to [0, 1], renormalised). A cell of probabilities whose
+                channels are all 0 holds no prediction (zero padding): it is missing, as NaN.
 
         Returns:
             ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 input), the same kind
@@ -294,6 +295,8 @@ class Kernels:
         if kind == "probabilities":  # declared, not detected (detection already checked it)
             presets.check_probabilities(xt)
         name, preset = presets.resolve(kind, xt)
+        if preset.simplex:  # cells of all-zero probabilities hold none: missing
+            xt = presets.without_empty_cells(xt.to(out_dtype))
         rounds = check_rounds(preset.consistency if consistency is None else consistency)
         if self_guidance is None:
             self_guidance = preset.self_guidance

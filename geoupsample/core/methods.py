@@ -150,6 +150,11 @@ def _interpolating(mode: str) -> Method:
         hr_shape = (int(g.shape[1]), int(g.shape[2]))
         lr_shape = check_lr_shape(xt.shape[-2:], hr_shape)
         dtype = float_dtype(xt)
+        if kind == "probabilities":
+            presets.check_probabilities(xt)
+        simplex = presets.resolve(kind, xt)[1].simplex
+        if simplex:  # cells of all-zero probabilities hold none: missing
+            xt = presets.without_empty_cells(xt.to(dtype))
         flat = xt.reshape(-1, *lr_shape).to(dtype)
         out = interpolate(flat, hr_shape, mode)
         valid = valid_mask(g, nodata).to(out.device)
@@ -158,11 +163,8 @@ def _interpolating(mode: str) -> Method:
         if check_rounds(consistency):
             out = back_project(out, flat, CellLayout.build(hr_shape, lr_shape), consistency)
         out = out.reshape(*lead, *hr_shape)
-        if mode == "bicubic" or consistency:  # may leave [0, 1]: keep probabilities on it
-            if kind == "probabilities":
-                presets.check_probabilities(xt)
-            if presets.resolve(kind, xt)[1].simplex:
-                out = presets.to_simplex(out)
+        if simplex and (mode == "bicubic" or consistency):  # may leave [0, 1]: back on it
+            out = presets.to_simplex(out)
         return like_input(out, x)
 
     return run

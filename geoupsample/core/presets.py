@@ -76,14 +76,31 @@ KINDS = {"continuous": CONTINUOUS, "probabilities": PROBABILITIES}
 
 def complete_cells(x: torch.Tensor, min_channels: int = 2) -> torch.Tensor | None:
     """The channel values ``[cells, C]`` (float64) of the cells of ``x [..., C, h, w]`` whose
-    channels are all finite; None when ``x`` has fewer than ``min_channels`` channels, is not
-    real-valued, or has no complete cell."""
+    channels are all finite and, with two channels or more, not all zero (an empty cell, see
+    :func:`without_empty_cells`); None when ``x`` has fewer than ``min_channels`` channels, is
+    not real-valued, or has no such cell."""
     if x.ndim < 3 or x.shape[-3] < min_channels or x.dtype == torch.bool or x.is_complex():
         return None
     complete = torch.isfinite(x).all(-3)
+    if x.shape[-3] >= 2:
+        complete &= (x != 0).any(-3)
     if not bool(complete.any()):
         return None
     return x.movedim(-3, -1)[complete].double()
+
+
+def without_empty_cells(x: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``x [..., C, h, w]`` (floating) with NaN in every channel of the
+    cells whose channels are all 0: no class has any probability there, so the cell holds no
+    prediction (a model's output padded with zeros beyond its footprint) and renders as a
+    missing cell. Blended in as zeros they would pull the neighbouring pixels' classes towards
+    nothing, and they make the raster fail the sum-to-one test of :func:`probability_unit`."""
+    if x.shape[-3] < 2:
+        return x
+    empty = (x == 0).all(-3, keepdim=True)
+    if not bool(empty.any()):
+        return x
+    return x.masked_fill(empty, float("nan"))
 
 
 #: Storage units whose rounding :func:`rounding` recognises in fractions (8-bit x 254 or 255,
@@ -110,8 +127,9 @@ def looks_like_probabilities(x: torch.Tensor) -> bool:
     True when ``C >= 2``, every finite value lies in ``[0, 1]`` and the channels of every cell
     whose channels are all finite sum to 1, within :data:`SIMPLEX_TOLERANCE` or the rounding
     of their storage (``C`` x :func:`rounding`: 8-bit probabilities divided by 255 sum to
-    1 +- 0.008 with 4 classes); cells with a missing channel are ignored, and at least one cell
-    must be complete.
+    1 +- 0.008 with 4 classes); cells with a missing channel, and empty cells (all channels 0:
+    no prediction, see :func:`without_empty_cells`), are ignored, and at least one cell must be
+    complete.
     """
     values = complete_cells(x)
     if values is None:
@@ -132,8 +150,8 @@ def probability_unit(x: torch.Tensor) -> float | None:
     ``S`` is the channels' common sum: ``C >= 2``, no negative value, and every complete cell
     (all channels finite) sums to ``S`` up to rounding (per channel, :func:`rounding`: 0.5 for
     whole numbers, e.g. uint8 storage, ``0.5 / U`` for fractions stored as multiples of
-    ``1 / U``; at least :data:`SIMPLEX_TOLERANCE` x ``S`` for fractions). At least one cell must
-    be complete.
+    ``1 / U``; at least :data:`SIMPLEX_TOLERANCE` x ``S`` for fractions). Empty cells (all
+    channels 0) are ignored; at least one cell must be complete.
     """
     values = complete_cells(x)
     if values is None or bool((values < 0).any()):
