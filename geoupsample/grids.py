@@ -7,16 +7,21 @@
   warps it itself when told which resampling to use (``warp=``).
 * The grids must nest: north-up, the low-res pixel a whole number or a simple fraction ``p / q``
   (``q <=`` :data:`MAX_SCALE_DENOMINATOR`) of guide pixels per axis, e.g. 4 for 10 m on 2.5 m or
-  10/3 for 10 m on 3 m, and the low-res origin on the guide's pixel lattice (tolerance: 0.25
-  guide pixels of accumulated misfit across the scene). With ``p / q``, every ``p`` guide pixels
-  (``q`` low-res pixels) the two lattices meet again: tiles are aligned to that period, so each
-  tile is an exact piece of the whole (a guide pixel belongs to the low-res cell holding its
-  centre, see :mod:`geoupsample.core.layout`).
+  10/3 for 10 m on 3 m, and the low-res origin on the guide's pixel lattice. The tolerance,
+  :data:`GRID_TOLERANCE` (0.05 guide pixels, for the origin and for the scale's misfit
+  accumulated across the raster), only absorbs round-off (10/3 m written as 3.333333) and the
+  drift of co-registered products whose pixel sizes differ by 1e-4: an origin shifted by a
+  tenth of a pixel or more (7.4 m on a 30 m guide) is refused, not silently snapped onto the
+  lattice. With ``p / q``, every ``p`` guide pixels (``q`` low-res pixels) the two lattices
+  meet again: tiles are aligned to that period, so each tile is an exact piece of the whole (a
+  guide pixel belongs to the low-res cell holding its centre, see
+  :mod:`geoupsample.core.layout`).
 
 A low-res raster that breaks these rules only by its grid (another CRS, a rotated grid, a
 misaligned origin, a scale that is no simple fraction) raises :class:`GridMismatch`; the whole
 scene pipeline can then warp it, with a resampling the user chooses, onto
-:func:`nesting_grid`.
+:func:`nesting_grid`. Rasters that do not overlap at all are refused as such (a plain
+:class:`~geoupsample.inputs.InputError`), whatever their CRSs: no warp would help.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ from tiling.reader import Warp, check_resampling
 
 #: Largest denominator of a fractional scale (10/3, 20/3, 25/3... are accepted).
 MAX_SCALE_DENOMINATOR = 8
+
+#: Misfit, in guide pixels, up to which a low-res grid still counts as nesting: of its origin,
+#: and of its scale accumulated across the raster. It absorbs the round-off of transforms (a
+#: 10/3 m pixel stored as 3.3333333 m on a 1 m guide drifts by 3e-8 guide pixels per cell: 3e-3
+#: across 10^5 cells) and the tiny pixel-size differences of co-registered products: the
+#: bundled Rotterdam pair (SpaceNet 6: 1.0000483 m multispectral, 0.4999935 m pan, 2.000123
+#: guide pixels per cell) drifts by 0.037 guide pixels across its 300 cells, so a crop of it
+#: 100 cells in has its origin 0.012 pixels off. A shift of a tenth of a pixel is no round-off
+#: but another grid, which only a warp puts on the guide's lattice.
+GRID_TOLERANCE = 0.05
 
 
 class GridMismatch(InputError):
@@ -71,29 +86,42 @@ class GridRelation:
 
     @property
     def scale_text(self) -> str:
-        """``"sy x sx"`` as written in the output's tags, e.g. ``"2x2"`` or ``"10/3x10/3"``."""
-        return f"{self.scale[0]}x{self.scale[1]}"
+        """Guide pixels per low-res pixel as written in the output's tags, x by y (width by
+        height, as GDAL writes sizes): ``"2x2"``, ``"10/3x10/3"``, or ``"3x2"`` for a 90 m x
+        60 m low-res pixel on a 30 m guide."""
+        return f"{self.scale[1]}x{self.scale[0]}"
 
 
 def overlap_window(lr_transform: Affine, lr_shape: tuple[int, int],
                    hr_bounds: tuple[float, float, float, float], hr_crs: Any = None,
                    lr_crs: Any = None) -> Window:
-    """The window of the low-res grid (``lr_shape`` rows, cols) that the guide's
-    ``hr_bounds`` (west, south, east, north) cover, clipped to the low-res raster; the bounds
-    are taken from ``hr_crs`` to ``lr_crs`` when both are given and differ."""
+    """The window of whole low-res cells (``lr_shape`` rows, cols) that the guide's
+    ``hr_bounds`` (west, south, east, north) touch, clipped to the low-res raster: a cell the
+    guide covers only in part counts (a guide overlapping a fraction of one cell still has that
+    cell to upsample); the bounds are taken from ``hr_crs`` to ``lr_crs`` when both are given
+    and differ."""
     if hr_crs is not None and lr_crs is not None and (
             CRS.from_user_input(hr_crs) != CRS.from_user_input(lr_crs)):
         hr_bounds = transform_bounds(hr_crs, lr_crs, *hr_bounds)
     whole = Window(0, 0, lr_shape[1], lr_shape[0])
     if lr_transform.e < 0:
-        return from_bounds(*hr_bounds, transform=lr_transform).intersection(whole)
+        return _whole_cells(from_bounds(*hr_bounds, transform=lr_transform)).intersection(whole)
     # south-up rasters (read through a warp): rasterio's from_bounds refuses them; the
     # window spans the bounds' corners in the raster's own pixel coordinates
     west, south, east, north = hr_bounds
     corners = [~lr_transform * (x, y) for x in (west, east) for y in (south, north)]
     cols, rows = zip(*corners, strict=True)
     span = Window(min(cols), min(rows), max(cols) - min(cols), max(rows) - min(rows))
-    return span.intersection(whole)
+    return _whole_cells(span).intersection(whole)
+
+
+def _whole_cells(w: Window, sliver: float = GRID_TOLERANCE) -> Window:
+    """The whole cells that window ``w`` touches, leaving out slivers under ``sliver`` of a
+    cell (the round-off of bounds that fall on cell edges)."""
+    c0, r0 = math.floor(w.col_off + sliver), math.floor(w.row_off + sliver)
+    c1 = math.ceil(w.col_off + w.width - sliver)
+    r1 = math.ceil(w.row_off + w.height - sliver)
+    return Window(c0, r0, max(1, c1 - c0), max(1, r1 - r0))
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
@@ -103,13 +131,14 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
 
 def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, int],
                  hr_crs: CRS | None, hr_transform: Affine, hr_shape: tuple[int, int],
-                 tolerance: float = 0.25) -> GridRelation:
-    """Check that the low-res grid nests in the guide grid; raise :class:`InputError` if not.
+                 tolerance: float = GRID_TOLERANCE) -> GridRelation:
+    """Check that the low-res grid nests in the guide grid; raise :class:`InputError` if not
+    (:class:`GridMismatch` where a warp would fix it).
 
     Args:
         lr_shape, hr_shape: ``(rows, cols)``.
         tolerance: allowed misfit in guide pixels (origin, and scale error accumulated across
-            the low-res raster).
+            the low-res raster): :data:`GRID_TOLERANCE`.
     """
     if (lr_crs is None) != (hr_crs is None):
         which = "low-res raster" if lr_crs is None else "guide"
@@ -117,6 +146,8 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
                          "`gdal_edit.py -a_srs EPSG:XXXX file.tif` for a file, "
                          "`da.rio.write_crs('EPSG:XXXX')` for a DataArray)")
     if lr_crs is not None and CRS.from_user_input(lr_crs) != CRS.from_user_input(hr_crs):
+        # no warp makes rasters overlap: say so rather than suggest one onto an empty grid
+        _refuse_apart(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform, hr_shape)
         raise GridMismatch(_crs_message(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform,
                                         hr_shape))
     _check_north_up(hr_transform, "guide")
@@ -144,10 +175,13 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
     col_f, row_f = ~hr_transform * (lr_transform.c, lr_transform.f)
     oy, ox = round(row_f), round(col_f)
     if abs(row_f - oy) > tolerance or abs(col_f - ox) > tolerance:
+        dx, dy = (col_f - ox) * hr_transform.a + 0.0, (row_f - oy) * hr_transform.e + 0.0
         raise GridMismatch(
             f"the grids do not nest: the low-res raster's origin falls at guide pixel "
-            f"({row_f:.3f}, {col_f:.3f}), not on a pixel corner; warp the low-res raster onto "
-            "the guide's pixel lattice (gdalwarp -te/-tr aligned to the guide)")
+            f"({row_f:.3f}, {col_f:.3f}), not on a pixel corner: it is off the guide's pixel "
+            f"lattice by x {dx:+.4g}, y {dy:+.4g} (CRS units; up to {tolerance:g} guide pixels "
+            "count as round-off); warp the low-res raster onto the guide's pixel lattice "
+            "(gdalwarp -te/-tr aligned to the guide)")
     # the guide pixels whose centres lie in the low-res footprint (all of them for whole scales)
     end_r, end_c = math.ceil(oy + h * sy - Fraction(1, 2)), math.ceil(ox + w * sx - Fraction(1, 2))
     r0, c0 = max(0, oy), max(0, ox)
@@ -208,16 +242,7 @@ def nesting_grid(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], h
     if lr_crs is None or hr_crs is None:
         raise InputError("both rasters need a CRS to warp one onto the other")
     _check_north_up(hr_transform, "guide")
-    h, w = lr_shape
-    corners = [lr_transform * (c, r) for c in (0, w) for r in (0, h)]
-    xs, ys = [p[0] for p in corners], [p[1] for p in corners]
-    west, south, east, north = transform_bounds(lr_crs, hr_crs, min(xs), min(ys), max(xs),
-                                                max(ys))
-    hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
-    if not _overlap((west, south, east, north), hr_b):
-        raise InputError(f"the low-res raster and the guide do not overlap (low-res bounds in "
-                         f"the guide's CRS {tuple(round(v, 3) for v in (west, south, east, north))}"
-                         f", guide bounds {tuple(round(v, 3) for v in hr_b)})")
+    _refuse_apart(lr_crs, lr_transform, lr_shape, hr_crs, hr_transform, hr_shape)
     size = _pixel_size(lr_crs, lr_transform, lr_shape, hr_crs)
     if size < 0.9 * math.sqrt(hr_transform.a * -hr_transform.e):
         raise InputError(
@@ -225,6 +250,44 @@ def nesting_grid(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], h
             f"guide's ({hr_transform.a:g}): did you swap LOWRES and GUIDE? The guide is the "
             "high-resolution image")
     return _cells_on_guide(size, hr_transform, hr_shape)
+
+
+def _own_bounds(t: Affine, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of a grid ``shape`` (rows, cols) with transform ``t``, rotated
+    or not, in its own CRS."""
+    h, w = shape
+    corners = [t * (c, r) for c in (0, w) for r in (0, h)]
+    xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _surely_apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether bounds ``a`` and ``b`` (west, south, east, north) surely share no area: not for
+    bounds a reprojection left NaN or across the antimeridian (west > east)."""
+    if any(math.isnan(v) for v in (*a, *b)) or a[0] > a[2] or b[0] > b[2]:
+        return False
+    return not _overlap(a, b)  # type: ignore[arg-type]
+
+
+def _refuse_apart(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
+                  hr_transform: Affine, hr_shape: tuple[int, int]) -> None:
+    """Raise :class:`InputError` when rasters in different CRSs do not overlap: their bounds are
+    apart in the guide's CRS and in the low-res raster's (reprojected bounds can fall short near
+    a projection's limits: a global lon/lat raster's in a UTM zone). Where a reprojection fails,
+    nothing is said here (the warp's own checks come later)."""
+    hr_b = array_bounds(hr_shape[0], hr_shape[1], hr_transform)
+    lr_own = _own_bounds(lr_transform, lr_shape)
+    try:
+        lr_b = transform_bounds(lr_crs, hr_crs, *lr_own)
+        hr_in_lr = transform_bounds(hr_crs, lr_crs, *hr_b)
+    except Exception:  # noqa: BLE001 - PROJ errors come in many types; the check is optional
+        return
+    if _surely_apart(lr_b, hr_b) and _surely_apart(lr_own, hr_in_lr):
+        raise InputError(
+            f"the low-res raster and the guide do not overlap (low-res bounds in the guide's CRS "
+            f"{tuple(round(v, 3) for v in lr_b)}, guide bounds {tuple(round(v, 3) for v in hr_b)}"
+            f", in {CRS.from_user_input(hr_crs).to_string()}): no warp would help; check that "
+            "you passed rasters of the same place")
 
 
 def _cells_on_guide(size: float, hr_transform: Affine,

@@ -132,7 +132,11 @@ def decimated_stats_sample(read: Callable[[Window], np.ndarray], height: int, wi
     """A regular subsample ``[:, ::k, ::k]`` (``k = ceil(max(H, W) / side)``) of a raster read
     window by window by ``read(window) -> float32 [bands, rows, cols]`` (NaN = nodata).
 
-    Windows are at most about 256 x 2048 pixels, so memory does not grow with the raster."""
+    Windows are at most about 256 x 2048 pixels, so memory does not grow with the raster.
+    An empty raster (no row or no column) is an :class:`InputError`."""
+    if height <= 0 or width <= 0:
+        raise InputError(f"nothing to sample in a {height} x {width} pixel window: the rasters "
+                         "overlap by less than one pixel; give rasters that cover a common area")
     k = max(1, math.ceil(max(height, width) / side))
     stripe, chunk = k * max(1, 256 // k), k * max(1, 2048 // k)  # multiples of k: one lattice
     rows = []

@@ -446,7 +446,7 @@ def band_packing(ds: Any, indexes: Sequence[int]) -> dict[str, Any]:
 def warp_text(grid: tiling.Warp, rel: GridRelation) -> str:
     """The ``geoupsample_warp`` tag: how the low-res raster was warped."""
     return (f"{grid.resampling} onto the guide's CRS, cells of {rel.scale_text} guide pixels "
-            f"({grid.height} x {grid.width} cells from the guide's origin)")
+            f"({grid.width} x {grid.height} cells from the guide's origin)")
 
 
 def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,

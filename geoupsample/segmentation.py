@@ -36,6 +36,7 @@ import shapely
 import tiling
 from geoupsample import labels as gl
 from geoupsample.backbones import Backbone, BackboneError
+from geoupsample.backbones.spectral import SpectralBackbone
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.featuremaps import (
     FeatureTile,
@@ -337,13 +338,22 @@ def applied_probe(probe: str | os.PathLike[str] | LinearProbe, backbone: Backbon
         expected = backbone.num_features
     except BackboneError:  # a spectral backbone without band names: known at the first tile
         return probe
-    if probe.num_features != expected:
+    if probe.num_features == expected:
+        return probe
+    if (isinstance(backbone, SpectralBackbone) and not backbone.index_pairs
+            and probe.num_features > expected):  # a file without band descriptions, likely
+        names = ", ".join(backbone.band_names or ()) or "none"
         raise InputError(
-            f"the probe was fitted on {probe.num_features} features but the backbone "
-            f"({backbone.extra_repr()}) gives {expected}: use the backbone, layer, bands and "
-            "options it was fitted with"
-        )
-    return probe
+            f"the probe was fitted on {probe.num_features} features but the spectral backbone "
+            f"gives {expected} here: it found no red, green or nir band among the scene's band "
+            f"names ({names}), so it computes no NDVI or NDWI. Name the scene's bands, one per "
+            "band of the file in order (--band-names red,green,blue,nir on the command line, "
+            "band_names= in Python), and use the backbone options the probe was fitted with")
+    raise InputError(
+        f"the probe was fitted on {probe.num_features} features but the backbone "
+        f"({backbone.extra_repr()}) gives {expected}: use the backbone, layer, bands and "
+        "options it was fitted with"
+    )
 
 
 def hidden_probs_path(out_path: str) -> str:

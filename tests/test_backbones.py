@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -180,6 +181,27 @@ def test_weights_of_another_model_refused(tmp_path: Path) -> None:
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="neither a safetensors file nor"):
         gb.create("timm:resnet18", weights=junk)
+
+
+def test_weights_of_another_model_leave_no_timm_key_dump(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """timm logs every unexpected key of a ViT's weights loaded into resnet18 (kilobytes on the
+    console, before our one-line error): held back and dropped. The same warning about weights
+    that are accepted (one extra tensor) still reaches the user's logging."""
+    vit = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", depth=1).state_dict(), str(vit))
+    with caplog.at_level(logging.INFO), pytest.raises(gb.BackboneError, match="matches only 0"):
+        gb.create("timm:resnet18", weights=vit)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("timm")] == []
+    sd = timm.create_model("resnet18", pretrained=False).state_dict()
+    extra = tmp_path / "extra.safetensors"
+    save_file({**sd, "leftover_token": torch.zeros(4)}, str(extra))
+    with caplog.at_level(logging.INFO):
+        gb.create("timm:resnet18", weights=extra)
+    kept = [r.getMessage() for r in caplog.records if r.name.startswith("timm")]
+    assert any(m.startswith("Unexpected keys (leftover_token)") for m in kept), kept
+    assert logging.getLogger("timm").propagate and not logging.getLogger("timm").handlers
 
 
 @pytest.mark.parametrize("name", ["foo", "timm:", "timm:not_a_model_xyz", "spectral:x", "timm"])

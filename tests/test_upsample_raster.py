@@ -661,14 +661,33 @@ def _variant(tmp_path, name: str, src: str = LR, data=None, **update) -> str:
     return path
 
 
+def _reprojected(tmp_path, name: str, crs: str, src: str = LR) -> str:
+    """``src`` reprojected (bilinear) to ``crs`` at about its own resolution."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(src) as ds:
+        t, w, h = calculate_default_transform(ds.crs, crs, ds.width, ds.height, *ds.bounds)
+        out = np.full((ds.count, h, w), np.nan, np.float32)
+        reproject(ds.read(), out, src_transform=ds.transform, src_crs=ds.crs, dst_transform=t,
+                  dst_crs=crs, resampling=Resampling.bilinear, dst_nodata=np.nan)
+        prof = ds.profile
+    prof.update(crs=crs, transform=t, width=w, height=h, dtype="float32", nodata=np.nan)
+    path = str(tmp_path / name)
+    with rasterio.open(path, "w", **prof) as f:
+        f.write(out)
+    return path
+
+
 def _bad_cases(tmp_path):
     with rasterio.open(LR) as ds:
         t = ds.transform
     corrupt = tmp_path / "corrupt.tif"
     corrupt.write_bytes(b"II*\x00 this is not really a tiff")
     cases = {
-        "crs": (dict(lowres=_variant(tmp_path, "utm32.tif", crs=CRS.from_epsg(32632))),
-                "gdalwarp"),
+        "crs": (dict(lowres=_reprojected(tmp_path, "utm32.tif", "EPSG:32632")), "gdalwarp"),
+        # the wrong CRS assigned: 400 km away, where no warp finds the guide
+        "crs apart": (dict(lowres=_variant(tmp_path, "as32.tif", crs=CRS.from_epsg(32632))),
+                      "do not overlap .*no warp would help"),
         "no overlap": (dict(lowres=_variant(tmp_path, "far.tif",
                                             transform=Affine(t.a, 0, t.c + 1e4, 0, t.e, t.f))),
                        "do not overlap"),
@@ -699,8 +718,8 @@ def _bad_cases(tmp_path):
     return cases
 
 
-BAD = ["crs", "no overlap", "scale", "origin", "swapped", "missing", "corrupt", "zero bands",
-       "band name", "band index", "complex", "out dtype", "method", "nodata guide",
+BAD = ["crs", "crs apart", "no overlap", "scale", "origin", "swapped", "missing", "corrupt",
+       "zero bands", "band name", "band index", "complex", "out dtype", "method", "nodata guide",
        "nodata lowres", "halo"]
 
 
@@ -785,3 +804,58 @@ def test_gdal_mask_bands_count_as_nodata(tmp_path, method):
     assert np.isnan(out[:, 96:, 96:]).all()  # the guide's masked pixels
     assert np.isfinite(out[:, 40:90, 40:90]).all()
     assert np.isnan(out[:, :20, :20]).all()  # masked cells more than 3 cells from a valid one
+
+
+# ---- grids that barely overlap, and how the scale is written ----------------------------------
+@pytest.fixture(scope="module")
+def pan_cells(tmp_path_factory):
+    """The real Rotterdam pan (600 x 600 at 0.5 m) as the guide and its 8 x 8 means (75 x 75
+    cells of exactly 8 guide pixels) to place around it: ``(guide, cells, guide transform)``."""
+    with rasterio.open(HR) as ds:
+        g, pan = ds.transform, ds.read().astype(np.float32)
+    return HR, pan.reshape(1, 75, 8, 75, 8).mean(axis=(2, 4)), g
+
+
+@pytest.mark.parametrize("where", ["one column", "three rows"])
+def test_lowres_overlapping_the_guide_by_less_than_a_cell_runs(pan_cells, tmp_path, where):
+    """A low-res raster reaching one guide column (1/8 of its cells) or three guide rows (3/8)
+    into the guide: the guide pixels whose centres lie in its cells get their values, the rest
+    is nodata. The CLI used to fail with "need at least one array to concatenate"."""
+    guide, cells, g = pan_cells
+    if where == "one column":
+        origin = (g.c + 599 * g.a, g.f)  # its first column of cells covers guide column 599
+        inside = (slice(None), slice(None), slice(599, 600))
+        want = np.repeat(cells[:, :, :1], 8, axis=1)
+    else:
+        origin = (g.c, g.f + 597 * g.e)  # its first row of cells covers guide rows 597-599
+        inside = (slice(None), slice(597, 600), slice(None))
+        want = np.repeat(cells[:, :1, :], 8, axis=2).repeat(3, axis=1)
+    lowres = write_tif(tmp_path / "lr.tif", cells, Affine(8 * g.a, 0, origin[0], 0, 8 * g.e,
+                                                          origin[1]), crs=CRS.from_epsg(32631))
+    for method in ("nearest", "gsjbu"):
+        out = tmp_path / f"{method}.tif"
+        res = CliRunner().invoke(app, ["upsample", lowres, guide, "-o", str(out), "-m", method,
+                                       "--iters", "2", "-q"])
+        assert res.exit_code == 0, res.output
+        y = read_tif(out)
+        assert y.shape == (1, 600, 600)
+        valid = np.zeros(y.shape, bool)
+        valid[inside] = True
+        np.testing.assert_array_equal(np.isfinite(y), valid)
+        if method == "nearest":
+            np.testing.assert_array_equal(y[inside], want)
+
+
+def test_scale_tag_is_x_by_y(pan_cells, tmp_path):
+    """Cells 8 guide pixels wide and 4 high: the tag reads "8x4" (width by height, as GDAL
+    writes sizes), as a square scale reads "8x8"."""
+    guide, cells, g = pan_cells
+    tall = np.repeat(cells, 2, axis=1)  # 150 rows of 4 guide pixels, 75 columns of 8
+    for name, data, sy in (("wide.tif", tall, 4), ("square.tif", cells, 8)):
+        lowres = write_tif(tmp_path / name, data, Affine(8 * g.a, 0, g.c, 0, sy * g.e, g.f),
+                           crs=CRS.from_epsg(32631))
+        out = tmp_path / f"o_{name}"
+        upsample_raster(lowres, guide, out, method="nearest")
+        with rasterio.open(out) as ds:
+            assert ds.tags()["geoupsample_scale"] == f"8x{sy}"
+        np.testing.assert_array_equal(read_tif(out)[0], np.kron(cells[0], np.ones((8, 8))))

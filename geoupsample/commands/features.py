@@ -100,7 +100,7 @@ def features_command(
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
     radius: opt.RadiusOption = 3,
-    consistency: opt.ConsistencyOption = None,
+    consistency: opt.FeatureConsistencyOption = None,
     tile: opt.TileOption = 512,
     halo: opt.HaloOption = 64,
     dtype: Annotated[

@@ -39,6 +39,10 @@ ConsistencyOption = Annotated[float | None, typer.Option(
     help="Back-projection rounds: the output averages back to the low-res values over each "
          "cell (default 2 for continuous rasters, 1 for probabilities, 0 for the "
          "interpolations; 0 renders the pure kernels).")]
+FeatureConsistencyOption = Annotated[float | None, typer.Option(
+    help="Back-projection rounds: the upsampled features average back to the low-res features "
+         "over each cell (default 2 for gsjbu and jbu, 0 for the interpolations; 0 renders the "
+         "pure kernels).")]
 SelfGuidanceOption = Annotated[float | None, typer.Option(
     help="jbu/gsjbu: weight of the low-res values themselves in the range term (default 1 for "
          "probabilities, 0 otherwise; 0 = colour only, which lets labels follow colour edges "
@@ -149,9 +153,18 @@ class ProgressBar:
             self.bar = None
 
 
+#: Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED_STATUS = 130
+
+#: What a run stopped by Ctrl-C says: its finished part is kept beside the output.
+INTERRUPTED_MESSAGE = ("interrupted: the finished part of the output is kept; rerun the same "
+                       "command with --resume to continue")
+
+
 def run_command(desc: str, quiet: bool, work: Callable[[Callable[[Any], None] | None], T]) -> T:
     """Run ``work(progress)`` under a progress bar; a user error (:func:`user_errors`) is printed
-    as ``error: ...`` and exits with status 2, with the bar closed first."""
+    as ``error: ...`` and exits with status 2, Ctrl-C says how to continue (``--resume``) and
+    exits with status 130, with the bar closed first."""
     bar = ProgressBar(desc, quiet)
     try:
         return work(bar.callback)
@@ -159,5 +172,9 @@ def run_command(desc: str, quiet: bool, work: Callable[[Callable[[Any], None] | 
         bar.close()
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        bar.close()
+        typer.echo(INTERRUPTED_MESSAGE, err=True)
+        raise typer.Exit(INTERRUPTED_STATUS) from None
     finally:
         bar.close()

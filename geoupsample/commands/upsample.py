@@ -21,7 +21,8 @@ HELP = (
     "run).\n\n"
     "Grids: the low-res pixel must be a whole number or a simple fraction of guide pixels (4 "
     "for 10 m on 2.5 m, 10/3 for 10 m on 3 m) in the same CRS, with the origins on the guide's "
-    "pixel lattice. A LOWRES on another grid (another CRS, a shifted origin) is refused, or, "
+    "pixel lattice (within 0.05 guide pixels). A LOWRES on another grid (another CRS, a shifted "
+    "origin) is refused, or, "
     "with --warp RESAMPLING, reprojected as it is read onto a grid of about its own pixel size "
     "that nests in the guide's (a LOWRES whose grid nests is never warped)."
 )
@@ -72,7 +73,8 @@ def upsample_command(
     warp: Annotated[str | None, typer.Option(
         help="Reproject a LOWRES whose grid does not nest in the guide's, with this GDAL "
              "resampling: bilinear or average for probabilities, features and other continuous "
-             "values; nearest or mode for class numbers (default: refuse it).")] = None,
+             "values; nearest or mode for class numbers (default: refuse it). gdalwarp's -r "
+             "names (near, cubicspline) work too.")] = None,
     keep_missing: Annotated[bool, typer.Option(
         help="Nodata on the whole footprint of every low-res nodata cell (a cloud mask's), "
              "instead of values wherever the method reaches a valid cell (bilinear: about half "
