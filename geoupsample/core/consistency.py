@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from geoupsample.core.interpolation import resize
 from geoupsample.core.layout import CellLayout
 from geoupsample.core.masking import render_with_mask
 
@@ -82,7 +83,7 @@ def back_project(
     steps = [1.0] * whole + ([float(rounds) - whole] if float(rounds) > whole else [])
 
     def upsample(r: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(r[None], size=hr_shape, mode="bilinear")[0]
+        return resize(r, hr_shape, "bilinear")
 
     chunk = channel_chunk(out)
     for c0 in range(0, out.shape[0], chunk):

@@ -7,6 +7,7 @@ Pixel-centre convention throughout (``align_corners=False``), no antialiasing: t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,17 +27,39 @@ def interpolate(x: torch.Tensor, hr_shape: tuple[int, int], mode: str) -> torch.
         cols = pixel_cells(hr_shape[1], x.shape[-1]).to(x.device)
         return x.index_select(-2, rows).index_select(-1, cols)
     if mode == "bilinear":
-        return render_with_mask(x, lambda v: _resize(v, hr_shape, "bilinear"))
+        return render_with_mask(x, lambda v: resize(v, hr_shape, "bilinear"))
     finite = torch.isfinite(x)
     if bool(finite.all()):
-        return _resize(x, hr_shape, "bicubic")
-    support = render_with_mask(x, lambda v: _resize(v, hr_shape, "bilinear"))
-    out = _resize(fill_missing(x), hr_shape, "bicubic")
+        return resize(x, hr_shape, "bicubic")
+    support = render_with_mask(x, lambda v: resize(v, hr_shape, "bilinear"))
+    out = resize(fill_missing(x), hr_shape, "bicubic")
     return torch.where(torch.isnan(support), support, out)
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    return F.interpolate(x[None], size=size, mode=mode, align_corners=False)[0]
+#: ATen's resize operators that write into a given tensor, by mode.
+_RESIZE_OUT = {"bilinear": "upsample_bilinear2d", "bicubic": "upsample_bicubic2d"}
+#: Outputs of at least this many bytes are allocated by numpy (see :func:`resize`).
+NUMPY_ALLOCATED_BYTES = 4 << 20
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``x [C, h, w]`` resized to ``size`` by ``mode`` (pixel centres, no antialiasing).
+
+    A large CPU output is allocated by numpy and filled in place: numpy asks the kernel for
+    huge pages on large blocks, where torch's allocator maps blocks above glibc's largest mmap
+    threshold (32 MB, a 1040 x 1040 tile of 8 bands is 34.6 MB) afresh at every call and faults
+    them in 4 kB page by page. Measured on an 8-band 1040 x 1040 bilinear tile, one thread:
+    22 ms against 40 ms; the values are the same, bit for bit.
+    """
+    out_bytes = x.shape[0] * size[0] * size[1] * x.element_size()
+    op = _RESIZE_OUT.get(mode)
+    if (x.device.type != "cpu" or op is None or out_bytes < NUMPY_ALLOCATED_BYTES
+            or x.requires_grad):  # (out= has no autograd)
+        return F.interpolate(x[None], size=size, mode=mode, align_corners=False)[0]
+    dtype = np.dtype(str(x.dtype).removeprefix("torch."))
+    out = torch.from_numpy(np.empty((1, x.shape[0], *size), dtype))
+    getattr(torch.ops.aten, op).out(x[None], list(size), False, None, None, out=out)
+    return out[0]
 
 
 def fill_missing(x: torch.Tensor, rounds: int = 4) -> torch.Tensor:
