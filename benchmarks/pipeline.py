@@ -42,6 +42,18 @@ NUM_THREADS=ALL_CPUS for the pipeline's writer and the bare write alike). Three 
     cast 0.33 core-s more; on 2 cores that cannot hide behind a write that already keeps both
     busy. Into float32 the write is 4.7x dearer and the same work hides behind it.
 
+    2026-12-06 (this machine writes slower that day: bare uint8 12.2-12.8 MP/s), 4096,
+    --lowres uint8, five runs: 1.56x (1.82, 1.56, 1.50, 1.56, 1.58), 8.0 MP/s, peak RSS 304 MB;
+    the same day before that session's changes (43fef50), six runs: 1.95x (2.20, 2.21, 1.93,
+    1.98, 1.75, 1.80). The changes: the writer rounds integer blocks in one pass when nothing
+    needs clipping (tiling.writer.cast_counted), each of the two tiles at once gets one torch
+    thread, and resizes write into numpy-allocated outputs (torch faults a fresh 34.6 MB tile
+    output in page by page: 40 ms against 22 ms per 8-band 1040^2 tile). float32, three runs:
+    1.07x (1.18, 1.07, 1.01), 2.7 MP/s. Per 4096^2 uint8 run: the pipeline uses ~3.8 core-s
+    against the bare write's ~2.9 (deflate), so the target needs the rest under ~0.8 core-s.
+    gsjbu 4096, iters 50, three runs each, alternating: 118 s (123, 114, 118) against 115 s
+    (110, 115, 128) before; 0.14 MP/s, peak RSS about 1.0 GB either way.
+
     --methods gsjbu --no-bare (8-class probabilities: the probability render preset applies)
       4096, iters 50: 0.104 MP/s, 1072 MB
       memory with --iters 2 (a tile's memory does not depend on the steps):
