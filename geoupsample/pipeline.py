@@ -16,6 +16,7 @@ passed to every tile's fit, so tiles agree and no seams appear.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import torch
 from rasterio.windows import Window
 
 import geoupsample as gu
@@ -317,19 +319,23 @@ def _upsample_raster(
         # rounding to whole numbers), over the part of the file the guide covers
         file_window = overlap_window(lr_file.transform, lr_file.shape, hr.bounds, hr.crs,
                                      lr_file.crs)
-        scene = _render_options(method, kind, lr_file, lr_idx, file_window,
-                                consistency=consistency, self_guidance=self_guidance,
-                                min_sigma_r=min_sigma_r)
+        overrides = dict(consistency=consistency, self_guidance=self_guidance,
+                         min_sigma_r=min_sigma_r)
+        all_idx = list(range(1, lr_file.count + 1))
         read_idx, channels = lr_idx, None
         if kind != "continuous" and len(set(lr_idx)) < lr_file.count:
             # some bands of a probability raster are still probabilities: they render with
             # all the bands (on the simplex), and the chosen ones are written
-            full = _render_options(method, kind, lr_file, list(range(1, lr_file.count + 1)),
-                                   file_window, consistency=consistency,
-                                   self_guidance=self_guidance, min_sigma_r=min_sigma_r)
-            if full.arguments.get("kind") == "probabilities":
-                scene, read_idx = full, list(range(1, lr_file.count + 1))
-                channels = [i - 1 for i in lr_idx]
+            sample = _file_sample(lr_file, all_idx, file_window)
+            scene = _render_options(method, kind, lr_file, sample, **overrides)
+            if scene.arguments.get("kind") == "probabilities":
+                read_idx, channels = all_idx, [i - 1 for i in lr_idx]
+            else:  # the chosen bands alone, from the same sample
+                scene = _render_options(method, kind, lr_file,
+                                        lambda: sample()[[i - 1 for i in lr_idx]], **overrides)
+        else:
+            scene = _render_options(method, kind, lr_file,
+                                    _file_sample(lr_file, lr_idx, file_window), **overrides)
         # probabilities with a nodata value: read as stored, missing where every band holds it
         # (a warp resamples band by band: there the nodata value stays GDAL's, per band)
         cell_nodata = scene.cell_nodata if lr_warp is None else None
@@ -449,14 +455,21 @@ def warp_text(grid: tiling.Warp, rel: GridRelation) -> str:
             f"({grid.width} x {grid.height} cells from the guide's origin)")
 
 
-def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
-                    indexes: Sequence[int], window: Window, **overrides: float | None,
-                    ) -> SceneRender:
-    """:func:`scene_render` for a low-res raster file, sampled over ``window``
-    (:func:`lowres_sample`); its ``probability_scale`` tag, if any, declares the unit."""
+def _file_sample(lr: rasterio.io.DatasetReader, indexes: Sequence[int],
+                 window: Window) -> Callable[[], torch.Tensor]:
+    """The decimated sample (:func:`lowres_sample`) of bands ``indexes`` of a low-res raster
+    file over ``window``, values as stored (NaN only where masked), read once when first
+    asked for."""
     read = file_reader(lr, indexes, None)  # as stored: scene_render applies the nodata value
-    return scene_render(method, kind, lambda: lowres_sample(read, window),
-                        declared_unit(lr.tags()), lr.nodata, **overrides)
+    return functools.cache(lambda: lowres_sample(read, window))
+
+
+def _render_options(method: str, kind: str, lr: rasterio.io.DatasetReader,
+                    sample: Callable[[], torch.Tensor], **overrides: float | None,
+                    ) -> SceneRender:
+    """:func:`scene_render` for a low-res raster file from ``sample()`` (see
+    :func:`_file_sample`); its ``probability_scale`` tag, if any, declares the unit."""
+    return scene_render(method, kind, sample, declared_unit(lr.tags()), lr.nodata, **overrides)
 
 
 def params_text(method: str, iters: int, radius: int, tile: int, halo: int, blend: str,

@@ -74,13 +74,12 @@ class SceneRender:
     cell_nodata: float | None = None
 
 
-def missing_values(x: np.ndarray | torch.Tensor, nodata: float | None) -> Any:
-    """``x [C, h, w]`` with NaN wherever a value equals ``nodata`` (band by band)."""
+def missing_values(x: torch.Tensor, nodata: float | None) -> torch.Tensor:
+    """A sample ``x [C, h, w]`` with NaN wherever a value equals ``nodata`` (band by band, as
+    :func:`tiling.reader.to_float` reads arrays)."""
     if nodata is None or math.isnan(nodata):
         return x
-    if isinstance(x, torch.Tensor):
-        return x.masked_fill(x == nodata, float("nan"))
-    return np.where(x == nodata, np.float32(np.nan), x)
+    return x.masked_fill(x == nodata, float("nan"))
 
 
 def missing_cells(x: np.ndarray | torch.Tensor, nodata: float | None) -> Any:

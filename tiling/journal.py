@@ -50,7 +50,7 @@ class Journal:
             return set()
         try:
             header, bands = _read(self.path)
-        except (IndexError, ValueError, KeyError, AttributeError) as err:
+        except (IndexError, ValueError, KeyError) as err:
             raise JournalMismatch(f"the resume journal {self.path} is unreadable ({err}); "
                                   "delete it or run without --resume") from err
         if header.get("key") != self.key:
@@ -67,7 +67,7 @@ class Journal:
         is none or it is unreadable; never raises (:meth:`load` is for resuming)."""
         try:
             header, bands = _read(self.path)
-        except (OSError, IndexError, ValueError, KeyError, AttributeError):
+        except (OSError, IndexError, ValueError, KeyError):
             return None
         return len(bands), header.get("key") == self.key
 
