@@ -49,6 +49,27 @@ def open_raster(path: str | os.PathLike, what: str) -> rasterio.io.DatasetReader
                          ) from err
 
 
+def model_band_choice(model_bands: Sequence[int | str]) -> list[int | str]:
+    """``--model-bands`` / ``model_bands=`` (band names, or 1-based indexes among the chosen
+    bands; a string of digits is an index) as a timm backbone's ``bands`` (names, or 0-based
+    indexes); :class:`InputError` for an index below 1 or an empty choice."""
+    if isinstance(model_bands, (str, int)):
+        model_bands = [model_bands]
+    out: list[int | str] = []
+    for b in model_bands:
+        if isinstance(b, str) and not b.strip().isdigit():
+            out.append(b.strip())
+            continue
+        i = int(b)
+        if isinstance(b, bool) or i < 1:
+            raise InputError(f"model_bands are band names or 1-based indexes among the chosen "
+                             f"bands (as the CLI's --model-bands), got {b!r}")
+        out.append(i - 1)
+    if not out:
+        raise InputError("model_bands=[] chooses no band; leave it out to feed all the bands")
+    return out
+
+
 def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int | str] | None,
                  what: str) -> tuple[int, ...]:
     """1-based band indexes from indexes (1-based ints or digit strings) or band descriptions

@@ -47,6 +47,7 @@ from geoupsample.inputs import (
     array_guide_stats,
     array_reader,
     check_method_options,
+    model_band_choice,
     select_bands,
 )
 from geoupsample.pipeline import UpsampleTile, read_context, tile_blend, warp_text
@@ -291,26 +292,6 @@ def _scene(scene: xr.DataArray, names: Sequence[str]) -> ArrayScene:
                       scene.rio.nodata)
 
 
-def _model_bands(model_bands: Sequence[int | str]) -> list[int | str]:
-    """The CLI's ``--model-bands`` (1-based indexes among the chosen bands, or names) as the
-    timm backbone's ``bands`` (0-based indexes, or names), converted as the CLI does."""
-    if isinstance(model_bands, (str, int)):
-        model_bands = [model_bands]
-    out: list[int | str] = []
-    for b in model_bands:
-        if isinstance(b, str) and not b.strip().isdigit():
-            out.append(b.strip())
-            continue
-        i = int(b)
-        if isinstance(b, bool) or i < 1:
-            raise InputError(f"model_bands are band names or 1-based indexes among the chosen "
-                             f"bands (as the CLI's --model-bands), got {b!r}")
-        out.append(i - 1)
-    if not out:
-        raise InputError("model_bands=[] chooses no band; leave it out to feed all the bands")
-    return out
-
-
 def _backbone(backbone: Backbone | str, scene: ArrayScene, options: dict[str, Any],
               model_bands: Sequence[int | str] | None = None) -> Backbone:
     """``backbone``, or the backbone it names built for ``scene``'s bands with ``options``
@@ -326,7 +307,7 @@ def _backbone(backbone: Backbone | str, scene: ArrayScene, options: dict[str, An
         if backbone.strip().lower() == "spectral":
             raise InputError("the spectral backbone takes no model bands; drop model_bands= "
                              "(use bands= to choose the scene's bands)")
-        options = {**options, "bands": _model_bands(model_bands)}
+        options = {**options, "bands": model_band_choice(model_bands)}
     return create(backbone, band_names=scene.band_names, **options)
 
 

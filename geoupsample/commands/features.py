@@ -61,9 +61,9 @@ def build_backbone(
                 "--pretrained, --random-init and --model-bands (use --bands to choose bands)"
             )
         return create("spectral", band_names=band_names, cell_size=cell_size, context=context)
-    chosen: list[int | str] | None = None
-    if model_bands:
-        chosen = [int(b) - 1 if b.isdigit() else b for b in opt.split(model_bands) or []]
+    from geoupsample.inputs import model_band_choice
+
+    chosen = model_band_choice(opt.split(model_bands) or []) if model_bands else None
     return create(
         name,
         in_chans=len(band_names),
