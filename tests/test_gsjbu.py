@@ -78,13 +78,18 @@ def test_render_float32_matches_reference_with_borders_and_nan_in_x():
     assert np.isfinite(ours[:, valid]).all(), "NaN in x leaked into valid output pixels"
 
 
-def test_jbu_equals_classic_joint_bilateral_formula():
+@pytest.mark.parametrize(("backend", "tol"), [("auto", 2e-6), ("torch", 1e-9)])
+def test_jbu_equals_classic_joint_bilateral_formula(backend, tol, monkeypatch):
+    """The CPU's Numba path works in float32 (to float32's precision); the torch path keeps a
+    float64 guide in float64."""
+    monkeypatch.setenv("GEOUPSAMPLE_BACKEND", backend)
     rng = np.random.default_rng(3)
     guide = rng.random((3, 16, 20))
     x = rng.normal(size=(2, 4, 5))
     ours = gu.upsample(x, guide, method="jbu", normalize=False, radius=3, consistency=0)
     ref = reference.classic_jbu(guide, np.ones((16, 20), bool), (4, 5), x, sigma_r=0.12, radius=3)
-    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-10)
+    assert ours.dtype == np.float64
+    np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol)
 
 
 def _tiny_problem(dtype=torch.float64, seed=0):
@@ -415,13 +420,15 @@ def test_back_projection_is_per_channel_whatever_the_chunk(monkeypatch, with_nan
     assert consistency.channel_chunk(torch.empty(384, 224, 224)) == consistency.CHANNEL_CHUNK
 
 
-def test_default_fit_samples_at_least_sixteen_pixels_per_cell(rotterdam_ms):
+def test_torch_path_samples_at_least_twelve_pixels_per_cell(rotterdam_ms, monkeypatch):
+    monkeypatch.setenv("GEOUPSAMPLE_BACKEND", "torch")
     guide = rotterdam_ms[:3, :24, :24]
     # scale 3: 9 pixels per cell, all used; on the CPU (CUDA's scatter-adds are not bitwise
     # reproducible)
     k_default = gu.fit(guide, (8, 8), iters=3, device="cpu")
     k_full = gu.fit(guide, (8, 8), iters=3, sample=1.0, device="cpu")
     torch.testing.assert_close(k_default.params, k_full.params, rtol=0, atol=0)
+    monkeypatch.delenv("GEOUPSAMPLE_BACKEND")
     with pytest.raises(ValueError, match="sample"):
         gu.fit(guide, (8, 8), sample=0.0)
     with pytest.raises(ValueError, match="consistency"):

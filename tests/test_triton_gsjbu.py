@@ -225,12 +225,21 @@ def test_forced_backend_end_to_end(monkeypatch):
 def test_backend_selection(monkeypatch):
     cpu = torch.zeros(())
     monkeypatch.delenv(backend.ENV, raising=False)
-    assert backend.name(cpu) == "torch"  # auto: CUDA only
+    assert backend.name(cpu) == "numba"  # auto: Triton on CUDA, Numba on the CPU (float32)
     assert backend.name(cpu.double()) == "torch"
+    assert backend.fit_path(cpu.device, "detail") == "numba"
+    assert backend.fit_path(cpu.device, "back_projected") == "torch"
     assert backend.render_chunk(cpu) is backend.torch_render
     assert backend.fit_step(cpu) is gsjbu.fit_loss_and_grad
     monkeypatch.setenv(backend.ENV, "torch")
     assert backend.name(cpu) == "torch"
+    assert backend.fit_path(cpu.device, "detail") == "torch"
+    monkeypatch.setenv(backend.ENV, "numba")
+    assert backend.name(cpu) == "numba"
+    with pytest.raises(RuntimeError, match="float32"):
+        backend.name(cpu.double())
+    with pytest.raises(RuntimeError, match="objectives"):
+        backend.fit_path(cpu.device, "back_projected")
     monkeypatch.setenv(backend.ENV, "cuda-please")
     with pytest.raises(ValueError, match="GEOUPSAMPLE_BACKEND"):
         backend.name(cpu)

@@ -1,12 +1,18 @@
 """Which path computes the GSJBU fit step and render: fused Triton kernels or plain torch.
 
 ``auto`` (the default) takes the Triton kernels (:mod:`geoupsample.core.triton_gsjbu`) for float32
-tensors on a CUDA device when Triton imports, and the torch path of :mod:`geoupsample.core.gsjbu`
-otherwise. The environment variable ``GEOUPSAMPLE_BACKEND`` forces a path:
+tensors on a CUDA device when Triton imports, the Numba kernels
+(:mod:`geoupsample.core.numba_gsjbu`) for float32 tensors on the CPU, and the torch path of
+:mod:`geoupsample.core.gsjbu` otherwise (float64 kernels, CUDA without Triton). The environment
+variable ``GEOUPSAMPLE_BACKEND`` forces a path:
 
-* ``torch``: always the torch path;
+* ``torch``: always the torch path (on the CPU: float64 fits stay float64);
+* ``numba``: the Numba kernels, or an error saying why they cannot run (CPU, float32 only);
 * ``triton``: the Triton kernels, or an error saying why they cannot run. On the CPU this works
   only under Triton's interpreter (``TRITON_INTERPRET=1``; slow, for tests).
+
+A CPU fit on the ``auto`` or ``numba`` path runs in float32 whatever the guide's dtype (the
+guide is normalised to about [0, 1] first); :func:`fit_path` says which path a fit takes.
 
 ``triton_gsjbu`` (and with it ``triton``) is imported only when the Triton path may be taken.
 """
@@ -24,7 +30,9 @@ from geoupsample.core.layout import CellLayout
 
 #: Environment variable that forces a backend: ``auto`` (default), ``torch`` or ``triton``.
 ENV = "GEOUPSAMPLE_BACKEND"
-CHOICES = ("auto", "torch", "triton")
+CHOICES = ("auto", "torch", "triton", "numba")
+#: Fit objectives the Numba kernels implement (the others take the torch path).
+NUMBA_OBJECTIVES = ("detail", "plain")
 
 FitStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 RenderChunk = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,18 +43,46 @@ def torch_render(phi: torch.Tensor, psi: torch.Tensor, values: torch.Tensor) -> 
     return torch.bmm(gsjbu.chunk_weights(phi, psi), values)
 
 
-def name(like: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: the path for work on ``like``'s device and dtype."""
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"{ENV} must be one of {CHOICES}; got {choice!r}")
-    if choice == "torch":
+def choice() -> str:
+    """The path asked for by ``GEOUPSAMPLE_BACKEND`` (``"auto"`` when unset)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {CHOICES}; got {value!r}")
+    return value
+
+
+def fit_path(device: torch.device, objective: str) -> str:
+    """``"numba"``, ``"triton"`` or ``"torch"``: the path of a fit on ``device`` with
+    ``objective``. On the CPU, ``auto`` takes the Numba kernels (in float32) for the objectives
+    they implement (:data:`NUMBA_OBJECTIVES`) and the torch path for the others."""
+    asked = choice()
+    if device.type == "cpu" and asked in ("auto", "numba"):
+        if objective in NUMBA_OBJECTIVES:
+            return "numba"
+        if asked == "numba":
+            raise RuntimeError(f"{ENV}=numba but the Numba kernels fit the objectives "
+                               f"{NUMBA_OBJECTIVES}, not {objective!r}")
         return "torch"
-    if choice == "auto" and (like.device.type != "cuda" or like.dtype != torch.float32):
+    return name(torch.empty(0, device=device))
+
+
+def name(like: torch.Tensor) -> str:
+    """``"triton"``, ``"numba"`` or ``"torch"``: the path for work on ``like``'s device and
+    dtype."""
+    asked = choice()
+    if asked == "torch":
+        return "torch"
+    cpu32 = like.device.type == "cpu" and like.dtype == torch.float32
+    if asked == "numba" and not cpu32:
+        raise RuntimeError(f"{ENV}=numba but the Numba kernels take float32 tensors on the CPU, "
+                           f"not {like.dtype} on {like.device}")
+    if asked in ("auto", "numba") and cpu32:
+        return "numba"
+    if asked == "auto" and (like.device.type != "cuda" or like.dtype != torch.float32):
         return "torch"
     from geoupsample.core import triton_gsjbu
 
-    if choice == "auto":
+    if asked == "auto":
         return "triton" if triton_gsjbu.available(like.device) else "torch"
     if not triton_gsjbu.available(like.device, interpreter=True):
         raise RuntimeError(

@@ -18,22 +18,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoupsample.core import backend, cuda_graph, gsjbu, presets, row_render
+from geoupsample.core import (
+    backend,
+    cuda_graph,
+    gsjbu,
+    lattice_fit,
+    numba_gsjbu,
+    presets,
+    row_render,
+)
 from geoupsample.core.adam import Adam
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import GuideStats, prepare_guide
 from geoupsample.core.layout import CellLayout
 from geoupsample.core.masking import render_with_mask
-from geoupsample.core.objective import BilinearStencil, back_projected_l1
+from geoupsample.core.objective import BilinearStencil, back_projected_l1, detail_l1
 from geoupsample.core.self_guidance import self_guided
 
 #: Format version written by :meth:`Kernels.save`.
 FORMAT_VERSION = 1
-#: Fraction of each cell's pixels in each fit step's loss, and the least number of pixels per
-#: cell kept. Measured on the quality benchmark (x8): 3/16 (12 of 64) against 1/4: MS from pan
-#: -0.01 dB, NIR +0.01 dB; the fit ~4x faster than with every pixel.
-DEFAULT_SAMPLE = 0.1875
+#: Fraction of the guide's pixels in each fit step's loss (:class:`lattice_fit.Sampling`: on the
+#: CPU a lattice of cells and up to 16 pixels of each). Measured on the quality benchmark
+#: (``benchmarks/quality.py``) against every pixel at every step: within 0.1 dB at x8, a few
+#: tenths at x2; the fit costs about as much per output pixel at every scale from x2 to x16.
+DEFAULT_SAMPLE = 1 / 16
+#: The torch and Triton paths (GPU, float64) sample phases in every cell: at least this many.
 MIN_SAMPLED_PHASES = 12
 #: Adam's ``eps`` for a loss summed over cells (torch's default), see :func:`adam_eps`.
 ADAM_EPS_PER_CELL = 1e-8
@@ -53,7 +63,7 @@ def adam_eps(cell_valid: torch.Tensor) -> float:
 
 
 #: Fit objectives (see :func:`fit`).
-OBJECTIVES = ("back_projected", "plain")
+OBJECTIVES = ("detail", "plain", "back_projected")
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
@@ -157,6 +167,11 @@ class _Prepared:
             cell_valid,
             phi,
         )
+
+    @cached_property
+    def cells(self) -> numba_gsjbu.CellTensors:
+        """The guide in cell layout as the Numba kernels read it (CPU, float32)."""
+        return numba_gsjbu.CellTensors.of(self)
 
     @cached_property
     def source(self) -> row_render.PsiSource:
@@ -325,8 +340,13 @@ class Kernels:
             prep = self_guided(self, flat, float(self_guidance), self_guidance_scale)
         else:
             prep = self._prepared
-        psi_rows = self._psi_rows(prep, params, cached=not (self_guidance or floor > 0))
-        out = render_with_mask(flat, lambda v: self._render_flat(v, prep, psi_rows))
+        if backend.name(params) == "numba":
+            coef = numba_gsjbu.coefficients(params.numpy(), int(prep.gbar.shape[0]))
+            cells = prep.cells
+            out = render_with_mask(flat, lambda v: numba_gsjbu.render(coef, cells, v))
+        else:
+            psi_rows = self._psi_rows(prep, params, cached=not (self_guidance or floor > 0))
+            out = render_with_mask(flat, lambda v: self._render_flat(v, prep, psi_rows))
         if rounds:
             all_finite = bool(torch.isfinite(flat).all()) and bool(self.valid.all())
             out = back_project(out, flat, self._prepared.layout, rounds, all_finite)
@@ -518,7 +538,7 @@ def fit(
     lr: float = 0.1,
     sigma_r: float = 0.12,
     sample: float = DEFAULT_SAMPLE,
-    objective: str = "back_projected",
+    objective: str = "detail",
 ) -> Kernels:
     """Fit GSJBU kernels so that they rebuild ``guide`` from its own cell means.
 
@@ -537,12 +557,23 @@ def fit(
             :class:`GuideStats` (or ``(lo, hi)``) applies given, e.g. scene-wide, statistics.
         lr: Adam learning rate on the raw parameters.
         sigma_r: initial range sigma (normalised guide units).
-        sample: fraction of each cell's pixels used in each step's loss (``0 < sample <= 1``),
-            drawn anew each step; at least 12 pixels per cell are kept (all if fewer).
-        objective: ``"back_projected"``: L1 error of the guide rebuilt as ``render`` delivers it,
-            after its default back-projection (:mod:`geoupsample.core.objective`); ``"plain"``:
-            L1 error of the pure kernels' reconstruction (the paper's; the fused Triton fit on
-            CUDA implements this one only).
+        sample: fraction of the guide's pixels in each step's loss (``0 < sample <= 1``), drawn
+            anew each step. On the CPU, the cells of a lattice (every ``t``-th cell along each
+            axis, from an offset that cycles through all positions) and up to 16 pixels of each
+            (:class:`geoupsample.core.lattice_fit.Sampling`), so that a step costs about the same
+            per pixel at every scale; on the torch and Triton paths, pixels of every cell, at
+            least 12 per cell (all if fewer). ``1`` sees every pixel at every step.
+        objective: ``"detail"``: L1 error of the guide rebuilt from its cell means, less each
+            cell's mean error over its sampled pixels: the cell means are back-projection's to
+            fix (``render``'s default for continuous rasters, :mod:`geoupsample.core.consistency`),
+            and the kernels are judged on the detail within cells; ``"plain"``: the whole L1
+            error of the pure kernels' reconstruction (the paper's); ``"back_projected"``: the
+            L1 error after the render's two rounds of back-projection
+            (:mod:`geoupsample.core.objective`; torch path only, slow on the CPU).
+
+    The CPU fit runs on Numba kernels in float32 (:mod:`geoupsample.core.numba_gsjbu`) for the
+    ``detail`` and ``plain`` objectives; ``GEOUPSAMPLE_BACKEND=torch`` takes the torch path,
+    which keeps a float64 guide in float64 (:mod:`geoupsample.core.backend`).
 
     Returns:
         The fitted :class:`Kernels`.
@@ -556,6 +587,9 @@ def fit(
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     dev = resolve_device(device)
     g, valid = prepare_guide(guide, nodata, normalize, device=dev)
+    path = backend.fit_path(dev, objective)
+    if path == "numba":
+        g = g.float()
     hr_shape = (int(g.shape[1]), int(g.shape[2]))
     h, w = check_lr_shape(lr_shape, hr_shape)
     layout = CellLayout.build(hr_shape, (h, w))
@@ -564,22 +598,48 @@ def fit(
     if iters == 0:
         return kernels
     prep = kernels._prepared
+    eps = adam_eps(prep.cell_valid)
+    if path == "numba":
+        params, history = lattice_fit.fit_cells(
+            prep, params, int(iters), lr, eps, float(sample), objective == "detail", int(seed))
+    else:
+        params, history = _fit_torch(prep, params, int(iters), lr, eps, float(sample),
+                                     objective, int(seed), dev)  # fmt: skip
+    if not bool(torch.isfinite(params).all()):
+        raise FloatingPointError(
+            f"the fit diverged: its kernels are not finite after {iters} steps (loss history "
+            f"{history[:3]}...); lower the learning rate (lr={lr!r}; the default is 0.1)"
+        )
+    kernels = Kernels(
+        params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
+    )
+    kernels.__dict__["_prepared"] = prep  # reuse what the fit built
+    return kernels
+
+
+def _fit_torch(
+    prep: _Prepared, params: torch.Tensor, iters: int, lr: float, eps: float, sample: float,
+    objective: str, seed: int, dev: torch.device,
+) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    """The fit on the torch and Triton paths (GPU, float64 guides, ``back_projected``):
+    pixels of every cell at each step (at least :data:`MIN_SAMPLED_PHASES`)."""
+    layout = prep.layout
+    radius = prep.radius
     # torch path: psi band by band (row_render), and the neighbours' cell means too if large
     source = prep.source if backend.name(params) != "triton" else None
-    if source is not None and objective == "back_projected":
+    if source is not None and objective != "plain":
         values, banded_values = None, row_render.neighbour_values(source, prep.gbar)
     else:
-        values = gsjbu.neighbours(prep.gbar, kernels.radius)  # [n, K, d]
+        values = gsjbu.neighbours(prep.gbar, radius)  # [n, K, d]
     n_phases = layout.n_phases
     n_sample = min(n_phases, max(MIN_SAMPLED_PHASES, round(float(sample) * n_phases)))
     generator = torch.Generator().manual_seed(int(seed))
     params = params.clone().requires_grad_(True)
     fit_step = backend.fit_step(prep.phi)  # fused Triton kernel on CUDA, else torch
     fused = stencil = None  # CUDA: the plain objective's Adam steps fused, no sync
-    eps = adam_eps(prep.cell_valid)
     if objective == "plain":
         fused = backend.adam_fit(prep, params, values, lr, eps)
-    else:
+    elif objective == "back_projected":
         stencil = BilinearStencil.build(prep, params.dtype)
     graphed = fused is None and cuda_graph.enabled(dev, int(iters))
     optimizer = Adam(params, lr=lr, eps=eps, steps=int(iters) if graphed else None)
@@ -591,13 +651,16 @@ def fit(
 
     def step_once(phases: torch.Tensor | None) -> torch.Tensor:
         """One Adam step on ``params``; returns the loss before it (no host sync)."""
-        if objective == "back_projected":
+        if objective != "plain":
             phi = prep.phi if phases is None else prep.phi.index_select(1, phases)
             if source is not None:
                 rendered = row_render.render(source, params, banded_values, phi)
             else:
                 rendered = gsjbu.render_cells(prep.psi(params, workspace), values, phi, workspace)
-            loss = back_projected_l1(rendered, prep, phases, stencil=stencil)
+            if objective == "detail":
+                loss = detail_l1(rendered, prep, phases)
+            else:
+                loss = back_projected_l1(rendered, prep, phases, stencil=stencil)
             loss.backward()
         else:
             psi = prep.psi(params, workspace)
@@ -617,16 +680,5 @@ def fit(
             continue
         losses.append(run_step(phases))
     if fused is not None:
-        params, history = fused.params, fused.history()
-    else:
-        history = torch.stack(losses).double().cpu().tolist()
-    if not bool(torch.isfinite(params).all()):
-        raise FloatingPointError(
-            f"the fit diverged: its kernels are not finite after {iters} steps (loss history "
-            f"{history[:3]}...); lower the learning rate (lr={lr!r}; the default is 0.1)"
-        )
-    kernels = Kernels(
-        params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
-    )
-    kernels.__dict__["_prepared"] = prep  # reuse what the fit built
-    return kernels
+        return fused.params, fused.history()
+    return params, torch.stack(losses).double().cpu().tolist()

@@ -130,3 +130,36 @@ def back_projected_l1(
         shift = shift + (cells * full_valid).sum(1) / full_count  # exact cell means of up
     error = ((out - target) * valid).abs().sum()
     return error / (valid.sum() * d).clamp_min(1)
+
+
+def detail_l1(
+    rendered: torch.Tensor, prep: _Prepared, phases: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Masked L1 error of the detail within cells: the guide rebuilt by the kernels minus the
+    guide, less each cell's mean error over its sampled valid pixels (the ``detail`` objective).
+
+    Back-projection (``Kernels.render``'s default for continuous rasters) sets each cell's
+    mean, so the kernels are judged on what it cannot fix. The per-pixel twin of this loss is
+    the Numba fit's (:func:`geoupsample.core.numba_gsjbu.fit_step` with ``detail``); cells with
+    fewer than two sampled valid pixels have no detail to judge and are left out.
+
+    Args:
+        rendered: ``[n, m, d]`` the guide's cell means rendered at the pixels ``phases`` of
+            every cell (differentiable; ``m = P`` and ``phases=None`` for all pixels).
+        prep: the fit's prepared guide.
+        phases: ``[m]`` phase indices into the cells' ``P`` pixels, or ``None``.
+
+    Returns:
+        The mean absolute detail error over the counted pixels and the bands (a 0-d tensor).
+    """
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if phases is None else t.index_select(1, phases)
+
+    valid = pick(prep.pixel_valid).unsqueeze(-1).to(rendered.dtype)  # [n, m, 1]
+    count = valid.sum(1, keepdim=True)  # [n, 1, 1]
+    valid = valid * (count >= 2).to(rendered.dtype)
+    error = (rendered - pick(prep.guide_cells)) * valid
+    mean = error.sum(1, keepdim=True) / count.clamp_min(1)
+    detail = ((error - mean) * valid).abs().sum()
+    return detail / (valid.sum() * rendered.shape[2]).clamp_min(1)
