@@ -137,7 +137,6 @@ class _Prepared:
     pixel_valid: torch.Tensor  # [n, P]
     gbar: torch.Tensor  # [d, h, w]
     cell_valid: torch.Tensor  # [h, w]
-    phi: torch.Tensor  # [n, P, F]
 
     @classmethod
     def build(
@@ -156,17 +155,20 @@ class _Prepared:
         pvalid = pvalid & layout.phase_valid.to(valid.device).reshape(h, w, -1)
         means, cell_valid = gsjbu.cell_means(cells, pvalid)
         gbar = means if gbar is None else gbar
-        phi = gsjbu.build_phi(layout, cells, pvalid, gbar)
         n = h * w
         return cls(
-            layout,
-            radius,
-            cells.reshape(n, layout.n_phases, -1),
-            pvalid.reshape(n, -1),
-            gbar,
+            layout, radius, cells.reshape(n, layout.n_phases, -1), pvalid.reshape(n, -1), gbar,
             cell_valid,
-            phi,
-        )
+        )  # fmt: skip
+
+    @cached_property
+    def phi(self) -> torch.Tensor:
+        """``[n, P, F]`` the pixel features of the bilinear form (torch and Triton paths only:
+        the Numba kernels compute them in place)."""
+        h, w = self.layout.lr_shape
+        p = self.layout.n_phases
+        cells = self.guide_cells.reshape(h, w, p, -1)
+        return gsjbu.build_phi(self.layout, cells, self.pixel_valid.reshape(h, w, p), self.gbar)
 
     @cached_property
     def cells(self) -> numba_gsjbu.CellTensors:
@@ -341,7 +343,7 @@ class Kernels:
         else:
             prep = self._prepared
         if backend.name(params) == "numba":
-            coef = numba_gsjbu.coefficients(params.numpy(), int(prep.gbar.shape[0]))
+            coef = numba_gsjbu.coefficients(params.numpy(), int(prep.gbar.shape[0]), prep.radius)
             cells = prep.cells
             out = render_with_mask(flat, lambda v: numba_gsjbu.render(coef, cells, v))
         else:
