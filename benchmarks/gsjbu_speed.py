@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("-n", "--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--sample", type=float, default=0.1875, help="fraction of loss pixels per step")
+    ap.add_argument("--sample", type=float, default=1 / 16, help="fraction of loss pixels per step")
     ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cases = args.case or sorted(CASES)

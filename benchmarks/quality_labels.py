@@ -337,7 +337,10 @@ def main() -> None:
         RENDER["consistency"] = args.consistency
     for item in args.render:
         key, value = item.split("=", 1)
-        RENDER[key] = value if key == "kind" else float(value)
+        if key in ("kind", "objective"):
+            RENDER[key] = value
+        else:  # whole numbers stay integers (seed, iters, radius)
+            RENDER[key] = int(value) if value.lstrip("-").isdigit() else float(value)
     if args.band_names:
         BAND_NAMES = tuple(b.strip() for b in args.band_names.split(","))
     BACKBONE["name"] = args.backbone

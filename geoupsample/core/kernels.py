@@ -343,9 +343,7 @@ class Kernels:
         else:
             prep = self._prepared
         if backend.name(params) == "numba":
-            coef = numba_gsjbu.coefficients(params.numpy(), int(prep.gbar.shape[0]), prep.radius)
-            cells = prep.cells
-            out = render_with_mask(flat, lambda v: numba_gsjbu.render(coef, cells, v))
+            out = render_with_mask(flat, lambda v: self._render_numba(v, prep, params))
         else:
             psi_rows = self._psi_rows(prep, params, cached=not (self_guidance or floor > 0))
             out = render_with_mask(flat, lambda v: self._render_flat(v, prep, psi_rows))
@@ -389,21 +387,34 @@ class Kernels:
     ) -> torch.Tensor:
         """``[C, h, w]`` finite values -> ``[C, H, W]``, NaN where the guide is invalid;
         ``psi_rows(i0, i1)`` gives ``psi`` of the cells of LR rows ``[i0, i1)``."""
+        render_chunk = backend.render_chunk(prep.phi)  # fused Triton kernel on CUDA, else torch
+        w = prep.layout.lr_shape[1]
+
+        def band(i0: int, i1: int, values: torch.Tensor) -> torch.Tensor:
+            return render_chunk(prep.phi[i0 * w : i1 * w], psi_rows(i0, i1), values)
+
+        return self._render_bands(x, prep, band)
+
+    def _render_bands(
+        self, x: torch.Tensor, prep: _Prepared,
+        band_of: Callable[[int, int, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
+        """``[C, h, w]`` finite values -> ``[C, H, W]``, NaN where the guide is invalid, band by
+        band of LR rows: ``band_of(i0, i1, values)`` renders the cells of rows ``[i0, i1)``
+        from their neighbours' ``values [cells, K, C]`` as ``[cells, P, C]``."""
         layout = prep.layout
         h, w = layout.lr_shape
         py, px = layout.rows.n_phase, layout.cols.n_phase
         c = x.shape[0]
         out = torch.empty(c, *self.hr_shape, dtype=x.dtype, device=x.device)
         k = (2 * self.radius + 1) ** 2
-        f = prep.phi.shape[2]
+        f = gsjbu.N_SPATIAL + 1 + prep.gbar.shape[0]
         rows = gsjbu.rows_per_chunk(layout, max(c, k, f * k // max(1, layout.n_phases)))
-        render_chunk = backend.render_chunk(prep.phi)  # fused Triton kernel on CUDA, else torch
         with torch.no_grad():
             for i0 in range(0, h, rows):
                 i1 = min(h, i0 + rows)
-                s, e = i0 * w, i1 * w
                 values = gsjbu.neighbours(x, self.radius, i0, i1)  # [cells, K, C]
-                band = render_chunk(prep.phi[s:e], psi_rows(i0, i1), values)  # [cells, P, C]
+                band = band_of(i0, i1, values)  # [cells, P, C]
                 band = band.view(i1 - i0, w, py, px, c).permute(4, 0, 2, 1, 3)
                 if layout.is_regular:  # one copy, straight into the output
                     out.view(c, h, py, w, px)[:, i0:i1].copy_(band)
@@ -417,6 +428,21 @@ class Kernels:
                 out[:, y0:y1] = band
         out.masked_fill_(~self.valid[None], float("nan"))
         return out
+
+    def _render_numba(self, x: torch.Tensor, prep: _Prepared, params: torch.Tensor
+                      ) -> torch.Tensor:  # fmt: skip
+        """:meth:`_render_flat` on the Numba kernels: fused for a few channels; for more than
+        :data:`numba_gsjbu.CHANNELS_LAST`, the kernels give each band's weights and a batched
+        matrix product (BLAS) applies them to the channels."""
+        coef = numba_gsjbu.coefficients(params.numpy(), int(prep.gbar.shape[0]), prep.radius)
+        cells = prep.cells
+        if x.shape[0] <= numba_gsjbu.CHANNELS_LAST:
+            return numba_gsjbu.render(coef, cells, x)
+
+        def band(i0: int, i1: int, values: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(numba_gsjbu.weights(coef, cells, (i0, i1)), values)
+
+        return self._render_bands(x, prep, band)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
