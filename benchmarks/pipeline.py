@@ -73,10 +73,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _bench import peak_rss, rss, spawn
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "_data"
@@ -139,16 +139,8 @@ def make_scene(n: int, lowres_dtype: str = "float32") -> tuple[Path, Path]:
     return guide, lowres
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
-def _peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def child_pipeline(args: argparse.Namespace) -> dict:
@@ -165,7 +157,7 @@ def child_pipeline(args: argparse.Namespace) -> dict:
         with rasterio.open(guide) as ds:
             b, rows = ds.bounds, min(args.rows, ds.height)
             aoi = box(b.left, b.top - rows * ds.res[1], b.right, b.top)
-    rss0 = _rss()
+    rss0 = rss()
     t0 = time.perf_counter()
     rep = pipeline.upsample_raster(lowres, guide, out, method=args.method, iters=args.iters,
                                    tile=args.tile, halo=args.halo, dtype=args.dtype,
@@ -174,7 +166,7 @@ def child_pipeline(args: argparse.Namespace) -> dict:
     kind = args.method + (f" ({rows} rows)" if args.rows else "")
     return {"kind": kind, "size": args.size, "seconds": round(sec, 2),
             "mp_per_s": round(args.size * rows / 1e6 / sec, 3),
-            "peak_rss_over_imports_mb": round((_peak() - rss0) / 2 ** 20, 1),
+            "peak_rss_over_imports_mb": round((peak_rss() - rss0) / 2 ** 20, 1),
             "tiles": rep.tiles, "output": str(out)}
 
 
@@ -190,7 +182,7 @@ def child_bare(args: argparse.Namespace) -> dict:
 
     src_path = DATA / f"out_{args.size}_{args.method}.tif"
     out = DATA / f"bare_{args.size}.tif"
-    rss0 = _rss()
+    rss0 = rss()
     with gdal_env(), rasterio.open(src_path) as src:  # the same GDAL cache cap as the pipeline
         spec = tiling.OutputSpec(str(out), crs=src.crs, transform=src.transform,
                                  width=src.width, height=src.height, count=src.count,
@@ -209,17 +201,9 @@ def child_bare(args: argparse.Namespace) -> dict:
     os.remove(out)
     return {"kind": "bare rasterio write", "size": args.size, "seconds": round(spent, 2),
             "mp_per_s": round(args.size ** 2 / 1e6 / spent, 3),
-            "peak_rss_over_imports_mb": round((_peak() - rss0) / 2 ** 20, 1)}
+            "peak_rss_over_imports_mb": round((peak_rss() - rss0) / 2 ** 20, 1)}
 
 
-def spawn(argv: list[str]) -> dict:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path)
-    res = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
-                         env=env, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"child {' '.join(argv)} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -268,11 +252,12 @@ def main() -> None:
         if time.perf_counter() - t0 > 1:
             print(f"  (generated the {n} scene in {time.perf_counter() - t0:.0f} s)")
         for method in args.methods:
-            r = spawn(["--child", "pipeline", "--size", str(n), "--method", method, *common])
+            child = ["--size", str(n), "--method", method, *common]
+            r = spawn(__file__, ["--child", "pipeline", *child])
             print(f"{n:>6} {r['kind']:<22} {r['seconds']:>9} {r['mp_per_s']:>8} "
                   f"{r['peak_rss_over_imports_mb']:>24}", flush=True)
             if method == "bilinear" and not args.no_bare and not args.rows:
-                b = spawn(["--child", "bare", "--size", str(n), "--method", method, *common])
+                b = spawn(__file__, ["--child", "bare", *child])
                 print(f"{n:>6} {b['kind']:<22} {b['seconds']:>9} {b['mp_per_s']:>8} "
                       f"{b['peak_rss_over_imports_mb']:>24}   pipeline/bare time: "
                       f"{r['seconds'] / b['seconds']:.2f}x", flush=True)

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from _bench import peak_rss, rss, spawn
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "_data"
@@ -44,16 +46,8 @@ BANDS_HR = 4
 BANDS_LR = 6
 
 
-def _peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 def mirror_index(n: int, period: int):
@@ -99,7 +93,7 @@ def run_fit(args) -> None:
     runs: dict[int, list[dict]] = {s: [] for s in args.scales}
     for _ in range(args.repeats):
         for s in args.scales:
-            runs[s].append(spawn(["--child", "fit", "--scale", str(s)]))
+            runs[s].append(spawn(__file__, ["--child", "fit", "--scale", str(s)]))
     med = {}
     for s in args.scales:
         med[s] = {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]}
@@ -179,13 +173,13 @@ def child_scene(size: int, scale: int, method: str) -> dict:
 
     guide, lowres = make_scene(size, scale)
     out = DATA / f"out_scales_{size}_x{scale}_{method}.tif"
-    rss0 = _rss()
+    rss0 = rss()
     t0 = time.perf_counter()
     rep = pipeline.upsample_raster(lowres, guide, out, method=method)
     sec = time.perf_counter() - t0
     os.remove(out)
     return {"seconds": sec, "mp_per_s": size * size / 1e6 / sec,
-            "peak_rss_over_imports_mb": (_peak() - rss0) / 2**20, "tiles": rep.tiles}
+            "peak_rss_over_imports_mb": (peak_rss() - rss0) / 2**20, "tiles": rep.tiles}
 
 
 def run_scene(args) -> None:
@@ -198,7 +192,7 @@ def run_scene(args) -> None:
         runs: dict[str, list[dict]] = {m: [] for m in args.methods}
         for _ in range(args.repeats):
             for m in args.methods:
-                runs[m].append(spawn(["--child", "scene", "--size", str(args.size),
+                runs[m].append(spawn(__file__, ["--child", "scene", "--size", str(args.size),
                                       "--scale", str(s), "--method", m]))
         for m in args.methods:
             med = {k: statistics.median(r[k] for r in runs[m]) for k in runs[m][0]}
@@ -236,13 +230,6 @@ def run_s2(args) -> None:
           f"{statistics.median(peaks):.0f} MB (targets: <= 300 s, <= 1.5 GB)")
 
 
-def spawn(argv: list[str]) -> dict:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=path), check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"child {' '.join(argv)} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

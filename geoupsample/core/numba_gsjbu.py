@@ -392,6 +392,28 @@ def _offsets(radius, sy, sx, row_stride, nb_my, nb_mx, nb_at):
 
 
 @numba.njit(cache=True, fastmath=True, inline="always")
+def _flat_maps(coef, gbar, valid, radius):
+    """``(w, row_stride, coef [4, n], gbar [d4, n], valid [n])``: the framed maps flattened,
+    ``w`` the LR width and ``row_stride`` the framed one."""
+    w = valid.shape[1] - 2 * radius
+    return (w, w + 2 * radius, coef.reshape(4, -1), gbar.reshape(gbar.shape[0], -1),
+            valid.reshape(-1))  # fmt: skip
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _neighbourhood(radius, sy, sx, row_stride, d4):
+    """A thread's arrays for one cell's neighbours: ``(coef [4, K], gbar [d4, K], my [K],
+    mx [K], at [K], bias [K])``, the offsets (:func:`_offsets`) filled in."""
+    kk = (2 * radius + 1) ** 2
+    nb_my = np.empty(kk, np.float32)
+    nb_mx = np.empty(kk, np.float32)
+    nb_at = np.empty(kk, np.int64)
+    _offsets(radius, sy, sx, row_stride, nb_my, nb_mx, nb_at)
+    return (np.empty((4, kk), np.float32), np.empty((d4, kk), np.float32), nb_my, nb_mx, nb_at,
+            np.empty(kk, np.float32))  # fmt: skip
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
 def _gather(base, nb_at, coef, gbar, valid, nb_coef, nb_g, nb_bias):
     """The neighbours of the cell whose neighbourhood starts at ``base`` in the flattened framed
     maps (``coef [4, n]``, ``gbar [d4, n]``, ``valid [n]``) into the local arrays (``nb_bias``:
@@ -484,30 +506,20 @@ def _weighted_bands(wts, s, inv, nb_g, out):
 def _fit_step(coef, gbar, valid, guide_cells, pixel_valid, local_y, local_x, sy, sx, radius,
               bands, oy, ox, ty, tx, phases, detail, grad, loss, count):  # fmt: skip
     h = valid.shape[0] - 2 * radius
-    w = valid.shape[1] - 2 * radius
+    w, row_stride, coef_flat, gbar_flat, valid_flat = _flat_maps(coef, gbar, valid, radius)
     d4 = gbar.shape[0]
     n_px = local_x.shape[1]
-    width = 2 * radius + 1
-    kk = width * width
+    kk = (2 * radius + 1) ** 2
     m = phases.shape[0]
     rows = (h - oy + ty - 1) // ty
     cols = (w - ox + tx - 1) // tx
-    row_stride = w + 2 * radius
     centre = radius * row_stride + radius
-    coef_flat = coef.reshape(4, -1)
-    gbar_flat = gbar.reshape(d4, -1)
-    valid_flat = valid.reshape(-1)
     grad_flat = grad.reshape(grad.shape[0], 4, -1)
     for a in numba.prange(rows):
         t = numba.get_thread_id()
         i = oy + a * ty
-        nb_coef = np.empty((4, kk), np.float32)
-        nb_g = np.empty((d4, kk), np.float32)
-        nb_my = np.empty(kk, np.float32)
-        nb_mx = np.empty(kk, np.float32)
-        nb_at = np.empty(kk, np.int64)
-        nb_bias = np.empty(kk, np.float32)
-        _offsets(radius, sy, sx, row_stride, nb_my, nb_mx, nb_at)
+        nb_coef, nb_g, nb_my, nb_mx, nb_at, nb_bias = _neighbourhood(radius, sy, sx, row_stride,
+                                                                     d4)  # fmt: skip
         acc = np.empty((4, kk), np.float32)
         wts = np.empty((m, kk), np.float32)  # unnormalised: the weights are wts[s] * inv[s]
         inv = np.empty(m, np.float32)
@@ -641,25 +653,16 @@ def _render(coef, gbar, valid, guide_cells, pixel_valid, local_y, local_x, row_i
             col_index, sy, sx, radius, values, out):  # fmt: skip
     """``values [C, h + 2r, w + 2r]`` (framed) -> ``out [C, H, W]``."""
     h = valid.shape[0] - 2 * radius
-    w = valid.shape[1] - 2 * radius
+    w, row_stride, coef_flat, gbar_flat, valid_flat = _flat_maps(coef, gbar, valid, radius)
     d4 = gbar.shape[0]
     n_py = local_y.shape[1]
     n_px = local_x.shape[1]
     n_c = values.shape[0]
     kk = (2 * radius + 1) ** 2
-    row_stride = w + 2 * radius
-    coef_flat = coef.reshape(4, -1)
-    gbar_flat = gbar.reshape(d4, -1)
-    valid_flat = valid.reshape(-1)
     values_flat = values.reshape(n_c, -1)
     for i in numba.prange(h):
-        nb_coef = np.empty((4, kk), np.float32)
-        nb_g = np.empty((d4, kk), np.float32)
-        nb_my = np.empty(kk, np.float32)
-        nb_mx = np.empty(kk, np.float32)
-        nb_at = np.empty(kk, np.int64)
-        nb_bias = np.empty(kk, np.float32)
-        _offsets(radius, sy, sx, row_stride, nb_my, nb_mx, nb_at)
+        nb_coef, nb_g, nb_my, nb_mx, nb_at, nb_bias = _neighbourhood(radius, sy, sx, row_stride,
+                                                                     d4)  # fmt: skip
         nb_v = np.empty((n_c, kk), np.float32)
         wts = np.empty((1, kk), np.float32)
         dist2 = np.empty((1, kk), np.float32)
@@ -711,25 +714,15 @@ def render(coef: np.ndarray, prep: CellTensors, values: torch.Tensor) -> torch.T
 @numba.njit(cache=True, fastmath=True, parallel=True)
 def _weights_of_rows(coef, gbar, valid, guide_cells, pixel_valid, local_y, local_x, sy, sx,
                      radius, i0, i1, out):  # fmt: skip
-    h = valid.shape[0] - 2 * radius
-    w = valid.shape[1] - 2 * radius
+    w, row_stride, coef_flat, gbar_flat, valid_flat = _flat_maps(coef, gbar, valid, radius)
     d4 = gbar.shape[0]
     n_px = local_x.shape[1]
     n_p = pixel_valid.shape[1]
     kk = (2 * radius + 1) ** 2
-    row_stride = w + 2 * radius
-    coef_flat = coef.reshape(4, -1)
-    gbar_flat = gbar.reshape(d4, -1)
-    valid_flat = valid.reshape(-1)
     for a in numba.prange(i1 - i0):
         i = i0 + a
-        nb_coef = np.empty((4, kk), np.float32)
-        nb_g = np.empty((d4, kk), np.float32)
-        nb_my = np.empty(kk, np.float32)
-        nb_mx = np.empty(kk, np.float32)
-        nb_at = np.empty(kk, np.int64)
-        nb_bias = np.empty(kk, np.float32)
-        _offsets(radius, sy, sx, row_stride, nb_my, nb_mx, nb_at)
+        nb_coef, nb_g, nb_my, nb_mx, nb_at, nb_bias = _neighbourhood(radius, sy, sx, row_stride,
+                                                                     d4)  # fmt: skip
         wts = np.empty((1, kk), np.float32)
         dist2 = np.empty((1, kk), np.float32)
         for j in range(w):
@@ -746,7 +739,6 @@ def _weights_of_rows(coef, gbar, valid, guide_cells, pixel_valid, local_y, local
                                p, nb_coef, nb_g, nb_my, nb_mx, nb_bias, wts, dist2, 0)
                 for k in range(kk):
                     out[row, p, k] = wts[0, k] * inv
-    _ = h
 
 
 def weights(coef: np.ndarray, prep: CellTensors, rows: tuple[int, int]) -> torch.Tensor:
