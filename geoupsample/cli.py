@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 #: Sub-command modules, in the order ``--help`` lists them. A module that is missing is skipped.
-COMMAND_MODULES = ("demo", "upsample", "features", "segment")
+COMMAND_MODULES = ("demo", "upsample", "features", "segment", "predict")
 
 for _name in COMMAND_MODULES:
     try:

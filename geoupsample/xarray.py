@@ -12,13 +12,15 @@ scale, origins on the guide's pixel lattice; ``warp=`` reprojects a low-res arra
 grid), and the computation is the same tiles blended the same way as the CLI, so the values
 agree exactly.
 
-:func:`features` and :func:`segment` do the same for ``geoupsample features`` and ``geoupsample
-segment`` on a scene DataArray (lazy too; the PCA and the probe are fitted when called)::
+:func:`features`, :func:`segment` and :func:`predict` do the same for ``geoupsample features``,
+``geoupsample segment`` and ``geoupsample predict`` on a scene DataArray (lazy too; the PCA and
+the probe are fitted, and the model checked, when called)::
 
     scene = rioxarray.open_rasterio("scene.tif", chunks=True)
     feats = features(scene, "timm:resnet18", weights="w.safetensors", layer=2,
                      bands=["red", "green", "blue"], pca=8)
     classes = segment(scene, "polygons.geojson", "class", "spectral", cell_size=8)
+    probs = predict(scene, "model.onnx", bands=[2, 3, 4], mean=[...], std=[...])
 
 Their arguments mean what the CLI's options of the same names do: ``bands=`` chooses the scene's
 bands (``--bands``), ``model_bands=`` those of them a timm model sees (``--model-bands``),
@@ -456,6 +458,77 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
                             chunks=((2,), *probs.chunks[1:]))
     return _on_scene_grid(classes, scene, np.array([1, 2]),
                           {**attrs, "long_name": ("class", "confidence")}, UINT8_NODATA)
+
+
+def predict(scene: xr.DataArray, model: Any, *, bands: Sequence[int | str] | None = None,
+            scale_factor: Sequence[float] | float | None = None,
+            offset: Sequence[float] | float | None = None, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None, input_size: int | None = None,
+            overlap: float = 0.2, batch: int = 8, output: str = "auto",
+            class_names: Sequence[str] | None = None, model_scale: int = 1,
+            method: str = "gsjbu", iters: int = 50, radius: int = 3, seed: int = 0,
+            consistency: float | None = None, self_guidance: float | None = None,
+            min_sigma_r: float | None = None, classes: bool = False, tile: int = 512,
+            halo: int = 64, device: str | None = None, aoi: Any = None, aoi_crs: Any = None,
+            blocksize: int = 256) -> xr.DataArray:
+    """Class probabilities of the user's own model (ONNX, TorchScript) over ``scene``; a lazy
+    dask-backed DataArray on its grid: the pixels of ``geoupsample predict --dtype float32``.
+
+    The model runs once when called (its classes, output stride and kind are read from a sample
+    window); the tiles run when the result is computed. The arguments mean what the CLI's
+    options of the same names do (:func:`geoupsample.prediction.predict_raster`); without
+    ``scale_factor``/``offset`` the scene's own ``scale_factor``/``add_offset`` attributes
+    apply (rioxarray keeps them when opened with ``mask_and_scale=False``).
+
+    Returns:
+        float32 ``[band, y, x]``, one band per class (``long_name``), NaN as nodata; with
+        ``classes=True`` the uint8 class raster (bands ``class`` and ``confidence``, nodata
+        255), as ``--classes`` writes it. Attributes: ``class_names``, ``geoupsample_model``...
+    """
+    import dask.array as da
+
+    from geoupsample.prediction import Preprocessing, plan_predict
+    from geoupsample.segmentation import UINT8_NODATA, class_bands, class_values
+    from geoupsample.user_model import load_model
+
+    scene = _as_bands(scene, "scene")  # north-up (band, y, x): the output's grid
+    attrs_in = dict(scene.attrs)
+    scene, idx, names = _chosen_bands(scene, bands)
+    sc = _scene(scene, names)
+    net = load_model(model, device)
+    packing = _packing(attrs_in, idx)
+    pre = Preprocessing.of(len(idx), scale_factor, offset, mean, std, packing)
+    geom = scene_aoi(aoi, aoi_crs, sc)
+    plan = plan_predict(sc, net, pre, output=output, class_names=class_names,
+                        model_scale=model_scale, input_size=input_size, overlap=overlap,
+                        batch=batch, method=method, iters=iters, radius=radius, device=device,
+                        seed=seed, consistency=consistency, self_guidance=self_guidance,
+                        min_sigma_r=min_sigma_r)  # fmt: skip
+    k = len(plan.classes)
+    probs = _lazy(plan.job, sc, plan.job.align, k, tile, halo, blocksize, geom)
+    attrs = {**plan.tags, "geoupsample_bands": bands_tag(idx, names)}
+    if not classes:
+        return _on_scene_grid(probs, scene, np.arange(1, k + 1),
+                              {**attrs, "long_name": tuple(plan.classes)}, np.nan)
+    cls = da.map_blocks(class_bands, probs, dtype=np.uint8, values=class_values(plan.classes),
+                        chunks=((2,), *probs.chunks[1:]))
+    return _on_scene_grid(cls, scene, np.array([1, 2]),
+                          {**attrs, "long_name": ("class", "confidence")}, UINT8_NODATA)
+
+
+def _packing(attrs: dict[str, Any], idx: Sequence[int]
+             ) -> tuple[list[float], list[float]] | None:  # fmt: skip
+    """The bands' ``scale_factor`` and ``add_offset`` attributes (one value, or one per band
+    of the array), or None when neither is set."""
+    def per_band(value: Any, default: float) -> list[float]:
+        if value is None:
+            return [default] * len(idx)
+        vals = [float(v) for v in np.atleast_1d(value)]
+        return vals * len(idx) if len(vals) == 1 else [vals[i - 1] for i in idx]
+
+    if attrs.get("scale_factor") is None and attrs.get("add_offset") is None:
+        return None
+    return per_band(attrs.get("scale_factor"), 1.0), per_band(attrs.get("add_offset"), 0.0)
 
 
 def _lazy(job: Any, scene: ArrayScene, stride: int, count: int, tile: int, halo: int,
