@@ -197,8 +197,12 @@ def predict_array(model: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *,
     rows = window_starts(hh, sy, step_y)
     cols = window_starts(ww, sx, step_x)
     jobs = [(y, xx) for y in rows for xx in cols]
+    wy_of = {y: window_weights(y // r, sy // r, hh // r, ov_y // r).astype(np.float32)
+             for y in rows}  # fmt: skip
+    wx_of = {xx: window_weights(xx // r, sx // r, ww // r, ov_x // r).astype(np.float32)
+             for xx in cols}  # fmt: skip
     total: np.ndarray | None = None
-    weight = np.zeros((hh // r, ww // r), np.float64)
+    weight = np.zeros((hh // r, ww // r), np.float32)
     for b0 in range(0, len(jobs), max(1, batch)):
         chunk = jobs[b0 : b0 + max(1, batch)]
         inp = np.zeros((len(chunk), c, sy, sx), np.float32)
@@ -207,18 +211,17 @@ def predict_array(model: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *,
             inp[i, :, : part.shape[1], : part.shape[2]] = part
         probs = to_probabilities(model(inp), kind)
         if total is None:
-            total = np.zeros((probs.shape[1], hh // r, ww // r), np.float64)
+            total = np.zeros((probs.shape[1], hh // r, ww // r), np.float32)
         for i, (y, xx) in enumerate(chunk):
             oy, ox = y // r, xx // r
             h = min(sy, hh - y) // r
             w = min(sx, ww - xx) // r
-            wy = window_weights(oy, sy // r, hh // r, ov_y // r)[:h]
-            wx = window_weights(ox, sx // r, ww // r, ov_x // r)[:w]
-            wgt = wy[:, None] * wx[None, :]
+            wgt = wy_of[y][:h, None] * wx_of[xx][None, :w]
             total[:, oy : oy + h, ox : ox + w] += probs[i, :, :h, :w] * wgt
             weight[oy : oy + h, ox : ox + w] += wgt
     assert total is not None
-    return (total / weight).astype(np.float32)
+    total /= weight
+    return total
 
 
 def cell_means(x: np.ndarray, scale: int) -> np.ndarray:
