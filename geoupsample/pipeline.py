@@ -23,6 +23,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ import geoupsample as gu
 import tiling
 import tiling.writer
 from geoupsample.core.allocator import tune_allocator
-from geoupsample.core.methods import INTERPOLATIONS
+from geoupsample.core.methods import INTERPOLATIONS, without_missing_cells
 from geoupsample.grids import GridRelation, overlap_window, relate_or_nest
 from geoupsample.inputs import (
     InputError,
@@ -106,57 +107,90 @@ def read_context(method: str, rel: GridRelation) -> Window | None:
     return rel.footprint if method in INTERPOLATIONS else None
 
 
-class UpsampleTile:
-    """The per-tile job: upsample the tile's low-res window onto its guide window.
+@dataclass(frozen=True)
+class LowresPart:
+    """One low-res raster of an :class:`UpsampleTile`: which input it is and how it renders.
 
-    Picklable (for dask.distributed). ``ctx.data`` holds ``"lowres"`` ``[C, h, w]`` and
-    ``"guide"`` ``[d, H, W]`` float32 with NaN for nodata; returns float32 ``[C, H, W]`` or None
-    when the guide tile is entirely nodata (the tile is skipped).
+    Attributes:
+        name: its input's name in the tile's data.
+        render: rendering arguments of ``gu.upsample`` (``kind``, ``consistency``, ...,
+            ``keep_missing``), decided for the whole scene.
+        unit: probabilities stored as fractions of ``unit`` (e.g. 255): rendered as fractions
+            of 1 and written back in it.
+        cell_nodata: probabilities read as stored: the cells whose channels all hold this are
+            missing.
+        channels: the channels returned (0-based), when more are rendered than written (a
+            subset of a probability raster's bands renders with all of them).
+    """
+
+    name: str = "lowres"
+    render: dict = field(default_factory=dict)
+    unit: float | None = None
+    cell_nodata: float | None = None
+    channels: tuple[int, ...] | None = None
+
+
+class UpsampleTile:
+    """The per-tile job: upsample the tile's low-res windows onto its guide window.
+
+    Picklable (for dask.distributed). ``ctx.data`` holds each part's low-res raster ``[C, h,
+    w]`` (``"lowres"`` for one) and ``"guide"`` ``[d, H, W]`` float32 with NaN for nodata;
+    returns float32 ``[sum C, H, W]``, the parts' bands in order, or None when the guide tile
+    is entirely nodata or no part has a valid cell (the tile is skipped). The low-res rasters
+    share one grid, so jbu and gsjbu fit the tile's kernels once and render every part with
+    them: the same pixels as one run per raster.
     """
 
     def __init__(self, method: str, stats: gu.GuideStats | None, iters: int = 50,
                  radius: int = 3, device: str | None = None, seed: int = 0,
                  render: dict[str, Any] | None = None, unit: float | None = None,
-                 cell_nodata: float | None = None,
-                 channels: Sequence[int] | None = None) -> None:
+                 cell_nodata: float | None = None, channels: Sequence[int] | None = None,
+                 parts: Sequence[LowresPart] | None = None) -> None:  # fmt: skip
         self.method, self.stats, self.iters = method, stats, iters
         self.radius, self.device, self.seed = radius, device, seed
-        #: rendering arguments of gu.upsample (``kind``, ``consistency``, ...), scene-wide
-        self.render = dict(render or {})
-        #: probabilities stored as fractions of ``unit`` (e.g. 255): rendered as fractions of 1
-        self.unit = unit
-        #: probabilities read as stored: the cells whose channels all hold this are missing
-        self.cell_nodata = cell_nodata
-        #: the channels returned (0-based), when more are rendered than written (a subset of
-        #: a probability raster's bands renders with all of them)
-        self.channels = None if channels is None else list(channels)
+        if parts is None:  # one raster, named "lowres"
+            parts = [LowresPart("lowres", dict(render or {}), unit, cell_nodata,
+                                None if channels is None else tuple(channels))]
+        self.parts = list(parts)
 
     def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
         tune_allocator()  # once per process, so on dask.distributed workers too (see its module)
-        x = missing_cells(ctx.data["lowres"], self.cell_nodata)
+        xs = [missing_cells(ctx.data[p.name], p.cell_nodata) for p in self.parts]
         g = ctx.data.get("guide")
         if g is None:  # interpolation with a guide that cannot hold nodata: only its shape
             g = np.zeros((1, int(ctx.window.height), int(ctx.window.width)), np.float32)
-        if not np.isfinite(g).all(0).any() or not np.isfinite(x).any():
+        if not np.isfinite(g).all(0).any() or not any(np.isfinite(x).any() for x in xs):
             return None
-        if self.unit is not None:
-            x = x / np.float32(self.unit)
-        if self.method in INTERPOLATIONS:
-            out = gu.upsample(x, g, method=self.method, **self.render)
+        kernels = None
+        if self.method not in INTERPOLATIONS:  # one fit, every part rendered with it
+            kernels = gu.fit(g, tuple(xs[0].shape[-2:]), iters=0 if self.method == "jbu"
+                             else self.iters, radius=self.radius, device=self.device,
+                             seed=self.seed, normalize=self.stats)  # fmt: skip
+        outs = [self._part(part, x, g, kernels) for part, x in zip(self.parts, xs, strict=True)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _part(self, part: LowresPart, x: np.ndarray, g: np.ndarray,
+              kernels: gu.Kernels | None) -> np.ndarray:  # fmt: skip
+        if part.unit is not None:
+            x = x / np.float32(part.unit)
+        render = dict(part.render)
+        keep_missing = render.pop("keep_missing", False)
+        if kernels is None:
+            out = gu.upsample(x, g, method=self.method, keep_missing=keep_missing, **render)
         else:
-            out = gu.upsample(x, g, method=self.method, iters=self.iters, radius=self.radius,
-                              device=self.device, seed=self.seed, normalize=self.stats,
-                              **self.render)
-        out = np.asarray(out, dtype=np.float32)  # a new array: scaled in place
-        if self.channels is not None:
-            out = out[self.channels]
-        if self.unit is not None:
-            out *= np.float32(self.unit)
+            out = kernels.render(x, **render)
+            if keep_missing:
+                out = without_missing_cells(out, x)
+        out = np.asarray(out, dtype=np.float32)
+        if part.channels is not None:
+            out = out[list(part.channels)]
+        if part.unit is not None:
+            out = out * np.float32(part.unit)
         return out
 
 
 def upsample_raster(
-    lowres_path: str | os.PathLike,
+    lowres_path: str | os.PathLike | Sequence[str | os.PathLike],
     guide_path: str | os.PathLike,
     out_path: str | os.PathLike,
     method: str = "gsjbu",
@@ -186,17 +220,24 @@ def upsample_raster(
     keep_missing: bool = False,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> tiling.RunReport:
-    """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``.
+    """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``; or
+    several low-res rasters on one grid in one pass (each tile fitted once, every raster
+    rendered with the same kernels: the pixels of one run per raster).
 
     Args:
         lowres_path: georeferenced low-res raster (probabilities, features, a coarse band,
-            elevation...), any number of bands, integer or float.
+            elevation...), any number of bands, integer or float; or a list of them, on one
+            grid (each is checked as one would be, and named in the error).
         guide_path: the high-resolution guide (e.g. multispectral image) in the **same CRS**;
             the low-res pixel must be a whole number or a simple fraction of guide pixels (4, or
             10/3 for 10 m on 3 m: :mod:`geoupsample.grids`) and the origins must lie on its
             pixel lattice. A low-res raster on another grid is refused unless ``warp`` is
             given.
-        out_path: output GeoTIFF (COG with ``cog=True``); written atomically.
+        out_path: output GeoTIFF (COG with ``cog=True``); written atomically. With several
+            low-res rasters, a pattern holding ``{stem}`` (each raster's file name without its
+            extension) or ``{index}`` (from 1) names one output per raster
+            (``out/{stem}_10m.tif``); a plain path gets one output with every raster's bands
+            in order (described ``<stem>:<band>``).
         method: ``gsjbu`` | ``jbu`` | ``bilinear`` | ``bicubic`` | ``nearest``.
         iters, radius, seed: GSJBU fit parameters (``iters`` Adam steps per tile; ``radius`` in
             low-res pixels).
@@ -272,8 +313,145 @@ def upsample_raster(
             min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing, progress=progress)
 
 
+@dataclass
+class LowresPlan:
+    """One low-res raster of a run, checked against the guide: how it is read, rendered and
+    written.
+
+    Attributes:
+        path: the raster; rel: its grid's relation to the guide's (after ``warp``, if any).
+        warp: the warp onto a nesting grid, or None.
+        read_idx: the bands read (all of a probability raster's when some are written).
+        part: its part of the per-tile job (:class:`LowresPart`).
+        out_dtype, nodata, nodata_mask, descriptions, packing, kept_tags, colormaps: its
+            output's (see :class:`tiling.OutputSpec`).
+        grid: the low-res grid as the tiles read it (transform, shape), to compare rasters.
+    """
+
+    path: str
+    rel: GridRelation
+    warp: tiling.Warp | None
+    read_idx: list[int]
+    part: LowresPart
+    out_dtype: str
+    nodata: float | None
+    nodata_mask: bool
+    descriptions: list[str | None]
+    packing: dict[str, Any]
+    kept_tags: dict[str, str]
+    colormaps: dict[int, dict]
+    grid: tuple[tuple[float, ...], tuple[int, int]]
+
+
+def _plan_lowres(stack: ExitStack, lowres_path: str, name: str, hr: Any, hr_idx: Sequence[int],
+                 *, method: str, kind: str, bands: Sequence[int | str] | None,
+                 dtype: str | None, warp: str | None, keep_missing: bool,
+                 overrides: dict[str, float | None]) -> LowresPlan:  # fmt: skip
+    """Open, check and plan the low-res raster ``lowres_path`` (input ``name`` of the job)."""
+    lr_file = stack.enter_context(open_raster(lowres_path, "low-res raster"))
+    lr_idx = select_bands(lr_file, bands, "low-res raster")
+    check_dtype(lr_file, lr_idx, "low-res raster")
+    check_not_class_map(lr_file, lr_idx, method, kind)
+    rel, lr_warp = relate_or_nest(lr_file.crs, lr_file.transform, lr_file.shape, hr.crs,
+                                  hr.transform, hr.shape, warp)
+    # the low-res raster as the tiles see it: the file, or the file warped onto the grid
+    lr = stack.enter_context(lr_warp.open(lr_file)) if lr_warp else lr_file
+    lr_dtype = np.dtype(lr_file.dtypes[lr_idx[0] - 1])
+    out_dtype = _out_dtype(dtype) if dtype else (
+        "float32" if lr_dtype.kind == "f" else lr_dtype.name)
+    nodata, nodata_mask = _output_nodata(lr_file.nodata, lr_dtype, out_dtype)
+    lr_window = overlap_window(lr.transform, lr.shape, hr.bounds)
+    # the render is decided from the values as stored (a warp would blur away their
+    # rounding to whole numbers), over the part of the file the guide covers
+    file_window = overlap_window(lr_file.transform, lr_file.shape, hr.bounds, hr.crs,
+                                 lr_file.crs)
+    all_idx = list(range(1, lr_file.count + 1))
+    read_idx, channels = list(lr_idx), None
+    if kind != "continuous" and len(set(lr_idx)) < lr_file.count:
+        # some bands of a probability raster are still probabilities: they render with
+        # all the bands (on the simplex), and the chosen ones are written
+        sample = _file_sample(lr_file, all_idx, file_window)
+        scene = _render_options(method, kind, lr_file, sample, **overrides)
+        if scene.arguments.get("kind") == "probabilities":
+            read_idx, channels = all_idx, tuple(i - 1 for i in lr_idx)
+        else:  # the chosen bands alone, from the same sample
+            scene = _render_options(method, kind, lr_file,
+                                    lambda: sample()[[i - 1 for i in lr_idx]], **overrides)
+    else:
+        scene = _render_options(method, kind, lr_file,
+                                _file_sample(lr_file, lr_idx, file_window), **overrides)
+    # probabilities with a nodata value: read as stored, missing where every band holds it
+    # (a warp resamples band by band: there the nodata value stays GDAL's, per band)
+    cell_nodata = scene.cell_nodata if lr_warp is None else None
+    if (scene.arguments.get("kind") == "probabilities" and nodata is not None
+            and 0 <= nodata <= (scene.unit or 1.0)):
+        # a probability can hold the nodata value (1 x 255 with nodata 255): floats take
+        # NaN, integers a mask band, so that no probability is clipped or masked
+        nodata, nodata_mask = ((float("nan"), False) if np.dtype(out_dtype).kind == "f"
+                               else (None, True))
+    render = {**scene.arguments, **({"keep_missing": True} if keep_missing else {})}
+    if (render.get("kind") == "probabilities" and scene.unit is None
+            and np.dtype(out_dtype).kind in "iu"):
+        raise InputError(
+            f"the low-res raster holds probabilities as fractions of 1, which --dtype "
+            f"{out_dtype} would round to 0 or 1: keep float32 (leave --dtype out), or store "
+            "them scaled (geoupsample segment --probs writes uint8 x 254 with a "
+            "probability_scale tag, which upsample keeps)"
+        )
+    if not any_valid(lr, lr_idx, lr_window, every_band=False):
+        raise InputError(f"the low-res raster {lowres_path} is all nodata where it overlaps "
+                         "the guide: nothing to upsample")
+    part = LowresPart(name, render, scene.unit, cell_nodata, channels)
+    return LowresPlan(
+        lowres_path, rel, lr_warp, read_idx, part, out_dtype, nodata, nodata_mask,
+        [lr_file.descriptions[i - 1] for i in lr_idx], band_packing(lr_file, lr_idx),
+        _kept_tags(lr_file.tags(), lr_idx, lr_file.count),
+        _kept_colormaps(lr_file, lr_idx, method, out_dtype),
+        (tuple(lr.transform)[:6], (lr.height, lr.width)),
+    )  # fmt: skip
+
+
+#: Placeholders of an output path naming one output per low-res raster.
+OUTPUT_FIELDS = ("{stem}", "{index}")
+
+
+def output_paths(out_path: str, lowres_paths: Sequence[str]) -> list[str]:
+    """One output per low-res raster when ``out_path`` holds ``{stem}`` (the raster's file name
+    without its extension) or ``{index}`` (its place, from 1), else ``[out_path]`` (one output:
+    the rasters' bands stacked)."""
+    if not any(f in out_path for f in OUTPUT_FIELDS):
+        return [out_path]
+    outs = []
+    for i, p in enumerate(lowres_paths, 1):
+        stem = os.path.splitext(os.path.basename(p.rstrip("/")))[0]
+        try:
+            outs.append(out_path.format(stem=stem, index=i))
+        except (KeyError, IndexError, ValueError) as err:
+            raise InputError(f"-o {out_path}: an output pattern may hold {{stem}} and {{index}} "
+                             f"only ({err})") from None
+    if len(set(outs)) != len(outs):
+        twice = sorted({o for o in outs if outs.count(o) > 1})
+        raise InputError(f"-o {out_path} names two low-res rasters' outputs alike ({twice[0]}): "
+                         "add {index}, or give rasters with different file names")
+    return outs
+
+
+def _check_same_grid(plans: Sequence[LowresPlan]) -> None:
+    """Refuse low-res rasters on different grids (one fit serves one grid), naming each."""
+    first = plans[0]
+    if all(p.grid == first.grid and p.rel.region == first.rel.region for p in plans):
+        return
+    lines = "; ".join(f"{p.path}: {p.grid[1][1]} x {p.grid[1][0]} cells of "
+                      f"{p.rel.scale_text} guide pixels from guide pixel {p.rel.offset}"
+                      for p in plans)  # fmt: skip
+    raise InputError(f"the low-res rasters are on different grids ({lines}); one run fits one "
+                     "grid: upsample each group of rasters on the same grid in its own run, or "
+                     "warp them onto one grid first (gdalwarp)")
+
+
 def _upsample_raster(
-    lowres_path: str | os.PathLike, guide_path: str | os.PathLike,
+    lowres_path: str | os.PathLike | Sequence[str | os.PathLike],
+    guide_path: str | os.PathLike,
     out_path: str | os.PathLike, *, method: str, iters: int, radius: int, tile: int,
     halo: int, bands: Sequence[int | str] | None, guide_bands: Sequence[int | str] | None,
     aoi: Any, aoi_crs: Any, cog: bool, dtype: str | None, compress: str, blocksize: int,
@@ -283,80 +461,46 @@ def _upsample_raster(
     progress: Callable[[tiling.Progress], None] | None,
 ) -> tiling.RunReport:
     check_method_options(method, iters, radius, seed)
-    lowres_path, guide_path, out_path = map(os.fspath, (lowres_path, guide_path, out_path))
-    check_output_paths({"-o": out_path}, {"the low-res raster": lowres_path,
-                                          "the guide": guide_path})  # fmt: skip
-    if is_zarr_path(out_path):
+    many = not isinstance(lowres_path, (str, os.PathLike))
+    lowres_paths = [os.fspath(p) for p in (lowres_path if many else [lowres_path])]
+    if not lowres_paths:
+        raise InputError("no low-res raster to upsample")
+    if len(set(lowres_paths)) != len(lowres_paths):
+        raise InputError(f"a low-res raster is given twice: {lowres_paths}")
+    guide_path, out_path = os.fspath(guide_path), os.fspath(out_path)
+    outs = output_paths(out_path, lowres_paths)
+    inputs_named = {"the guide": guide_path, **{
+        f"the low-res raster {p}" if many else "the low-res raster": p for p in lowres_paths}}
+    labels = ["-o"] if len(outs) == 1 else [f"-o (output {i} of {len(outs)})"
+                                            for i in range(1, len(outs) + 1)]  # fmt: skip
+    check_output_paths(dict(zip(labels, outs, strict=True)), inputs_named, rasters=tuple(labels))
+    if any(is_zarr_path(o) for o in outs):
         raise InputError("upsample writes GeoTIFFs; give a .tif path (Zarr is for features)")
+    overrides = dict(consistency=consistency, self_guidance=self_guidance,
+                     min_sigma_r=min_sigma_r)
     with ExitStack() as stack:
-        lr_file = stack.enter_context(open_raster(lowres_path, "low-res raster"))
         hr = stack.enter_context(open_raster(guide_path, "guide"))
-        lr_idx = select_bands(lr_file, bands, "low-res raster")
         hr_idx = select_bands(hr, guide_bands, "guide")
-        check_dtype(lr_file, lr_idx, "low-res raster")
         check_dtype(hr, hr_idx, "guide")
-        check_not_class_map(lr_file, lr_idx, method, kind)
-        rel, lr_warp = relate_or_nest(lr_file.crs, lr_file.transform, lr_file.shape, hr.crs,
-                                      hr.transform, hr.shape, warp)
+        plans = []
+        for i, p in enumerate(lowres_paths):
+            try:
+                plans.append(_plan_lowres(
+                    stack, p, "lowres" if len(lowres_paths) == 1 else f"lowres{i}", hr, hr_idx,
+                    method=method, kind=kind, bands=bands, dtype=dtype, warp=warp,
+                    keep_missing=keep_missing, overrides=overrides))  # fmt: skip
+            except InputError as err:
+                if many and p not in str(err):
+                    raise InputError(f"{p}: {err}") from None
+                raise
+        _check_same_grid(plans)
+        rel = plans[0].rel
         blend, halo = tile_blend(blend, method, halo, rel.scale)
-        # the low-res raster as the tiles see it: the file, or the file warped onto the grid
-        lr = stack.enter_context(lr_warp.open(lr_file)) if lr_warp else lr_file
-        lr_dtype = np.dtype(lr_file.dtypes[lr_idx[0] - 1])
-        out_dtype = _out_dtype(dtype) if dtype else (
-            "float32" if lr_dtype.kind == "f" else lr_dtype.name)
-        nodata, nodata_mask = _output_nodata(lr_file.nodata, lr_dtype, out_dtype)
-        descriptions = [lr_file.descriptions[i - 1] for i in lr_idx]
-        packing = band_packing(lr_file, lr_idx)
-        kept_tags = _kept_tags(lr_file.tags(), lr_idx, lr_file.count)
-        colormaps = _kept_colormaps(lr_file, lr_idx, method, out_dtype)
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
         # interpolations use the guide only for its nodata mask: skip reading a guide that
         # cannot have nodata (integer bands, no nodata value, no mask)
         guide_needed = method not in INTERPOLATIONS or hr.nodata is not None or any(
             np.dtype(hr.dtypes[i - 1]).kind == "f" for i in hr_idx) or mask_band_used(hr, hr_idx)
-        lr_window = overlap_window(lr.transform, lr.shape, hr.bounds)
-        # the render is decided from the values as stored (a warp would blur away their
-        # rounding to whole numbers), over the part of the file the guide covers
-        file_window = overlap_window(lr_file.transform, lr_file.shape, hr.bounds, hr.crs,
-                                     lr_file.crs)
-        overrides = dict(consistency=consistency, self_guidance=self_guidance,
-                         min_sigma_r=min_sigma_r)
-        all_idx = list(range(1, lr_file.count + 1))
-        read_idx, channels = lr_idx, None
-        if kind != "continuous" and len(set(lr_idx)) < lr_file.count:
-            # some bands of a probability raster are still probabilities: they render with
-            # all the bands (on the simplex), and the chosen ones are written
-            sample = _file_sample(lr_file, all_idx, file_window)
-            scene = _render_options(method, kind, lr_file, sample, **overrides)
-            if scene.arguments.get("kind") == "probabilities":
-                read_idx, channels = all_idx, [i - 1 for i in lr_idx]
-            else:  # the chosen bands alone, from the same sample
-                scene = _render_options(method, kind, lr_file,
-                                        lambda: sample()[[i - 1 for i in lr_idx]], **overrides)
-        else:
-            scene = _render_options(method, kind, lr_file,
-                                    _file_sample(lr_file, lr_idx, file_window), **overrides)
-        # probabilities with a nodata value: read as stored, missing where every band holds it
-        # (a warp resamples band by band: there the nodata value stays GDAL's, per band)
-        cell_nodata = scene.cell_nodata if lr_warp is None else None
-        if (scene.arguments.get("kind") == "probabilities" and nodata is not None
-                and 0 <= nodata <= (scene.unit or 1.0)):
-            # a probability can hold the nodata value (1 x 255 with nodata 255): floats take
-            # NaN, integers a mask band, so that no probability is clipped or masked
-            nodata, nodata_mask = ((float("nan"), False) if np.dtype(out_dtype).kind == "f"
-                                   else (None, True))
-        render = {**scene.arguments, **({"keep_missing": True} if keep_missing else {})}
-        if (render.get("kind") == "probabilities" and scene.unit is None
-                and np.dtype(out_dtype).kind in "iu"):
-            raise InputError(
-                f"the low-res raster holds probabilities as fractions of 1, which --dtype "
-                f"{out_dtype} would round to 0 or 1: keep float32 (leave --dtype out), or store "
-                "them scaled (geoupsample segment --probs writes uint8 x 254 with a "
-                "probability_scale tag, which upsample keeps)"
-            )
-        if not any_valid(lr, lr_idx, lr_window, every_band=False):
-            raise InputError(f"the low-res raster {lowres_path} is all nodata where it overlaps "
-                             "the guide: nothing to upsample")
         if method in INTERPOLATIONS and not any_valid(hr, hr_idx, rel.region, every_band=True):
             raise InputError(f"the guide {guide_path} has no valid pixel (all nodata) where it "
                              "overlaps the low-res raster: nothing to upsample")
@@ -364,59 +508,115 @@ def _upsample_raster(
 
     from geoupsample import __version__
 
-    spec = tiling.OutputSpec(
-        out_path, crs=hr_crs, transform=hr_transform, width=hr_w, height=hr_h,
-        count=len(lr_idx), dtype=out_dtype, nodata=nodata, descriptions=descriptions,
-        tags={"geoupsample_version": __version__, "geoupsample_method": method,
-              "geoupsample_params": params_text(method, iters, radius, tile, halo, blend, seed),
-              "geoupsample_lowres": os.path.basename(lowres_path),
-              "geoupsample_guide": os.path.basename(guide_path),
-              "geoupsample_scale": rel.scale_text,
-              "geoupsample_render": json.dumps(render),
-              **({"geoupsample_probability_unit": f"{scene.unit:g}"} if scene.unit else {}),
-              **({"geoupsample_warp": warp_text(lr_warp, rel)} if lr_warp else {}),
-              **kept_tags},
-        compress=compress, blocksize=blocksize, cog=cog, nodata_mask=nodata_mask,
-        colormaps=colormaps, **packing)
+    common_tags = {"geoupsample_version": __version__, "geoupsample_method": method,
+                   "geoupsample_params": params_text(method, iters, radius, tile, halo, blend,
+                                                     seed),
+                   "geoupsample_guide": os.path.basename(guide_path),
+                   "geoupsample_scale": rel.scale_text}  # fmt: skip
+    spec_kw = dict(crs=hr_crs, transform=hr_transform, width=hr_w, height=hr_h,
+                   compress=compress, blocksize=blocksize, cog=cog)
+    if len(outs) == len(plans):
+        specs = [tiling.OutputSpec(o, count=len(p.descriptions), dtype=p.out_dtype,
+                                   nodata=p.nodata, nodata_mask=p.nodata_mask,
+                                   descriptions=p.descriptions, tags={**common_tags,
+                                                                      **_plan_tags(p, rel)},
+                                   colormaps=p.colormaps, **p.packing, **spec_kw)
+                 for o, p in zip(outs, plans, strict=True)]  # fmt: skip
+    else:
+        specs = [_stacked_spec(outs[0], plans, rel, dtype, common_tags, spec_kw)]
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       render=render, unit=scene.unit, cell_nodata=cell_nodata,
-                       channels=channels)
+                       parts=[p.part for p in plans])
     if workers is None and scheduler is None:
         workers = available_cores() if method in INTERPOLATIONS else 1
-    inputs = {"lowres": tiling.RasterInput(
-        lowres_path, tuple(read_idx), nodata=None if cell_nodata is None else float("nan"),
-        warp=lr_warp)}
+    inputs: dict[str, Any] = {
+        p.part.name: tiling.RasterInput(
+            p.path, tuple(p.read_idx), nodata=None if p.part.cell_nodata is None
+            else float("nan"), warp=p.warp) for p in plans}  # fmt: skip
     if guide_needed:
         inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
               "device": str(device), "stats": None if stats is None else
-              [stats.lo.tolist(), stats.hi.tolist()], "render": render, "unit": scene.unit,
-              "version": __version__}
+              [stats.lo.tolist(), stats.hi.tolist()], "version": __version__}
+    if len(plans) == 1:
+        params.update(render=plans[0].part.render, unit=plans[0].part.unit)
+    else:
+        params["parts"] = [{"render": p.part.render, "unit": p.part.unit} for p in plans]
     # cores // workers torch threads per tile: interpolations run a tile per core by default,
     # and torch's own threads on top of them (and of GDAL's compression threads) stall its
     # parallel regions on a busy machine
     tiles_at_once = workers if scheduler is None else None
     with threads_per_worker(tiles_at_once, device):
-        report = tiling.run(job, inputs, spec, tile=tile, halo=halo, align=rel.period,
+        report = tiling.run(job, inputs, specs, tile=tile, halo=halo, align=rel.period,
                             align_offset=rel.offset, blend=blend, region=rel.region,
                             context=read_context(method, rel), aoi=aoi,
                             aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
                             workers=workers, progress=progress)
-    warn_clipped(report, spec)
+    report.extra["paths"] = [s.path for s in specs]
+    clipped = report.extra.get("clipped_by_output") or [0] * len(specs)
+    for spec, n in zip(specs, clipped, strict=True):
+        warn_clipped(report, spec, n)
     return report
 
 
-def warn_clipped(report: tiling.RunReport, spec: tiling.OutputSpec) -> None:
+def _plan_tags(plan: LowresPlan, rel: GridRelation) -> dict[str, str]:
+    """The tags of one raster's output: its name, render, unit, warp and kept tags."""
+    unit = plan.part.unit
+    return {"geoupsample_lowres": os.path.basename(plan.path),
+            "geoupsample_render": json.dumps(plan.part.render),
+            **({"geoupsample_probability_unit": f"{unit:g}"} if unit else {}),
+            **({"geoupsample_warp": warp_text(plan.warp, rel)} if plan.warp else {}),
+            **plan.kept_tags}  # fmt: skip
+
+
+def _stacked_spec(out_path: str, plans: Sequence[LowresPlan], rel: GridRelation,
+                  dtype: str | None, common_tags: dict[str, str],
+                  spec_kw: dict[str, Any]) -> tiling.OutputSpec:  # fmt: skip
+    """One output holding every raster's bands in order: each band described as
+    ``<raster stem>:<band description>``; the rasters' dtype and nodata when they agree, else
+    float32 with NaN (or ``dtype``)."""
+    first = plans[0]
+    same = all((p.out_dtype, str(p.nodata), p.nodata_mask) == (
+        first.out_dtype, str(first.nodata), first.nodata_mask) for p in plans)  # fmt: skip
+    if dtype or same:
+        out_dtype, nodata, mask = first.out_dtype, first.nodata, first.nodata_mask
+    else:
+        out_dtype, nodata, mask = "float32", float("nan"), False
+    names, colormaps, packing = [], {}, {"scales": [], "offsets": [], "units": []}
+    for p in plans:
+        stem = os.path.splitext(os.path.basename(p.path))[0]
+        for k, d in enumerate(p.descriptions):
+            names.append(f"{stem}:{d}" if d else (stem if len(p.descriptions) == 1
+                                                  else f"{stem}:band{k + 1}"))  # fmt: skip
+            colormap = p.colormaps.get(k + 1)
+            if colormap is not None and out_dtype == p.out_dtype:
+                colormaps[len(names)] = colormap
+            packing["scales"].append(p.packing.get("scales", [1.0] * len(p.descriptions))[k])
+            packing["offsets"].append(p.packing.get("offsets", [0.0] * len(p.descriptions))[k])
+            packing["units"].append(p.packing.get("units", [None] * len(p.descriptions))[k])
+    packing = {k: v for k, v in packing.items() if any(
+        x not in (1.0, 0.0, None) for x in v)}  # fmt: skip
+    tags = {**common_tags,
+            "geoupsample_lowres": json.dumps([os.path.basename(p.path) for p in plans]),
+            "geoupsample_render": json.dumps([p.part.render for p in plans])}
+    return tiling.OutputSpec(out_path, count=len(names), dtype=out_dtype, nodata=nodata,
+                             nodata_mask=mask, descriptions=names, tags=tags,
+                             colormaps=colormaps, **packing, **spec_kw)  # fmt: skip
+
+
+def warn_clipped(report: tiling.RunReport, spec: tiling.OutputSpec,
+                 clipped: int | None = None) -> None:  # fmt: skip
     """Warn when an integer output clipped values it cannot hold (``--dtype uint8`` for a band
-    of reflectances in the thousands), saying how many and what to pass instead."""
-    clipped = int(report.extra.get("clipped_values", 0))
+    of reflectances in the thousands), saying how many (``clipped``; default the run's count)
+    and what to pass instead."""
+    clipped = int(report.extra.get("clipped_values", 0) if clipped is None else clipped)
     bounds = tiling.writer.integer_range(spec.dtype, spec.nodata)
     if not clipped or bounds is None:
         return
     total = max(1.0, report.megapixels * 1e6 * spec.count)
+    name = f"{os.path.basename(spec.path)}: " if len(report.extra.get("paths", [])) > 1 else ""
     warnings.warn(
-        f"{clipped} output values ({clipped / total:.1%}) lay outside what {spec.dtype} holds "
-        f"({bounds[0]:g} to {bounds[1]:g}) and were clipped to it: pass a wider --dtype "
+        f"{name}{clipped} output values ({clipped / total:.1%}) lay outside what {spec.dtype} "
+        f"holds ({bounds[0]:g} to {bounds[1]:g}) and were clipped to it: pass a wider --dtype "
         "(e.g. float32)", UserWarning, stacklevel=3)
 
 

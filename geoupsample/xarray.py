@@ -52,7 +52,7 @@ from geoupsample.inputs import (
     model_band_choice,
     select_bands,
 )
-from geoupsample.pipeline import UpsampleTile, read_context, tile_blend, warp_text
+from geoupsample.pipeline import LowresPart, UpsampleTile, read_context, tile_blend, warp_text
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, check_not_rotated, scene_aoi
 from geoupsample.workers import check_device
@@ -103,11 +103,15 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256, kind: str = "auto",
              consistency: float | None = None, self_guidance: float | None = None,
              min_sigma_r: float | None = None, warp: str | None = None,
-             keep_missing: bool = False) -> xr.DataArray:
+             keep_missing: bool = False, _parts: int = 1) -> xr.DataArray:
     """Upsample ``lowres`` onto ``guide``'s grid; returns a lazy dask-backed DataArray.
 
     Args:
-        lowres: ``[band, y, x]`` (or ``[y, x]``) rioxarray DataArray, numpy- or dask-backed.
+        lowres: ``[band, y, x]`` (or ``[y, x]``) rioxarray DataArray, numpy- or dask-backed;
+            or a stack of such rasters on one grid along one more dimension (``[time, band, y,
+            x]``, any name for the first; or ``[time, y, x]``): each tile is then fitted once and
+            every raster of the stack rendered with the same kernels (the pixels of one call
+            per raster), and the result has that dimension too.
         guide: ``[band, y, x]`` rioxarray DataArray in the same CRS, on a grid whose pixel
             divides ``lowres``'s pixel (other grids are refused unless ``warp`` is given).
         method, tile, halo, iters, radius, device, seed, blend, aoi, aoi_crs: as in
@@ -139,6 +143,13 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         check_device(device, local=False)  # the name (a cluster's workers may have the GPU)
     except ValueError as err:
         raise InputError(str(err)) from err
+    stack_dim, stack = _stack_of(lowres)
+    if stack_dim is not None:
+        return _upsample_stack(stack_dim, stack, guide, method=method, tile=tile, halo=halo,
+                               iters=iters, radius=radius, device=device, seed=seed,
+                               blend=blend, aoi=aoi, aoi_crs=aoi_crs, blocksize=blocksize,
+                               kind=kind, consistency=consistency, self_guidance=self_guidance,
+                               min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing)
     lowres, guide = _as_bands(lowres, "lowres"), _as_bands(guide, "guide")
     lr_t, hr_t = lowres.rio.transform(), guide.rio.transform()
     rel, nesting = relate_or_nest(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
@@ -170,10 +181,20 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend,
                            context=read_context(method, rel))
     geom = load_aoi(aoi, guide.rio.crs, aoi_crs) if aoi is not None else None
-    job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       render=render, unit=scene.unit, cell_nodata=cell_nodata)
-    inputs = {"lowres": tiling.ArrayInput(lowres.data, lr_t, lr_nodata),
-              "guide": tiling.ArrayInput(guide.data, hr_t, hr_nodata)}
+    inputs = {"guide": tiling.ArrayInput(guide.data, hr_t, hr_nodata)}
+    if _parts == 1:
+        job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device,
+                           seed=seed, render=render, unit=scene.unit, cell_nodata=cell_nodata)
+        inputs["lowres"] = tiling.ArrayInput(lowres.data, lr_t, lr_nodata)
+    else:  # a stack's rasters, their bands in order: a part each, one fit per tile
+        per = lowres.shape[0] // _parts
+        parts = [LowresPart(f"lowres{i}", render, scene.unit, cell_nodata)
+                 for i in range(_parts)]  # fmt: skip
+        job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device,
+                           seed=seed, parts=parts)
+        for i in range(_parts):
+            inputs[f"lowres{i}"] = tiling.ArrayInput(lowres.data[i * per : (i + 1) * per], lr_t,
+                                                     lr_nodata)  # fmt: skip
     arr = to_dask(job, inputs, grid, lowres.shape[0], hr_t, geom)
     out = xr.DataArray(arr, dims=("band", guide.dims[1], guide.dims[2]),
                        coords={"band": lowres["band"].values if "band" in lowres.coords
@@ -193,6 +214,49 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     if nesting is not None:
         out.attrs["geoupsample_warp"] = warp_text(nesting, rel)
     out = out.rio.write_crs(guide.rio.crs).rio.write_transform(hr_t)
+    return out.rio.write_nodata(np.nan, encoded=False)
+
+
+def _stack_of(a: xr.DataArray) -> tuple[str | None, xr.DataArray]:
+    """``(dim, a)`` for a stack of rasters along one dimension that is neither spatial nor
+    ``band`` (``a`` then ``[dim, band, y, x]``), else ``(None, a)``."""
+    if not isinstance(a, xr.DataArray):
+        return None, a
+    try:
+        y, x = a.rio.y_dim, a.rio.x_dim
+    except rioxarray.exceptions.MissingSpatialDimensionError:
+        return None, a
+    others = [d for d in a.dims if d not in (y, x, "band")]
+    # a 3-D array's third dimension is its bands, whatever its name, unless it is time
+    if not others or (a.ndim == 3 and others[0] != "time"):
+        return None, a
+    if len(others) > 1:
+        raise InputError(f"lowres has dims {a.dims}: at most one dimension besides band, y and "
+                         "x (a time series, say); stack the others into it first")
+    if "band" not in a.dims:
+        a = a.expand_dims("band", axis=1)
+    return others[0], a.transpose(others[0], "band", y, x)
+
+
+def _upsample_stack(dim: str, stack: xr.DataArray, guide: xr.DataArray, **kwargs: Any
+                    ) -> xr.DataArray:  # fmt: skip
+    """:func:`upsample` of the rasters of ``stack [dim, band, y, x]`` in one pass (one job of
+    several parts: a fit per tile, a render per raster), the render decided once from the
+    whole stack."""
+    n = stack.sizes[dim]
+    flat = stack.stack(_raster=(dim, "band")).transpose("_raster", ...)
+    flat = flat.drop_vars(["_raster", dim, "band"], errors="ignore")
+    flat = flat.rio.write_crs(stack.rio.crs).rio.write_transform(stack.rio.transform())
+    one = upsample(flat, guide, **{**kwargs, "_parts": n})
+    bands = stack.sizes["band"]
+    data = one.data.reshape(n, bands, *one.shape[1:])
+    out = xr.DataArray(data, dims=(dim, "band", *one.dims[1:]),
+                       coords={dim: stack[dim].values, "band": stack["band"].values if "band" in
+                               stack.coords else np.arange(1, bands + 1),
+                               **{d: one[d].values for d in one.dims[1:]}},
+                       attrs=one.attrs)  # fmt: skip
+    out.name = stack.name
+    out = out.rio.write_crs(one.rio.crs).rio.write_transform(one.rio.transform())
     return out.rio.write_nodata(np.nan, encoded=False)
 
 

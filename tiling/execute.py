@@ -10,11 +10,12 @@ blends them and writes finished cells.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,9 @@ from tiling.background import BackgroundWriter
 from tiling.grid import Tile, TileGrid
 from tiling.journal import Journal, PartialRunDiscarded
 from tiling.lock import output_lock
+from tiling.outputs import OutputSet, identity, make_writer, members, outputs_of, with_tags
 from tiling.spill import SpillFile
-from tiling.writer import OutputSpec, Writer, check_output_dir
+from tiling.writer import OutputSpec, check_output_dir
 
 
 @dataclass
@@ -100,6 +102,15 @@ def finished_by(path: str, key: str) -> bool:
             return ds.tags().get(RUN_KEY_TAG) == key
     except rasterio.errors.RasterioError:
         return False
+
+
+@contextlib.contextmanager
+def _locks(output: OutputSpec | OutputSet) -> Iterator[None]:
+    """Hold the lock of every output (:mod:`tiling.lock`)."""
+    with contextlib.ExitStack() as stack:
+        for spec in members(output):
+            stack.enter_context(output_lock(spec.path))
+        yield
 
 
 def read_tile(inputs: Mapping[str, Any], tile: Tile,
@@ -279,7 +290,8 @@ def gdal_env() -> rasterio.Env:
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2 ** 20)
 
 
-def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
+def run(fn: TileFunction, inputs: Mapping[str, Any],
+        output: OutputSpec | OutputSet | Sequence[OutputSpec], *,
         tile: int = 1024, halo: int = 64, align: int | tuple[int, int] = 1,
         align_offset: tuple[int, int] = (0, 0), blend: str = "taper",
         region: Window | None = None, context: Window | None = None, aoi: Any = None,
@@ -294,7 +306,9 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
             (must be picklable for a dask.distributed scheduler).
         inputs: named readers (:class:`tiling.RasterInput`, :class:`tiling.ArrayInput`) whose
             grids nest with the output grid (e.g. a low-res raster at an integer scale).
-        output: the output grid, bands, dtype, nodata, compression, COG flag.
+        output: the output grid, bands, dtype, nodata, compression, COG flag; or several
+            outputs on one grid (a list of specs, :class:`tiling.outputs.OutputSet`): ``fn``
+            then returns their bands stacked in order, and each is written to its own file.
         tile: core tile size in output pixels (rounded up to a multiple of ``align``).
         halo: context pixels around each core; also the width of the blending ramp.
         align, align_offset: read windows start on ``align_offset + k * align`` and span multiples
@@ -341,8 +355,10 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
     file of about the frontier's size while running.
     """
     share_malloc_arena()
-    check_output_dir(output.path)
-    with output_lock(output.path), gdal_env():  # one run per output: see tiling.lock
+    output = outputs_of(output)
+    for spec in members(output):
+        check_output_dir(spec.path)
+    with _locks(output), gdal_env():  # one run per output: see tiling.lock
         return _run(fn, inputs, output, tile=tile, halo=halo, align=align,
                     align_offset=align_offset, blend=blend, region=region, context=context,
                     aoi=aoi, aoi_crs=aoi_crs, resume=resume, params=params, scheduler=scheduler,
@@ -350,7 +366,8 @@ def run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *,
                     frontier_budget=frontier_budget)
 
 
-def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, tile: int,
+def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec | OutputSet, *,
+         tile: int,
          halo: int, align: int | tuple[int, int], align_offset: tuple[int, int], blend: str,
          region: Window | None, context: Window | None, aoi: Any, aoi_crs: Any, resume: bool,
          params: Mapping[str, Any] | None, scheduler: Any, workers: int | None,
@@ -373,24 +390,22 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
                  "align": align, "align_offset": list(align_offset), "blend": blend,
                  "region": None if region is None else str(region),
                  **({"context": str(context)} if context is not None else {})},
-        "output": {"crs": str(output.crs), "transform": list(output.transform)[:6],
-                   "count": output.count, "dtype": output.dtype, "nodata": str(output.nodata),
-                   "compress": output.compress, "blocksize": output.blocksize, "cog": output.cog,
-                   "nodata_mask": output.nodata_mask},
+        "output": identity(output),
         "aoi": None if geom is None else geom.wkt,
         "params": dict(params or {}),
     }
     journal = Journal(output.path, key_params)
+    specs = members(output)
     if not resume:
-        _warn_discarded(journal, output.path, output.partial_path, grid.rows.n_cells)
+        _warn_discarded(journal, output.path, specs[0].partial_path, grid.rows.n_cells)
     done_bands: set[int] = journal.load() if resume else set()
-    if resume and done_bands and not os.path.exists(output.partial_path):
-        done_bands = set()  # journal without its partial file: start over
-    if resume and not done_bands and finished_by(output.path, journal.key):
+    if resume and done_bands and not all(os.path.exists(s.partial_path) for s in specs):
+        done_bands = set()  # journal without its partial files: start over
+    if resume and not done_bands and all(finished_by(s.path, journal.key) for s in specs):
         return RunReport(output.path, len(grid), 0, len(grid), grid.rows.n_cells,
                          time.perf_counter() - t0, 0.0, extra={"already_complete": True})
-    # the finished file records its run's key: a later resume of the same run leaves it be
-    output = replace(output, tags={**output.tags, RUN_KEY_TAG: journal.key})
+    # the finished files record their run's key: a later resume of the same run leaves them be
+    output = with_tags(output, {RUN_KEY_TAG: journal.key})
 
     skip = set()
     band_left: dict[int, int] = {}
@@ -452,7 +467,7 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
     max_in_flight = max(1, max_in_flight)
 
     keep = finished = False
-    writer = Writer(output, resume=bool(done_bands))
+    writer = make_writer(output, resume=bool(done_bands))
     background = BackgroundWriter(writer, on_flushed=journal.mark)
     try:
         if not done_bands:
@@ -492,7 +507,9 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec, *, til
                      extra={"peak_pending_parts": acc.peak_parts, "cells": len(cells),
                             "peak_held_mb": round(acc.peak_held_bytes / 2 ** 20, 1),
                             "spill_file_mb": round(spill.size / 2 ** 20, 1),
-                            "clipped_values": writer.clipped})
+                            "clipped_values": writer.clipped,
+                            "clipped_by_output": getattr(writer, "clipped_by_output",
+                                                         [writer.clipped])})
 
 
 def _warn_discarded(journal: Journal, path: str, partial_path: str, bands: int) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,6 +15,11 @@ HELP = (
     "Upsample LOWRES (probabilities, features, a coarse band, elevation...) onto the grid of "
     "GUIDE (a high-resolution, e.g. multispectral, image), guided by GUIDE, into the GeoTIFF "
     "OUT.\n\n"
+    "Several LOWRES rasters (files, or glob patterns such as 'B*_20m.tif') on one grid go in one "
+    "pass: each tile is fitted once and every raster rendered with the same kernels (the pixels "
+    "of one run per raster). -o with {stem} (each raster's file name without extension) or "
+    "{index} writes one output per raster (-o out/{stem}_10m.tif); a plain -o path gets one "
+    "output with every raster's bands in order.\n\n"
     "The output has the guide's CRS, transform and size, the low-res band descriptions and "
     "nodata, and tags recording the method and its parameters. It is written tile by tile with "
     "bounded memory and appears at OUT only when complete (--resume continues an interrupted "
@@ -35,11 +40,12 @@ class Kind(str, Enum):
 
 
 def upsample_command(
-    lowres: Annotated[str, typer.Argument(help="Low-res raster to upsample (any bands; a path, "
-                                                "URL or GDAL /vsi path).")],
-    guide: Annotated[str, typer.Argument(help="High-res guide raster (its grid is the "
-                                              "output's).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output GeoTIFF path.")],
+    rasters: Annotated[list[str], typer.Argument(
+        metavar="LOWRES... GUIDE",
+        help="Low-res raster(s) to upsample (any bands; paths, glob patterns, URLs or GDAL /vsi "
+             "paths), then the high-res guide raster (its grid is the output's).")],
+    out: Annotated[str, typer.Option("-o", "--out", help="Output GeoTIFF path, or a pattern "
+                                                          "with {stem} or {index}.")],
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
     radius: opt.RadiusOption = 3,
@@ -83,17 +89,42 @@ def upsample_command(
 ) -> None:
     from geoupsample.pipeline import upsample_raster
 
+    lowres, guide = split_rasters(rasters)
     report = opt.run_command("upsample", quiet, lambda progress: upsample_raster(
-        lowres, guide, out, method=method.value, iters=iters, radius=radius, tile=tile,
-        halo=halo, bands=opt.split(bands), guide_bands=opt.split(guide_bands), aoi=aoi,
-        aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
-        device=device, resume=resume, scheduler=scheduler, workers=workers,
-        kind=(kind or Kind.auto).value, consistency=consistency, self_guidance=self_guidance,
-        min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing, progress=progress))
+        lowres if len(lowres) > 1 else lowres[0], guide, out, method=method.value,
+        iters=iters, radius=radius, tile=tile, halo=halo, bands=opt.split(bands),
+        guide_bands=opt.split(guide_bands), aoi=aoi, aoi_crs=aoi_crs, cog=cog, dtype=dtype,
+        compress=compress, blocksize=blocksize, device=device, resume=resume,
+        scheduler=scheduler, workers=workers, kind=(kind or Kind.auto).value,
+        consistency=consistency, self_guidance=self_guidance, min_sigma_r=min_sigma_r,
+        warp=warp, keep_missing=keep_missing, progress=progress))
     if not quiet:
-        typer.echo(f"wrote {os.fspath(out)}: {report.megapixels:.1f} MP in {report.seconds:.1f} s "
+        paths = report.extra.get("paths") or [os.fspath(out)]
+        written = paths[0] if len(paths) == 1 else f"{len(paths)} outputs ({', '.join(paths)})"
+        typer.echo(f"wrote {written}: {report.megapixels:.1f} MP in {report.seconds:.1f} s "
                    f"({report.mp_per_s:.2f} MP/s), {report.computed} tiles computed, "
                    f"{report.skipped} skipped", err=True)
+
+
+def split_rasters(rasters: list[str]) -> tuple[list[str], str]:
+    """``(low-res rasters, guide)`` from the positional arguments ``LOWRES... GUIDE``, glob
+    patterns among the low-res ones expanded (sorted); a pattern matching nothing, or fewer
+    than two arguments, is an error saying what to pass."""
+    if len(rasters) < 2:
+        raise typer.BadParameter("give the low-res raster(s), then the guide: geoupsample "
+                                 "upsample LOWRES [LOWRES...] GUIDE -o OUT",
+                                 param_hint="LOWRES... GUIDE")
+    lowres: list[str] = []
+    for item in rasters[:-1]:
+        if any(c in item for c in "*?[") and not os.path.exists(item):
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise typer.BadParameter(f"the pattern {item!r} matches no file",
+                                         param_hint="LOWRES... GUIDE")
+            lowres.extend(matched)
+        else:
+            lowres.append(item)
+    return lowres, rasters[-1]
 
 
 upsample_command.__doc__ = HELP
