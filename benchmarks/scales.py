@@ -12,6 +12,10 @@ Three parts, each run in fresh processes (one at a time: the machine must be oth
   ``naip-series``; 4 bands at 5 m, 2018 and 2020: the 2020 R, G, B, NIR and the 2018 R and NIR
   as the six bands, each area-averaged to the low-res grid); megapixels of output per second
   and peak RSS over the imports (target: gsjbu >= 0.5 MP/s at every scale, memory flat in N).
+- ``many``: 8 single-band rasters on one grid (the 6 low-res bands of ``scene`` as separate
+  files, and two more made from them) onto the guide, ``gsjbu``: one ``upsample_raster`` pass
+  (one fit per tile, 8 renders) against 8 separate runs; seconds, their ratio (target: <=
+  0.35), and whether every output equals its separate run's.
 - ``s2``: the Sentinel-2-sized case: a 10980 x 10980 4-band guide and 6 bands at 5490 x 5490
   (x2), built the same way, through ``geoupsample upsample --method gsjbu`` (the CLI); seconds
   and peak RSS of the whole command (target: <= 5 minutes and <= 1.5 GB).
@@ -19,6 +23,7 @@ Three parts, each run in fresh processes (one at a time: the machine must be oth
     python benchmarks/scales.py fit -n 3
     python benchmarks/scales.py scene --size 4096 --scales 2 4 8 16 -n 3
     python benchmarks/scales.py scene --size 8192 --scales 2 --methods gsjbu
+    python benchmarks/scales.py many --size 2048 --scale 2 -n 3
     python benchmarks/scales.py s2 -n 3
 
 Scenes are generated once under ``benchmarks/_data/`` (git-ignored).
@@ -200,6 +205,65 @@ def run_scene(args) -> None:
                   f"{med['peak_rss_over_imports_mb']:>24.0f}", flush=True)
 
 
+def make_many(size: int, scale: int) -> list[Path]:
+    """8 single-band uint16 rasters on the low-res grid of ``make_scene(size, scale)``."""
+    import numpy as np
+    import rasterio
+
+    _, lowres = make_scene(size, scale)
+    out = [DATA / f"many_{size}_x{scale}_{i}.tif" for i in range(8)]
+    if all(p.exists() for p in out):
+        return out
+    with rasterio.open(lowres) as src:
+        prof, data = src.profile, src.read()
+    bands = [*data, np.clip(data[0] * 0.9, 0, 65535), np.clip(data[3] * 1.1, 0, 65535)]
+    for path, band in zip(out, bands, strict=True):
+        with rasterio.open(path, "w", **{**prof, "count": 1}) as dst:
+            dst.write(band.astype(np.uint16)[None])
+    return out
+
+
+def child_many(size: int, scale: int, together: bool) -> dict:
+    import geoupsample.pipeline as pipeline
+
+    guide, _ = make_scene(size, scale)
+    rasters = make_many(size, scale)
+    t0 = time.perf_counter()
+    if together:
+        pipeline.upsample_raster([str(p) for p in rasters], guide,
+                                 str(DATA / "many_one_pass_{index}.tif"), method="gsjbu")
+    else:
+        for i, p in enumerate(rasters, 1):
+            pipeline.upsample_raster(p, guide, DATA / f"many_alone_{i}.tif", method="gsjbu")
+    return {"seconds": time.perf_counter() - t0}
+
+
+def run_many(args) -> None:
+    import numpy as np
+    import rasterio
+
+    make_many(args.size, args.scale)
+    one, alone = [], []
+    for _ in range(args.repeats):
+        one.append(spawn(__file__, ["--child", "many", "--size", str(args.size), "--scale",
+                                    str(args.scale), "--together"])["seconds"])
+        alone.append(spawn(__file__, ["--child", "many", "--size", str(args.size), "--scale",
+                                      str(args.scale)])["seconds"])
+    same = True
+    for i in range(1, 9):
+        a, b = DATA / f"many_one_pass_{i}.tif", DATA / f"many_alone_{i}.tif"
+        with rasterio.open(a) as da, rasterio.open(b) as db:
+            same &= bool(np.array_equal(da.read(), db.read()))
+        a.unlink()
+        b.unlink()
+    m1, m8 = statistics.median(one), statistics.median(alone)
+    runs1, runs8 = ", ".join(f"{v:.1f}" for v in one), ", ".join(f"{v:.1f}" for v in alone)
+    print(f"8 single-band uint16 rasters, x{args.scale}, onto a {args.size}^2 4-band guide, "
+          f"gsjbu, median of {args.repeats}: one pass {m1:.1f} s ({runs1}), 8 runs {m8:.1f} s "
+          f"({runs8}): {m1 / m8:.2f}x (target <= 0.35); outputs identical to the separate runs: "
+          f"{same}")
+
+
 def run_s2(args) -> None:
     n = 10980
     t0 = time.perf_counter()
@@ -235,23 +299,28 @@ def run_s2(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", nargs="?", choices=["fit", "scene", "s2"], default="fit")
+    ap.add_argument("part", nargs="?", choices=["fit", "scene", "many", "s2"], default="fit")
     ap.add_argument("-n", "--repeats", type=int, default=3)
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--methods", nargs="+", default=["gsjbu", "jbu", "bilinear"])
-    ap.add_argument("--child", choices=["fit", "scene"], help=argparse.SUPPRESS)
-    ap.add_argument("--scale", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["fit", "scene", "many"], help=argparse.SUPPRESS)
+    ap.add_argument("--scale", type=int, default=2, help="many: the scale")
+    ap.add_argument("--together", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "fit":
         print(json.dumps(child_fit(args.scale)))
     elif args.child == "scene":
         print(json.dumps(child_scene(args.size, args.scale, args.method)))
+    elif args.child == "many":
+        print(json.dumps(child_many(args.size, args.scale, args.together)))
     elif args.part == "fit":
         run_fit(args)
     elif args.part == "scene":
         run_scene(args)
+    elif args.part == "many":
+        run_many(args)
     else:
         run_s2(args)
 
