@@ -4,12 +4,14 @@
 >>> k = gu.fit(guide, lr_shape=(h, w))        # guide [d, H, W]  ->  gu.Kernels
 >>> hr = k.render(x)                           # x [C, h, w]      ->  [C, H, W]
 >>> hr = gu.upsample(x, guide, method="gsjbu") # or nearest | bilinear | bicubic | jbu
+>>> ks = gu.fit_series([guide_2019, guide_2020], (h, w))  # a date's kernels from the one before
 """
 
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.guide import GuideStats, guide_stats
 from geoupsample.core.kernels import Kernels, fit
 from geoupsample.core.methods import list_methods, register_method, upsample
+from geoupsample.core.series import fit_series
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,7 @@ __all__ = [
     "Kernels",
     "__version__",
     "fit",
+    "fit_series",
     "guide_stats",
     "list_methods",
     "register_method",

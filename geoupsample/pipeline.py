@@ -16,6 +16,7 @@ passed to every tile's fit, so tiles agree and no seams appear.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -36,6 +37,7 @@ import tiling
 import tiling.writer
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.methods import INTERPOLATIONS, without_missing_cells
+from geoupsample.core.series import WARM_BLEND, WARM_ITERS, warm_start
 from geoupsample.grids import GridRelation, overlap_window, relate_or_nest
 from geoupsample.inputs import (
     InputError,
@@ -121,6 +123,7 @@ class LowresPart:
             missing.
         channels: the channels returned (0-based), when more are rendered than written (a
             subset of a probability raster's bands renders with all of them).
+        guide: the name of its guide in the tile's data (a time series: each date's own).
     """
 
     name: str = "lowres"
@@ -128,26 +131,34 @@ class LowresPart:
     unit: float | None = None
     cell_nodata: float | None = None
     channels: tuple[int, ...] | None = None
+    guide: str = "guide"
 
 
 class UpsampleTile:
     """The per-tile job: upsample the tile's low-res windows onto its guide window.
 
     Picklable (for dask.distributed). ``ctx.data`` holds each part's low-res raster ``[C, h,
-    w]`` (``"lowres"`` for one) and ``"guide"`` ``[d, H, W]`` float32 with NaN for nodata;
-    returns float32 ``[sum C, H, W]``, the parts' bands in order, or None when the guide tile
-    is entirely nodata or no part has a valid cell (the tile is skipped). The low-res rasters
-    share one grid, so jbu and gsjbu fit the tile's kernels once and render every part with
-    them: the same pixels as one run per raster.
+    w]`` (``"lowres"`` for one) and its guide ``[d, H, W]`` float32 with NaN for nodata
+    (``"guide"``, or each date's own in a time series); returns float32 ``[sum C, H, W]``, the
+    parts' bands in order, or None when no part has a valid guide pixel and a valid cell (the
+    tile is skipped; a part without one is NaN). The low-res rasters share one grid, so jbu and
+    gsjbu fit the tile's kernels once per guide and render every part of that guide with them:
+    the same pixels as one run per raster.
+
+    A time series (``warm``): the guides are fitted in the order of the parts, each after the
+    first with ``warm_iters`` steps from :func:`geoupsample.core.series.warm_start` of the
+    previous fitted guide's kernels (the same tile of the date before).
     """
 
-    def __init__(self, method: str, stats: gu.GuideStats | None, iters: int = 50,
-                 radius: int = 3, device: str | None = None, seed: int = 0,
+    def __init__(self, method: str, stats: gu.GuideStats | dict[str, gu.GuideStats] | None,
+                 iters: int = 50, radius: int = 3, device: str | None = None, seed: int = 0,
                  render: dict[str, Any] | None = None, unit: float | None = None,
                  cell_nodata: float | None = None, channels: Sequence[int] | None = None,
-                 parts: Sequence[LowresPart] | None = None) -> None:  # fmt: skip
+                 parts: Sequence[LowresPart] | None = None, warm: bool = False,
+                 warm_iters: int = WARM_ITERS) -> None:  # fmt: skip
         self.method, self.stats, self.iters = method, stats, iters
         self.radius, self.device, self.seed = radius, device, seed
+        self.warm, self.warm_iters = warm, warm_iters
         if parts is None:  # one raster, named "lowres"
             parts = [LowresPart("lowres", dict(render or {}), unit, cell_nodata,
                                 None if channels is None else tuple(channels))]
@@ -156,18 +167,41 @@ class UpsampleTile:
     def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
         tune_allocator()  # once per process, so on dask.distributed workers too (see its module)
         xs = [missing_cells(ctx.data[p.name], p.cell_nodata) for p in self.parts]
-        g = ctx.data.get("guide")
-        if g is None:  # interpolation with a guide that cannot hold nodata: only its shape
-            g = np.zeros((1, int(ctx.window.height), int(ctx.window.width)), np.float32)
-        if not np.isfinite(g).all(0).any() or not any(np.isfinite(x).any() for x in xs):
+        shape = (int(ctx.window.height), int(ctx.window.width))
+        guides = {p.guide: _tile_guide(ctx, p.guide, shape) for p in self.parts}
+        usable = [np.isfinite(guides[p.guide]).all(0).any() and np.isfinite(x).any()
+                  for p, x in zip(self.parts, xs, strict=True)]  # fmt: skip
+        if not any(usable):
             return None
-        kernels = None
-        if self.method not in INTERPOLATIONS:  # one fit, every part rendered with it
-            kernels = gu.fit(g, tuple(xs[0].shape[-2:]), iters=0 if self.method == "jbu"
-                             else self.iters, radius=self.radius, device=self.device,
-                             seed=self.seed, normalize=self.stats)  # fmt: skip
-        outs = [self._part(part, x, g, kernels) for part, x in zip(self.parts, xs, strict=True)]
+        kernels: dict[str, gu.Kernels | None] = {}
+        previous = None
+        for p in self.parts:  # one fit per guide, in date order
+            g = guides[p.guide]
+            if p.guide in kernels or self.method in INTERPOLATIONS:
+                continue
+            if not np.isfinite(g).all(0).any():
+                kernels[p.guide] = None
+                continue
+            kernels[p.guide] = previous = self._fit(g, tuple(xs[0].shape[-2:]), p.guide,
+                                                    previous)  # fmt: skip
+        outs = [self._part(p, x, guides[p.guide], kernels.get(p.guide)) if ok
+                else np.full((self._channels(p, x), *shape), np.nan, np.float32)
+                for p, x, ok in zip(self.parts, xs, usable, strict=True)]  # fmt: skip
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _fit(self, g: np.ndarray, lr_shape: tuple[int, int], guide: str,
+             previous: gu.Kernels | None) -> gu.Kernels:  # fmt: skip
+        """The tile's kernels for one guide (warm-started from ``previous`` in a series)."""
+        stats = self.stats.get(guide) if isinstance(self.stats, dict) else self.stats
+        iters, init = (0, None) if self.method == "jbu" else (self.iters, None)
+        if self.warm and previous is not None and self.method == "gsjbu":
+            iters, init = self.warm_iters, warm_start(previous)
+        return gu.fit(g, lr_shape, iters=iters, radius=self.radius, device=self.device,
+                      seed=self.seed, normalize=stats, init=init)
+
+    @staticmethod
+    def _channels(part: LowresPart, x: np.ndarray) -> int:
+        return x.shape[0] if part.channels is None else len(part.channels)
 
     def _part(self, part: LowresPart, x: np.ndarray, g: np.ndarray,
               kernels: gu.Kernels | None) -> np.ndarray:  # fmt: skip
@@ -187,6 +221,13 @@ class UpsampleTile:
         if part.unit is not None:
             out = out * np.float32(part.unit)
         return out
+
+
+def _tile_guide(ctx: tiling.TileContext, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """The tile's guide ``name``; zeros of the tile's shape where an interpolation reads none
+    (a guide that cannot hold nodata is not read: only its shape matters)."""
+    g = ctx.data.get(name)
+    return np.zeros((1, *shape), np.float32) if g is None else g
 
 
 def upsample_raster(
@@ -219,6 +260,7 @@ def upsample_raster(
     warp: str | None = None,
     keep_missing: bool = False,
     progress: Callable[[tiling.Progress], None] | None = None,
+    _series: SeriesOptions | None = None,
 ) -> tiling.RunReport:
     """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``; or
     several low-res rasters on one grid in one pass (each tile fitted once, every raster
@@ -292,6 +334,8 @@ def upsample_raster(
             mask's), instead of values wherever the method's support reaches a valid cell
             (see :func:`geoupsample.upsample`).
         progress: callback receiving :class:`tiling.Progress` after each tile.
+        _series: a time series (:func:`geoupsample.time_series.upsample_series`, which sets
+            it): ``guide_path`` is then each raster's own guide.
 
     Returns:
         :class:`tiling.RunReport`. The output has the guide's CRS and transform, nodata (the
@@ -310,7 +354,8 @@ def upsample_raster(
             aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
             device=device, resume=resume, scheduler=scheduler, workers=workers, blend=blend,
             seed=seed, kind=kind, consistency=consistency, self_guidance=self_guidance,
-            min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing, progress=progress)
+            min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing, progress=progress,
+            series=_series)
 
 
 @dataclass
@@ -411,24 +456,31 @@ def _plan_lowres(stack: ExitStack, lowres_path: str, name: str, hr: Any, hr_idx:
     )  # fmt: skip
 
 
-#: Placeholders of an output path naming one output per low-res raster.
-OUTPUT_FIELDS = ("{stem}", "{index}")
+#: Placeholders of an output path naming one output per low-res raster (``{date}``: a time
+#: series' dates).
+OUTPUT_FIELDS = ("{stem}", "{index}", "{date}")
 
 
-def output_paths(out_path: str, lowres_paths: Sequence[str]) -> list[str]:
+def output_paths(out_path: str, lowres_paths: Sequence[str],
+                 dates: Sequence[str] | None = None) -> list[str]:  # fmt: skip
     """One output per low-res raster when ``out_path`` holds ``{stem}`` (the raster's file name
-    without its extension) or ``{index}`` (its place, from 1), else ``[out_path]`` (one output:
-    the rasters' bands stacked)."""
+    without its extension), ``{index}`` (its place, from 1) or ``{date}`` (a time series' date
+    of it), else ``[out_path]`` (one output: the rasters' bands stacked)."""
     if not any(f in out_path for f in OUTPUT_FIELDS):
         return [out_path]
     outs = []
     for i, p in enumerate(lowres_paths, 1):
         stem = os.path.splitext(os.path.basename(p.rstrip("/")))[0]
+        date = dates[i - 1] if dates else None
+        if date is None and "{date}" in out_path:
+            raise InputError(f"-o {out_path} holds {{date}}, but the rasters have no dates: "
+                             "give them (a series' pairs file: date,lowres,guide), or use "
+                             "{stem} or {index}")
         try:
-            outs.append(out_path.format(stem=stem, index=i))
+            outs.append(out_path.format(stem=stem, index=i, date=date))
         except (KeyError, IndexError, ValueError) as err:
-            raise InputError(f"-o {out_path}: an output pattern may hold {{stem}} and {{index}} "
-                             f"only ({err})") from None
+            raise InputError(f"-o {out_path}: an output pattern may hold {{stem}}, {{index}} and "
+                             f"{{date}} only ({err})") from None
     if len(set(outs)) != len(outs):
         twice = sorted({o for o in outs if outs.count(o) > 1})
         raise InputError(f"-o {out_path} names two low-res rasters' outputs alike ({twice[0]}): "
@@ -459,7 +511,11 @@ def _upsample_raster(
     seed: int, kind: str, consistency: float | None, self_guidance: float | None,
     min_sigma_r: float | None, warp: str | None, keep_missing: bool,
     progress: Callable[[tiling.Progress], None] | None,
+    series: SeriesOptions | None = None,
 ) -> tiling.RunReport:
+    """:func:`upsample_raster`; with ``series``, ``guide_path`` is a list: each low-res
+    raster's own guide (a date's), the guides on one grid and fitted in order, each warm-started
+    from the one before (:class:`UpsampleTile`)."""
     check_method_options(method, iters, radius, seed)
     many = not isinstance(lowres_path, (str, os.PathLike))
     lowres_paths = [os.fspath(p) for p in (lowres_path if many else [lowres_path])]
@@ -467,10 +523,13 @@ def _upsample_raster(
         raise InputError("no low-res raster to upsample")
     if len(set(lowres_paths)) != len(lowres_paths):
         raise InputError(f"a low-res raster is given twice: {lowres_paths}")
-    guide_path, out_path = os.fspath(guide_path), os.fspath(out_path)
-    outs = output_paths(out_path, lowres_paths)
-    inputs_named = {"the guide": guide_path, **{
-        f"the low-res raster {p}" if many else "the low-res raster": p for p in lowres_paths}}
+    guide_paths = ([os.fspath(g) for g in guide_path] if series is not None
+                   else [os.fspath(guide_path)])  # fmt: skip
+    guide_path, out_path = guide_paths[0], os.fspath(out_path)
+    outs = output_paths(out_path, lowres_paths, series.dates if series else None)
+    inputs_named = {**{f"the guide {g}" if series else "the guide": g for g in guide_paths},
+                    **{f"the low-res raster {p}" if many else "the low-res raster": p
+                       for p in lowres_paths}}  # fmt: skip
     labels = ["-o"] if len(outs) == 1 else [f"-o (output {i} of {len(outs)})"
                                             for i in range(1, len(outs) + 1)]  # fmt: skip
     check_output_paths(dict(zip(labels, outs, strict=True)), inputs_named, rasters=tuple(labels))
@@ -482,50 +541,68 @@ def _upsample_raster(
         hr = stack.enter_context(open_raster(guide_path, "guide"))
         hr_idx = select_bands(hr, guide_bands, "guide")
         check_dtype(hr, hr_idx, "guide")
+        others = [stack.enter_context(open_raster(g, "guide")) for g in guide_paths[1:]]
+        _check_same_guide_grid(guide_paths, [hr, *others], guide_bands)
         plans = []
         for i, p in enumerate(lowres_paths):
             try:
-                plans.append(_plan_lowres(
+                plan = _plan_lowres(
                     stack, p, "lowres" if len(lowres_paths) == 1 else f"lowres{i}", hr, hr_idx,
                     method=method, kind=kind, bands=bands, dtype=dtype, warp=warp,
-                    keep_missing=keep_missing, overrides=overrides))  # fmt: skip
+                    keep_missing=keep_missing, overrides=overrides)  # fmt: skip
             except InputError as err:
                 if many and p not in str(err):
                     raise InputError(f"{p}: {err}") from None
                 raise
+            if series is not None:
+                plan.part = dataclasses.replace(plan.part, guide=f"guide{i}")
+            plans.append(plan)
         _check_same_grid(plans)
         rel = plans[0].rel
         blend, halo = tile_blend(blend, method, halo, rel.scale)
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
         # interpolations use the guide only for its nodata mask: skip reading a guide that
         # cannot have nodata (integer bands, no nodata value, no mask)
-        guide_needed = method not in INTERPOLATIONS or hr.nodata is not None or any(
-            np.dtype(hr.dtypes[i - 1]).kind == "f" for i in hr_idx) or mask_band_used(hr, hr_idx)
-        if method in INTERPOLATIONS and not any_valid(hr, hr_idx, rel.region, every_band=True):
-            raise InputError(f"the guide {guide_path} has no valid pixel (all nodata) where it "
-                             "overlaps the low-res raster: nothing to upsample")
-    stats = None if method in INTERPOLATIONS else scene_guide_stats(guide_path, hr_idx)
+        guide_needed = method not in INTERPOLATIONS or any(
+            ds.nodata is not None or mask_band_used(ds, hr_idx)
+            or any(np.dtype(ds.dtypes[i - 1]).kind == "f" for i in hr_idx)
+            for ds in [hr, *others])  # fmt: skip
+        for g, ds in zip(guide_paths, [hr, *others], strict=True):
+            if method in INTERPOLATIONS and not any_valid(ds, hr_idx, rel.region,
+                                                          every_band=True):  # fmt: skip
+                raise InputError(f"the guide {g} has no valid pixel (all nodata) where it "
+                                 "overlaps the low-res raster: nothing to upsample")
+    stats: Any = None
+    if method not in INTERPOLATIONS:  # a series' dates each normalised by their own
+        stats = scene_guide_stats(guide_path, hr_idx) if series is None else {
+            p.part.guide: scene_guide_stats(g, hr_idx)
+            for p, g in zip(plans, guide_paths, strict=True)}  # fmt: skip
 
     from geoupsample import __version__
 
     common_tags = {"geoupsample_version": __version__, "geoupsample_method": method,
                    "geoupsample_params": params_text(method, iters, radius, tile, halo, blend,
                                                      seed),
-                   "geoupsample_guide": os.path.basename(guide_path),
+                   "geoupsample_guide": os.path.basename(guide_path) if series is None else
+                   json.dumps([os.path.basename(g) for g in guide_paths]),
                    "geoupsample_scale": rel.scale_text}  # fmt: skip
+    if series is not None:
+        common_tags["geoupsample_series"] = json.dumps(series.params())
     spec_kw = dict(crs=hr_crs, transform=hr_transform, width=hr_w, height=hr_h,
                    compress=compress, blocksize=blocksize, cog=cog)
     if len(outs) == len(plans):
         specs = [tiling.OutputSpec(o, count=len(p.descriptions), dtype=p.out_dtype,
                                    nodata=p.nodata, nodata_mask=p.nodata_mask,
-                                   descriptions=p.descriptions, tags={**common_tags,
-                                                                      **_plan_tags(p, rel)},
+                                   descriptions=p.descriptions,
+                                   tags={**common_tags, **_plan_tags(p, rel),
+                                         **_series_tags(series, i, guide_paths)},
                                    colormaps=p.colormaps, **p.packing, **spec_kw)
-                 for o, p in zip(outs, plans, strict=True)]  # fmt: skip
+                 for i, (o, p) in enumerate(zip(outs, plans, strict=True))]  # fmt: skip
     else:
         specs = [_stacked_spec(outs[0], plans, rel, dtype, common_tags, spec_kw)]
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
-                       parts=[p.part for p in plans])
+                       parts=[p.part for p in plans], warm=series is not None,
+                       warm_iters=series.warm_iters if series else WARM_ITERS)
     if workers is None and scheduler is None:
         workers = available_cores() if method in INTERPOLATIONS else 1
     inputs: dict[str, Any] = {
@@ -533,10 +610,13 @@ def _upsample_raster(
             p.path, tuple(p.read_idx), nodata=None if p.part.cell_nodata is None
             else float("nan"), warp=p.warp) for p in plans}  # fmt: skip
     if guide_needed:
-        inputs["guide"] = tiling.RasterInput(guide_path, hr_idx)
+        for p, g in zip(plans, guide_paths if series else [guide_path] * len(plans),
+                        strict=True):  # fmt: skip
+            inputs[p.part.guide] = tiling.RasterInput(g, hr_idx)
     params = {"method": method, "iters": int(iters), "radius": radius, "seed": seed,
-              "device": str(device), "stats": None if stats is None else
-              [stats.lo.tolist(), stats.hi.tolist()], "version": __version__}
+              "device": str(device), "stats": _stats_params(stats), "version": __version__}
+    if series is not None:
+        params["series"] = {**series.params(), "guides": guide_paths}
     if len(plans) == 1:
         params.update(render=plans[0].part.render, unit=plans[0].part.unit)
     else:
@@ -556,6 +636,58 @@ def _upsample_raster(
     for spec, n in zip(specs, clipped, strict=True):
         warn_clipped(report, spec, n)
     return report
+
+
+@dataclass(frozen=True)
+class SeriesOptions:
+    """A time series run (:func:`geoupsample.time_series.upsample_series`): each low-res raster
+    with its own guide, the dates in order.
+
+    Attributes:
+        dates: each raster's date (any text: ``2020-08-31``), or None.
+        warm_iters: fit steps of each date after the first (warm-started from the date before).
+    """
+
+    dates: tuple[str, ...] | None = None
+    warm_iters: int = WARM_ITERS
+
+    def params(self) -> dict[str, Any]:
+        """What a resumed run must share (and the outputs' ``geoupsample_series`` tag holds)."""
+        return {"warm_iters": self.warm_iters, "warm_blend": WARM_BLEND,
+                "dates": list(self.dates) if self.dates else None}
+
+
+def _series_tags(series: SeriesOptions | None, i: int,
+                 guide_paths: Sequence[str]) -> dict[str, str]:  # fmt: skip
+    """A series date's output: its own guide and date."""
+    if series is None:
+        return {}
+    return {"geoupsample_guide": os.path.basename(guide_paths[i]),
+            **({"geoupsample_date": series.dates[i]} if series.dates else {})}
+
+
+def _check_same_guide_grid(paths: Sequence[str], guides: Sequence[Any],
+                           bands: Sequence[int | str] | None) -> None:  # fmt: skip
+    """Refuse a time series whose guides are not on one grid (each date's kernels start from
+    the same tile's of the date before), naming each."""
+    first = guides[0]
+    for path, ds in zip(paths[1:], guides[1:], strict=True):
+        select_bands(ds, bands, f"guide {path}")
+        if (ds.crs, ds.transform, ds.shape) != (first.crs, first.transform, first.shape) or (
+                ds.count != first.count and bands is None):  # fmt: skip
+            raise InputError(
+                f"the guides of a time series must share one grid: {paths[0]} is {first.width} x "
+                f"{first.height} px, {first.count} bands, at {tuple(first.transform)[:6]} in "
+                f"{first.crs}; {path} is {ds.width} x {ds.height} px, {ds.count} bands, at "
+                f"{tuple(ds.transform)[:6]} in {ds.crs}: warp the dates onto one grid first "
+                "(gdalwarp -te ... -tr ... -tap, or rasterio.warp.reproject)")
+
+
+def _stats_params(stats: gu.GuideStats | dict[str, gu.GuideStats] | None) -> Any:
+    """The guide statistics as a resumed run must find them (a series': each date's)."""
+    if isinstance(stats, dict):
+        return {k: _stats_params(v) for k, v in stats.items()}
+    return None if stats is None else [stats.lo.tolist(), stats.hi.tolist()]
 
 
 def _plan_tags(plan: LowresPlan, rel: GridRelation) -> dict[str, str]:

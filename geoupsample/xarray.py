@@ -42,6 +42,7 @@ import xarray as xr
 import tiling
 from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
+from geoupsample.core.series import WARM_BLEND, WARM_ITERS
 from geoupsample.featuremaps import bands_tag, plan_features
 from geoupsample.grids import overlap_window, relate_or_nest
 from geoupsample.inputs import (
@@ -103,7 +104,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256, kind: str = "auto",
              consistency: float | None = None, self_guidance: float | None = None,
              min_sigma_r: float | None = None, warp: str | None = None,
-             keep_missing: bool = False, _parts: int = 1) -> xr.DataArray:
+             keep_missing: bool = False, warm_iters: int = WARM_ITERS, _parts: int = 1,
+             _guides: Sequence[xr.DataArray] | None = None) -> xr.DataArray:
     """Upsample ``lowres`` onto ``guide``'s grid; returns a lazy dask-backed DataArray.
 
     Args:
@@ -113,7 +115,12 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
             every raster of the stack rendered with the same kernels (the pixels of one call
             per raster), and the result has that dimension too.
         guide: ``[band, y, x]`` rioxarray DataArray in the same CRS, on a grid whose pixel
-            divides ``lowres``'s pixel (other grids are refused unless ``warp`` is given).
+            divides ``lowres``'s pixel (other grids are refused unless ``warp`` is given). Or a
+            time series: ``[time, band, y, x]`` (or ``[time, y, x]``) with the same dimension
+            and coordinates as a stacked ``lowres``: each date's raster upsampled onto its own
+            guide, the dates' kernels fitted in order, each from the date before with
+            ``warm_iters`` steps (:mod:`geoupsample.time_series`), each date's guide normalised
+            by its own statistics.
         method, tile, halo, iters, radius, device, seed, blend, aoi, aoi_crs: as in
             :func:`geoupsample.pipeline.upsample_raster`.
         blocksize: output chunk alignment (use the block size you will write with).
@@ -126,6 +133,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
             warped in memory when this is called).
         keep_missing: NaN on the whole footprint of every missing cell of ``lowres``, as in
             :func:`~geoupsample.pipeline.upsample_raster`.
+        warm_iters: a time series' gsjbu fit steps of each date after the first.
 
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
@@ -144,12 +152,19 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     except ValueError as err:
         raise InputError(str(err)) from err
     stack_dim, stack = _stack_of(lowres)
+    guide_dim, guides = _stack_of(guide, "guide")
+    if guide_dim is not None and stack_dim != guide_dim:
+        raise InputError(f"guide is a stack along {guide_dim!r} (a time series of guides) but "
+                         f"lowres is {'one raster' if stack_dim is None else 'a stack along '}"
+                         f"{'' if stack_dim is None else repr(stack_dim)}: give lowres the "
+                         f"same {guide_dim!r} dimension, a raster per guide")
     if stack_dim is not None:
-        return _upsample_stack(stack_dim, stack, guide, method=method, tile=tile, halo=halo,
-                               iters=iters, radius=radius, device=device, seed=seed,
-                               blend=blend, aoi=aoi, aoi_crs=aoi_crs, blocksize=blocksize,
-                               kind=kind, consistency=consistency, self_guidance=self_guidance,
-                               min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing)
+        return _upsample_stack(stack_dim, stack, guides if guide_dim else guide, method=method,
+                               tile=tile, halo=halo, iters=iters, radius=radius, device=device,
+                               seed=seed, blend=blend, aoi=aoi, aoi_crs=aoi_crs,
+                               blocksize=blocksize, kind=kind, consistency=consistency,
+                               self_guidance=self_guidance, min_sigma_r=min_sigma_r, warp=warp,
+                               keep_missing=keep_missing, warm_iters=warm_iters)
     lowres, guide = _as_bands(lowres, "lowres"), _as_bands(guide, "guide")
     lr_t, hr_t = lowres.rio.transform(), guide.rio.transform()
     rel, nesting = relate_or_nest(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
@@ -172,10 +187,12 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     cell_nodata = scene.cell_nodata if nesting is None else None
     if cell_nodata is not None:
         lr_nodata = None
-    stats = None
+    stats: Any = None
     if method not in INTERPOLATIONS:
         with gdal_env():  # a file-backed guide is scanned once: keep GDAL's cache bounded
-            stats = array_guide_stats(guide.data, hr_nodata, "DataArray")
+            stats = array_guide_stats(guide.data, hr_nodata, "DataArray") if not _guides else {
+                f"guide{i}": array_guide_stats(g.data, hr_nodata, f"guide at {i}")
+                for i, g in enumerate(_guides)}  # fmt: skip
     height, width = guide.shape[1:]
     grid = tiling.TileGrid(height, width, tile=tile, halo=halo, align=rel.period,
                            offset=rel.offset, block=blocksize, region=rel.region, blend=blend,
@@ -186,12 +203,18 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device,
                            seed=seed, render=render, unit=scene.unit, cell_nodata=cell_nodata)
         inputs["lowres"] = tiling.ArrayInput(lowres.data, lr_t, lr_nodata)
-    else:  # a stack's rasters, their bands in order: a part each, one fit per tile
+    else:  # a stack's rasters, their bands in order: a part each, one fit per tile (per
+        # date: a time series' parts each have their own guide, fitted in order)
         per = lowres.shape[0] // _parts
-        parts = [LowresPart(f"lowres{i}", render, scene.unit, cell_nodata)
+        parts = [LowresPart(f"lowres{i}", render, scene.unit, cell_nodata,
+                            guide=f"guide{i}" if _guides else "guide")
                  for i in range(_parts)]  # fmt: skip
         job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device,
-                           seed=seed, parts=parts)
+                           seed=seed, parts=parts, warm=bool(_guides), warm_iters=warm_iters)
+        if _guides:
+            del inputs["guide"]
+            for i, g in enumerate(_guides):
+                inputs[f"guide{i}"] = tiling.ArrayInput(g.data, hr_t, hr_nodata)
         for i in range(_parts):
             inputs[f"lowres{i}"] = tiling.ArrayInput(lowres.data[i * per : (i + 1) * per], lr_t,
                                                      lr_nodata)  # fmt: skip
@@ -217,7 +240,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     return out.rio.write_nodata(np.nan, encoded=False)
 
 
-def _stack_of(a: xr.DataArray) -> tuple[str | None, xr.DataArray]:
+def _stack_of(a: xr.DataArray, name: str = "lowres") -> tuple[str | None, xr.DataArray]:
     """``(dim, a)`` for a stack of rasters along one dimension that is neither spatial nor
     ``band`` (``a`` then ``[dim, band, y, x]``), else ``(None, a)``."""
     if not isinstance(a, xr.DataArray):
@@ -231,7 +254,7 @@ def _stack_of(a: xr.DataArray) -> tuple[str | None, xr.DataArray]:
     if not others or (a.ndim == 3 and others[0] != "time"):
         return None, a
     if len(others) > 1:
-        raise InputError(f"lowres has dims {a.dims}: at most one dimension besides band, y and "
+        raise InputError(f"{name} has dims {a.dims}: at most one dimension besides band, y and "
                          "x (a time series, say); stack the others into it first")
     if "band" not in a.dims:
         a = a.expand_dims("band", axis=1)
@@ -242,8 +265,13 @@ def _upsample_stack(dim: str, stack: xr.DataArray, guide: xr.DataArray, **kwargs
                     ) -> xr.DataArray:  # fmt: skip
     """:func:`upsample` of the rasters of ``stack [dim, band, y, x]`` in one pass (one job of
     several parts: a fit per tile, a render per raster), the render decided once from the
-    whole stack."""
+    whole stack. A ``guide [dim, band, y, x]`` is a time series: each raster with its guide."""
     n = stack.sizes[dim]
+    guides = None
+    if dim in guide.dims:
+        guides = _series_guides(dim, stack, guide)
+        guide = guides[0]
+        kwargs["_guides"] = guides
     flat = stack.stack(_raster=(dim, "band")).transpose("_raster", ...)
     flat = flat.drop_vars(["_raster", dim, "band"], errors="ignore")
     flat = flat.rio.write_crs(stack.rio.crs).rio.write_transform(stack.rio.transform())
@@ -256,8 +284,27 @@ def _upsample_stack(dim: str, stack: xr.DataArray, guide: xr.DataArray, **kwargs
                                **{d: one[d].values for d in one.dims[1:]}},
                        attrs=one.attrs)  # fmt: skip
     out.name = stack.name
+    if guides is not None:
+        out.attrs["geoupsample_series"] = json.dumps(
+            {"warm_iters": int(kwargs.get("warm_iters", WARM_ITERS)), "warm_blend": WARM_BLEND})
     out = out.rio.write_crs(one.rio.crs).rio.write_transform(one.rio.transform())
     return out.rio.write_nodata(np.nan, encoded=False)
+
+
+def _series_guides(dim: str, stack: xr.DataArray, guide: xr.DataArray) -> list[xr.DataArray]:
+    """The guides ``[band, y, x]`` of a time series, one per raster of ``stack``, checked: the
+    same ``dim`` values in the same order, and one grid."""
+    lr_values, g_values = stack[dim].values, guide[dim].values
+    if len(lr_values) != len(g_values) or not np.array_equal(lr_values, g_values):
+        raise InputError(f"lowres and guide are time series along {dim!r} with different "
+                         f"values ({len(lr_values)} and {len(g_values)}: {lr_values[:3]}... and "
+                         f"{g_values[:3]}...): give each lowres raster its guide, in the same "
+                         f"order (e.g. guide.sel({dim}=lowres.{dim}))")
+    out = []
+    for i in range(len(g_values)):
+        g = guide.isel({dim: i}, drop=True)
+        out.append(g.rio.write_crs(guide.rio.crs).rio.write_transform(guide.rio.transform()))
+    return out
 
 
 #: Low-res attributes that describe the stored encoding or the old grid, not the values.

@@ -29,7 +29,12 @@ HELP = (
     "pixel lattice (within 0.05 guide pixels). A LOWRES on another grid (another CRS, a shifted "
     "origin) is refused, or, "
     "with --warp RESAMPLING, reprojected as it is read onto a grid of about its own pixel size "
-    "that nests in the guide's (a LOWRES whose grid nests is never warped)."
+    "that nests in the guide's (a LOWRES whose grid nests is never warped).\n\n"
+    "Time series: --series PAIRS (a CSV file, one date per line: date,lowres,guide or "
+    "lowres,guide) instead of LOWRES... GUIDE upsamples each date's LOWRES onto its own GUIDE, "
+    "the dates in order, each tile's kernels of a date starting from the same tile's of the "
+    "date before (--warm-iters steps instead of --iters); the guides must share one grid. -o "
+    "with {date}, {stem} or {index} writes one output per date."
 )
 
 
@@ -40,12 +45,19 @@ class Kind(str, Enum):
 
 
 def upsample_command(
-    rasters: Annotated[list[str], typer.Argument(
+    rasters: Annotated[list[str] | None, typer.Argument(
         metavar="LOWRES... GUIDE",
         help="Low-res raster(s) to upsample (any bands; paths, glob patterns, URLs or GDAL /vsi "
-             "paths), then the high-res guide raster (its grid is the output's).")],
+             "paths), then the high-res guide raster (its grid is the output's).")] = None,
     out: Annotated[str, typer.Option("-o", "--out", help="Output GeoTIFF path, or a pattern "
-                                                          "with {stem} or {index}.")],
+                                                          "with {stem}, {index} or {date}.")] = "",
+    series: Annotated[str | None, typer.Option(
+        metavar="PAIRS",
+        help="A time series instead of LOWRES... GUIDE: a CSV file of dates, one per line, "
+             "date,lowres,guide or lowres,guide (paths relative to the file).")] = None,
+    warm_iters: Annotated[int | None, typer.Option(
+        min=0, help="Time series: gsjbu fit steps of each date after the first, from the date "
+                    "before's kernels (default 25).")] = None,
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
     radius: opt.RadiusOption = 3,
@@ -88,16 +100,30 @@ def upsample_command(
     quiet: opt.QuietOption = False,
 ) -> None:
     from geoupsample.pipeline import upsample_raster
+    from geoupsample.time_series import read_pairs, upsample_series
 
-    lowres, guide = split_rasters(rasters)
-    report = opt.run_command("upsample", quiet, lambda progress: upsample_raster(
-        lowres if len(lowres) > 1 else lowres[0], guide, out, method=method.value,
-        iters=iters, radius=radius, tile=tile, halo=halo, bands=opt.split(bands),
-        guide_bands=opt.split(guide_bands), aoi=aoi, aoi_crs=aoi_crs, cog=cog, dtype=dtype,
-        compress=compress, blocksize=blocksize, device=device, resume=resume,
-        scheduler=scheduler, workers=workers, kind=(kind or Kind.auto).value,
-        consistency=consistency, self_guidance=self_guidance, min_sigma_r=min_sigma_r,
-        warp=warp, keep_missing=keep_missing, progress=progress))
+    if not out:
+        raise typer.BadParameter("give the output: -o OUT.tif (or a pattern such as "
+                                 "out/{stem}_10m.tif)", param_hint="-o")
+    if series is not None and rasters:
+        raise typer.BadParameter("give either LOWRES... GUIDE or --series PAIRS, not both",
+                                 param_hint="--series")
+    options = dict(method=method.value, iters=iters, radius=radius, tile=tile, halo=halo,
+                   bands=opt.split(bands), guide_bands=opt.split(guide_bands), aoi=aoi,
+                   aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
+                   device=device, resume=resume, scheduler=scheduler, workers=workers,
+                   kind=(kind or Kind.auto).value, consistency=consistency,
+                   self_guidance=self_guidance, min_sigma_r=min_sigma_r, warp=warp,
+                   keep_missing=keep_missing)
+    if series is not None:
+        report = opt.run_command("upsample", quiet, lambda progress: upsample_series(
+            read_pairs(series), out, progress=progress, **options,
+            **({} if warm_iters is None else {"warm_iters": warm_iters})))
+    else:
+        lowres, guide = split_rasters(rasters or [])
+        report = opt.run_command("upsample", quiet, lambda progress: upsample_raster(
+            lowres if len(lowres) > 1 else lowres[0], guide, out, progress=progress,
+            **options))
     if not quiet:
         paths = report.extra.get("paths") or [os.fspath(out)]
         written = paths[0] if len(paths) == 1 else f"{len(paths)} outputs ({', '.join(paths)})"
@@ -112,7 +138,8 @@ def split_rasters(rasters: list[str]) -> tuple[list[str], str]:
     than two arguments, is an error saying what to pass."""
     if len(rasters) < 2:
         raise typer.BadParameter("give the low-res raster(s), then the guide: geoupsample "
-                                 "upsample LOWRES [LOWRES...] GUIDE -o OUT",
+                                 "upsample LOWRES [LOWRES...] GUIDE -o OUT (or a time series: "
+                                 "--series PAIRS)",
                                  param_hint="LOWRES... GUIDE")
     lowres: list[str] = []
     for item in rasters[:-1]:

@@ -567,6 +567,7 @@ def fit(
     sigma_r: float = 0.12,
     sample: float = DEFAULT_SAMPLE,
     objective: str = "detail",
+    init: Kernels | Any | None = None,
 ) -> Kernels:
     """Fit GSJBU kernels so that they rebuild ``guide`` from its own cell means.
 
@@ -598,6 +599,10 @@ def fit(
             error of the pure kernels' reconstruction (the paper's); ``"back_projected"``: the
             L1 error after the render's two rounds of back-projection
             (:mod:`geoupsample.core.objective`; torch path only, slow on the CPU).
+        init: start from these kernels (:class:`Kernels` on the same LR grid, or their raw
+            parameters ``[4, h, w]``) instead of the initial ones: the previous date of a time
+            series, whose kernels need only a few steps on the next date's guide
+            (:func:`geoupsample.core.series.fit_series`). ``sigma_r`` is then unused.
 
     The CPU fit runs on Numba kernels in float32 (:mod:`geoupsample.core.numba_gsjbu`) for the
     ``detail`` and ``plain`` objectives; ``GEOUPSAMPLE_BACKEND=torch`` takes the torch path,
@@ -622,6 +627,8 @@ def fit(
     h, w = check_lr_shape(lr_shape, hr_shape)
     layout = CellLayout.build(hr_shape, (h, w))
     params = gsjbu.initial_params((h, w), layout.scale, sigma_r, g.dtype, dev)
+    if init is not None:
+        params = _init_params(init, (h, w), g.dtype, dev)
     kernels = Kernels(params=params, guide=g, valid=valid, radius=int(radius))
     if iters == 0:
         return kernels
@@ -643,6 +650,20 @@ def fit(
     )
     kernels.__dict__["_prepared"] = prep  # reuse what the fit built
     return kernels
+
+
+def _init_params(init: Any, lr_shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:  # fmt: skip
+    """The raw parameters ``[4, h, w]`` a fit starts from, from ``init`` (kernels or their
+    parameters), checked against the grid."""
+    params = init.params if isinstance(init, Kernels) else as_tensor(init, "init")
+    if tuple(params.shape) != (4, *lr_shape):
+        raise ValueError(f"init holds kernels for a {tuple(params.shape[1:])} low-res grid (raw "
+                         f"parameters {tuple(params.shape)}); this fit's grid is {lr_shape}: "
+                         "start from kernels fitted on the same grid")
+    if not bool(torch.isfinite(params).all()):
+        raise ValueError("init holds non-finite kernel parameters")
+    return params.detach().to(device, dtype).clone()
 
 
 def _fit_torch(
