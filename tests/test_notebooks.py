@@ -10,7 +10,8 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 #: The least number of figures each notebook must draw.
-MIN_IMAGES = {"segmentation_from_polygons": 4, "quickstart": 3, "whole_scene_xarray": 1}
+MIN_IMAGES = {"segmentation_from_polygons": 4, "quickstart": 3, "whole_scene_xarray": 1,
+              "time_series": 1}
 
 
 def test_all_notebooks_are_covered() -> None:
