@@ -5,13 +5,14 @@
 >>> hr = k.render(x)                           # x [C, h, w]      ->  [C, H, W]
 >>> hr = gu.upsample(x, guide, method="gsjbu") # or nearest | bilinear | bicubic | jbu
 >>> ks = gu.fit_series([guide_2019, guide_2020], (h, w))  # a date's kernels from the one before
+>>> hrs = gu.render_series(ks, [x_2019, x_2020], [guide_2019, guide_2020])  # consistent in time
 """
 
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.guide import GuideStats, guide_stats
 from geoupsample.core.kernels import Kernels, fit
 from geoupsample.core.methods import list_methods, register_method, upsample
-from geoupsample.core.series import fit_series
+from geoupsample.core.series import fit_series, render_series
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "guide_stats",
     "list_methods",
     "register_method",
+    "render_series",
     "tune_allocator",
     "upsample",
 ]

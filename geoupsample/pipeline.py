@@ -37,7 +37,14 @@ import tiling
 import tiling.writer
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.methods import INTERPOLATIONS, without_missing_cells
-from geoupsample.core.series import WARM_BLEND, WARM_ITERS, warm_start
+from geoupsample.core.series import (
+    STABLE_TOLERANCE,
+    WARM_BLEND,
+    WARM_ITERS,
+    carry_forward,
+    stable_weight,
+    warm_start,
+)
 from geoupsample.grids import GridRelation, overlap_window, relate_or_nest
 from geoupsample.inputs import (
     InputError,
@@ -147,7 +154,9 @@ class UpsampleTile:
 
     A time series (``warm``): the guides are fitted in the order of the parts, each after the
     first with ``warm_iters`` steps from :func:`geoupsample.core.series.warm_start` of the
-    previous fitted guide's kernels (the same tile of the date before).
+    previous fitted guide's kernels (the same tile of the date before); a continuous raster's
+    output is carried forward from the date before where the guide has not changed
+    (:func:`geoupsample.core.series.carry_forward`, ``stable_tolerance``; 0: off).
     """
 
     def __init__(self, method: str, stats: gu.GuideStats | dict[str, gu.GuideStats] | None,
@@ -155,10 +164,12 @@ class UpsampleTile:
                  render: dict[str, Any] | None = None, unit: float | None = None,
                  cell_nodata: float | None = None, channels: Sequence[int] | None = None,
                  parts: Sequence[LowresPart] | None = None, warm: bool = False,
-                 warm_iters: int = WARM_ITERS) -> None:  # fmt: skip
+                 warm_iters: int = WARM_ITERS,
+                 stable_tolerance: float = STABLE_TOLERANCE) -> None:  # fmt: skip
         self.method, self.stats, self.iters = method, stats, iters
         self.radius, self.device, self.seed = radius, device, seed
         self.warm, self.warm_iters = warm, warm_iters
+        self.stable_tolerance = stable_tolerance
         if parts is None:  # one raster, named "lowres"
             parts = [LowresPart("lowres", dict(render or {}), unit, cell_nodata,
                                 None if channels is None else tuple(channels))]
@@ -184,10 +195,34 @@ class UpsampleTile:
                 continue
             kernels[p.guide] = previous = self._fit(g, tuple(xs[0].shape[-2:]), p.guide,
                                                     previous)  # fmt: skip
-        outs = [self._part(p, x, guides[p.guide], kernels.get(p.guide)) if ok
-                else np.full((self._channels(p, x), *shape), np.nan, np.float32)
-                for p, x, ok in zip(self.parts, xs, usable, strict=True)]  # fmt: skip
+        outs, previous_date = [], None
+        for p, x, ok in zip(self.parts, xs, usable, strict=True):
+            if not ok:
+                outs.append(np.full((self._channels(p, x), *shape), np.nan, np.float32))
+                continue
+            carry = None
+            if previous_date is not None and self._carries(p) and previous_date[0] != p.guide:
+                carry = functools.partial(self._carry, previous_date, guides, p.guide, x)
+            outs.append(self._part(p, x, guides[p.guide], kernels.get(p.guide), carry))
+            if self._carries(p):
+                previous_date = (p.guide, x, outs[-1])
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _carries(self, part: LowresPart) -> bool:
+        """Whether ``part``'s output is carried forward from the date before: a continuous
+        raster of a jbu/gsjbu time series."""
+        return (self.warm and self.stable_tolerance > 0 and self.method not in INTERPOLATIONS
+                and part.render.get("kind") != "probabilities" and part.unit is None)
+
+    def _carry(self, previous_date: tuple[str, np.ndarray, np.ndarray],
+               guides: dict[str, np.ndarray], guide: str, x: np.ndarray,
+               out: np.ndarray) -> np.ndarray:  # fmt: skip
+        """``out`` carried forward from the date before (its guide, raster and output)."""
+        previous_guide, previous_x, previous_out = previous_date
+        stats = self.stats.get(previous_guide) if isinstance(self.stats, dict) else self.stats
+        weight = stable_weight(guides[previous_guide], guides[guide], stats,
+                               self.stable_tolerance)  # fmt: skip
+        return carry_forward(previous_out, out, previous_x, x, weight, guides[guide])
 
     def _fit(self, g: np.ndarray, lr_shape: tuple[int, int], guide: str,
              previous: gu.Kernels | None) -> gu.Kernels:  # fmt: skip
@@ -203,8 +238,8 @@ class UpsampleTile:
     def _channels(part: LowresPart, x: np.ndarray) -> int:
         return x.shape[0] if part.channels is None else len(part.channels)
 
-    def _part(self, part: LowresPart, x: np.ndarray, g: np.ndarray,
-              kernels: gu.Kernels | None) -> np.ndarray:  # fmt: skip
+    def _part(self, part: LowresPart, x: np.ndarray, g: np.ndarray, kernels: gu.Kernels | None,
+              carry: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
         if part.unit is not None:
             x = x / np.float32(part.unit)
         render = dict(part.render)
@@ -212,7 +247,9 @@ class UpsampleTile:
         if kernels is None:
             out = gu.upsample(x, g, method=self.method, keep_missing=keep_missing, **render)
         else:
-            out = kernels.render(x, **render)
+            out = np.asarray(kernels.render(x, **render), dtype=np.float32)
+            if carry is not None:  # a series' date, from the one before
+                out = carry(out)
             if keep_missing:
                 out = without_missing_cells(out, x)
         out = np.asarray(out, dtype=np.float32)
@@ -602,7 +639,8 @@ def _upsample_raster(
         specs = [_stacked_spec(outs[0], plans, rel, dtype, common_tags, spec_kw)]
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        parts=[p.part for p in plans], warm=series is not None,
-                       warm_iters=series.warm_iters if series else WARM_ITERS)
+                       warm_iters=series.warm_iters if series else WARM_ITERS,
+                       stable_tolerance=series.stable_tolerance if series else 0.0)
     if workers is None and scheduler is None:
         workers = available_cores() if method in INTERPOLATIONS else 1
     inputs: dict[str, Any] = {
@@ -646,14 +684,18 @@ class SeriesOptions:
     Attributes:
         dates: each raster's date (any text: ``2020-08-31``), or None.
         warm_iters: fit steps of each date after the first (warm-started from the date before).
+        stable_tolerance: the guide change under which a date's output is carried forward from
+            the date before (:data:`geoupsample.core.series.STABLE_TOLERANCE`; 0: off).
     """
 
     dates: tuple[str, ...] | None = None
     warm_iters: int = WARM_ITERS
+    stable_tolerance: float = STABLE_TOLERANCE
 
     def params(self) -> dict[str, Any]:
         """What a resumed run must share (and the outputs' ``geoupsample_series`` tag holds)."""
         return {"warm_iters": self.warm_iters, "warm_blend": WARM_BLEND,
+                "stable_tolerance": self.stable_tolerance,
                 "dates": list(self.dates) if self.dates else None}
 
 

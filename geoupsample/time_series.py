@@ -3,8 +3,11 @@
 Each tile fits the first date's kernels as :func:`~geoupsample.pipeline.upsample_raster` does,
 then each later date's with :data:`~geoupsample.core.series.WARM_ITERS` steps (half the
 default) from halfway between the initial kernels and the same tile's kernels of the date
-before (:mod:`geoupsample.core.series` says why halfway). Every date is written to its own
-output (``-o out/{date}.tif``) or all to one stacked output.
+before (:mod:`geoupsample.core.series` says why halfway). Where a pixel of the guide has not
+changed since the date before, a continuous raster's output keeps the previous date's detail and
+takes only the smooth change of the low-res raster (:func:`~geoupsample.core.series.carry_forward`):
+outputs then change from date to date no more than bilinear's where the image does not. Every
+date is written to its own output (``-o out/{date}.tif``) or all to one stacked output.
 
 The guides must share one grid (the same tile of each date is the same ground); so must the
 low-res rasters. Real acquisitions rarely do: warp them onto one grid first. Each date's guide
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import tiling
-from geoupsample.core.series import WARM_ITERS
+from geoupsample.core.series import STABLE_TOLERANCE, WARM_ITERS
 from geoupsample.inputs import InputError
 from geoupsample.pipeline import SeriesOptions, upsample_raster
 
@@ -102,6 +105,7 @@ def upsample_series(
     dates: Iterable[SeriesDate | Sequence[str]],
     out_path: str | os.PathLike,
     warm_iters: int = WARM_ITERS,
+    stable_tolerance: float = STABLE_TOLERANCE,
     **kwargs: Any,
 ) -> tiling.RunReport:
     """Upsample each date's low-res raster onto its own guide, the dates' kernels fitted in
@@ -114,6 +118,9 @@ def upsample_series(
             extension) or ``{index}`` (from 1): one output per date; or one path: every date's
             bands in one output, in date order.
         warm_iters: gsjbu fit steps of each date after the first (``iters`` for the first).
+        stable_tolerance: guide change (largest band's, in units of the previous date's robust
+            range) at which a pixel's output keeps ``exp(-1)`` of the previous date's detail
+            (:func:`~geoupsample.core.series.stable_weight`); 0: each date rendered alone.
         **kwargs: as :func:`geoupsample.pipeline.upsample_raster` (``method``, ``iters``,
             ``tile``, ``aoi``, ``resume``, ``scheduler``...).
 
@@ -125,7 +132,9 @@ def upsample_series(
     series = as_dates(dates)
     if int(warm_iters) < 0:
         raise InputError(f"warm_iters is {warm_iters}: give 0 or more fit steps per later date")
+    if not float(stable_tolerance) >= 0:
+        raise InputError(f"stable_tolerance is {stable_tolerance}: give 0 (off) or more")
     options = SeriesOptions(tuple(d.date for d in series) if series[0].date else None,
-                            int(warm_iters))  # fmt: skip
+                            int(warm_iters), float(stable_tolerance))  # fmt: skip
     return upsample_raster([d.lowres for d in series], [d.guide for d in series],  # type: ignore[arg-type]
                            out_path, _series=options, **kwargs)

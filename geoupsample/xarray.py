@@ -42,7 +42,7 @@ import xarray as xr
 import tiling
 from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
-from geoupsample.core.series import WARM_BLEND, WARM_ITERS
+from geoupsample.core.series import STABLE_TOLERANCE, WARM_BLEND, WARM_ITERS
 from geoupsample.featuremaps import bands_tag, plan_features
 from geoupsample.grids import overlap_window, relate_or_nest
 from geoupsample.inputs import (
@@ -104,7 +104,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256, kind: str = "auto",
              consistency: float | None = None, self_guidance: float | None = None,
              min_sigma_r: float | None = None, warp: str | None = None,
-             keep_missing: bool = False, warm_iters: int = WARM_ITERS, _parts: int = 1,
+             keep_missing: bool = False, warm_iters: int = WARM_ITERS,
+             stable_tolerance: float = STABLE_TOLERANCE, _parts: int = 1,
              _guides: Sequence[xr.DataArray] | None = None) -> xr.DataArray:
     """Upsample ``lowres`` onto ``guide``'s grid; returns a lazy dask-backed DataArray.
 
@@ -134,6 +135,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         keep_missing: NaN on the whole footprint of every missing cell of ``lowres``, as in
             :func:`~geoupsample.pipeline.upsample_raster`.
         warm_iters: a time series' gsjbu fit steps of each date after the first.
+        stable_tolerance: a time series' guide change under which a date's output is carried
+            forward from the date before (:func:`geoupsample.time_series.upsample_series`).
 
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
@@ -164,7 +167,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                                seed=seed, blend=blend, aoi=aoi, aoi_crs=aoi_crs,
                                blocksize=blocksize, kind=kind, consistency=consistency,
                                self_guidance=self_guidance, min_sigma_r=min_sigma_r, warp=warp,
-                               keep_missing=keep_missing, warm_iters=warm_iters)
+                               keep_missing=keep_missing, warm_iters=warm_iters,
+                               stable_tolerance=stable_tolerance)
     lowres, guide = _as_bands(lowres, "lowres"), _as_bands(guide, "guide")
     lr_t, hr_t = lowres.rio.transform(), guide.rio.transform()
     rel, nesting = relate_or_nest(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
@@ -210,7 +214,8 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                             guide=f"guide{i}" if _guides else "guide")
                  for i in range(_parts)]  # fmt: skip
         job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device,
-                           seed=seed, parts=parts, warm=bool(_guides), warm_iters=warm_iters)
+                           seed=seed, parts=parts, warm=bool(_guides), warm_iters=warm_iters,
+                           stable_tolerance=stable_tolerance)
         if _guides:
             del inputs["guide"]
             for i, g in enumerate(_guides):
@@ -286,7 +291,8 @@ def _upsample_stack(dim: str, stack: xr.DataArray, guide: xr.DataArray, **kwargs
     out.name = stack.name
     if guides is not None:
         out.attrs["geoupsample_series"] = json.dumps(
-            {"warm_iters": int(kwargs.get("warm_iters", WARM_ITERS)), "warm_blend": WARM_BLEND})
+            {"warm_iters": int(kwargs.get("warm_iters", WARM_ITERS)), "warm_blend": WARM_BLEND,
+             "stable_tolerance": float(kwargs.get("stable_tolerance", STABLE_TOLERANCE))})
     out = out.rio.write_crs(one.rio.crs).rio.write_transform(one.rio.transform())
     return out.rio.write_nodata(np.nan, encoded=False)
 

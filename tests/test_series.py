@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import geoupsample as gu
 from geoupsample.cli import app
-from geoupsample.core.series import WARM_BLEND, WARM_ITERS, warm_start
+from geoupsample.core.series import WARM_BLEND, WARM_ITERS, stable_weight, warm_start
 from geoupsample.inputs import InputError, scene_guide_stats
 from geoupsample.pipeline import upsample_raster
 from geoupsample.time_series import SeriesDate, read_pairs, upsample_series
@@ -170,18 +170,56 @@ def test_series_first_date_is_a_plain_run_and_later_dates_the_core_series(series
     upsample_raster(series[0].lowres, series[0].guide, plain, **one_tile)
     np.testing.assert_array_equal(read(tmp_path / "s_1.tif"), read(plain))
     _, lows, _ = arrays(series)
-    kernels = []
+    kernels, stats, raw = [], [], []
     for d in series:
-        stats = scene_guide_stats(d.guide)
-        raw = read(d.guide).astype(np.float32)
+        stats.append(scene_guide_stats(d.guide))
+        raw.append(read(d.guide).astype(np.float32))
         if not kernels:
-            kernels.append(gu.fit(raw, lows[0].shape[-2:], iters=20, normalize=stats))
+            kernels.append(gu.fit(raw[-1], lows[0].shape[-2:], iters=20, normalize=stats[-1]))
         else:
-            kernels.append(gu.fit(raw, lows[0].shape[-2:], iters=10, normalize=stats,
+            kernels.append(gu.fit(raw[-1], lows[0].shape[-2:], iters=10, normalize=stats[-1],
                                   init=warm_start(kernels[-1])))  # fmt: skip
-    for i, (k, d) in enumerate(zip(kernels, series, strict=True), 1):
-        expected = np.asarray(k.render(read(d.lowres)))
-        np.testing.assert_allclose(read(tmp_path / f"s_{i}.tif"), expected, atol=2e-3)
+    expected = gu.render_series(kernels, [read(d.lowres) for d in series], raw, stats)
+    for i, e in enumerate(expected, 1):
+        np.testing.assert_allclose(read(tmp_path / f"s_{i}.tif"), e, atol=2e-3)
+
+
+def test_carry_forward_changes_an_unchanged_image_as_bilinear_does(series) -> None:
+    """Where the guide has not changed, a date's output is the date before's plus the
+    bilinear change of the low-res raster; where it has, the date's own render."""
+    guides, lows, _ = arrays(series)
+    shape = lows[0].shape[-2:]
+    same = [guides[0], guides[0].copy()]
+    changed = guides[0].copy()
+    changed[:, :120] = guides[1][:, :120]  # the top half from another date
+    x1 = lows[1]
+    kernels = gu.fit_series([guides[0], changed], shape, iters=10, warm_iters=5)
+    outs = gu.render_series([kernels[0], kernels[0]], [lows[0], x1], same)
+    bilinear = [np.asarray(gu.upsample(x, guides[0], method="bilinear")) for x in (lows[0], x1)]
+    np.testing.assert_allclose(outs[1] - outs[0], bilinear[1] - bilinear[0], atol=1e-5)
+    assert np.abs(outs[1] - np.asarray(kernels[0].render(x1))).max() > 0.05  # not the render
+
+    outs = gu.render_series(kernels, [lows[0], x1], [guides[0], changed])
+    alone = np.asarray(kernels[1].render(x1))
+    weight = stable_weight(guides[0], changed)
+    moved = weight < 1e-3
+    assert moved[:120].mean() > 0.05 and not moved[120:].any() and weight[120:].min() == 1.0
+    np.testing.assert_allclose(outs[1][:, moved], alone[:, moved], atol=1e-3)
+    np.testing.assert_allclose(outs[1][:, 120:] - outs[0][:, 120:],
+                               bilinear[1][:, 120:] - bilinear[0][:, 120:], atol=1e-5)
+    off = gu.render_series(kernels, [lows[0], x1], [guides[0], changed], tolerance=0)
+    np.testing.assert_array_equal(off[1], alone)
+
+
+def test_stable_weight() -> None:
+    g = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(stable_weight(g, g), np.ones((8, 8), np.float32))
+    h = g.copy()
+    h[1, 2, 3] += 0.5
+    h[0, 4, 4] = np.nan
+    w = stable_weight(g, h, gu.GuideStats(lo=[0, 0, 0], hi=[1, 1, 1]), tolerance=0.25)
+    assert w[2, 3] == pytest.approx(np.exp(-4), rel=1e-5) and w[4, 4] == 0
+    assert (stable_weight(g, h, tolerance=0) == 0).all()
 
 
 def test_series_stacked_output_and_resume(series, tmp_path) -> None:
@@ -274,3 +312,19 @@ def test_xarray_series_matches_the_scene_path(series, tmp_path) -> None:
         xr_upsample(lowres.isel(time=0), guides)
     with pytest.raises(InputError, match="different values"):
         xr_upsample(lowres, guides.isel(time=[0, 1, 3, 2]))
+
+
+def test_series_scene_keeps_an_unchanged_image_consistent(series, tmp_path) -> None:
+    """The temporal-consistency criterion on the scene path: two dates with the same image and
+    different low-res rasters change by exactly bilinear's change; with stable_tolerance=0 by
+    other amounts (each date's own detail)."""
+    same = [series[0], SeriesDate(series[1].lowres, series[0].guide, series[1].date)]
+    upsample_series(same, str(tmp_path / "c_{index}.tif"), **RUN)
+    upsample_series(same, str(tmp_path / "off_{index}.tif"), stable_tolerance=0, **RUN)
+    for i, d in enumerate(same, 1):
+        upsample_raster(d.lowres, d.guide, str(tmp_path / f"b_{i}.tif"), method="bilinear",
+                        tile=96, halo=32, blocksize=16)  # fmt: skip
+    change = {k: read(tmp_path / f"{k}_2.tif") - read(tmp_path / f"{k}_1.tif")
+              for k in ("c", "off", "b")}  # fmt: skip
+    np.testing.assert_allclose(change["c"], change["b"], atol=0.05)  # 0-255 NIR values
+    assert np.abs(change["off"] - change["b"]).mean() > 1.0  # each date's own detail

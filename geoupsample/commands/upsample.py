@@ -33,8 +33,9 @@ HELP = (
     "Time series: --series PAIRS (a CSV file, one date per line: date,lowres,guide or "
     "lowres,guide) instead of LOWRES... GUIDE upsamples each date's LOWRES onto its own GUIDE, "
     "the dates in order, each tile's kernels of a date starting from the same tile's of the "
-    "date before (--warm-iters steps instead of --iters); the guides must share one grid. -o "
-    "with {date}, {stem} or {index} writes one output per date."
+    "date before (--warm-iters steps instead of --iters), and where the guide has not changed "
+    "the output keeps the date before's detail (--stable-tolerance); the guides must share one "
+    "grid. -o with {date}, {stem} or {index} writes one output per date."
 )
 
 
@@ -58,6 +59,11 @@ def upsample_command(
     warm_iters: Annotated[int | None, typer.Option(
         min=0, help="Time series: gsjbu fit steps of each date after the first, from the date "
                     "before's kernels (default 25).")] = None,
+    stable_tolerance: Annotated[float | None, typer.Option(
+        min=0, help="Time series: where the guide changed less than this since the date before "
+                    "(largest band's change, in units of its robust range), the output keeps "
+                    "the date before's detail and takes the low-res change smoothly (default "
+                    "0.25; 0: each date alone).")] = None,
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
     radius: opt.RadiusOption = 3,
@@ -118,7 +124,8 @@ def upsample_command(
     if series is not None:
         report = opt.run_command("upsample", quiet, lambda progress: upsample_series(
             read_pairs(series), out, progress=progress, **options,
-            **({} if warm_iters is None else {"warm_iters": warm_iters})))
+            **({} if warm_iters is None else {"warm_iters": warm_iters}),
+            **({} if stable_tolerance is None else {"stable_tolerance": stable_tolerance})))
     else:
         lowres, guide = split_rasters(rasters or [])
         report = opt.run_command("upsample", quiet, lambda progress: upsample_raster(
