@@ -203,7 +203,7 @@ def test_carry_forward_changes_an_unchanged_image_as_bilinear_does(series) -> No
     alone = np.asarray(kernels[1].render(x1))
     weight = stable_weight(guides[0], changed)
     moved = weight < 1e-3
-    assert moved[:120].mean() > 0.05 and not moved[120:].any() and weight[120:].min() == 1.0
+    assert moved[:120].mean() > 0.02 and not moved[120:].any() and weight[120:].min() == 1.0
     np.testing.assert_allclose(outs[1][:, moved], alone[:, moved], atol=1e-3)
     np.testing.assert_allclose(outs[1][:, 120:] - outs[0][:, 120:],
                                bilinear[1][:, 120:] - bilinear[0][:, 120:], atol=1e-5)
