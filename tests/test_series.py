@@ -328,3 +328,30 @@ def test_series_scene_keeps_an_unchanged_image_consistent(series, tmp_path) -> N
               for k in ("c", "off", "b")}  # fmt: skip
     np.testing.assert_allclose(change["c"], change["b"], atol=0.05)  # 0-255 NIR values
     assert np.abs(change["off"] - change["b"]).mean() > 1.0  # each date's own detail
+
+
+def test_series_on_a_dask_cluster_with_an_aoi_equals_local(series, tmp_path) -> None:
+    """The whole series job (every date's guide, warm fits, carry-forward) on dask.distributed
+    workers gives the local pixels; an AOI leaves nodata outside it on every date."""
+    import sys
+
+    from distributed import Client, LocalCluster
+    from shapely.geometry import box
+
+    with rasterio.open(series[0].guide) as ds:
+        b = ds.bounds
+    aoi = box(b.left, b.bottom, (b.left + b.right) / 2, b.top)  # the west half
+    run = dict(RUN, aoi=aoi)
+    upsample_series(series, str(tmp_path / "local_{index}.tif"), **run)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        client.run(sys.path.insert, 0, root)
+        upsample_series(series, str(tmp_path / "dist_{index}.tif"), scheduler=client, **run)
+    for i in range(1, len(series) + 1):
+        local = read(tmp_path / f"local_{i}.tif")
+        np.testing.assert_allclose(read(tmp_path / f"dist_{i}.tif"), local, atol=1e-4)
+        with rasterio.open(tmp_path / f"local_{i}.tif") as ds:
+            outside = ds.read_masks(1)[:, 140:]
+            inside = ds.read_masks(1)[:, :100]
+        assert (outside == 0).all() and (inside == 255).all()
