@@ -95,6 +95,14 @@ class LinearProbe:
         self.mean: torch.Tensor | None = None  # [C]
         self.std: torch.Tensor | None = None  # [C]
         self.n_samples = 0
+        #: How the features are laid out (set by :mod:`geoupsample.segmentation`, saved with
+        #: the probe): ``{"path": "probabilities"}`` (cell features), or ``{"path":
+        #: "features", "pixel": P, "cells": C}`` (P features of the pixel's own, then C cell
+        #: features brought to the pixel by the kernels). Empty: cell features.
+        self.layout: dict[str, Any] = {}
+        #: The cross-validation's findings (:class:`geoupsample.probe_selection.CrossValidation`
+        #: as a dict), when the probe was fitted with it.
+        self.cv: dict[str, Any] | None = None
 
     @property
     def fitted(self) -> bool:
@@ -282,6 +290,8 @@ class LinearProbe:
             "classes": json.dumps(list(self.classes)),
             "params": json.dumps(self._params()),
             "n_samples": str(self.n_samples),
+            "layout": json.dumps(self.layout),
+            "cv": json.dumps(self.cv),
         }
         p = Path(path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta)
@@ -308,6 +318,8 @@ class LinearProbe:
         probe.weight, probe.bias = tensors["weight"], tensors["bias"]
         probe.mean, probe.std = tensors["mean"], tensors["std"]
         probe.n_samples = int(meta.get("n_samples", 0))
+        probe.layout = json.loads(meta.get("layout", "{}"))
+        probe.cv = json.loads(meta.get("cv", "null"))
         return probe
 
     def __repr__(self) -> str:

@@ -1,13 +1,32 @@
-"""Segmentation of a scene from labelled polygons: the probability path through the tiling engine.
+"""Segmentation of a scene from labelled polygons, through the tiling engine, by one of two paths.
 
 1. The polygons (any CRS) are checked against the scene and reprojected to it.
-2. Training: for the scene windows that the polygons touch, LR features from the backbone and the
-   polygons' per-class coverage fractions on the same LR grid; a :class:`LinearProbe` is fitted
-   on all of them at once.
-3. Prediction, tile by tile (overlapping tiles aligned to the backbone's patch size): LR features
-   -> LR class probabilities -> upsampled onto the tile's pixels with GSJBU kernels fitted on the
-   tile (or a baseline method) -> clipped at 0 and renormalised to sum to 1. The engine blends
-   the tiles' probabilities (a weighted mean of distributions is a distribution) and writes them.
+2. Training, on the scene windows that the polygons touch. A :class:`LinearProbe` (softmax
+   regression, classes balanced by default) is fitted with its weight decay, and on the feature
+   path its feature set, chosen by cross-validation over the polygons
+   (:mod:`geoupsample.probe_selection`: folds hold out whole labelled regions; the held-out
+   accuracy is reported and a poor one warned about).
+
+   - ``path="features"`` (the default for ``spectral``): the samples are the labelled *pixels*.
+     Their features are the backbone's LR features brought to every pixel by the kernels fitted
+     on the window (``method``, rendered as a continuous quantity), and for ``spectral`` also
+     the pixel's own band values and indices
+     (:meth:`~geoupsample.backbones.spectral.SpectralBackbone.pixel_features`); the
+     cross-validation chooses between the pixel's own features alone and both.
+   - ``path="probabilities"`` (the default for timm backbones): the samples are the labelled
+     LR *cells*, under the polygons' per-class coverage fractions.
+3. Prediction, tile by tile (overlapping tiles aligned to the backbone's patch size).
+
+   - features: the probe is linear and the render of a continuous quantity is linear in it
+     (fixed kernel weights, back-projection), so the probe's class scores of the cells are
+     upsampled instead of the C features (the same numbers, K channels instead of C), the
+     pixel's own features' scores added, and a softmax gives each pixel's probabilities.
+   - probabilities: LR class probabilities -> upsampled onto the tile's pixels with GSJBU
+     kernels fitted on the tile (or a baseline method), the probabilities' render -> clipped at
+     0 and renormalised to sum to 1.
+
+   The engine blends the tiles' probabilities (a weighted mean of distributions is a
+   distribution) and writes them.
 4. The class raster: band 1 ``class`` (uint8 index into the class list, or the class code
    itself when the class field holds whole numbers 0..254: :func:`class_values`; with a colour
    table),
@@ -19,12 +38,18 @@ without ``probs_path`` they go to a hidden float32 file beside the output
 (:func:`hidden_probs_path`, a fixed name so that ``resume=True`` can continue it), removed at the
 end. The tiles run through :func:`tiling.run` (AOI, resume journal, dask.distributed); the
 journal key holds the backbone (its weights' digest), the fitted probe and every parameter.
+
+Measured on polygon-to-map agreement tests (``benchmarks/segment_agreement.py``: a few small
+polygons on vegetation/built and water/land, the map compared with the index split they were
+drawn from) the feature path of ``spectral`` follows the image's edges where the probability
+path gives blobs of cells; see that script's docstring for the figures.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +57,8 @@ from typing import Any
 import numpy as np
 import rasterio
 import shapely
+import torch
+from rasterio.windows import Window
 
 import tiling
 from geoupsample import labels as gl
@@ -55,10 +82,36 @@ from geoupsample.inputs import (
     is_zarr_path,
 )
 from geoupsample.pipeline import params_text
+from geoupsample.probe_selection import (
+    CrossValidation,
+    PoorProbeWarning,
+    label_groups,
+    select_probe,
+)
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
 from geoupsample.workers import check_device, check_workers
 from tiling.writer import to_cog
+
+#: How ``segment`` gets to every pixel's probabilities (see the module docstring).
+PATHS = ("features", "probabilities")
+
+
+def default_path(backbone: Backbone) -> str:
+    """``features`` for ``spectral`` (measured: ``benchmarks/segment_agreement.py``), else
+    ``probabilities`` (timm backbones: the path measured on Vaihingen; their feature path is
+    available, unmeasured with real weights here)."""
+    return "features" if isinstance(backbone, SpectralBackbone) else "probabilities"
+
+
+def check_path(path: str | None, backbone: Backbone) -> str:
+    """``path``, or the backbone's default when None; :class:`InputError` for an unknown one."""
+    if path is None:
+        return default_path(backbone)
+    if path not in PATHS:
+        raise InputError(f"unknown path {path!r}: use one of {', '.join(PATHS)}")
+    return path
+
 
 #: uint8 encodings: probability/confidence p is stored as round(p * 254); 255 is nodata.
 UINT8_SCALE = 254
@@ -107,12 +160,22 @@ def class_colours(classes: Sequence[str]) -> dict[int, tuple[int, int, int, int]
 
 @dataclass
 class TrainingSet:
-    """LR features ``[C, n, 1]`` and soft labels ``[K, n, 1]`` of the labelled cells, per window."""
+    """Features ``[C, n, 1]``, soft labels ``[K, n, 1]`` and labelled-region ids ``[n]`` of the
+    labelled samples (cells, or pixels on the feature path), per window."""
 
     features: list[np.ndarray]
     fractions: list[np.ndarray]
     windows: int
     cells: int
+    groups: list[np.ndarray] | None = None
+    unit: str = "cells"
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(x [N, C], y [N, K], groups [N])`` of all windows."""
+        x = np.concatenate([f[:, :, 0].T for f in self.features])
+        y = np.concatenate([f[:, :, 0].T for f in self.fractions])
+        g = np.concatenate(self.groups or [np.zeros(len(x), dtype=np.int64)])
+        return x, y, g
 
 
 def training_set(
@@ -128,7 +191,7 @@ def training_set(
     """
     s = features.stride
     tree = shapely.STRtree(list(labels.geometries))
-    feats, fracs, n_win, n_cells = [], [], 0, 0
+    feats, fracs, groups, n_win, n_cells, n_groups = [], [], [], 0, 0, 0
     for win in windows(scene, tile, s):
         t, shape = lr_window_grid(scene.transform, win, s)
         bounds = rasterio.windows.bounds(win, scene.transform)
@@ -142,12 +205,57 @@ def training_set(
         n_win += 1
         keep = labelled & np.isfinite(f).all(0)
         n_cells += int(keep.sum())
+        ids, n = label_groups(labelled, n_groups)
+        n_groups += n
         # only the labelled cells are kept, as [C, n, 1] "images" (memory ~ labelled area)
         feats.append(f[:, keep][:, :, None])
         fracs.append(frac[:, keep][:, :, None])
+        groups.append(ids[keep])
     if n_cells == 0:
         raise InputError("no labelled cell has valid pixels in the scene: nothing to train on")
-    return TrainingSet(feats, fracs, n_win, n_cells)
+    return TrainingSet(feats, fracs, n_win, n_cells, groups)
+
+
+def pixel_training_set(
+    scene: AnyScene,
+    labels: gl.LabelPolygons,
+    job: FeatureSegmentTile,
+    tile: int = 512,
+) -> TrainingSet:
+    """Features at every labelled pixel (:meth:`FeatureSegmentTile.pixel_features`) of every
+    scene window that the polygons touch, each window read with a margin of cells around it
+    (so the kernels near its edge see neighbours, as inside a tile), with the pixels' one-hot
+    labels (by pixel centre) and labelled regions."""
+    s = job.features.stride
+    pad = -(-32 // s) * s
+    tree = shapely.STRtree(list(labels.geometries))
+    feats, fracs, groups, n_win, n_px, n_groups = [], [], [], 0, 0, 0
+    for win in windows(scene, tile, s):
+        bounds = rasterio.windows.bounds(win, scene.transform)
+        if len(tree.query(shapely.box(*bounds))) == 0:
+            continue
+        h, w = int(win.height), int(win.width)
+        t = rasterio.windows.transform(win, scene.transform)
+        frac = gl.rasterize_fractions(labels, t, (h, w), supersample=1)
+        labelled = frac.sum(0) > 0
+        if not labelled.any():
+            continue
+        wide = Window(win.col_off - pad, win.row_off - pad, w + 2 * pad, h + 2 * pad)
+        g = scene.read(wide)
+        f = job.pixel_features(g)[:, pad:pad + h, pad:pad + w]
+        keep = labelled & np.isfinite(f).all(0)
+        if not keep.any():
+            continue
+        n_win += 1
+        n_px += int(keep.sum())
+        ids, n = label_groups(labelled, n_groups)
+        n_groups += n
+        feats.append(f[:, keep][:, :, None])
+        fracs.append(frac[:, keep][:, :, None])
+        groups.append(ids[keep])
+    if n_px == 0:
+        raise InputError("no labelled pixel is valid in the scene: nothing to train on")
+    return TrainingSet(feats, fracs, n_win, n_px, groups, unit="pixels")
 
 
 def probability_render(
@@ -185,6 +293,72 @@ class SegmentTile(FeatureTile):
         return hr * np.float32(self.scale)
 
 
+class FeatureSegmentTile(FeatureTile):
+    """Per-tile job of the feature path: each pixel's class probabilities from its features
+    (see the module docstring), scaled.
+
+    The probe's columns are ``layout["pixel"]`` features of the pixel's own (``spectral``'s
+    :meth:`~geoupsample.backbones.spectral.SpectralBackbone.pixel_features`), then
+    ``layout["cells"]`` cell features rendered at the pixel (``render``: a continuous
+    quantity's, linear in the rendered values)."""
+
+    def __init__(self, probe: LinearProbe | None, scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.probe, self.scale = probe, scale
+        bb = self.features.backbone
+        self.n_pixel = (len(bb.pixel_feature_names(bb.in_chans))
+                        if isinstance(bb, SpectralBackbone) and bb.in_chans else 0)
+
+    def own(self, guide: np.ndarray) -> np.ndarray | None:
+        """The pixel's own features ``[P, H, W]`` (``spectral``), or None."""
+        bb = self.features.backbone
+        if not isinstance(bb, SpectralBackbone):
+            return None
+        g = torch.from_numpy(np.ascontiguousarray(guide, dtype=np.float32))
+        return bb.pixel_features(g).numpy()
+
+    def pixel_features(self, guide: np.ndarray) -> np.ndarray:
+        """Every feature of every pixel of the guide tile ``[d, H, W]``: its own, then the cells'
+        rendered at it, ``[P + C, H, W]`` (training; prediction renders class scores)."""
+        cells = self.upsample(self.lowres(guide), guide)
+        own = self.own(guide)
+        if own is not None:
+            self.n_pixel = own.shape[0]
+        return cells if own is None else np.concatenate([own, cells])
+
+    def logits(self, guide: np.ndarray) -> np.ndarray:
+        """Class scores ``[K, H, W]`` (float64) of every pixel of the guide tile."""
+        probe = self.probe
+        assert probe is not None and probe.weight is not None and probe.bias is not None
+        assert probe.mean is not None and probe.std is not None
+        a = (probe.weight / probe.std[None]).numpy()  # scores of raw (unstandardised) features
+        bias = (probe.bias - (probe.weight * (probe.mean / probe.std)[None]).sum(1)).numpy()
+        p = int(probe.layout.get("pixel", 0))
+        out = np.broadcast_to(bias[:, None, None], (len(bias), *guide.shape[-2:])).copy()
+        if np.any(a[:, p:] != 0):
+            lr = self.lowres(guide).astype(np.float64)
+            scores = np.einsum("kc,chw->khw", a[:, p:], lr).astype(np.float32)
+            out += self.upsample(scores, guide)
+        if p:
+            own = self.own(guide)
+            assert own is not None
+            out += np.einsum("kc,chw->khw", a[:, :p], own.astype(np.float64))
+        return out
+
+    def __call__(self, ctx: tiling.TileContext) -> np.ndarray | None:
+        g = ctx.data["guide"]
+        valid = np.isfinite(g).all(0)
+        if not valid.any():
+            return None
+        z = self.logits(g)
+        ok = valid & np.isfinite(z).all(0)
+        z = np.where(ok, z, 0.0)
+        e = np.exp(z - z.max(0, keepdims=True))
+        hr = (e / e.sum(0, keepdims=True)).astype(np.float32)
+        hr[:, ~ok] = np.nan
+        return hr * np.float32(self.scale)
+
+
 @dataclass
 class SegmentReport:
     """What :func:`segment_raster` did."""
@@ -197,6 +371,8 @@ class SegmentReport:
     train_windows: int
     run: tiling.RunReport
     probe: LinearProbe
+    prediction_path: str = "probabilities"  # "features" or "probabilities": see PATHS
+    cv: CrossValidation | None = None
 
 
 def load_labels(
@@ -229,10 +405,24 @@ def load_labels(
 class SegmentPlan:
     """A fitted probe and the per-tile job predicting with it, with the journal parameters."""
 
-    job: SegmentTile
+    job: SegmentTile | FeatureSegmentTile
     probe: LinearProbe
     train: TrainingSet
     params: dict[str, Any]
+    path: str = "probabilities"
+    cv: CrossValidation | None = None
+
+
+def feature_render(method: str, consistency: float | None = None,
+                   self_guidance: float | None = None, min_sigma_r: float | None = None
+                   ) -> dict[str, Any]:
+    """``gu.upsample`` arguments of the feature path: features (and class scores, linear in
+    them) render as continuous quantities; the probabilities' own options are refused."""
+    if self_guidance is not None or min_sigma_r is not None:
+        raise InputError("self_guidance and min_sigma_r (--self-guidance, --min-sigma-r) set the "
+                         "render of probabilities: use them with path probabilities (--path "
+                         "probabilities), or leave them out")
+    return {"kind": "continuous", **checked_overrides(method, consistency=consistency)}
 
 
 def plan_segment(
@@ -241,13 +431,14 @@ def plan_segment(
     backbone: Backbone,
     *,
     probe: LinearProbe | None = None,
+    path: str | None = None,
     scale: float = 1.0,
     method: str = "gsjbu",
     iters: int = 50,
     radius: int = 3,
     tile: int = 512,
-    weight_decay: float = 1e-3,
-    class_weight: str | None = None,
+    weight_decay: float | None = None,
+    class_weight: str | None = "balanced",
     device: str | None = None,
     seed: int = 0,
     consistency: float | None = None,
@@ -255,36 +446,67 @@ def plan_segment(
     min_sigma_r: float | None = None,
 ) -> SegmentPlan:
     """Fit the probe on all the polygons (``labels`` in the scene's CRS), or take a fitted
-    ``probe`` (``labels`` None), and build the job.
+    ``probe`` (``labels`` None), and build the job of ``path`` (None: the backbone's default,
+    or the saved probe's path).
 
     ``scale`` multiplies the probabilities (254 for uint8 outputs, 1 for float32).
+    ``weight_decay`` None: chosen by cross-validation (:mod:`geoupsample.probe_selection`).
     """
     check_method_options(method, iters, radius, seed)
+    if probe is not None:
+        saved = str(probe.layout.get("path", "probabilities"))
+        if path is not None and path != saved:
+            raise InputError(f"the probe was fitted for path {saved}; apply it with that path "
+                             f"(--path {saved}) or fit a new one with --labels")
+        path = saved
+    path = check_path(path, backbone)
+    if class_weight not in (None, "balanced"):
+        raise InputError(f"class_weight must be None or 'balanced', got {class_weight!r}")
     stats = scene.guide_stats()
     feats = TileFeatures(backbone, stats)
+    common = dict(features=feats, method=method, stats=stats, iters=int(iters), radius=radius,
+                  device=device, seed=seed)
+    job: SegmentTile | FeatureSegmentTile
+    if path == "features":
+        job = FeatureSegmentTile(None, scale, render=feature_render(
+            method, consistency, self_guidance, min_sigma_r), **common)
+    else:
+        job = SegmentTile(None, scale,  # type: ignore[arg-type]
+                          render=probability_render(method, consistency, self_guidance,
+                                                    min_sigma_r), **common)
+    cv = None
     if probe is not None:
         train = TrainingSet([], [], 0, 0)  # nothing learnt here
+        if probe.cv is not None:
+            cv = CrossValidation(**probe.cv)
     else:
         assert labels is not None
-        train = training_set(scene, labels, feats, tile=tile)
-        probe = LinearProbe(weight_decay=weight_decay, class_weight=class_weight, seed=seed)
-        probe.fit(train.features, train.fractions, classes=labels.classes)
-    job = SegmentTile(
-        probe,
-        scale,
-        features=feats,
-        method=method,
-        stats=stats,
-        iters=int(iters),
-        radius=radius,
-        device=device,
-        seed=seed,
-        render=probability_render(method, consistency, self_guidance, min_sigma_r),
-    )
+        if path == "features":
+            assert isinstance(job, FeatureSegmentTile)
+            train = pixel_training_set(scene, labels, job, tile=tile)
+        else:
+            train = training_set(scene, labels, feats, tile=tile)
+        x, y, groups = train.samples()
+        sets = None
+        layout: dict[str, Any] = {"path": path}
+        if path == "features":
+            p = job.n_pixel if isinstance(job, FeatureSegmentTile) else 0
+            layout.update(pixel=p, cells=x.shape[1] - p)
+            if p:
+                sets = {"pixel": np.arange(p), "pixel+cells": np.arange(x.shape[1])}
+        try:
+            probe, cv = select_probe(x, y, groups, labels.classes, class_weight=class_weight,
+                                     weight_decay=weight_decay, feature_sets=sets, seed=seed)
+        except HeadError as err:
+            raise InputError(str(err)) from err
+        probe.layout = layout
+        probe.cv = _cv_dict(cv)
+    job.probe = probe
     from geoupsample import __version__
 
     params = {
         "kind": "segment",
+        "path": path,
         "method": method,
         "iters": int(iters),
         "radius": radius,
@@ -296,13 +518,20 @@ def plan_segment(
         "render": job.render,
         "scale": scale,
         "classes": list(probe.classes),
+        "layout": probe.layout,
         "probe": probe.weight.numpy().round(8).tolist() if probe.weight is not None else None,
         "probe_digest": array_digest(
             *(np.asarray(v) for v in (probe.weight, probe.bias, probe.mean, probe.std))
         ),
         "version": __version__,
     }
-    return SegmentPlan(job, probe, train, params)
+    return SegmentPlan(job, probe, train, params, path, cv)
+
+
+def _cv_dict(cv: CrossValidation) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cv)
 
 
 def labels_or_probe(
@@ -380,8 +609,9 @@ def segment_raster(
     radius: int = 3,
     tile: int = 512,
     halo: int = 64,
-    weight_decay: float = 1e-3,
-    class_weight: str | None = None,
+    weight_decay: float | None = None,
+    class_weight: str | None = "balanced",
+    path: str | None = None,
     probe_path: str | os.PathLike[str] | None = None,
     compress: str = "deflate",
     cog: bool = False,
@@ -411,7 +641,11 @@ def segment_raster(
         out_path: the class raster (2 bands uint8: class, confidence).
         backbone: from :func:`geoupsample.backbones.create` (``spectral`` works offline).
         probs_path, probs_dtype: also keep the probabilities (``uint8`` or ``float32``).
-        method, iters, radius, seed, device: upsampling of the probabilities.
+        path: ``features`` (features at every pixel, the probe per pixel) or
+            ``probabilities`` (the probe on the cells, its probabilities upsampled); None: the
+            backbone's default (:func:`default_path`), or a saved ``probe``'s.
+        method, iters, radius, seed, device: the upsampling (of the features' class scores,
+            or of the probabilities).
         consistency, self_guidance, min_sigma_r: override the render's defaults for
             probabilities (:mod:`geoupsample.core.presets`: one back-projection round, the
             probabilities themselves in the range term at weight 1, range sigmas floored at
@@ -419,7 +653,12 @@ def segment_raster(
             min_sigma_r=0`` renders sharper: it can help on a probe's over-smooth
             probabilities at large scales and loses where the probabilities are right.
         tile, halo: tile core and overlap in pixels (aligned to the backbone's patch size).
-        weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`).
+        weight_decay, class_weight: the linear probe's (see :class:`LinearProbe`); weight
+            decay None (default): chosen by cross-validation over the polygons, which also
+            measures the held-out accuracy (:mod:`geoupsample.probe_selection`; tags
+            ``probe_cv``, ``probe_accuracy``, ``probe_warning``; a poor one is warned about
+            with :class:`~geoupsample.probe_selection.PoorProbeWarning`). Classes balanced by
+            default.
         probe_path: save the fitted probe there (safetensors).
         probe: a fitted probe, or the file ``probe_path`` saved it to (on another scene, say),
             applied instead of training one: the backbone must give the features it was
@@ -437,7 +676,10 @@ def segment_raster(
     check_method_options(method, iters, radius, seed)
     check_workers(workers, scheduler)
     check_device(device, local=scheduler is None)
-    probability_render(method, consistency, self_guidance, min_sigma_r)  # refuse bad ones now
+    if check_path(path, backbone) == "features" and probe is None:
+        feature_render(method, consistency, self_guidance, min_sigma_r)  # refuse bad ones now
+    else:
+        probability_render(method, consistency, self_guidance, min_sigma_r)
     tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     if probs_dtype not in ("uint8", "float32"):
         raise InputError(f"probs dtype must be uint8 or float32, got {probs_dtype!r}")
@@ -461,6 +703,7 @@ def segment_raster(
         labels,
         backbone,
         probe=fitted,
+        path=path,
         scale=scale,
         method=method,
         iters=iters,
@@ -476,6 +719,8 @@ def segment_raster(
     )
     if probe_path is not None:
         plan.probe.save(probe_path)
+    if plan.cv is not None and labels is not None and plan.cv.warning():
+        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=2)
 
     from geoupsample import __version__
 
@@ -496,6 +741,8 @@ def segment_raster(
         "geoupsample_render": json.dumps(plan.job.render),
         "geoupsample_params": params_text(method, iters, radius, tile, halo, "taper", seed),
         "class_names": json.dumps(list(classes)),
+        "geoupsample_path": plan.path,
+        **(plan.cv.tags() if plan.cv is not None else {}),
         **source,
     }
     spec = tiling.OutputSpec(
@@ -544,6 +791,8 @@ def segment_raster(
         plan.train.windows,
         run,
         plan.probe,
+        plan.path,
+        plan.cv,
     )
 
 

@@ -27,6 +27,11 @@ with ``edge`` too (the defaults); end to end through ``segment`` (``--regime seg
 41.6 / 48.4, 47.0 / 52.8 and 47.1 / 59.1. A tile's edge cells see a truncated neighbourhood:
 tile with a halo of at least :attr:`SpectralBackbone.context_margin` pixels (``r`` cells and a
 pixel; the engine's default halo, 64 px, covers ``r x cell_size < 64``).
+
+Features at every pixel (:meth:`SpectralBackbone.pixel_features`): the pixel's own band values
+followed by its indices, ``[B, d + n_indices, H, W]`` at full resolution; ``segment``'s
+feature path (:mod:`geoupsample.segmentation`) puts them beside the cells' features brought to
+every pixel by the fitted kernels.
 """
 
 from __future__ import annotations
@@ -164,6 +169,29 @@ class SpectralBackbone(Backbone):
             return own
         return own + [f"{name}_around{2 * self.context + 1}" for name in own]
 
+    def pixel_feature_names(self, d: int | None = None) -> list[str]:
+        """Names of :meth:`pixel_features`' channels for ``d`` bands (default ``in_chans``):
+        every band, then every index."""
+        d = self.in_chans if d is None else d
+        if d is None:
+            raise BackboneError("pass the band count d")
+        bands = list(self.band_names) if self.band_names is not None else [
+            f"band{i + 1}" for i in range(d)]
+        return bands + [n for n, _, _ in self.index_pairs]
+
+    def pixel_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features at every pixel of ``x [B, d, H, W]`` (or ``[d, H, W]``; raw values, NaN =
+        nodata): the band values, then each index, float32 ``[B, d + n_indices, H, W]``
+        (``[d + n_indices, H, W]`` for an unbatched input); NaN where a band is."""
+        batched = x.ndim == 4
+        x = x if batched else x[None]
+        self._check_bands(x.shape[1])
+        x = x.double()
+        parts = [x] + [normalised_difference(x[:, a], x[:, b])[:, None]
+                       for _, a, b in self.index_pairs]
+        out = torch.cat(parts, dim=1).float()
+        return out if batched else out[0]
+
     def _check_bands(self, d: int) -> None:
         super()._check_bands(d)
         if d < self._min_bands:
@@ -200,13 +228,7 @@ class SpectralBackbone(Backbone):
         x = x.double()  # accurate sums on raw digital numbers
         per_stat = self._cell_stats(x)
         if self.index_pairs:
-            idx = []
-            for _, a, b in self.index_pairs:
-                num, den = x[:, a] - x[:, b], x[:, a] + x[:, b]
-                v = torch.where(den.abs() > 1e-12, num / den, torch.zeros((), dtype=x.dtype))
-                idx.append(
-                    torch.where(torch.isfinite(den), v, torch.full((), float("nan"), dtype=x.dtype))
-                )
+            idx = [normalised_difference(x[:, a], x[:, b]) for _, a, b in self.index_pairs]
             idx_stats = self._cell_stats(torch.stack(idx, dim=1))
             per_stat = [torch.cat([p, q], dim=1) for p, q in zip(per_stat, idx_stats, strict=True)]
         own = torch.cat(per_stat, dim=1)
@@ -218,6 +240,13 @@ class SpectralBackbone(Backbone):
         names = [n for n, _, _ in self.index_pairs]
         return (f"cell_size={self.stride}, stats={self.stats}, indices={names}, "
                 f"context={self.context}")
+
+
+def normalised_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a - b) / (a + b)`` per pixel: 0 where ``a + b`` is 0, NaN where either is."""
+    num, den = a - b, a + b
+    v = torch.where(den.abs() > 1e-12, num / den, torch.zeros((), dtype=a.dtype))
+    return torch.where(torch.isfinite(den), v, torch.full((), float("nan"), dtype=a.dtype))
 
 
 def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:

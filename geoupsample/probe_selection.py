@@ -1,0 +1,271 @@
+"""The linear probe's regularisation (and feature set) chosen by cross-validation on the polygons.
+
+Samples are the labelled cells (probability path) or pixels (feature path) with their soft labels
+``[N, K]`` (coverage fractions) and a *group* each: the connected labelled region they belong to
+(:func:`label_groups`; a polygon, or touching polygons of the same window). Folds hold out whole
+groups, dealt class by class in a seeded random order, so that no held-out sample has a
+neighbour from its own polygon in the training set (the held-out accuracy of a probe tested on
+the pixels beside its training pixels says little).
+
+For every candidate weight decay (:data:`WEIGHT_DECAYS`) and feature set (column subsets; e.g.
+the pixel's own values only, or with the cells' features too) the probe is fitted on the other
+folds and scored on the held-out one by the weighted cross-entropy it minimises (class-balanced
+when the probe is): the lowest mean wins, and the final probe is fitted on every sample with it.
+The held-out accuracy and balanced accuracy (mean recall over the classes) of the winner are
+reported; below :data:`POOR_ACCURACY` balanced accuracy a :class:`PoorProbeWarning` is issued,
+as users of classic classifiers expect from an accuracy assessment.
+
+Without two groups of every class there are no folds: the probe is fitted with
+:data:`DEFAULT_WEIGHT_DECAY` and its accuracy is unknown (said in the report and warned about).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from geoupsample.heads import LinearProbe
+
+#: Candidate weight decays (L2 on standardised features, per unit of the mean loss).
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: Used when the polygons cannot be cross-validated.
+DEFAULT_WEIGHT_DECAY = 1e-3
+#: At most this many folds.
+MAX_FOLDS = 5
+#: Held-out balanced accuracy below which the probe is warned about.
+POOR_ACCURACY = 0.8
+#: At most this many samples take part in the cross-validation (a seeded random subset).
+CV_SAMPLES = 20_000
+
+
+class PoorProbeWarning(UserWarning):
+    """The probe's held-out accuracy is poor, or unknown (too few polygons to test it)."""
+
+
+@dataclass
+class CrossValidation:
+    """What the cross-validation found (all accuracies in [0, 1], on held-out groups)."""
+
+    weight_decay: float
+    feature_set: str
+    folds: int
+    groups: int
+    accuracy: float | None = None
+    balanced_accuracy: float | None = None
+    per_class: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # "<set> <decay>" -> held-out loss
+    chosen_by_cv: bool = True
+
+    @property
+    def poor(self) -> bool:
+        """Whether the held-out balanced accuracy is below :data:`POOR_ACCURACY` or unknown."""
+        return self.balanced_accuracy is None or self.balanced_accuracy < POOR_ACCURACY
+
+    def summary(self) -> str:
+        """One line for a run's output."""
+        if self.balanced_accuracy is None:
+            return (f"probe not cross-validated ({self.groups} labelled regions: draw at least "
+                    f"two polygons of every class, apart); weight decay {self.weight_decay:g}")
+        recall = ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.per_class.items())
+        how = "chosen by" if self.chosen_by_cv else "given; tested by"
+        return (f"held-out accuracy {100 * (self.accuracy or 0):.1f}%, balanced "
+                f"{100 * self.balanced_accuracy:.1f}% (recall: {recall}) over {self.folds} folds "
+                f"of {self.groups} labelled regions; weight decay {self.weight_decay:g} "
+                f"({how} cross-validation), features: {self.feature_set}")
+
+    def warning(self) -> str | None:
+        """The warning text when :attr:`poor`, else None."""
+        if self.balanced_accuracy is None:
+            return (f"the probe could not be tested: {self.groups} labelled region(s) do not "
+                    "give two of every class; its accuracy is unknown. Draw at least two "
+                    "polygons of every class, apart from each other")
+        if self.balanced_accuracy >= POOR_ACCURACY:
+            return None
+        worst = min(self.per_class, key=lambda k: self.per_class[k])
+        return (f"poor held-out accuracy: balanced {100 * self.balanced_accuracy:.1f}% "
+                f"(below {100 * POOR_ACCURACY:.0f}%; {worst} recall "
+                f"{100 * self.per_class[worst]:.0f}%) on polygons the probe did not see: the "
+                "map will be unreliable. Draw more polygons, over the variety of each class, "
+                "or try another backbone or --path")
+
+    def tags(self) -> dict[str, str]:
+        """GeoTIFF tags: ``probe_cv`` (JSON of every field) and ``probe_accuracy``."""
+        out = {"probe_cv": json.dumps(asdict(self))}
+        if self.balanced_accuracy is not None:
+            out["probe_accuracy"] = f"{self.accuracy:.4f}"
+            out["probe_balanced_accuracy"] = f"{self.balanced_accuracy:.4f}"
+        if self.warning():
+            out["probe_warning"] = self.warning() or ""
+        return out
+
+
+def label_groups(labelled: np.ndarray, offset: int = 0) -> tuple[np.ndarray, int]:
+    """Connected regions (8-connected) of a labelled mask ``[h, w]``: ``int64 [h, w]`` region
+    ids from ``offset`` (-1 outside), and the number of regions."""
+    ids, n = ndimage.label(labelled, structure=np.ones((3, 3), dtype=bool))
+    return np.where(ids > 0, ids - 1 + offset, -1).astype(np.int64), int(n)
+
+
+def group_folds(groups: np.ndarray, classes: np.ndarray, folds: int, seed: int = 0
+                ) -> np.ndarray:
+    """Fold of every sample (``int64 [N]``): each group goes whole to one fold, the groups of
+    each class (a group's majority class) dealt round-robin in a seeded random order."""
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    major = np.zeros(len(uniq), dtype=np.int64)
+    for g in range(len(uniq)):
+        major[g] = np.bincount(classes[inverse == g]).argmax()
+    rng = np.random.default_rng(seed)
+    fold_of = np.zeros(len(uniq), dtype=np.int64)
+    start = 0
+    for k in np.unique(major):
+        members = rng.permutation(np.flatnonzero(major == k))
+        fold_of[members] = (start + np.arange(len(members))) % folds
+        start += len(members)  # the next class starts where this one stopped
+    return fold_of[inverse]
+
+
+def _sample_weights(y: np.ndarray, balanced: bool) -> np.ndarray:
+    """The probe's weight of each sample (its labelled share, times its class weight)."""
+    cover = y.sum(1)
+    if not balanced:
+        return cover
+    target = y / cover[:, None]
+    mass = y.sum(0)
+    present = (mass > 0).sum()
+    cw = np.where(mass > 0, mass.sum() / (present * np.maximum(mass, 1e-12)), 0.0)
+    return cover * (target * cw).sum(1)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, decay: float, class_weight: str | None, seed: int,
+         classes: Sequence[str], max_iter: int = 200) -> LinearProbe:
+    probe = LinearProbe(weight_decay=decay, class_weight=class_weight, seed=seed,
+                        max_iter=max_iter)
+    with warnings.catch_warnings():  # a fold may miss a class: the final fit warns, not this
+        warnings.simplefilter("ignore", UserWarning)
+        return probe.fit(x.T[:, :, None], y.T[:, :, None], classes=classes)
+
+
+def _proba(probe: LinearProbe, x: np.ndarray) -> np.ndarray:
+    return probe.predict_proba(np.ascontiguousarray(x.T[:, :, None], dtype=np.float32))[:, :, 0].T
+
+
+def select_probe(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    classes: Sequence[str],
+    *,
+    class_weight: str | None = "balanced",
+    weight_decay: float | None = None,
+    feature_sets: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+    max_samples: int = 100_000,
+) -> tuple[LinearProbe, CrossValidation]:
+    """Cross-validate and fit the probe (see the module docstring).
+
+    Args:
+        x: features of the labelled samples ``[N, C]`` (finite).
+        y: their coverage fractions ``[N, K]`` (rows summing to their labelled share, > 0).
+        groups: labelled region of each sample ``[N]`` (:func:`label_groups`).
+        classes: the K class names.
+        class_weight: ``"balanced"`` (default) or None, as :class:`LinearProbe`'s.
+        weight_decay: fix it (then only tested, not chosen); None: chosen from
+            :data:`WEIGHT_DECAYS`.
+        feature_sets: candidate column subsets by name (default: all columns, ``"all"``); the
+            chosen probe uses all ``C`` columns with zero weight on the others.
+        seed: of the folds and of the subsets drawn.
+        max_samples: the final fit's sample bound (:class:`LinearProbe`'s).
+
+    Returns:
+        The probe fitted on every sample (``[K, C]`` weights) and the cross-validation.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    groups = np.asarray(groups)
+    sets = dict(feature_sets) if feature_sets else {"all": np.arange(x.shape[1])}
+    decays = WEIGHT_DECAYS if weight_decay is None else (float(weight_decay),)
+    truth = y.argmax(1)
+    n_groups = len(np.unique(groups))
+    per_class_groups = [len(np.unique(groups[truth == k])) for k in range(y.shape[1])
+                        if (truth == k).any()]
+    folds = min(MAX_FOLDS, min(per_class_groups)) if per_class_groups else 0
+    balanced = class_weight == "balanced"
+    if folds < 2:
+        decay = DEFAULT_WEIGHT_DECAY if weight_decay is None else float(weight_decay)
+        name = next(iter(sets))
+        cv = CrossValidation(decay, name, 0, n_groups, chosen_by_cv=False)
+        return _final(x, y, sets[name], decay, class_weight, seed, classes, max_samples), cv
+    rng = np.random.default_rng(seed)
+    pick = np.arange(x.shape[0])
+    if pick.size > CV_SAMPLES:
+        pick = np.sort(rng.choice(pick, CV_SAMPLES, replace=False))
+    xs, ys, gs, ts = x[pick], y[pick], groups[pick], truth[pick]
+    fold = group_folds(gs, ts, folds, seed)
+    weights = _sample_weights(ys, balanced)
+    scores: dict[str, float] = {}
+    held_out: dict[str, np.ndarray] = {}
+    for name, cols in sets.items():
+        for decay in decays:
+            proba = np.zeros_like(ys)
+            for f in range(folds):
+                test = fold == f
+                train = ~test
+                if len(np.unique(ts[train])) < 2:
+                    proba[test] = 1.0 / ys.shape[1]
+                    continue
+                probe = _fit(xs[train][:, cols], ys[train], decay, class_weight, seed, classes,
+                             max_iter=100)
+                proba[test] = _proba(probe, xs[test][:, cols])
+            target = ys / ys.sum(1, keepdims=True)
+            loss = -(weights * (target * np.log(np.clip(proba, 1e-12, 1))).sum(1)).sum()
+            key = f"{name} {decay:g}"
+            scores[key] = float(loss / weights.sum())
+            held_out[key] = proba
+    best = min(scores, key=lambda k: scores[k])
+    name, decay_text = best.rsplit(" ", 1)
+    decay = float(decay_text)
+    pred = held_out[best].argmax(1)
+    cover = ys.sum(1)
+    right = pred == ts
+    per_class = {classes[k]: float((cover * right)[ts == k].sum() / cover[ts == k].sum())
+                 for k in range(ys.shape[1]) if (ts == k).any()}
+    cv = CrossValidation(
+        weight_decay=decay,
+        feature_set=name,
+        folds=folds,
+        groups=n_groups,
+        accuracy=float((cover * right).sum() / cover.sum()),
+        balanced_accuracy=float(np.mean(list(per_class.values()))),
+        per_class=per_class,
+        scores=scores,
+        chosen_by_cv=weight_decay is None,
+    )
+    return _final(x, y, sets[name], decay, class_weight, seed, classes, max_samples), cv
+
+
+def _final(x: np.ndarray, y: np.ndarray, cols: np.ndarray, decay: float,
+           class_weight: str | None, seed: int, classes: Sequence[str], max_samples: int
+           ) -> LinearProbe:
+    """The probe fitted on every sample with the columns ``cols``, widened to all columns
+    (zero weight, unit scale elsewhere) so that it applies to the full feature vector."""
+    import torch
+
+    probe = LinearProbe(weight_decay=decay, class_weight=class_weight, seed=seed,
+                        max_samples=max_samples)
+    probe.fit(x[:, cols].T[:, :, None], y.T[:, :, None], classes=classes)
+    if len(cols) == x.shape[1]:
+        return probe
+    assert probe.weight is not None and probe.mean is not None and probe.std is not None
+    k, c = probe.weight.shape[0], x.shape[1]
+    weight = torch.zeros(k, c, dtype=torch.float64)
+    mean = torch.zeros(c, dtype=torch.float64)
+    std = torch.ones(c, dtype=torch.float64)
+    idx = torch.as_tensor(np.asarray(cols), dtype=torch.long)
+    weight[:, idx], mean[idx], std[idx] = probe.weight, probe.mean, probe.std
+    probe.weight, probe.mean, probe.std = weight, mean, std
+    return probe
