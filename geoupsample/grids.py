@@ -7,15 +7,18 @@
   warps it itself when told which resampling to use (``warp=``).
 * The grids must nest: north-up, the low-res pixel a whole number or a simple fraction ``p / q``
   (``q <=`` :data:`MAX_SCALE_DENOMINATOR`) of guide pixels per axis, e.g. 4 for 10 m on 2.5 m or
-  10/3 for 10 m on 3 m, and the low-res origin on the guide's pixel lattice. The tolerance,
-  :data:`GRID_TOLERANCE` (0.05 guide pixels, for the origin and for the scale's misfit
-  accumulated across the raster), only absorbs round-off (10/3 m written as 3.333333) and the
-  drift of co-registered products whose pixel sizes differ by 1e-4: an origin shifted by a
-  tenth of a pixel or more (7.4 m on a 30 m guide) is refused, not silently snapped onto the
-  lattice. With ``p / q``, every ``p`` guide pixels (``q`` low-res pixels) the two lattices
-  meet again: tiles are aligned to that period, so each tile is an exact piece of the whole (a
-  guide pixel belongs to the low-res cell holding its centre, see
-  :mod:`geoupsample.core.layout`).
+  10/3 for 10 m on 3 m. The tolerance, :data:`GRID_TOLERANCE` (0.05 guide pixels of the scale's
+  misfit accumulated across the raster), only absorbs round-off (10/3 m written as 3.333333)
+  and the drift of co-registered products whose pixel sizes differ by 1e-4. With ``p / q``,
+  every ``p`` guide pixels (``q`` low-res pixels) the two lattices meet again: tiles are aligned
+  to that period, so each tile is an exact piece of the whole (a guide pixel belongs to the
+  low-res cell holding its centre, see :mod:`geoupsample.core.layout`).
+* The low-res origin may lie anywhere: on the guide's pixel lattice (within
+  :data:`GRID_TOLERANCE`, which absorbs round-off), or off it by a fraction of a guide pixel, as
+  a Landsat L1 product's 30 m bands lie half a 15 m pan pixel from the pan band's corner. Such a
+  grid is used as it is, not resampled: its *shift* (``-0.5 < shift <= 0.5`` guide pixels per
+  axis, :attr:`GridRelation.shift`) moves the cell centres in the method and in the
+  interpolations, and each guide pixel goes to the cell whose footprint holds its centre.
 
 A low-res raster that breaks these rules only by its grid (another CRS, a rotated grid, a
 misaligned origin, a scale that is no simple fraction) raises :class:`GridMismatch`; the whole
@@ -71,12 +74,30 @@ class GridRelation:
             guide pixels whose centres lie in its footprint.
         footprint: the same window unclipped, in guide pixels (negative offsets and ends past
             the guide where the low-res raster reaches beyond it, as around a guide chip).
+        shift: ``(dy, dx)`` guide pixels, each in ``(-0.5, 0.5]``, from guide pixel
+            ``offset``'s corner to low-res pixel ``(0, 0)``'s: 0 for a grid on the guide's
+            pixel lattice, 0.5 for a Landsat L1 product's 30 m bands on its pan band (see
+            :mod:`geoupsample.core.layout`).
     """
 
     scale: tuple[Fraction, Fraction]
     offset: tuple[int, int]
     region: Window
     footprint: Window
+    shift: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def is_shifted(self) -> bool:
+        return self.shift != (0.0, 0.0)
+
+    @property
+    def read_misfit(self) -> float:
+        """The low-res pixels by which a tile's window may fall off the low-res lattice
+        (:class:`tiling.RasterInput`'s ``misfit``): the shift's, plus round-off."""
+        if not self.is_shifted:
+            return 0.25
+        return min(0.49, max(abs(d) / float(s) for d, s in zip(self.shift, self.scale,
+                                                               strict=True)) + 0.05)
 
     @property
     def period(self) -> tuple[int, int]:
@@ -173,23 +194,27 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
             f"on 3 m = 10/3; denominators up to {MAX_SCALE_DENOMINATOR}). Resample the low-res "
             "raster to such a multiple of the guide's pixel size (gdalwarp -tr ... -tap)")
     col_f, row_f = ~hr_transform * (lr_transform.c, lr_transform.f)
-    oy, ox = round(row_f), round(col_f)
-    if abs(row_f - oy) > tolerance or abs(col_f - ox) > tolerance:
-        dx, dy = (col_f - ox) * hr_transform.a + 0.0, (row_f - oy) * hr_transform.e + 0.0
-        raise GridMismatch(
-            f"the grids do not nest: the low-res raster's origin falls at guide pixel "
-            f"({row_f:.3f}, {col_f:.3f}), not on a pixel corner: it is off the guide's pixel "
-            f"lattice by x {dx:+.4g}, y {dy:+.4g} (CRS units; up to {tolerance:g} guide pixels "
-            "count as round-off); warp the low-res raster onto the guide's pixel lattice "
-            "(gdalwarp -te/-tr aligned to the guide)")
+    # the guide pixel whose corner is nearest, the rest a shift in (-0.5, 0.5]; round-off is 0
+    oy, ox = math.ceil(row_f - 0.5), math.ceil(col_f - 0.5)
+    shift = tuple(0.0 if abs(v - o) <= tolerance else float(v - o)
+                  for v, o in ((row_f, oy), (col_f, ox)))  # fmt: skip
+    for d, sc in zip(shift, (sy, sx), strict=True):
+        if abs(d) / float(sc) >= 0.45:
+            raise GridMismatch(
+                f"the low-res raster's origin falls at guide pixel ({row_f:.3f}, {col_f:.3f}), "
+                f"off the guide's pixel lattice by {d:+.3f} guide pixels, with low-res pixels of "
+                f"only {float(sc):g} guide pixels: a grid shifted by about half its own pixel, "
+                "whose cells' values no guide pixel centre matches; warp the low-res raster "
+                "onto the guide's pixel lattice (gdalwarp -te/-tr aligned to the guide)")
     # the guide pixels whose centres lie in the low-res footprint (all of them for whole scales)
-    end_r, end_c = math.ceil(oy + h * sy - Fraction(1, 2)), math.ceil(ox + w * sx - Fraction(1, 2))
+    end_r = math.ceil(oy + shift[0] + h * sy - Fraction(1, 2))
+    end_c = math.ceil(ox + shift[1] + w * sx - Fraction(1, 2))
     r0, c0 = max(0, oy), max(0, ox)
     r1, c1 = min(hr_shape[0], end_r), min(hr_shape[1], end_c)
     if r1 <= r0 or c1 <= c0:
         raise InputError("the low-res raster and the guide do not overlap")
     return GridRelation((sy, sx), (oy, ox), Window(c0, r0, c1 - c0, r1 - r0),
-                        Window(ox, oy, end_c - ox, end_r - oy))
+                        Window(ox, oy, end_c - ox, end_r - oy), shift)  # type: ignore[arg-type]
 
 
 def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,

@@ -165,9 +165,11 @@ class UpsampleTile:
                  cell_nodata: float | None = None, channels: Sequence[int] | None = None,
                  parts: Sequence[LowresPart] | None = None, warm: bool = False,
                  warm_iters: int = WARM_ITERS,
-                 stable_tolerance: float = STABLE_TOLERANCE) -> None:  # fmt: skip
+                 stable_tolerance: float = STABLE_TOLERANCE,
+                 shift: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
         self.method, self.stats, self.iters = method, stats, iters
         self.radius, self.device, self.seed = radius, device, seed
+        self.shift = tuple(float(v) for v in shift)
         self.warm, self.warm_iters = warm, warm_iters
         self.stable_tolerance = stable_tolerance
         if parts is None:  # one raster, named "lowres"
@@ -222,7 +224,7 @@ class UpsampleTile:
         stats = self.stats.get(previous_guide) if isinstance(self.stats, dict) else self.stats
         weight = stable_weight(guides[previous_guide], guides[guide], stats,
                                self.stable_tolerance)  # fmt: skip
-        return carry_forward(previous_out, out, previous_x, x, weight, guides[guide])
+        return carry_forward(previous_out, out, previous_x, x, weight, guides[guide], self.shift)
 
     def _fit(self, g: np.ndarray, lr_shape: tuple[int, int], guide: str,
              previous: gu.Kernels | None) -> gu.Kernels:  # fmt: skip
@@ -232,7 +234,7 @@ class UpsampleTile:
         if self.warm and previous is not None and self.method == "gsjbu":
             iters, init = self.warm_iters, warm_start(previous)
         return gu.fit(g, lr_shape, iters=iters, radius=self.radius, device=self.device,
-                      seed=self.seed, normalize=stats, init=init)
+                      seed=self.seed, normalize=stats, init=init, shift=self.shift)
 
     @staticmethod
     def _channels(part: LowresPart, x: np.ndarray) -> int:
@@ -245,13 +247,14 @@ class UpsampleTile:
         render = dict(part.render)
         keep_missing = render.pop("keep_missing", False)
         if kernels is None:
-            out = gu.upsample(x, g, method=self.method, keep_missing=keep_missing, **render)
+            out = gu.upsample(x, g, method=self.method, keep_missing=keep_missing,
+                              shift=self.shift, **render)  # fmt: skip
         else:
             out = np.asarray(kernels.render(x, **render), dtype=np.float32)
             if carry is not None:  # a series' date, from the one before
                 out = carry(out)
             if keep_missing:
-                out = without_missing_cells(out, x)
+                out = without_missing_cells(out, x, self.shift)
         out = np.asarray(out, dtype=np.float32)
         if part.channels is not None:
             out = out[list(part.channels)]
@@ -625,6 +628,8 @@ def _upsample_raster(
                    "geoupsample_scale": rel.scale_text}  # fmt: skip
     if series is not None:
         common_tags["geoupsample_series"] = json.dumps(series.params())
+    if rel.is_shifted:  # the low-res grid off the guide's lattice, used as it is
+        common_tags["geoupsample_grid_shift"] = f"{rel.shift[1]:g}x{rel.shift[0]:g}"
     spec_kw = dict(crs=hr_crs, transform=hr_transform, width=hr_w, height=hr_h,
                    compress=compress, blocksize=blocksize, cog=cog)
     if len(outs) == len(plans):
@@ -640,13 +645,14 @@ def _upsample_raster(
     job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device, seed=seed,
                        parts=[p.part for p in plans], warm=series is not None,
                        warm_iters=series.warm_iters if series else WARM_ITERS,
-                       stable_tolerance=series.stable_tolerance if series else 0.0)
+                       stable_tolerance=series.stable_tolerance if series else 0.0,
+                       shift=rel.shift)
     if workers is None and scheduler is None:
         workers = available_cores() if method in INTERPOLATIONS else 1
     inputs: dict[str, Any] = {
         p.part.name: tiling.RasterInput(
             p.path, tuple(p.read_idx), nodata=None if p.part.cell_nodata is None
-            else float("nan"), warp=p.warp) for p in plans}  # fmt: skip
+            else float("nan"), warp=p.warp, misfit=rel.read_misfit) for p in plans}  # fmt: skip
     if guide_needed:
         for p, g in zip(plans, guide_paths if series else [guide_path] * len(plans),
                         strict=True):  # fmt: skip
@@ -655,6 +661,8 @@ def _upsample_raster(
               "device": str(device), "stats": _stats_params(stats), "version": __version__}
     if series is not None:
         params["series"] = {**series.params(), "guides": guide_paths}
+    if rel.is_shifted:
+        params["shift"] = list(rel.shift)
     if len(plans) == 1:
         params.update(render=plans[0].part.render, unit=plans[0].part.unit)
     else:

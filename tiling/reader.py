@@ -140,10 +140,16 @@ def input_window(out_window: Window, out_transform: Affine, in_transform: Affine
     """The window of an input grid covering the same ground as ``out_window`` of the output grid.
 
     Offsets and sizes are rounded to whole input pixels; a misfit larger than ``tolerance`` input
-    pixels (grids that do not nest) raises ``ValueError``.
+    pixels (grids that do not nest) raises ``ValueError``. ``tolerance`` must be below 0.5 (at
+    half a pixel the rounding could go either way).
     """
+    if not 0 <= tolerance < 0.5:
+        raise ValueError(f"a window misfit tolerance of {tolerance}: give it in [0, 0.5)")
     w = from_bounds(*bounds(out_window, out_transform), transform=in_transform)
-    r = w.round_offsets(op="round").round_lengths(op="round")
+    # to the nearest whole pixels (rasterio's round_offsets floors: a window a quarter pixel
+    # before an input pixel's edge would start a pixel early)
+    r = Window(math.floor(w.col_off + 0.5), math.floor(w.row_off + 0.5),
+               math.floor(w.width + 0.5), math.floor(w.height + 0.5))
     err = max(abs(w.col_off - r.col_off), abs(w.row_off - r.row_off),
               abs(w.width - r.width), abs(w.height - r.height))
     if err > tolerance:
@@ -228,12 +234,18 @@ class RasterInput:
         bands: 1-based band indexes to read (default: all), in the order given.
         nodata: overrides the file's nodata value (pixels equal to it become NaN).
         warp: read the file reprojected onto this grid (see :class:`Warp`); None: as it is.
+        misfit: input pixels by which an output window's edges may fall off the input's pixel
+            edges before the grids count as not nesting (:func:`input_window`); below 0.5. An
+            input grid shifted from the output's by a fraction of a pixel (a Landsat L1
+            product's 30 m bands on its 15 m pan band: a quarter of a 30 m pixel) needs more
+            than the default.
     """
 
     path: str
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
     warp: Warp | None = None
+    misfit: float = 0.25
 
     def _ds(self) -> rasterio.io.DatasetReader | WarpedVRT:
         return open_cached(self.path, self.warp, self.nodata if self.warp else None)
@@ -249,7 +261,7 @@ class RasterInput:
     def read(self, out_window: Window, out_transform: Affine) -> np.ndarray:
         """float32 ``[bands, rows, cols]`` covering ``out_window`` of the output grid."""
         ds = self._ds()
-        win = input_window(out_window, out_transform, ds.transform)
+        win = input_window(out_window, out_transform, ds.transform, self.misfit)
         indexes = list(self.bands) if self.bands else list(range(1, ds.count + 1))
         nodata = self.nodata if self.nodata is not None and self.warp is None else ds.nodata
         return _boundless(lambda w: read_valid(ds, indexes, w, nodata, self.path), win,
@@ -277,13 +289,14 @@ class ArrayInput:
     array: Any
     transform: Affine
     nodata: float | None = None
+    misfit: float = 0.25  # see RasterInput
 
     @property
     def count(self) -> int:
         return int(self.array.shape[0])
 
     def window(self, out_window: Window, out_transform: Affine) -> Window:
-        return input_window(out_window, out_transform, self.transform)
+        return input_window(out_window, out_transform, self.transform, self.misfit)
 
     def read(self, out_window: Window, out_transform: Affine) -> np.ndarray:
         """float32 ``[bands, rows, cols]`` covering ``out_window`` of the output grid."""

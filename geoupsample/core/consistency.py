@@ -5,7 +5,8 @@ when averaging ``out`` over each LR cell's footprint gives back ``x`` — the fi
 Wald's protocol, and what mass-preserving quantities (reflectance, elevation, class fractions)
 demand. A weighted average of neighbouring cells (any JBU) is not consistent on its own; each
 round here adds the bilinearly upsampled residual ``x - cell_mean(out)``. The cell mean uses the
-same footprints as the kernels (:mod:`geoupsample.core.layout`) and only finite pixels.
+same footprints as the kernels (:mod:`geoupsample.core.layout`; on a shifted grid, the pixels
+its footprint covers in part weighed by that part) and only finite pixels.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def cell_average(
     ``finite`` (``[C, H, W]`` bool) may be passed when known; ``None`` computes it, unless
     ``all_finite=True`` promises that every pixel is finite.
     """
+    if layout.is_shifted:  # footprints that cover their edge pixels in part
+        mean, covered = layout.area_mean(out, None if not all_finite and finite is None
+                                         else (finite if finite is not None
+                                               else torch.ones_like(out, dtype=torch.bool)))
+        return torch.where(covered, mean, torch.full((), float("nan"), dtype=out.dtype))
     if finite is None and not all_finite:
         finite = torch.isfinite(out)
         if bool(finite.all()):
@@ -83,7 +89,7 @@ def back_project(
     steps = [1.0] * whole + ([float(rounds) - whole] if float(rounds) > whole else [])
 
     def upsample(r: torch.Tensor) -> torch.Tensor:
-        return resize(r, hr_shape, "bilinear")
+        return resize(r, hr_shape, "bilinear", layout.shift)
 
     chunk = channel_chunk(out)
     for c0 in range(0, out.shape[0], chunk):

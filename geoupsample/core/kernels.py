@@ -31,7 +31,7 @@ from geoupsample.core.adam import Adam
 from geoupsample.core.arrays import as_tensor, float_dtype, like_input
 from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import GuideStats, prepare_guide
-from geoupsample.core.layout import CellLayout
+from geoupsample.core.layout import CellLayout, check_shift
 from geoupsample.core.masking import render_with_mask
 from geoupsample.core.objective import BilinearStencil, back_projected_l1, detail_l1
 from geoupsample.core.self_guidance import self_guided
@@ -146,14 +146,20 @@ class _Prepared:
         lr_shape: tuple[int, int],
         radius: int,
         gbar: torch.Tensor | None = None,
+        shift: tuple[float, float] = (0.0, 0.0),
     ):
-        """Prepare ``guide [d, H, W]``; ``gbar [d, h, w]`` overrides the cell means if given."""
-        layout = CellLayout.build(tuple(guide.shape[1:]), lr_shape)
+        """Prepare ``guide [d, H, W]``; ``gbar [d, h, w]`` overrides the cell means if given;
+        ``shift``: the LR grid's shift in HR pixels (:mod:`geoupsample.core.layout`)."""
+        layout = CellLayout.build(tuple(guide.shape[1:]), lr_shape, shift)
         h, w = lr_shape
         cells = layout.to_cells(guide).reshape(h, w, layout.n_phases, guide.shape[0])
         pvalid = layout.to_cells(valid[None]).reshape(h, w, layout.n_phases)
         pvalid = pvalid & layout.phase_valid.to(valid.device).reshape(h, w, -1)
-        means, cell_valid = gsjbu.cell_means(cells, pvalid)
+        if layout.is_shifted:  # the cells' footprints cover their edge pixels in part
+            means, cell_valid = layout.area_mean(guide, valid[None].expand_as(guide))
+            cell_valid = cell_valid.all(0)
+        else:
+            means, cell_valid = gsjbu.cell_means(cells, pvalid)
         gbar = means if gbar is None else gbar
         n = h * w
         return cls(
@@ -204,6 +210,8 @@ class Kernels:
         valid: ``[H, W]`` bool, the guide's valid pixels; outputs are NaN elsewhere.
         radius: neighbourhood radius in LR pixels (``K = (2 radius + 1)^2`` neighbours).
         loss_history: L1 loss before each Adam step of the fit (empty when not fitted).
+        shift: ``(dy, dx)`` the LR grid's shift in HR pixels (0: the cells' edges on the guide
+            pixels' edges; :mod:`geoupsample.core.layout`).
     """
 
     params: torch.Tensor
@@ -211,6 +219,7 @@ class Kernels:
     valid: torch.Tensor
     radius: int
     loss_history: list[float] = field(default_factory=list)
+    shift: tuple[float, float] = (0.0, 0.0)
 
     def __repr__(self) -> str:
         """Shapes and the fit's outcome, not the tensors (a 1024 px guide is millions of
@@ -242,7 +251,8 @@ class Kernels:
 
     @cached_property
     def _prepared(self) -> _Prepared:
-        return _Prepared.build(self.guide, self.valid, self.lr_shape, self.radius)
+        return _Prepared.build(self.guide, self.valid, self.lr_shape, self.radius,
+                               shift=self.shift)  # fmt: skip
 
     @cached_property
     def _psi(self) -> torch.Tensor:
@@ -455,6 +465,7 @@ class Kernels:
                 "valid": self.valid.detach().cpu(),
                 "radius": int(self.radius),
                 "loss_history": [float(v) for v in self.loss_history],
+                "shift": [float(v) for v in self.shift],
             },
             os.fspath(path),
         )
@@ -482,6 +493,7 @@ class Kernels:
             valid=state["valid"].to(dev),
             radius=int(state["radius"]),
             loss_history=list(state["loss_history"]),
+            shift=tuple(float(v) for v in state.get("shift", (0.0, 0.0))),  # older files: 0
         )
 
 
@@ -568,6 +580,7 @@ def fit(
     sample: float = DEFAULT_SAMPLE,
     objective: str = "detail",
     init: Kernels | Any | None = None,
+    shift: tuple[float, float] = (0.0, 0.0),
 ) -> Kernels:
     """Fit GSJBU kernels so that they rebuild ``guide`` from its own cell means.
 
@@ -603,6 +616,11 @@ def fit(
             parameters ``[4, h, w]``) instead of the initial ones: the previous date of a time
             series, whose kernels need only a few steps on the next date's guide
             (:func:`geoupsample.core.series.fit_series`). ``sigma_r`` is then unused.
+        shift: ``(dy, dx)`` in guide pixels, ``-0.5 < dy, dx <= 0.5``: the low-res grid's cell
+            edges lie that far from the guide pixels' edges (a Landsat L1 product's 30 m bands
+            start half a 15 m pan pixel from the pan band's corner: ``(0.5, 0.5)``). The cell
+            centres, and so the kernels' distances, move with it; each guide pixel still belongs
+            to the cell whose footprint holds its centre (:mod:`geoupsample.core.layout`).
 
     The CPU fit runs on Numba kernels in float32 (:mod:`geoupsample.core.numba_gsjbu`) for the
     ``detail`` and ``plain`` objectives; ``GEOUPSAMPLE_BACKEND=torch`` takes the torch path,
@@ -625,11 +643,12 @@ def fit(
         g = g.float()
     hr_shape = (int(g.shape[1]), int(g.shape[2]))
     h, w = check_lr_shape(lr_shape, hr_shape)
-    layout = CellLayout.build(hr_shape, (h, w))
+    shift = check_grid_shift(shift)
+    layout = CellLayout.build(hr_shape, (h, w), shift)
     params = gsjbu.initial_params((h, w), layout.scale, sigma_r, g.dtype, dev)
     if init is not None:
         params = _init_params(init, (h, w), g.dtype, dev)
-    kernels = Kernels(params=params, guide=g, valid=valid, radius=int(radius))
+    kernels = Kernels(params=params, guide=g, valid=valid, radius=int(radius), shift=shift)
     if iters == 0:
         return kernels
     prep = kernels._prepared
@@ -645,11 +664,19 @@ def fit(
             f"the fit diverged: its kernels are not finite after {iters} steps (loss history "
             f"{history[:3]}...); lower the learning rate (lr={lr!r}; the default is 0.1)"
         )
-    kernels = Kernels(
-        params=params.detach(), guide=g, valid=valid, radius=int(radius), loss_history=history
-    )
+    kernels = Kernels(params=params.detach(), guide=g, valid=valid, radius=int(radius),
+                      loss_history=history, shift=shift)  # fmt: skip
     kernels.__dict__["_prepared"] = prep  # reuse what the fit built
     return kernels
+
+
+def check_grid_shift(shift: Any) -> tuple[float, float]:
+    """``shift`` as ``(dy, dx)`` floats in ``(-0.5, 0.5]`` guide pixels, or a clear error."""
+    try:
+        dy, dx = (float(v) for v in shift)
+    except (TypeError, ValueError):
+        raise ValueError(f"shift must be (dy, dx) in guide pixels; got {shift!r}") from None
+    return (check_shift(dy), check_shift(dx))
 
 
 def _init_params(init: Any, lr_shape: tuple[int, int], dtype: torch.dtype,

@@ -20,6 +20,7 @@ from geoupsample.core.consistency import back_project
 from geoupsample.core.guide import check_guide, valid_mask
 from geoupsample.core.interpolation import interpolate
 from geoupsample.core.kernels import (
+    check_grid_shift,
     check_lr_shape,
     check_raster,
     check_rounds,
@@ -37,7 +38,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 FIT_KWARGS = frozenset(inspect.signature(fit).parameters) - {"guide", "lr_shape"}
 #: Keyword arguments every method takes.
 COMMON_KWARGS = frozenset(
-    {"consistency", "self_guidance", "self_guidance_scale", "min_sigma_r", "kind"}
+    {"consistency", "self_guidance", "self_guidance_scale", "min_sigma_r", "kind", "shift"}
 )
 
 
@@ -74,7 +75,11 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", keep_missing: bool = Fal
             label-safe defaults) and the arguments of :func:`geoupsample.fit` (``iters``,
             ``radius``, ``nodata``, ...); the non-guided methods ignore all but
             ``consistency``, ``kind`` (probabilities: ``bicubic``'s overshoot and
-            back-projection's are clipped to [0, 1] and renormalised) and ``nodata``.
+            back-projection's are clipped to [0, 1] and renormalised) and ``nodata``. Every
+            method takes ``shift=(dy, dx)``: the low-res grid's cells start that many guide
+            pixels (``-0.5 < dy, dx <= 0.5``) from the guide pixels' edges (a Landsat L1
+            product's 30 m bands on its 15 m pan band: ``(0.5, 0.5)``); the cell centres move
+            with it, in the kernels and in the interpolations alike.
 
     Returns:
         ``[C, H, W]`` / ``[B, C, H, W]``, float32 (float64 for float64 ``x``), same array kind
@@ -89,17 +94,19 @@ def upsample(x: Any, guide: Any, method: str = "gsjbu", keep_missing: bool = Fal
             f"and the keyword arguments of gu.fit: {', '.join(sorted(FIT_KWARGS))}"
         )
     out = _REGISTRY[method](x, guide, **kwargs)
-    return without_missing_cells(out, x) if keep_missing else out
+    if keep_missing:
+        return without_missing_cells(out, x, kwargs.get("shift", (0.0, 0.0)))
+    return out
 
 
-def without_missing_cells(out: Any, x: Any) -> Any:
-    """``out`` (``[..., C, H, W]``, an upsampling of ``x [..., C, h, w]``) with NaN on the
-    footprint of each missing (non-finite) cell of ``x``, channel by channel; same array kind as
-    ``x``."""
+def without_missing_cells(out: Any, x: Any, shift: tuple[float, float] = (0.0, 0.0)) -> Any:
+    """``out`` (``[..., C, H, W]``, an upsampling of ``x [..., C, h, w]`` on a grid shifted by
+    ``shift`` guide pixels) with NaN on the footprint of each missing (non-finite) cell of
+    ``x``, channel by channel; same array kind as ``x``."""
     xt = as_tensor(x, "x")
     result = as_tensor(out, "out")
     flat = xt.reshape(-1, *xt.shape[-2:]).to(float_dtype(xt))
-    missing = ~torch.isfinite(interpolate(flat, tuple(result.shape[-2:]), "nearest"))
+    missing = ~torch.isfinite(interpolate(flat, tuple(result.shape[-2:]), "nearest", shift))
     return like_input(result.masked_fill(missing.reshape(result.shape).to(result.device),
                                          float("nan")), x)
 
@@ -141,9 +148,11 @@ def _interpolating(mode: str) -> Method:
         nodata: float | None = None,
         consistency: int = 0,
         kind: str = "auto",
+        shift: tuple[float, float] = (0.0, 0.0),
         **_: Any,
     ) -> Any:
         g = check_guide(guide)
+        shift = check_grid_shift(shift)
         xt = as_tensor(x, "x")
         presets.check_kind(kind)
         lead = check_raster(xt, tuple(xt.shape[-2:]) if xt.ndim in (3, 4) else (0, 0))
@@ -156,12 +165,13 @@ def _interpolating(mode: str) -> Method:
         if simplex:  # cells of all-zero probabilities hold none: missing
             xt = presets.without_empty_cells(xt.to(dtype))
         flat = xt.reshape(-1, *lr_shape).to(dtype)
-        out = interpolate(flat, hr_shape, mode)
+        out = interpolate(flat, hr_shape, mode, shift)
         valid = valid_mask(g, nodata).to(out.device)
         if not bool(valid.all()):
             out.masked_fill_(~valid[None], float("nan"))
         if check_rounds(consistency):
-            out = back_project(out, flat, CellLayout.build(hr_shape, lr_shape), consistency)
+            out = back_project(out, flat, CellLayout.build(hr_shape, lr_shape, shift),
+                               consistency)  # fmt: skip
         out = out.reshape(*lead, *hr_shape)
         if simplex and (mode == "bicubic" or consistency):  # may leave [0, 1]: back on it
             out = presets.to_simplex(out)

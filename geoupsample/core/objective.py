@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from geoupsample.core.interpolation import resize
 from geoupsample.core.presets import DEFAULT_CONSISTENCY
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def back_projected_l1(
             out = out + up.view(-1, n, d).transpose(0, 1)  # [n, m, d]
             shift = shift + (stencil.cell_mean[:, :, None] * nb).sum(1)
             continue
-        up = F.interpolate(lr[None], size=layout.hr_shape, mode="bilinear")[0]
+        up = resize(lr, layout.hr_shape, "bilinear", layout.shift)
         cells = layout.to_cells(up).reshape(n, -1, d)  # [n, P, d]
         out = out + pick(cells)
         shift = shift + (cells * full_valid).sum(1) / full_count  # exact cell means of up

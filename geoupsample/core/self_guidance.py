@@ -88,7 +88,7 @@ def self_guided(
     n_range = xhat.shape[0]
     missing = ~torch.isfinite(x).all(0)
     xhat_nan = xhat.masked_fill(missing[None], float("nan"))
-    upsampled = interpolate(xhat_nan, kernels.hr_shape, TREND)
+    upsampled = interpolate(xhat_nan, kernels.hr_shape, TREND, kernels.shift)
     # build_psi scales distances by 3 / (d + c): pre-scale so the guide keeps 3 / d and x gets
     # strength^2 * 3 / c.
     total = d + n_range
@@ -96,4 +96,5 @@ def self_guided(
     x_scale = strength * (total / c) ** 0.5
     guide = torch.cat([kernels.guide * g_scale, torch.nan_to_num(upsampled) * x_scale])
     gbar = torch.cat([base.gbar * g_scale, xhat * x_scale])
-    return _Prepared.build(guide, kernels.valid, kernels.lr_shape, kernels.radius, gbar=gbar)
+    return _Prepared.build(guide, kernels.valid, kernels.lr_shape, kernels.radius, gbar=gbar,
+                           shift=kernels.shift)  # fmt: skip

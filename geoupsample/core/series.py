@@ -100,7 +100,8 @@ def stable_weight(previous_guide: Any, guide: Any, stats: GuideStats | None = No
 
 
 def carry_forward(previous_out: np.ndarray, out: np.ndarray, previous_x: np.ndarray,
-                  x: np.ndarray, weight: np.ndarray, guide: Any) -> np.ndarray:  # fmt: skip
+                  x: np.ndarray, weight: np.ndarray, guide: Any,
+                  shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:  # fmt: skip
     """A date's output ``[C, H, W]`` made consistent with the date before:
     ``weight x (previous_out + bilinear(x - previous_x)) + (1 - weight) x out`` (the module
     docstring says why); the date's own ``out`` where the previous one is missing.
@@ -110,9 +111,10 @@ def carry_forward(previous_out: np.ndarray, out: np.ndarray, previous_x: np.ndar
         previous_x, x: ``[C, h, w]`` their low-res rasters (NaN for missing cells).
         weight: ``[H, W]`` :func:`stable_weight`.
         guide: ``[d, H, W]`` the date's guide (for the bilinear upsampling's grid).
+        shift: the low-res grid's shift in guide pixels (:func:`geoupsample.fit`).
     """
     delta = np.asarray(upsample(np.asarray(x, np.float32) - np.asarray(previous_x, np.float32),
-                                guide, method="bilinear"), dtype=np.float32)  # fmt: skip
+                                guide, method="bilinear", shift=shift), dtype=np.float32)
     carried = previous_out + delta
     w = np.where(np.isfinite(carried), weight[None], 0).astype(np.float32)
     return np.where(w > 0, w * np.nan_to_num(carried) + (1 - w) * out, out).astype(np.float32)
@@ -136,6 +138,6 @@ def render_series(kernels: Sequence[Kernels], rasters: Sequence[Any], guides: Se
         out = np.asarray(k.render(x, **render), dtype=np.float32)
         if t and tolerance > 0:
             weight = stable_weight(guides[t - 1], g, stats[t - 1] if stats else None, tolerance)
-            out = carry_forward(outs[-1], out, rasters[t - 1], x, weight, g)
+            out = carry_forward(outs[-1], out, rasters[t - 1], x, weight, g, k.shift)
         outs.append(out)
     return outs
