@@ -63,14 +63,18 @@ def fence_examples(text: str) -> str:
     """Doctest runs -> ```pycon fences; ``::`` literal blocks -> ```python fences."""
     lines = text.split("\n")
     out: list[str] = []
-    i, in_fence = 0, False
+    i, in_fence, examples = 0, False, None  # examples: indent of a Google "Examples:" header
     while i < len(lines):
         line = lines[i]
         stripped = line.lstrip()
         pad = line[: _indent(line)]
-        if stripped.startswith("```"):
+        if examples is not None and stripped and _indent(line) <= examples:
+            examples = None
+        if re.fullmatch(r"Examples?:", stripped):
+            examples = _indent(line)  # Griffe renders that section's doctests itself
+        elif stripped.startswith("```"):
             in_fence = not in_fence
-        elif not in_fence and stripped.startswith(">>>"):
+        elif not in_fence and examples is None and stripped.startswith(">>>"):
             if out and out[-1].strip():
                 out.append("")
             out.append(f"{pad}```pycon")
