@@ -47,7 +47,7 @@ from geoupsample.inputs import (
 from geoupsample.pca import PCA
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
-from geoupsample.workers import check_device, check_workers, threads_per_worker
+from geoupsample.workers import check_device, check_workers, cpu_threads, threads_per_worker
 from tiling.aoi import window_intersects
 
 #: Output dtypes of a features raster.
@@ -362,6 +362,7 @@ def features_raster(
     consistency: float | None = None,
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
+    threads: int | None = None,
 ) -> tiling.RunReport:
     """Write the backbone's features of the scene, upsampled to full resolution.
 
@@ -389,9 +390,28 @@ def features_raster(
         workers: tiles computed at once by local threads (default 1: torch uses every core inside
             a tile; with more, each tile gets ``cores // workers`` torch threads and its own
             working memory, see :mod:`geoupsample.workers`).
+        threads: CPU threads of the run in all (default: the CPUs this process may use, its
+            affinity and cgroup quota; see :func:`geoupsample.workers.available_cores`).
     """
     check_method_options(method, iters, radius, seed)
     check_workers(workers, scheduler)
+    with cpu_threads(threads):
+        return _features_raster(
+            scene_path, out_path, backbone, pca=pca, method=method, iters=iters, radius=radius,
+            tile=tile, halo=halo, bands=bands, dtype=dtype, compress=compress, cog=cog,
+            blocksize=blocksize, aoi=aoi, aoi_crs=aoi_crs, resume=resume, scheduler=scheduler,
+            device=device, seed=seed, consistency=consistency, workers=workers,
+            progress=progress)
+
+
+def _features_raster(scene_path: Any, out_path: Any, backbone: Backbone, *, pca: Any,
+                     method: str, iters: int, radius: int, tile: int, halo: int, bands: Any,
+                     dtype: str, compress: str, cog: bool, blocksize: int, aoi: Any,
+                     aoi_crs: Any, resume: bool, scheduler: Any, device: str | None, seed: int,
+                     consistency: float | None, workers: int | None,
+                     progress: Callable[[tiling.Progress], None] | None,
+                     ) -> tiling.RunReport:  # fmt: skip
+    """:func:`features_raster` within its threads."""
     check_device(device, local=scheduler is None)
     checked_overrides(method, consistency=consistency)  # refuse a bad value before any work
     gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator

@@ -70,6 +70,7 @@ from geoupsample.render_settings import (
 from geoupsample.workers import (
     available_cores,
     check_device,
+    check_threads,
     check_workers,
     threads_per_worker,
 )
@@ -291,6 +292,7 @@ def upsample_raster(
     resume: bool = False,
     scheduler: Any = None,
     workers: int | None = None,
+    threads: int | None = None,
     blend: str = "auto",
     seed: int = 0,
     kind: str = "auto",
@@ -346,8 +348,12 @@ def upsample_raster(
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
         workers: tiles computed at once by local threads (default: all cores for
             interpolations; 1 for fits, which use every core through torch's threads). With
-            more fits at once each gets ``cores // workers`` torch threads and its own working
+            more fits at once each gets ``threads // workers`` torch threads and its own working
             memory (about 0.6 GB per 1024 px gsjbu tile): see :mod:`geoupsample.workers`.
+        threads: CPU threads of the run in all (torch's, the Numba kernels', GDAL's
+            compression): default the CPUs this process may use (its affinity and cgroup quota,
+            :func:`geoupsample.workers.available_cores`). On a machine shared with other jobs,
+            give it its share.
         blend: ``taper``, ``crop`` or ``auto`` (default: ``crop`` for interpolations whose
             support fits in the halo, where it gives the same pixels for less work;
             ``taper`` otherwise; see :func:`tile_blend`).
@@ -386,13 +392,15 @@ def upsample_raster(
     """
     tune_allocator()  # the fits' large temporaries: see geoupsample.core.allocator
     check_workers(workers, scheduler)
+    check_threads(threads)
     check_device(device, local=scheduler is None)
     with gdal_env():  # GDAL's block cache stays bounded during the checks and the run
         return _upsample_raster(
             lowres_path, guide_path, out_path, method=method, iters=iters, radius=radius,
             tile=tile, halo=halo, bands=bands, guide_bands=guide_bands, aoi=aoi,
             aoi_crs=aoi_crs, cog=cog, dtype=dtype, compress=compress, blocksize=blocksize,
-            device=device, resume=resume, scheduler=scheduler, workers=workers, blend=blend,
+            device=device, resume=resume, scheduler=scheduler, workers=workers,
+            threads=threads, blend=blend,
             seed=seed, kind=kind, consistency=consistency, self_guidance=self_guidance,
             min_sigma_r=min_sigma_r, warp=warp, keep_missing=keep_missing, progress=progress,
             series=_series)
@@ -547,7 +555,8 @@ def _upsample_raster(
     out_path: str | os.PathLike, *, method: str, iters: int, radius: int, tile: int,
     halo: int, bands: Sequence[int | str] | None, guide_bands: Sequence[int | str] | None,
     aoi: Any, aoi_crs: Any, cog: bool, dtype: str | None, compress: str, blocksize: int,
-    device: str | None, resume: bool, scheduler: Any, workers: int | None, blend: str,
+    device: str | None, resume: bool, scheduler: Any, workers: int | None,
+    threads: int | None, blend: str,
     seed: int, kind: str, consistency: float | None, self_guidance: float | None,
     min_sigma_r: float | None, warp: str | None, keep_missing: bool,
     progress: Callable[[tiling.Progress], None] | None,
@@ -671,7 +680,7 @@ def _upsample_raster(
     # and torch's own threads on top of them (and of GDAL's compression threads) stall its
     # parallel regions on a busy machine
     tiles_at_once = workers if scheduler is None else None
-    with threads_per_worker(tiles_at_once, device):
+    with threads_per_worker(tiles_at_once, device, threads):
         report = tiling.run(job, inputs, specs, tile=tile, halo=halo, align=rel.period,
                             align_offset=rel.offset, blend=blend, region=rel.region,
                             context=read_context(method, rel), aoi=aoi,

@@ -49,7 +49,13 @@ from geoupsample.segmentation import (
     write_classes,
 )
 from geoupsample.user_model import SegmentationModel, load_model
-from geoupsample.workers import check_device, check_workers, threads_per_worker
+from geoupsample.workers import (
+    available_cores,
+    check_device,
+    check_workers,
+    cpu_threads,
+    threads_per_worker,
+)
 from tiling.blend import ramp
 
 #: What the model's output is: ``auto`` decides from a sample of the scene (probabilities when
@@ -489,6 +495,7 @@ def predict_raster(
     workers: int | None = None,
     device: str | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
+    threads: int | None = None,
 ) -> PredictReport:
     """Class probabilities of the user's model over a scene (see the module docstring).
 
@@ -518,11 +525,29 @@ def predict_raster(
             table; as ``geoupsample segment`` writes it).
         tile, halo, compress, cog, blocksize, aoi, aoi_crs, resume, scheduler, workers, device:
             as for the other whole-scene commands (tiles aligned to the model's output cells).
+        threads: CPU threads of the run in all, the model's included (default: the CPUs this
+            process may use; :func:`geoupsample.workers.available_cores`).
 
     Returns:
         :class:`PredictReport`.
     """
     check_workers(workers, scheduler)
+    args = {k: v for k, v in locals().items() if k != "threads"}
+    with cpu_threads(threads if threads is not None else available_cores()):
+        return _predict_raster(**args)
+
+
+def _predict_raster(
+    scene_path: Any, model: Any, out_path: Any, *, bands: Any, scale_factor: Any, offset: Any,
+    mean: Any, std: Any, input_size: int | None, overlap: float, batch: int, output: str,
+    class_names: Any, model_scale: int, method: str, iters: int, radius: int, seed: int,
+    consistency: float | None, self_guidance: float | None, min_sigma_r: float | None,
+    dtype: str, classes_path: Any, tile: int, halo: int, compress: str, cog: bool,
+    blocksize: int, aoi: Any, aoi_crs: Any, resume: bool, scheduler: Any,
+    workers: int | None, device: str | None,
+    progress: Callable[[tiling.Progress], None] | None,
+) -> PredictReport:
+    """:func:`predict_raster` within its threads (the model session takes torch's count)."""
     check_device(device, local=scheduler is None)
     gu.tune_allocator()
     if dtype not in ("uint8", "float32"):

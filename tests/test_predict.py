@@ -246,12 +246,8 @@ def test_a_killed_dask_worker_does_not_stop_the_run(models, tmp_path):
     marker = str(tmp_path / "killed")
     local, dist = tmp_path / "local.tif", tmp_path / "dist.tif"
     run = dict(method="bilinear", model_scale=2, **{**SMALL, "tile": 64})
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # as on the workers: the same float sums
-    try:
-        predict_raster(SCENE, SegmentationModel(data, "m.onnx", "cpu"), local, **run)
-    finally:
-        torch.set_num_threads(saved)
+    # one thread, as on the workers: the same float sums
+    predict_raster(SCENE, SegmentationModel(data, "m.onnx", "cpu"), local, threads=1, **run)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(sys.path.insert, 0, ROOT)  # workers import the test helpers

@@ -8,12 +8,20 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from affine import Affine
 from rasterio.windows import Window
 from typer.testing import CliRunner
 
 from geoupsample.cli import app
 from geoupsample.pipeline import upsample_raster
-from geoupsample.workers import available_cores, check_workers, threads_per_worker
+from geoupsample.workers import (
+    available_cores,
+    cgroup_cpu_quota,
+    check_threads,
+    check_workers,
+    cpu_threads,
+    threads_per_worker,
+)
 
 DATA = files("geoupsample") / "data"
 
@@ -47,11 +55,75 @@ def test_threads_split_between_workers_and_restored_even_on_error():
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("workers, device", [(None, "cpu"), (1, "cpu"), (2, "cuda")])
-def test_threads_untouched_for_one_worker_or_cuda(workers, device):
+@pytest.mark.parametrize("workers", [None, 1])
+def test_one_worker_gets_every_usable_cpu_and_cuda_is_untouched(workers):
     before = torch.get_num_threads()
-    with threads_per_worker(workers, device):
+    with threads_per_worker(workers, "cpu"):
+        assert torch.get_num_threads() == available_cores()
+    with threads_per_worker(2, "cuda"):
         assert torch.get_num_threads() == before
+    with threads_per_worker(2, "cuda", threads=1):  # an explicit count applies anyway
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_threads_override_the_default_and_set_compression_threads():
+    from tiling.writer import OutputSpec
+
+    before = torch.get_num_threads()
+    spec = OutputSpec("x.tif", crs="EPSG:32631", transform=Affine.identity(), width=8,
+                      height=8, count=1, dtype="float32")  # fmt: skip
+    assert spec.compress_threads == "ALL_CPUS"
+    with threads_per_worker(None, "cpu", threads=1):
+        assert torch.get_num_threads() == 1 and spec.compress_threads == "1"
+    with cpu_threads(1), threads_per_worker(2, "cpu"):  # the CLI's --threads, then the run's
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before and spec.compress_threads == "ALL_CPUS"
+    with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+        check_threads(0)
+
+
+@pytest.mark.parametrize("files_, expected", [
+    ({"cpu.max": "250000 100000"}, 2.5),  # cgroup v2, a quota of 2.5 CPUs
+    ({"cpu.max": "max 100000"}, None),  # v2, unlimited
+    ({"cpu/cpu.cfs_quota_us": "150000", "cpu/cpu.cfs_period_us": "100000"}, 1.5),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),  # v1, unlimited
+    ({}, None),
+])  # fmt: skip
+def test_cgroup_cpu_quota(tmp_path, files_, expected):
+    for name, text in files_.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    assert cgroup_cpu_quota(str(tmp_path)) == expected
+
+
+def test_available_cores_is_capped_by_the_quota(tmp_path, monkeypatch):
+    import geoupsample.workers as workers
+
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: one thread
+    monkeypatch.setattr(workers, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(workers, "_cgroup_dirs", lambda root: [root])
+    assert workers.available_cores() == 1
+
+
+def test_cli_threads_option(pair, tmp_path):
+    lr, hr = pair
+    before = torch.get_num_threads()
+    out = str(tmp_path / "o.tif")
+    base = ["upsample", lr, hr, "-o", out, "--method", "gsjbu", "--iters", "3", "--tile", "48",
+            "--halo", "16", "--blocksize", "16", "--quiet"]  # fmt: skip
+    bad = CliRunner().invoke(app, [*base, "--threads", "0"])
+    assert bad.exit_code == 2 and "--threads" in bad.output
+    ok = CliRunner().invoke(app, [*base, "--threads", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert torch.get_num_threads() == before
+    ref = str(tmp_path / "ref.tif")
+    upsample_raster(lr, hr, ref, method="gsjbu", iters=3, tile=48, halo=16, blocksize=16,
+                    threads=1)  # fmt: skip
+    with rasterio.open(out) as a, rasterio.open(ref) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    with pytest.raises(ValueError, match="threads must be"):
+        upsample_raster(lr, hr, str(tmp_path / "x.tif"), threads=0)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
@@ -131,3 +203,21 @@ def test_features_with_two_workers(pair, tmp_path):
     with rasterio.open(outs[0]) as a, rasterio.open(outs[1]) as b:
         x, y = a.read(), b.read()
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-3 * float(np.nanmax(np.abs(x))))
+
+
+def test_a_fit_keeps_the_thread_count_it_was_given_in_a_fresh_process():
+    """Numba's OpenMP layer shares the OpenMP runtime with torch: starting it (at the first
+    kernel of a process) used to set torch's count back to every core, so ``--threads 1`` ran
+    its fits on all of them after the first."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, torch, numba, geoupsample as gu\n"
+            "torch.set_num_threads(1)\n"
+            "g = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)\n"
+            "k = gu.fit(g, (16, 16), iters=3)\n"
+            "k.render(g[:1, ::4, ::4])\n"
+            "print(torch.get_num_threads(), numba.get_num_threads())\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert out.stdout.split() == ["1", "1"], out.stdout + out.stderr

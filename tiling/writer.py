@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -127,10 +128,10 @@ class OutputSpec:
 
     @property
     def compress_threads(self) -> str:
-        """GDAL compression threads (``NUM_THREADS``): all cores, but one with ``nodata_mask``
-        (GDAL 3.10's threaded compression of a reopened file's mask blocks fails with "Bad value
-        1 for ExtraSamples tag")."""
-        return "1" if self.nodata_mask else "ALL_CPUS"
+        """GDAL compression threads (``NUM_THREADS``): :func:`compression_threads`' setting (all
+        cores by default), but one with ``nodata_mask`` (GDAL 3.10's threaded compression of a
+        reopened file's mask blocks fails with "Bad value 1 for ExtraSamples tag")."""
+        return "1" if self.nodata_mask else _COMPRESS_THREADS[-1]
 
     def profile(self) -> dict:
         """Creation options of the working (tiled GeoTIFF) file."""
@@ -341,12 +342,28 @@ def check_output_dir(path: str) -> None:
         raise PermissionError(f"cannot write to the output directory {out_dir}")
 
 
+#: GDAL's compression threads for the outputs written now (``NUM_THREADS``), innermost last.
+_COMPRESS_THREADS = ["ALL_CPUS"]
+
+
+@contextmanager
+def compression_threads(threads: int | None) -> Iterator[None]:
+    """Compress the outputs written in the block with ``threads`` GDAL threads (None: all
+    cores, GDAL's ``ALL_CPUS``), e.g. the CPUs a run was given on a shared machine."""
+    _COMPRESS_THREADS.append("ALL_CPUS" if threads is None else str(max(1, int(threads))))
+    try:
+        yield
+    finally:
+        _COMPRESS_THREADS.pop()
+
+
 def to_cog(src: str, dst: str, blocksize: int = 256, compress: str = "deflate",
            dtype: str = "float32") -> None:
     """Copy the finished GeoTIFF ``src`` to a Cloud-Optimized GeoTIFF ``dst`` (overviews:
     average for floats, nearest for integers; colour tables, tags and half floats are kept).
     ``dst`` is removed if the copy fails."""
-    opts = dict(driver="COG", blocksize=blocksize, bigtiff="IF_SAFER", num_threads="ALL_CPUS",
+    opts = dict(driver="COG", blocksize=blocksize, bigtiff="IF_SAFER",
+                num_threads=_COMPRESS_THREADS[-1],
                 overview_resampling="average" if np.dtype(dtype).kind == "f" else "nearest")
     if compress.lower() != "none":
         opts["compress"] = compress.lower()

@@ -116,6 +116,7 @@ def features_command(
     resume: opt.ResumeOption = False,
     scheduler: opt.SchedulerOption = None,
     workers: opt.WorkersOption = None,
+    threads: opt.ThreadsOption = None,
     device: opt.DeviceOption = None,
     quiet: opt.QuietOption = False,
 ) -> None:
@@ -162,7 +163,7 @@ def features_command(
         )
         return bb, report
 
-    bb, report = opt.run_command("features", quiet, work)
+    bb, report = opt.run_command("features", quiet, work, threads)
     if not quiet:
         typer.echo(
             f"wrote {os.fspath(out)}: {report.megapixels:.1f} MP in {report.seconds:.1f} s, "

@@ -83,6 +83,10 @@ WorkersOption = Annotated[int | None, typer.Option(
                 "inside a tile). With more, each tile gets cores/workers torch threads and its "
                 "own memory (about 0.6 GB per 1024 px gsjbu tile): often faster where memory "
                 "allows.")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    min=1, help="CPU threads of the run in all (computation and compression; default: the CPUs "
+                "this process may use, from its affinity and cgroup quota). On a machine shared "
+                "with other jobs, give it its share.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 # --- backbones (features, segment) --------------------------------------------------------
@@ -161,13 +165,18 @@ INTERRUPTED_MESSAGE = ("interrupted: the finished part of the output is kept; re
                        "command with --resume to continue")
 
 
-def run_command(desc: str, quiet: bool, work: Callable[[Callable[[Any], None] | None], T]) -> T:
-    """Run ``work(progress)`` under a progress bar; a user error (:func:`user_errors`) is printed
-    as ``error: ...`` and exits with status 2, Ctrl-C says how to continue (``--resume``) and
+def run_command(desc: str, quiet: bool, work: Callable[[Callable[[Any], None] | None], T],
+                threads: int | None = None) -> T:  # fmt: skip
+    """Run ``work(progress)`` under a progress bar, on ``threads`` CPU threads (``--threads``;
+    None: the CPUs this process may use); a user error (:func:`user_errors`) is printed as
+    ``error: ...`` and exits with status 2, Ctrl-C says how to continue (``--resume``) and
     exits with status 130, with the bar closed first."""
+    from geoupsample.workers import cpu_threads
+
     bar = ProgressBar(desc, quiet)
     try:
-        return work(bar.callback)
+        with cpu_threads(threads):
+            return work(bar.callback)
     except user_errors() as err:
         bar.close()
         typer.echo(f"error: {err}", err=True)

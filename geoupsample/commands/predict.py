@@ -105,6 +105,7 @@ def predict_command(
     resume: opt.ResumeOption = False,
     scheduler: opt.SchedulerOption = None,
     workers: opt.WorkersOption = None,
+    threads: opt.ThreadsOption = None,
     device: opt.DeviceOption = None,
     quiet: opt.QuietOption = False,
 ) -> None:
@@ -124,7 +125,7 @@ def predict_command(
             device=device, progress=progress,
         )  # fmt: skip
 
-    report = opt.run_command("predict", quiet, work)
+    report = opt.run_command("predict", quiet, work, threads)
     if not quiet:
         typer.echo(f"{report.output} of {len(report.classes)} classes ({', '.join(report.classes)})"
                    f"; wrote {os.fspath(out)} in {report.run.seconds:.1f} s", err=True)

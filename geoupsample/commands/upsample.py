@@ -86,6 +86,7 @@ def upsample_command(
     resume: opt.ResumeOption = False,
     scheduler: opt.SchedulerOption = None,
     workers: opt.WorkersOption = None,
+    threads: opt.ThreadsOption = None,
     kind: Annotated[Kind | None, typer.Option(
         help="What the low-res raster holds, for the jbu/gsjbu render defaults: probabilities "
              "get label-safe ones (auto: bands summing to one value, e.g. 1, 100 or 255, are "
@@ -125,12 +126,13 @@ def upsample_command(
         report = opt.run_command("upsample", quiet, lambda progress: upsample_series(
             read_pairs(series), out, progress=progress, **options,
             **({} if warm_iters is None else {"warm_iters": warm_iters}),
-            **({} if stable_tolerance is None else {"stable_tolerance": stable_tolerance})))
+            **({} if stable_tolerance is None else {"stable_tolerance": stable_tolerance})),
+            threads)
     else:
         lowres, guide = split_rasters(rasters or [])
         report = opt.run_command("upsample", quiet, lambda progress: upsample_raster(
             lowres if len(lowres) > 1 else lowres[0], guide, out, progress=progress,
-            **options))
+            **options), threads)
     if not quiet:
         paths = report.extra.get("paths") or [os.fspath(out)]
         written = paths[0] if len(paths) == 1 else f"{len(paths)} outputs ({', '.join(paths)})"

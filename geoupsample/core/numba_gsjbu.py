@@ -63,10 +63,20 @@ _SERIAL: list[bool] = []  # [True] once known that parallel kernels must not run
 def sync_threads() -> int:
     """Run the kernels on as many threads as torch uses (at most Numba's pool); returns it.
     Numba's thread count, like torch's, belongs to the calling thread."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    torch_threads = torch.get_num_threads()
+    n = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    _keep_torch_threads(torch_threads)
     return n
+
+
+def _keep_torch_threads(threads: int) -> None:
+    """Put torch's thread count back to ``threads``: on Numba's OpenMP threading layer, which
+    shares the OpenMP runtime with torch, starting the layer and launching a kernel set the
+    calling thread's OpenMP count (a run asked for one thread went on with all)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -81,7 +91,11 @@ def launch() -> contextlib.AbstractContextManager:
     OpenMP nor TBB is found; it would abort the process), else nothing. Whole-scene runs
     compute tiles in several threads."""
     if not _SERIAL:
-        _probe(np.empty(2, np.int64))  # the layer is chosen at the first parallel launch
+        # the layer is chosen at the first parallel launch
+        threads = torch.get_num_threads()
+        sync_threads()
+        _probe(np.empty(2, np.int64))
+        _keep_torch_threads(threads)
         _SERIAL.append(numba.threading_layer() == "workqueue")
     return _LAUNCH if _SERIAL[0] else contextlib.nullcontext()
 
