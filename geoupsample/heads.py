@@ -134,6 +134,7 @@ class LinearProbe:
         fractions: Any,
         *,
         classes: Sequence[str] | None = None,
+        init: LinearProbe | None = None,
     ) -> LinearProbe:
         """Fit on LR features under soft labels.
 
@@ -142,6 +143,8 @@ class LinearProbe:
             fractions: matching ``[K, h, w]`` / ``[B, K, h, w]`` / list: per-class coverage in
                 [0, 1]. Cells with no coverage or non-finite features are left out.
             classes: class names (K of them); default ``"0" .. "K-1"``.
+            init: start from this probe's weights (fitted on the same samples with another
+                weight decay: a regularisation path converges in a few steps), not from zero.
 
         Raises:
             HeadError: shapes disagree, fewer than two classes have labelled cells, no samples.
@@ -199,8 +202,13 @@ class LinearProbe:
         std = torch.where(std > 1e-12, std, torch.ones_like(std))
         z = (x - mean) / std
 
-        w = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+        if init is not None and init.weight is not None and init.bias is not None and tuple(
+                init.weight.shape) == (k, x.shape[1]):
+            w = init.weight.detach().clone().requires_grad_(True)
+            b = init.bias.detach().clone().requires_grad_(True)
+        else:
+            w = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
+            b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS(
             [w, b],
             lr=1.0,

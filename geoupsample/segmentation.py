@@ -492,8 +492,12 @@ def plan_segment(
         if path == "features":
             p = job.n_pixel if isinstance(job, FeatureSegmentTile) else 0
             layout.update(pixel=p, cells=x.shape[1] - p)
-            if p:
+            if p:  # simplest first (see geoupsample.probe_selection)
+                n_idx = len(backbone.index_pairs) if isinstance(
+                    backbone, SpectralBackbone) else 0
                 sets = {"pixel": np.arange(p), "pixel+cells": np.arange(x.shape[1])}
+                if n_idx:
+                    sets = {"pixel indices": np.arange(p - n_idx, p), **sets}
         try:
             probe, cv = select_probe(x, y, groups, labels.classes, class_weight=class_weight,
                                      weight_decay=weight_decay, feature_sets=sets, seed=seed)
@@ -567,21 +571,27 @@ def applied_probe(probe: str | os.PathLike[str] | LinearProbe, backbone: Backbon
         expected = backbone.num_features
     except BackboneError:  # a spectral backbone without band names: known at the first tile
         return probe
-    if probe.num_features == expected:
+    own = int(probe.layout.get("pixel", 0)) if probe.layout.get("path") == "features" else 0
+    fitted = probe.num_features - own  # the cells' features (the pixel's own come first)
+    own_here = (len(backbone.pixel_feature_names()) if own and isinstance(
+        backbone, SpectralBackbone) else own)
+    if fitted == expected and own == own_here:
         return probe
+    beside = f" (the cells'; {own} of the pixel's own beside them)" if own else ""
     if (isinstance(backbone, SpectralBackbone) and not backbone.index_pairs
-            and probe.num_features > expected):  # a file without band descriptions, likely
+            and fitted > expected):  # a file without band descriptions, likely
         names = ", ".join(backbone.band_names or ()) or "none"
         raise InputError(
-            f"the probe was fitted on {probe.num_features} features but the spectral backbone "
-            f"gives {expected} here: it found no red, green or nir band among the scene's band "
-            f"names ({names}), so it computes no NDVI or NDWI. Name the scene's bands, one per "
-            "band of the file in order (--band-names red,green,blue,nir on the command line, "
-            "band_names= in Python), and use the backbone options the probe was fitted with")
+            f"the probe was fitted on {fitted} features but the spectral backbone "
+            f"gives {expected} here{beside}: it found no red, green or nir band among the "
+            f"scene's band names ({names}), so it computes no NDVI or NDWI. Name the scene's "
+            "bands, one per band of the file in order (--band-names red,green,blue,nir on the "
+            "command line, band_names= in Python), and use the backbone options the probe was "
+            "fitted with")
     raise InputError(
-        f"the probe was fitted on {probe.num_features} features but the backbone "
-        f"({backbone.extra_repr()}) gives {expected}: use the backbone, layer, bands and "
-        "options it was fitted with"
+        f"the probe was fitted on {fitted} features but the backbone "
+        f"({backbone.extra_repr()}) gives {expected}{beside}: use the backbone, layer, bands "
+        "and options it was fitted with"
     )
 
 

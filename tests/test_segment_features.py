@@ -67,7 +67,7 @@ def test_segment_gsjbu_python_api(tmp_path: Path) -> None:
     bb = gb.create("spectral", band_names=("red", "green", "blue", "nir"), cell_size=10)
     rep = segment_raster(
         SCENE, LABELS, "class", tmp_path / "s.tif", bb, probs_path=tmp_path / "p.tif",
-        probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0,
+        probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0, path="probabilities",
     )  # fmt: skip
     assert rep.run.computed == 1 and rep.train_cells > 300
     assert sum(rep.class_fractions.values()) == pytest.approx(1.0)
@@ -77,6 +77,7 @@ def test_segment_gsjbu_python_api(tmp_path: Path) -> None:
     projected = segment_raster(
         SCENE, LABELS, "class", tmp_path / "s2.tif", bb, probs_path=tmp_path / "p2.tif",
         probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0, consistency=2,
+        path="probabilities",
     )  # fmt: skip
     with rasterio.open(projected.probs_path) as ds:
         p2 = ds.read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,6 +12,7 @@ import typer
 
 from geoupsample.commands import options as opt
 from geoupsample.commands.features import build_backbone
+from geoupsample.probe_selection import PoorProbeWarning
 
 HELP = (
     "Segment SCENE into the classes of the polygons in --labels (GeoJSON, GeoPackage, Shapefile, "
@@ -18,11 +20,17 @@ HELP = (
     "--class-field) and write OUT: band 1 the class (uint8 with a colour table; class names in "
     "the tags), band 2 the confidence (winning probability x "
     "254); 255 is nodata.\n\n"
-    "A linear probe is fitted on the backbone's low-res features under the polygons (their "
-    "per-cell coverage), predicts low-res class probabilities tile by tile, and these are "
-    "upsampled to full resolution (--method gsjbu: kernels fitted on each tile) and "
-    "renormalised. --probs keeps the probabilities. The default backbone, 'spectral', needs no "
-    "weights and works offline; see `geoupsample features --help` for timm backbones.\n\n"
+    "A linear probe learns the classes from the polygons, by one of two paths (--path). "
+    "'features' (the default for the 'spectral' backbone): the backbone's low-res features are "
+    "brought to every pixel by the kernels fitted on each tile (--method gsjbu), beside the "
+    "pixel's own band values and indices (spectral), and the probe classifies every pixel. "
+    "'probabilities' (the default for timm backbones): the probe classifies the low-res cells "
+    "and their probabilities are upsampled. The probe's regularisation (and on the feature "
+    "path whether it uses the cells' features) is chosen by cross-validation over the "
+    "polygons, whole polygons held out; the held-out accuracy is printed and kept in the tags "
+    "(probe_accuracy, probe_cv) and a poor one is warned about. Classes are balanced unless "
+    "--no-balanced. --probs keeps the probabilities. The default backbone, 'spectral', needs "
+    "no weights and works offline; see `geoupsample features --help` for timm backbones.\n\n"
     "Outputs appear only when complete; --resume continues an interrupted run with the same "
     "inputs and parameters, --aoi limits the prediction to an area (the probe still learns "
     "from every polygon), --scheduler runs the tiles on a dask cluster, --cog writes "
@@ -30,6 +38,11 @@ HELP = (
     "--save-probe keeps the fitted probe; --probe applies it to another scene (no --labels), "
     "with the backbone options it was trained with."
 )
+
+
+class Path_(str, Enum):
+    features = "features"
+    probabilities = "probabilities"
 
 
 class ProbsDtype(str, Enum):
@@ -76,9 +89,16 @@ def segment_command(
     save_probe: Annotated[
         Path | None, typer.Option(help="Save the fitted probe (safetensors).")
     ] = None,
-    balanced: Annotated[bool, typer.Option(help="Weight the classes equally in the probe.")] = (
-        False
-    ),
+    balanced: Annotated[bool, typer.Option(
+        help="Weight the classes equally in the probe (--no-balanced: by their labelled "
+             "area).")] = True,
+    path: Annotated[Path_ | None, typer.Option(
+        "--path", help="features: the probe classifies every pixel's features (default for "
+        "spectral); probabilities: it classifies the low-res cells and their probabilities "
+        "are upsampled (default for timm backbones).", show_default=False)] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        min=0.0, help="The probe's L2 penalty (on standardised features); default: chosen by "
+        "cross-validation over the polygons.", show_default=False)] = None,
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
     radius: opt.RadiusOption = 3,
@@ -135,6 +155,8 @@ def segment_command(
             tile=tile,
             halo=halo,
             class_weight="balanced" if balanced else None,
+            weight_decay=weight_decay,
+            path=path.value if path is not None else None,
             probe_path=save_probe,
             probe=probe,
             compress=compress,
@@ -150,7 +172,14 @@ def segment_command(
         )
         return bb, report
 
-    bb, report = opt.run_command("segment", quiet, work)
+    with warnings.catch_warnings():  # printed below, once, without a source line
+        warnings.simplefilter("ignore", PoorProbeWarning)
+        bb, report = opt.run_command("segment", quiet, work)
+    warning = report.cv.warning() if report.cv is not None and probe is None else None
+    if not quiet and report.cv is not None and probe is None:
+        typer.echo(f"{report.prediction_path} path; {report.cv.summary()}", err=True)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     if not quiet:
         shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in report.class_fractions.items())
         learnt = (f"probe fitted on {report.train_cells} labelled cells ({bb.stride} px)"
