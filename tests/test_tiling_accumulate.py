@@ -69,9 +69,9 @@ def test_a_crop_grid_blends_without_holding_or_copying_parts():
     from tiling.accumulate import Accumulator
     from tiling.grid import TileGrid
 
-    grid = TileGrid(100, 130, tile=32, halo=8, block=16, blend="crop")
+    grid = TileGrid(96, 128, tile=32, halo=8, block=16, blend="crop")  # cores on blocks
     rng = np.random.default_rng(0)
-    scene = rng.normal(size=(2, 100, 130)).astype(np.float32)
+    scene = rng.normal(size=(2, 96, 128)).astype(np.float32)
     acc = Accumulator(grid, 2)
     out = np.full_like(scene, np.nan)
     for tile in grid.tiles():

@@ -22,7 +22,11 @@ def test_axis_cores_reads_and_cells(length, tile, halo, align, offset):
     ax = g.rows
     assert ax.cores[0] == 0 and ax.cores[-1] == length
     assert all(b > a for a, b in zip(ax.cores, ax.cores[1:], strict=False))
-    nominal = g.tile + 2 * halo
+    size = ax.cores[1] - ax.cores[0]  # the balanced core (all but the last)
+    assert size <= g.tile and size % align == 0
+    assert all(ax.cores[t + 1] - ax.cores[t] == size for t in range(ax.n_tiles - 1))
+    assert ax.cores[-1] - ax.cores[-2] > size - align * ax.n_tiles
+    nominal = size + 2 * halo
     for t, (b, e) in enumerate(ax.reads):
         c0, c1 = ax.cores[t], ax.cores[t + 1]
         # the read covers the core plus the halo (clipped to the raster)
@@ -36,6 +40,19 @@ def test_axis_cores_reads_and_cells(length, tile, halo, align, offset):
     # cells: block aligned inside, cover the raster
     assert ax.cells[0] == 0 and ax.cells[-1] == length
     assert all(c % 64 == 0 for c in ax.cells[1:-1])
+
+
+@pytest.mark.parametrize("length,tile,align,cores", [
+    (1207, 1024, 1, (0, 604, 1207)),  # just over a tile: two near-halves, not 1024 + 183
+    (1254, 1024, 8, (0, 632, 1254)),  # aligned to the scale
+    (1024, 1024, 1, (0, 1024)),  # exactly one tile
+    (3100, 1024, 2, (0, 776, 1552, 2328, 3100)),
+])
+def test_cores_balance_the_region(length, tile, align, cores):
+    g = TileGrid(length, 64, tile=tile, halo=64, align=align, block=16)
+    assert g.rows.cores == cores
+    read = sum(e - b for b, e in g.rows.reads)
+    assert read <= length + 2 * 64 * len(cores) + 2 * align * len(cores)  # no full-tile sliver
 
 
 @pytest.mark.parametrize("blend", ["taper", "crop"])
@@ -59,12 +76,12 @@ def test_weights_partition_of_unity_and_no_border_frame(blend):
             assert set(np.unique(w)) <= {0.0, 1.0}
 
 
-def test_short_last_core_keeps_partition_of_unity():
-    # a 24 px last core, narrower than the 64 px ramp
-    g = TileGrid(600, 600, tile=192, halo=64, block=16)
+def test_cores_narrower_than_the_ramp_keep_partition_of_unity():
+    # 100 px in tiles of at most 64: two 50 px cores, narrower than the 64 px ramp
+    g = TileGrid(100, 100, tile=64, halo=64, block=16)
     ax = g.cols
-    assert ax.cores[-1] - ax.cores[-2] == 24
-    total = np.zeros(600)
+    assert ax.cores == (0, 50, 100)
+    total = np.zeros(100)
     for t in range(ax.n_tiles):
         b, e = ax.reads[t]
         total[b:e] += axis_weights(ax, t, g.taper, b, e)

@@ -4,16 +4,19 @@ Conventions
 -----------
 All windows here are :class:`rasterio.windows.Window` objects in **output pixel** coordinates
 (row/col offsets from the output raster's top-left pixel, integer valued). Along each axis the
-processing *region* ``[start, stop)`` is cut into *cores*: consecutive intervals of ``tile``
-pixels (the last one shorter). Each core is owned by one tile. A tile *reads* its core grown by
-``halo`` pixels on every side (context for the per-tile function), shifted back inside the
-*context* window when it would stick out (so the last row/column of tiles keeps the full size and
-is stitched by its real offset), then grown outward to the alignment lattice ``offset + k * align``
-(so every tile's low-resolution grid is an exact sub-grid of the scene's). The context is the
-region unless the inputs hold data beyond it (a low-res raster that reaches past the edge of a
-guide chip): then the tiles at the region's edge read past it, and an interpolation there sees
-the cells beyond as a whole-scene run would. Reads may extend past the context by less than
-``align`` pixels; readers pad whatever lies outside an input with nodata.
+processing *region* ``[start, stop)`` is cut into *cores*: as few as hold it in intervals of at
+most ``tile`` pixels, of equal size (a multiple of the alignment; the last one a little
+shorter): a region slightly larger than ``tile`` gets two near-halves, not a full tile and a
+sliver that would read, and compute, a whole tile for a few pixels. Each core is owned by one
+tile. A tile *reads* its core grown by ``halo`` pixels on every side (context for the per-tile
+function), shifted back inside the *context* window when it would stick out (so the last
+row/column of tiles keeps the full size and is stitched by its real offset), then grown outward
+to the alignment lattice ``offset + k * align`` (so every tile's low-resolution grid is an exact
+sub-grid of the scene's). The context is the region unless the inputs hold data beyond it (a
+low-res raster that reaches past the edge of a guide chip): then the tiles at the region's edge
+read past it, and an interpolation there sees the cells beyond as a whole-scene run would. Reads
+may extend past the context by less than ``align`` pixels; readers pad whatever lies outside an
+input with nodata.
 
 Writes happen in *cells*: a second partition of the region whose boundaries are the core
 boundaries moved back by the halo and rounded down to the output's block size, so every write is
@@ -66,9 +69,12 @@ def _build_axis(start: int, stop: int, tile: int, halo: int, align: int, offset:
     lo, hi = max(lo, start - halo), min(hi, stop + halo)
     length = stop - start
     n = max(1, math.ceil(length / tile))
-    cores = tuple([start + i * tile for i in range(n)] + [stop])
+    # balanced: n cores of about length / n (a multiple of align, at most tile), not n - 1
+    # full ones and a sliver that reads (and fits) a whole tile for a few pixels of output
+    size = min(tile, math.ceil(math.ceil(length / n) / align) * align)
+    cores = tuple([start + i * size for i in range(n)] + [stop])
     reads = []
-    nominal = tile + 2 * halo
+    nominal = size + 2 * halo
     for i in range(n):
         b, e = cores[i] - halo, cores[i + 1] + halo
         if e - b < nominal:  # the short last tile: shift its start back to keep the full size
@@ -129,7 +135,8 @@ class TileGrid:
 
     Args:
         height, width: output raster size in pixels.
-        tile: core size in pixels (the output stride); rounded up to a multiple of ``align``.
+        tile: the largest core size in pixels, rounded up to a multiple of ``align``; the cores
+            are as few as that allows and of equal size (module docstring).
         halo: context pixels read on each side of a core (>= 0).
         align: read windows start on ``offset + k * align`` and have lengths that are multiples of
             ``align`` (use the low-res scale, or a backbone patch size). An int or ``(y, x)``.
