@@ -224,11 +224,41 @@ class FeaturePlan:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def backbone_name(backbone: Backbone) -> str:
+    """``SpectralBackbone(cell_size=8, ...)``: the backbone's class and options (not a timm
+    model's module tree)."""
+    return f"{type(backbone).__name__}({backbone.extra_repr()})"
+
+
+def scene_pca(scene: AnyScene, backbone: Backbone, feats: TileFeatures,
+              pca: int | str | os.PathLike[str] | PCA | None, tile: int) -> PCA | None:
+    """The PCA of a run: None; fitted on a sample of the whole scene (``pca`` components); or
+    given (a :class:`PCA` or a file of :meth:`PCA.save`), checked against the backbone's
+    features: their count, and the backbone it was fitted on when the file says."""
+    if pca is None:
+        return None
+    if isinstance(pca, (int, np.integer)) and not isinstance(pca, bool):
+        reducer = PCA.fit(sample_features(scene, feats, tile=tile), int(pca),
+                          standardize=backbone.mixed_units)  # fmt: skip
+        about = {"backbone": backbone_name(backbone), "n_features": reducer.n_features,
+                 "scene": os.path.basename(str(getattr(scene, "path", "") or "array"))}
+        return PCA(reducer.mean, reducer.components, reducer.explained, reducer.scale, about)
+    reducer = pca if isinstance(pca, PCA) else PCA.load(pca)
+    n = len(backbone.feature_names(len(scene.bands)))
+    fitted = reducer.about.get("backbone")
+    if reducer.n_features != n or (fitted and fitted != backbone_name(backbone)):
+        raise InputError(
+            f"the PCA was fitted on {reducer.n_features} features of {fitted or 'a backbone'}; "
+            f"this run's backbone gives {n} ({backbone_name(backbone)}): reuse a PCA with the "
+            "backbone, layer, bands and options it was fitted with")
+    return reducer
+
+
 def plan_features(
     scene: AnyScene,
     backbone: Backbone,
     *,
-    pca: int | None = None,
+    pca: int | str | os.PathLike[str] | PCA | None = None,
     method: str = "gsjbu",
     iters: int = 50,
     radius: int = 3,
@@ -236,10 +266,10 @@ def plan_features(
     device: str | None = None,
     seed: int = 0,
     consistency: float | None = None,
-    aoi: BaseGeometry | None = None,
     band_indexes: Sequence[int] | None = None,
 ) -> FeaturePlan:
-    """Scene statistics, the PCA (fitted on windows touching ``aoi`` when given) and the job.
+    """Scene statistics, the PCA (:func:`scene_pca`: fitted on the whole scene, whatever area
+    the run covers) and the job.
 
     ``band_indexes``: the 1-based numbers, in the source the scene was chosen from, of the
     scene's bands, recorded in the ``geoupsample_bands`` tag (default ``scene.bands``: a
@@ -247,10 +277,8 @@ def plan_features(
     check_method_options(method, iters, radius, seed)
     stats = scene.guide_stats()
     feats = TileFeatures(backbone, stats)
-    reducer = None
-    if pca is not None:
-        reducer = PCA.fit(sample_features(scene, feats, tile=tile, aoi=aoi), pca,
-                          standardize=backbone.mixed_units)
+    reducer = scene_pca(scene, backbone, feats, pca, tile)
+    if reducer is not None:
         names = [f"pca_{i + 1}" for i in range(reducer.components.shape[0])]
     else:
         names = backbone.feature_names(len(scene.bands))
@@ -266,9 +294,10 @@ def plan_features(
             scene.bands if band_indexes is None else band_indexes, scene.band_names
         ),
         "geoupsample_stride": str(backbone.stride),
-        "geoupsample_pca": str(pca or 0),
-        **({"geoupsample_pca_scaling": "standardized" if backbone.mixed_units else "none"}
-           if pca else {}),
+        "geoupsample_pca": str(0 if reducer is None else reducer.components.shape[0]),
+        **({"geoupsample_pca_scaling": "none" if np.all(reducer.scale == 1)
+            else "standardized", "geoupsample_pca_fitted_on": reducer.about.get("scene", "")}
+           if reducer is not None else {}),
         "geoupsample_render": json.dumps(render),
     }
     params = {
@@ -281,7 +310,7 @@ def plan_features(
         "backbone": backbone.extra_repr(),
         "backbone_digest": backbone_digest(backbone),
         "stats": [stats.lo.tolist(), stats.hi.tolist()],
-        "pca": pca,
+        "pca": None if reducer is None else int(reducer.components.shape[0]),
         "pca_digest": None if reducer is None
         else array_digest(reducer.mean, reducer.scale, reducer.components),
         "render": render,
@@ -343,7 +372,7 @@ def features_raster(
     backbone: Backbone,
     *,
     bands: Sequence[int | str] | None = None,
-    pca: int | None = None,
+    pca: int | str | os.PathLike[str] | PCA | None = None,
     method: str = "gsjbu",
     iters: int = 50,
     radius: int = 3,
@@ -363,6 +392,7 @@ def features_raster(
     workers: int | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
     threads: int | None = None,
+    save_pca: str | os.PathLike[str] | None = None,
 ) -> tiling.RunReport:
     """Write the backbone's features of the scene, upsampled to full resolution.
 
@@ -372,8 +402,11 @@ def features_raster(
             GeoTIFF, or a Zarr store (variable ``features``) when it ends with ``.zarr``. It
             appears only when complete.
         backbone: from :func:`geoupsample.backbones.create`; it is given the chosen bands.
-        pca: reduce to this many components (PCA on a sample of the scene's LR features, from
-            the windows that touch the AOI when one is given).
+        pca: reduce to this many components (a PCA on a sample of the whole scene's LR
+            features, with an AOI too, so that adjacent AOIs' runs agree), or with a PCA
+            saved before (a :class:`~geoupsample.pca.PCA` or its file): one projection for
+            several runs and scenes.
+        save_pca: write the run's PCA there (JSON; ``pca=`` takes it back).
         method, iters, radius, seed, device: the upsampling (see :func:`geoupsample.upsample`).
         consistency: back-projection rounds of the render (None: the library default).
         tile, halo: tile core and overlap in pixels (rounded to the backbone's patch size).
@@ -401,7 +434,7 @@ def features_raster(
             tile=tile, halo=halo, bands=bands, dtype=dtype, compress=compress, cog=cog,
             blocksize=blocksize, aoi=aoi, aoi_crs=aoi_crs, resume=resume, scheduler=scheduler,
             device=device, seed=seed, consistency=consistency, workers=workers,
-            progress=progress)
+            progress=progress, save_pca=save_pca)
 
 
 def _features_raster(scene_path: Any, out_path: Any, backbone: Backbone, *, pca: Any,
@@ -410,7 +443,7 @@ def _features_raster(scene_path: Any, out_path: Any, backbone: Backbone, *, pca:
                      aoi_crs: Any, resume: bool, scheduler: Any, device: str | None, seed: int,
                      consistency: float | None, workers: int | None,
                      progress: Callable[[tiling.Progress], None] | None,
-                     ) -> tiling.RunReport:  # fmt: skip
+                     save_pca: Any = None) -> tiling.RunReport:  # fmt: skip
     """:func:`features_raster` within its threads."""
     check_device(device, local=scheduler is None)
     checked_overrides(method, consistency=consistency)  # refuse a bad value before any work
@@ -430,8 +463,11 @@ def _features_raster(scene_path: Any, out_path: Any, backbone: Backbone, *, pca:
         device=device,
         seed=seed,
         consistency=consistency,
-        aoi=geom,
     )
+    if save_pca is not None:
+        if plan.job.pca is None:
+            raise InputError("--save-pca needs a PCA to save: give --pca K (components)")
+        plan.job.pca.save(save_pca)
     spec = feature_output(
         out_path,
         scene,

@@ -444,7 +444,7 @@ def _on_scene_grid(arr: Any, scene: xr.DataArray, bands: Any, attrs: dict[str, A
 def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
              bands: Sequence[int | str] | None = None,
              model_bands: Sequence[int | str] | None = None,
-             pca: int | None = None, method: str = "gsjbu", iters: int = 50, radius: int = 3,
+             pca: Any = None, method: str = "gsjbu", iters: int = 50, radius: int = 3,
              tile: int = 512, halo: int = 64, device: str | None = None, seed: int = 0,
              consistency: float | None = None, aoi: Any = None, aoi_crs: Any = None,
              blocksize: int = 256, **backbone_options: Any) -> xr.DataArray:
@@ -488,7 +488,7 @@ def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
     bb = _backbone(backbone, sc, backbone_options, model_bands)
     geom = scene_aoi(aoi, aoi_crs, sc)
     plan = plan_features(sc, bb, pca=pca, method=method, iters=iters, radius=radius, tile=tile,
-                         device=device, seed=seed, consistency=consistency, aoi=geom,
+                         device=device, seed=seed, consistency=consistency,
                          band_indexes=idx)
     arr = _lazy(plan.job, sc, bb.stride, len(plan.names), tile, halo, blocksize, geom)
     attrs = {**plan.tags, "long_name": tuple(plan.names)}
@@ -540,9 +540,9 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
         NaN as nodata: the pixels of ``--probs-dtype float32``. Attributes:
         ``geoupsample_backbone``, ``geoupsample_bands`` (the chosen bands), ``class_names``...
     """
-    import dask.array as da
-
     import warnings
+
+    import dask.array as da
 
     from geoupsample.probe_selection import PoorProbeWarning
     from geoupsample.segmentation import (

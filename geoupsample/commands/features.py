@@ -94,9 +94,13 @@ def features_command(
     adapt_stem: opt.AdaptStemOption = False,
     cell_size: opt.CellSizeOption = 8,
     context: opt.ContextOption = 1,
-    pca: Annotated[
-        int | None, typer.Option(help="Reduce to K principal components (fitted on the scene).")
-    ] = None,
+    pca: Annotated[str | None, typer.Option(
+        metavar="K|FILE",
+        help="Reduce to K principal components, fitted on a sample of the whole scene (also "
+             "with --aoi, so that adjacent runs agree); or project with a PCA saved by "
+             "--save-pca (the same components for several runs and scenes).")] = None,
+    save_pca: Annotated[str | None, typer.Option(
+        metavar="FILE", help="Save the run's PCA (JSON) for --pca FILE.")] = None,
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
     radius: opt.RadiusOption = 3,
@@ -142,7 +146,8 @@ def features_command(
             out,
             bb,
             bands=list(sc.bands),  # indexes: --band-names are not in the file
-            pca=pca,
+            pca=pca_option(pca),
+            save_pca=save_pca,
             method=method.value,
             iters=iters,
             radius=radius,
@@ -173,6 +178,13 @@ def features_command(
 
 
 features_command.__doc__ = HELP
+
+
+def pca_option(value: str | None) -> int | str | None:
+    """``--pca``: a whole number of components, or a saved PCA's file."""
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
 
 
 def register(app: typer.Typer) -> None:
