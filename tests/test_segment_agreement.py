@@ -223,3 +223,21 @@ def test_path_options_and_saved_probes(tmp_path):
                      tmp_path / "d.tif", "--path", "pixels", "-q")
     assert code == 2 and "pixels" in text, text
     assert torch.get_num_threads() >= 1
+
+
+def test_a_scene_without_band_names_gets_a_note(tmp_path):
+    """Without band descriptions (and no --band-names) spectral computes no index: the command
+    says so and how to fix it."""
+    import shutil
+
+    bare = tmp_path / "bare.tif"
+    shutil.copy(ROTTERDAM, bare)
+    with rasterio.open(bare, "r+") as ds:
+        for i in range(1, ds.count + 1):
+            ds.set_band_description(i, "")
+    code, text = cli("segment", bare, "--labels", str(DATA / "rotterdam_labels.geojson"),
+                     "--class-field", "class", "-o", tmp_path / "o.tif", "--method", "bilinear",
+                     "--cell-size", "10", "--tile", "160", "--halo", "32")
+    assert code == 0, text
+    assert "note: the spectral backbone computed no NDVI" in text
+    assert "--band-names red,green,blue,nir" in text

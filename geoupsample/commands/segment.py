@@ -180,6 +180,9 @@ def segment_command(
         typer.echo(f"{report.prediction_path} path; {report.cv.summary()}", err=True)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
+    hint = index_hint(bb)
+    if hint and not quiet:
+        typer.echo(f"note: {hint}", err=True)
     if not quiet:
         shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in report.class_fractions.items())
         learnt = (f"probe fitted on {report.train_cells} labelled cells ({bb.stride} px)"
@@ -188,6 +191,21 @@ def segment_command(
                    err=True)
         if report.probs_path:
             typer.echo(f"probabilities: {report.probs_path}", err=True)
+
+
+def index_hint(backbone: Any) -> str | None:
+    """What to do when the spectral backbone found no band to compute an index from (a file
+    without band descriptions and no --band-names): the indices are its best features for
+    vegetation, water and built-up classes."""
+    from geoupsample.backbones.spectral import SpectralBackbone
+
+    if not isinstance(backbone, SpectralBackbone) or backbone.index_pairs:
+        return None
+    names = ", ".join(backbone.band_names or ()) or "unnamed"
+    return (f"the spectral backbone computed no NDVI, NDWI or NDBI: no red, green, nir or "
+            f"swir1 band among the band names ({names}). If the scene has them, name its "
+            "bands (--band-names red,green,blue,nir): vegetation, water and built-up classes "
+            "are learnt far better from the indices")
 
 
 segment_command.__doc__ = HELP
