@@ -185,7 +185,9 @@ def segment_command(
         typer.echo(f"note: {hint}", err=True)
     if not quiet:
         shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in report.class_fractions.items())
-        learnt = (f"probe fitted on {report.train_cells} labelled cells ({bb.stride} px)"
+        unit = ("pixels" if report.prediction_path == "features"
+                else f"cells ({bb.stride} px)")
+        learnt = (f"probe fitted on {report.train_cells} labelled {unit}"
                   if probe is None else f"probe from {os.fspath(probe)}")
         typer.echo(f"{learnt}; wrote {os.fspath(out)} in {report.run.seconds:.1f} s: {shares}",
                    err=True)
