@@ -19,6 +19,11 @@ few polygons drawn on clear examples are often separated perfectly by many candi
 then takes the fewest features and the strongest regularisation, which extrapolate most
 cautiously beyond what was drawn. The final probe is fitted on every sample with the winner.
 
+Its class scores are then multiplied by one *temperature*, the one that makes the held-out
+probabilities most likely (temperature scaling: strong regularisation leaves probabilities near
+uniform where the classes are in fact told apart well; the winning class of every sample is
+unchanged), so that the confidence band and the probabilities mean what they say.
+
 The winner's held-out accuracy, balanced accuracy and per-class recalls are reported; below
 :data:`POOR_ACCURACY` balanced accuracy a :class:`PoorProbeWarning` is issued, as users of
 classic classifiers expect from an accuracy assessment.
@@ -70,6 +75,7 @@ class CrossValidation:
     per_class: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)  # "<set> <decay>" -> balanced acc.
     chosen_by_cv: bool = True
+    temperature: float = 1.0
 
     @property
     def poor(self) -> bool:
@@ -86,7 +92,8 @@ class CrossValidation:
         return (f"held-out accuracy {100 * (self.accuracy or 0):.1f}%, balanced "
                 f"{100 * self.balanced_accuracy:.1f}% (recall: {recall}) over {self.folds} folds "
                 f"of {self.groups} labelled regions; weight decay {self.weight_decay:g} "
-                f"({how} cross-validation), features: {self.feature_set}")
+                f"({how} cross-validation), features: {self.feature_set}, temperature "
+                f"{self.temperature:.3g}")
 
     def warning(self) -> str | None:
         """The warning text when :attr:`poor`, else None."""
@@ -137,6 +144,37 @@ def group_folds(groups: np.ndarray, classes: np.ndarray, folds: int, seed: int =
         fold_of[members] = (start + np.arange(len(members))) % folds
         start += len(members)  # the next class starts where this one stopped
     return fold_of[inverse]
+
+
+#: Candidate temperatures (multipliers of the class scores).
+TEMPERATURES = np.geomspace(0.25, 64.0, 33)
+
+
+def temperature(proba: np.ndarray, target: np.ndarray, weight: np.ndarray) -> float:
+    """The multiplier of the class scores that maximises the weighted likelihood of the
+    held-out ``target [n, K]`` under ``proba [n, K]`` (softmax of ``T log p``), from
+    :data:`TEMPERATURES`."""
+    logp = np.log(np.clip(proba, 1e-12, 1.0))
+    best, best_loss = 1.0, np.inf
+    for t in TEMPERATURES:
+        z = t * logp
+        z = z - z.max(1, keepdims=True)
+        log_soft = z - np.log(np.exp(z).sum(1, keepdims=True))
+        loss = -float((weight * (target * log_soft).sum(1)).sum())
+        if loss < best_loss - 1e-12:
+            best, best_loss = float(t), loss
+    return best
+
+
+def _sample_weights(y: np.ndarray, balanced: bool) -> np.ndarray:
+    """The probe's weight of each sample: its labelled share, times its class weight."""
+    cover = y.sum(1)
+    if not balanced:
+        return cover
+    mass = y.sum(0)
+    present = max(int((mass > 0).sum()), 1)
+    cw = np.where(mass > 0, mass.sum() / (present * np.maximum(mass, 1e-12)), 0.0)
+    return cover * ((y / cover[:, None]) * cw).sum(1)
 
 
 def _fit(x: np.ndarray, y: np.ndarray, decay: float, class_weight: str | None, seed: int,
@@ -235,8 +273,13 @@ def select_probe(
         per_class=per_class,
         scores=scores,
         chosen_by_cv=weight_decay is None,
+        temperature=temperature(held_out[best], ys / cover[:, None],
+                                _sample_weights(ys, class_weight == "balanced")),
     )
-    return _final(x, y, sets[name], decay, class_weight, seed, classes, max_samples), cv
+    probe = _final(x, y, sets[name], decay, class_weight, seed, classes, max_samples)
+    assert probe.weight is not None and probe.bias is not None
+    probe.weight, probe.bias = probe.weight * cv.temperature, probe.bias * cv.temperature
+    return probe, cv
 
 
 def standard_error(per_fold: np.ndarray, accuracy: float, regions: int) -> float:

@@ -20,7 +20,12 @@ from typer.testing import CliRunner
 import geoupsample as gu
 import geoupsample.backbones as gb
 from geoupsample.cli import app
-from geoupsample.probe_selection import PoorProbeWarning, select_probe, standard_error
+from geoupsample.probe_selection import (
+    PoorProbeWarning,
+    select_probe,
+    standard_error,
+    temperature,
+)
 from geoupsample.segmentation import FeatureSegmentTile, plan_segment, segment_raster
 
 DATA = resources.files("geoupsample") / "data"
@@ -164,6 +169,21 @@ def test_cross_validation_prefers_the_simplest_of_the_best():
     assert cv.balanced_accuracy == 1.0 and cv.folds == 5 and not cv.poor
     assert probe.weight is not None and probe.weight.shape == (2, 6)
     assert float(probe.weight[:, 1:].abs().max()) == 0.0  # the other columns are unused
+    # strong regularisation leaves flat probabilities: the temperature sharpens them
+    assert cv.temperature > 1
+    p = probe.predict_proba(x.T[:, :, None].astype(np.float32))[:, :, 0].T
+    assert (p.argmax(1) == y).mean() > 0.99 and np.median(p.max(1)) > 0.9
+
+
+def test_temperature_fits_the_held_out_probabilities():
+    """Right but timid predictions are sharpened (T > 1), confident mistakes softened (T < 1)."""
+    target = np.eye(2)[np.r_[np.zeros(50, int), np.ones(50, int)]]
+    timid = np.where(target > 0, 0.6, 0.4)
+    weight = np.ones(100)
+    assert temperature(timid, target, weight) > 4
+    brash = np.where(target > 0, 0.99, 0.01)
+    brash[:30] = brash[:30, ::-1]  # 30% confidently wrong
+    assert temperature(brash, target, weight) < 0.5
 
 
 def test_poor_or_untested_probes_are_warned_about(tmp_path):
