@@ -229,9 +229,9 @@ def run(name: str, how: str, options: list[str], paths: list[str], methods: list
     for option in options:
         bb_opts, names, seg_opts = OPTIONS[option]
         for path in paths:
-            if option == "sharp" and path == "features":
-                continue  # the sharp render is the probabilities' option
             for method in methods:
+                if option == "sharp" and (path == "features" or method not in ("jbu", "gsjbu")):
+                    continue  # the sharp render is the probabilities' option, for kernels
                 with tempfile.TemporaryDirectory() as tmp:
                     scene, polys = write_inputs(test, sq, Path(tmp), names)
                     bb = backbone(option, test, names)

@@ -217,6 +217,37 @@ def relate_grids(lr_crs: CRS | None, lr_transform: Affine, lr_shape: tuple[int, 
                         Window(ox, oy, end_c - ox, end_r - oy), shift)  # type: ignore[arg-type]
 
 
+#: Largest scale (guide pixels per low-res pixel, per axis) the fitted methods take: beyond it
+#: a cell holds thousands of guide pixels and its kernels, fitted on a handful of cells,
+#: overshoot the values they upsample (x200 on a 3 x 3-cell raster gave -3.7..9.5 from 0..8).
+MAX_FITTED_SCALE = 64
+#: Fewest low-res cells per axis for the fitted methods without a warning: a kernel's
+#: neighbourhood (radius 3) spans 7.
+MIN_FITTED_CELLS = 8
+
+
+def check_fitted_scale(method: str, rel: GridRelation, lr_cells: tuple[int, int]) -> None:
+    """Refuse jbu/gsjbu above :data:`MAX_FITTED_SCALE`, and warn under
+    :data:`MIN_FITTED_CELLS` low-res cells on an axis (``lr_cells``: rows, cols over the
+    guide), saying what to do instead."""
+    if method not in ("jbu", "gsjbu"):
+        return
+    scale = max(float(s) for s in rel.scale)
+    if scale > MAX_FITTED_SCALE:
+        raise InputError(
+            f"a low-res pixel of {rel.scale_text} guide pixels is beyond what {method} takes (up "
+            f"to {MAX_FITTED_SCALE} per axis): its kernels would be fitted on cells of "
+            f"{scale:.0f} x {scale:.0f} pixels and overshoot; use --method bilinear, or bring "
+            "the guide nearer the low-res raster's resolution first (gdalwarp -tr)")
+    if min(lr_cells) < MIN_FITTED_CELLS:
+        import warnings
+
+        warnings.warn(
+            f"the low-res raster covers the guide with only {lr_cells[1]} x {lr_cells[0]} cells; "
+            f"{method}'s kernels span 7 cells and are fitted on too few to be reliable: check "
+            "the output's range, or use --method bilinear", UserWarning, stacklevel=3)
+
+
 def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,
                    hr_transform: Affine, hr_shape: tuple[int, int], warp: str | None,
                    ) -> tuple[GridRelation, Warp | None]:

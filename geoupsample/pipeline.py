@@ -45,7 +45,12 @@ from geoupsample.core.series import (
     stable_weight,
     warm_start,
 )
-from geoupsample.grids import GridRelation, overlap_window, relate_or_nest
+from geoupsample.grids import (
+    GridRelation,
+    check_fitted_scale,
+    overlap_window,
+    relate_or_nest,
+)
 from geoupsample.inputs import (
     InputError,
     any_valid,
@@ -329,7 +334,8 @@ def upsample_raster(
             the scale. For an exact match with a whole-array run of a local method the taper
             needs ``halo >= 2 x support`` (``blend="crop"``: ``halo >= support``); the support
             is 1 low-res pixel for bilinear, 2 for bicubic (6 with missing cells to fill), 0 for
-            nearest and about ``(radius + 1) x scale + 1`` guide pixels for jbu/gsjbu (so the
+            nearest and about ``(radius + 1) x scale + 1`` guide pixels for jbu/gsjbu, which
+            back-projection's rounds widen by a cell or two (so the
             default halo 64 is exact with the taper for jbu up to scale 7; at larger scales
             raise the halo, or the tiles differ from a whole-array run by tiny amounts in the
             ramps). With the default ``blend="auto"`` interpolations crop with the halo cut to
@@ -608,6 +614,7 @@ def _upsample_raster(
             plans.append(plan)
         _check_same_grid(plans)
         rel = plans[0].rel
+        check_fitted_scale(method, rel, plans[0].grid[1])
         blend, halo = tile_blend(blend, method, halo, rel.scale)
         hr_crs, hr_transform, hr_h, hr_w = hr.crs, hr.transform, hr.height, hr.width
         # interpolations use the guide only for its nodata mask: skip reading a guide that
@@ -869,7 +876,9 @@ def params_text(method: str, iters: int, radius: int, tile: int, halo: int, blen
     fit = f"iters={iters} radius={radius} seed={seed} " if method in ("gsjbu", "jbu") else ""
     if method == "jbu":
         fit = f"radius={radius} "
-    return f"{fit}tile={tile} halo={halo} blend={blend} guide_norm=scene_percentiles_1_99"
+    # the interpolations use the guide for its grid and nodata only: no normalisation to record
+    norm = " guide_norm=scene_percentiles_1_99" if method in ("gsjbu", "jbu") else ""
+    return f"{fit}tile={tile} halo={halo} blend={blend}{norm}"
 
 
 def _out_dtype(dtype: Any) -> str:

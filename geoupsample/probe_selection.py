@@ -131,7 +131,9 @@ def label_groups(labelled: np.ndarray, offset: int = 0) -> tuple[np.ndarray, int
 def group_folds(groups: np.ndarray, classes: np.ndarray, folds: int, seed: int = 0
                 ) -> np.ndarray:
     """Fold of every sample (``int64 [N]``): each group goes whole to one fold, the groups of
-    each class (a group's majority class) dealt round-robin in a seeded random order."""
+    each class (a group's majority class) dealt round-robin in a seeded random order. Classes
+    are dealt in the order of their first group, not of their index, so that the folds do not
+    depend on how the classes are named or numbered."""
     uniq, inverse = np.unique(groups, return_inverse=True)
     major = np.zeros(len(uniq), dtype=np.int64)
     for g in range(len(uniq)):
@@ -139,7 +141,9 @@ def group_folds(groups: np.ndarray, classes: np.ndarray, folds: int, seed: int =
     rng = np.random.default_rng(seed)
     fold_of = np.zeros(len(uniq), dtype=np.int64)
     start = 0
-    for k in np.unique(major):
+    classes_present = np.unique(major)
+    first_group = [int(np.flatnonzero(major == k)[0]) for k in classes_present]
+    for k in classes_present[np.argsort(first_group)]:
         members = rng.permutation(np.flatnonzero(major == k))
         fold_of[members] = (start + np.arange(len(members))) % folds
         start += len(members)  # the next class starts where this one stopped

@@ -44,7 +44,7 @@ from geoupsample.backbones import Backbone
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.core.series import STABLE_TOLERANCE, WARM_BLEND, WARM_ITERS
 from geoupsample.featuremaps import bands_tag, plan_features
-from geoupsample.grids import overlap_window, relate_or_nest
+from geoupsample.grids import check_fitted_scale, overlap_window, relate_or_nest
 from geoupsample.inputs import (
     InputError,
     array_guide_stats,
@@ -173,6 +173,7 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
     lr_t, hr_t = lowres.rio.transform(), guide.rio.transform()
     rel, nesting = relate_or_nest(lowres.rio.crs, lr_t, lowres.shape[1:], guide.rio.crs, hr_t,
                                   guide.shape[1:], warp)
+    check_fitted_scale(method, rel, tuple(lowres.shape[1:]))
     # the render is decided from the values as given, before any warp (as the CLI does)
     window = overlap_window(lr_t, lowres.shape[1:], guide.rio.bounds(), guide.rio.crs,
                             lowres.rio.crs)

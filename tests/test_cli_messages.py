@@ -131,3 +131,17 @@ def test_features_consistency_help_is_about_features() -> None:
     assert "1 for probabilities" in _help("upsample", "--consistency")
     code, text = cli("features", "--help")
     assert code == 0 and "1 for probabilities" not in " ".join(text.split())
+
+
+def test_the_cli_prints_warnings_as_one_clear_line(tmp_path):
+    """A warning (an interrupted run discarded, values clipped...) reads ``warning: ...`` on
+    stderr, not Python's ``file:line: Category: ...`` followed by a source line."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, geoupsample.cli as c\n"
+            "warnings.showwarning = c.show_warning\n"
+            "warnings.warn('out.tif: discarding an interrupted run (2 of 8 row bands)')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert res.stderr == "warning: out.tif: discarding an interrupted run (2 of 8 row bands)\n"

@@ -93,7 +93,8 @@ def test_upsample_bad_render_overrides(tmp_path: Path, extra: list[str], message
 
 def test_segment_sharp_render(tmp_path: Path) -> None:
     bb = gb.create("spectral", band_names=("red", "green", "blue", "nir"), cell_size=8)
-    common = dict(probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0)
+    common = dict(probs_dtype="float32", method="gsjbu", iters=2, tile=320, halo=0,
+                  path="probabilities")
     probs = {}
     for name, render in {"default": {}, "sharp": dict(consistency=0, min_sigma_r=0)}.items():
         rep = segment_raster(MS, LABELS, "class", tmp_path / f"{name}.tif", bb,
@@ -108,7 +109,7 @@ def test_segment_sharp_render(tmp_path: Path) -> None:
     assert np.abs(probs["sharp"] - probs["default"]).max() > 0.05
     with pytest.raises(InputError, match="only jbu and gsjbu use min_sigma_r"):
         segment_raster(MS, LABELS, "class", tmp_path / "x.tif", bb, method="bilinear",
-                       min_sigma_r=0.0)  # fmt: skip
+                       min_sigma_r=0.0, path="probabilities")  # fmt: skip
     assert not (tmp_path / "x.tif").exists()
 
 

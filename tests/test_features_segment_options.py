@@ -158,7 +158,8 @@ def test_segment_resume_refuses_another_probe(tmp_path, spectral) -> None:
     assert not os.path.exists(out)
     assert [n for n in os.listdir(tmp_path) if n.endswith(".partial.tif")]
     with pytest.raises(JournalMismatch, match="other inputs or parameters.*params"):
-        segment_raster(SCENE, LABELS, "class", out, spectral, weight_decay=0.1, resume=True, **run)
+        segment_raster(SCENE, LABELS, "class", out, spectral, weight_decay=0.037, resume=True,
+                       **run)  # not a cross-validation candidate: another probe
     rep = segment_raster(SCENE, LABELS, "class", out, spectral, resume=True, **run)
     assert rep.run.resumed_bands == 2 and rep.run.computed < rep.run.tiles
     ref = segment_raster(SCENE, LABELS, "class", tmp_path / "ref.tif", spectral, **run)

@@ -89,7 +89,8 @@ def test_a_pca_of_other_features_is_refused(tmp_path, spectral) -> None:
     saved = tmp_path / "pca.json"
     features_raster(SCENE, tmp_path / "a.tif", spectral, pca=3, save_pca=saved, **RUN)
     other = gb.create("spectral", cell_size=8, context=0)  # fewer features
-    with pytest.raises(InputError, match="fitted on 24 features of SpectralBackbone.*this run's backbone gives 12"):
+    with pytest.raises(InputError, match="fitted on 24 features of SpectralBackbone.*this "
+                       "run's backbone gives 12"):
         features_raster(SCENE, tmp_path / "b.tif", other, pca=saved, **RUN)
     assert not (tmp_path / "b.tif").exists()
     with pytest.raises(InputError, match="does not exist.*--save-pca"):

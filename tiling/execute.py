@@ -60,8 +60,8 @@ TileFunction = Callable[[TileContext], "np.ndarray | None"]
 @dataclass
 class Progress:
     """Passed to the progress callback after each tile: tiles done (computed or skipped) out of
-    ``total``, megapixels of output processed (the cores of the tiles done), and seconds since
-    start."""
+    ``total``, megapixels of output computed (the cores of the tiles computed; skipped tiles,
+    outside an AOI or already written, add none), and seconds since start."""
 
     done: int
     total: int
@@ -439,9 +439,10 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec | Outpu
                 yield t
             else:
                 state["skipped"] += 1
-                consume(t.id, None)
+                consume(t.id, None, computed=False)
 
-    def consume(tile_id: tuple[int, int], data: np.ndarray | None) -> None:
+    def consume(tile_id: tuple[int, int], data: np.ndarray | None,
+                computed: bool = True) -> None:  # fmt: skip
         for cell, values in acc.add(tile_id, data):
             if geom is not None:
                 inside = window_mask(geom, cell.window, output.transform)
@@ -455,8 +456,9 @@ def _run(fn: TileFunction, inputs: Mapping[str, Any], output: OutputSpec | Outpu
         del data
         trim_memory()
         state["done"] += 1
-        core = grid.get(*tile_id).core
-        state["core_mp"] += core.width * core.height / 1e6
+        if computed:  # skipped tiles (outside the AOI, or resumed) add no work
+            core = grid.get(*tile_id).core
+            state["core_mp"] += core.width * core.height / 1e6
         report()
 
     if max_in_flight is None:
@@ -521,8 +523,8 @@ def _warn_discarded(journal: Journal, path: str, partial_path: str, bands: int) 
     done, same = found
     how = ("with the same inputs and parameters: resume=True (--resume on the command line) "
            "would have continued it" if same else "with other inputs or parameters")
-    warnings.warn(f"{path}: discarding an interrupted run "
-                  f"of this output ({done} of {bands} row bands were finished, {how}); "
+    warnings.warn(f"{path}: discarding an interrupted run of this output ({done} of {bands} "
+                  f"row bands, about {done / max(1, bands):.0%} of it, were finished, {how}); "
                   "starting over", PartialRunDiscarded, stacklevel=4)
 
 

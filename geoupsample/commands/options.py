@@ -128,6 +128,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
             ValueError, TypeError)  # fmt: skip
 
 
+def rate_text(megapixels: float, seconds: float) -> str:
+    """``"12.4 MP, 0.85 MP/s"``; a slow run in kilopixels (``"0.3 MP, 41 kpx/s"``), not
+    ``0.00 MP/s``."""
+    rate = megapixels / seconds if seconds > 0 else 0.0
+    speed = f"{rate:.2f} MP/s" if rate >= 0.1 or rate == 0 else f"{rate * 1e3:.3g} kpx/s"
+    return f"{megapixels:.3g} MP, {speed}"
+
+
 class ProgressBar:
     """A tqdm bar on stderr fed by :class:`tiling.Progress` callbacks; it appears with the first
     tile (not before: an input error leaves no empty bar) and never when ``quiet``."""
@@ -147,8 +155,7 @@ class ProgressBar:
                             file=sys.stderr)  # fmt: skip
         self.bar.total = p.total
         self.bar.n = p.done
-        rate = p.megapixels / p.seconds if p.seconds > 0 else 0.0
-        self.bar.set_postfix_str(f"{p.megapixels:.1f} MP, {rate:.2f} MP/s", refresh=False)
+        self.bar.set_postfix_str(rate_text(p.megapixels, p.seconds), refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

@@ -25,11 +25,13 @@ HELP = (
     "bounded memory and appears at OUT only when complete (--resume continues an interrupted "
     "run).\n\n"
     "Grids: the low-res pixel must be a whole number or a simple fraction of guide pixels (4 "
-    "for 10 m on 2.5 m, 10/3 for 10 m on 3 m) in the same CRS, with the origins on the guide's "
-    "pixel lattice (within 0.05 guide pixels). A LOWRES on another grid (another CRS, a shifted "
-    "origin) is refused, or, "
-    "with --warp RESAMPLING, reprojected as it is read onto a grid of about its own pixel size "
-    "that nests in the guide's (a LOWRES whose grid nests is never warped).\n\n"
+    "for 10 m on 2.5 m, 10/3 for 10 m on 3 m) in the same CRS. Its origin may lie anywhere: "
+    "off the guide's pixel lattice by a fraction of a pixel (Landsat's 30 m bands on its 15 m "
+    "pan band: half a pan pixel), the grid is used as it is, cell centres where they are (the "
+    "geoupsample_grid_shift tag). A LOWRES on another grid (another CRS, a rotation, a scale "
+    "that is no simple fraction) is refused, or, with --warp RESAMPLING, reprojected as it is "
+    "read onto a grid of about its own pixel size that nests in the guide's (a LOWRES whose "
+    "grid nests is never warped).\n\n"
     "Time series: --series PAIRS (a CSV file, one date per line: date,lowres,guide or "
     "lowres,guide) instead of LOWRES... GUIDE upsamples each date's LOWRES onto its own GUIDE, "
     "the dates in order, each tile's kernels of a date starting from the same tile's of the "
@@ -136,8 +138,9 @@ def upsample_command(
     if not quiet:
         paths = report.extra.get("paths") or [os.fspath(out)]
         written = paths[0] if len(paths) == 1 else f"{len(paths)} outputs ({', '.join(paths)})"
-        typer.echo(f"wrote {written}: {report.megapixels:.1f} MP in {report.seconds:.1f} s "
-                   f"({report.mp_per_s:.2f} MP/s), {report.computed} tiles computed, "
+        typer.echo(f"wrote {written}: {report.seconds:.1f} s "
+                   f"({opt.rate_text(report.megapixels, report.seconds)}), "
+                   f"{report.computed} tiles computed, "
                    f"{report.skipped} skipped", err=True)
 
 
