@@ -372,6 +372,7 @@ def features_raster(
     backbone: Backbone,
     *,
     bands: Sequence[int | str] | None = None,
+    band_names: Sequence[str] | None = None,
     pca: int | str | os.PathLike[str] | PCA | None = None,
     method: str = "gsjbu",
     iters: int = 50,
@@ -397,7 +398,8 @@ def features_raster(
     """Write the backbone's features of the scene, upsampled to full resolution.
 
     Args:
-        scene_path: the image (any bands; ``bands`` chooses, 1-based or by description).
+        scene_path: the image (any bands; ``bands`` chooses, 1-based or by description;
+            ``band_names`` names all the file's bands, in file order, where it does not).
         out_path: output on the scene's grid, one band per feature (or PCA component): a
             GeoTIFF, or a Zarr store (variable ``features``) when it ends with ``.zarr``. It
             appears only when complete.
@@ -431,14 +433,15 @@ def features_raster(
     with cpu_threads(threads):
         return _features_raster(
             scene_path, out_path, backbone, pca=pca, method=method, iters=iters, radius=radius,
-            tile=tile, halo=halo, bands=bands, dtype=dtype, compress=compress, cog=cog,
-            blocksize=blocksize, aoi=aoi, aoi_crs=aoi_crs, resume=resume, scheduler=scheduler,
-            device=device, seed=seed, consistency=consistency, workers=workers,
-            progress=progress, save_pca=save_pca)
+            tile=tile, halo=halo, bands=bands, band_names=band_names, dtype=dtype,
+            compress=compress, cog=cog, blocksize=blocksize, aoi=aoi, aoi_crs=aoi_crs,
+            resume=resume, scheduler=scheduler, device=device, seed=seed,
+            consistency=consistency, workers=workers, progress=progress, save_pca=save_pca)
 
 
 def _features_raster(scene_path: Any, out_path: Any, backbone: Backbone, *, pca: Any,
                      method: str, iters: int, radius: int, tile: int, halo: int, bands: Any,
+                     band_names: Sequence[str] | None,
                      dtype: str, compress: str, cog: bool, blocksize: int, aoi: Any,
                      aoi_crs: Any, resume: bool, scheduler: Any, device: str | None, seed: int,
                      consistency: float | None, workers: int | None,
@@ -448,7 +451,7 @@ def _features_raster(scene_path: Any, out_path: Any, backbone: Backbone, *, pca:
     check_device(device, local=scheduler is None)
     checked_overrides(method, consistency=consistency)  # refuse a bad value before any work
     gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
-    scene = Scene.open(scene_path, bands)
+    scene = Scene.open(scene_path, bands, band_names=band_names)
     check_output_paths({"-o": out_path}, {"the scene": scene.path})
     check_feature_output(out_path, dtype, compress, cog)
     geom = scene_aoi(aoi, aoi_crs, scene)

@@ -65,6 +65,7 @@ from geoupsample import labels as gl
 from geoupsample.backbones import Backbone, BackboneError
 from geoupsample.backbones.spectral import SpectralBackbone
 from geoupsample.core.allocator import tune_allocator
+from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import (
     FeatureTile,
     TileFeatures,
@@ -90,7 +91,7 @@ from geoupsample.probe_selection import (
 )
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
-from geoupsample.workers import check_device, check_workers
+from geoupsample.workers import check_device, check_workers, within_threads
 from tiling.writer import to_cog
 
 #: How ``segment`` gets to every pixel's probabilities (see the module docstring).
@@ -266,7 +267,9 @@ def probability_render(
 ) -> dict[str, Any]:
     """``gu.upsample`` arguments for probabilities: the probability preset, unit scale (the same
     in every tile), with the given overrides (validated: :func:`checked_overrides`)."""
-    render: dict[str, Any] = {"kind": "probabilities", "self_guidance_scale": 1.0}
+    render: dict[str, Any] = {"kind": "probabilities"}
+    if method not in INTERPOLATIONS:  # the interpolations have no range term
+        render["self_guidance_scale"] = 1.0
     render.update(checked_overrides(method, consistency=consistency,
                                     self_guidance=self_guidance, min_sigma_r=min_sigma_r))
     return render
@@ -602,6 +605,7 @@ def hidden_probs_path(out_path: str) -> str:
     return os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.probs.tif")
 
 
+@within_threads
 def segment_raster(
     scene_path: str | os.PathLike[str],
     labels_path: str | os.PathLike[str] | gl.LabelPolygons | Any | None,
@@ -610,6 +614,7 @@ def segment_raster(
     backbone: Backbone,
     *,
     bands: Sequence[int | str] | None = None,
+    band_names: Sequence[str] | None = None,
     labels_crs: str | None = None,
     layer: str | None = None,
     probs_path: str | os.PathLike[str] | None = None,
@@ -636,6 +641,7 @@ def segment_raster(
     self_guidance: float | None = None,
     min_sigma_r: float | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     probe: str | os.PathLike[str] | LinearProbe | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
 ) -> SegmentReport:
@@ -643,7 +649,9 @@ def segment_raster(
     a probe fitted before (``probe``; ``labels_path`` and ``class_field`` None).
 
     Args:
-        scene_path: the image; ``bands`` chooses its bands (1-based or descriptions).
+        scene_path: the image; ``bands`` chooses its bands (1-based or descriptions);
+            ``band_names`` names the file's bands (all of them, in file order) where it does
+            not (the CLI's ``--band-names``; recorded in the ``geoupsample_bands`` tag).
         labels_path, class_field, labels_crs, layer: the polygons (any vector file GDAL reads,
             a GeoDataFrame, or :class:`~geoupsample.labels.LabelPolygons`), the attribute
             holding the class, their CRS if the file does not say, the layer (files with
@@ -682,6 +690,8 @@ def segment_raster(
             parameters; another backbone, probe or parameter is refused
             (:class:`tiling.JournalMismatch`).
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
+        workers, threads: tiles computed at once, and CPU threads of the run in all (as in
+            :func:`geoupsample.pipeline.upsample_raster`).
     """
     check_method_options(method, iters, radius, seed)
     check_workers(workers, scheduler)
@@ -693,7 +703,7 @@ def segment_raster(
     tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator
     if probs_dtype not in ("uint8", "float32"):
         raise InputError(f"probs dtype must be uint8 or float32, got {probs_dtype!r}")
-    scene = Scene.open(scene_path, bands)
+    scene = Scene.open(scene_path, bands, band_names=band_names)
     out_path = os.fspath(out_path)
     check_output_paths({"-o": out_path, "--probs": probs_path, "--save-probe": probe_path},
                        {"the scene": scene.path, "the labels": labels_path,

@@ -16,16 +16,20 @@ GB of imports). The default stays 1, inside the memory target.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from geoupsample.core.kernels import parse_device, resolve_device
 from tiling.writer import compression_threads
+
+T = TypeVar("T")
 
 
 def available_cores() -> int:
@@ -119,6 +123,20 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
     finally:
         _THREADS.pop()
         torch.set_num_threads(before)
+
+
+def within_threads(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a scene function with a ``threads`` parameter: it runs within
+    :func:`cpu_threads` of that argument (the function itself need not read it)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        threads = signature.bind_partial(*args, **kwargs).arguments.get("threads")
+        with cpu_threads(threads):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 @contextmanager

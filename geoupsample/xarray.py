@@ -2,8 +2,8 @@
 
 >>> import rioxarray
 >>> from geoupsample.xarray import upsample
->>> lr = rioxarray.open_rasterio("probs_10m.tif", chunks=True)
->>> guide = rioxarray.open_rasterio("image_2m.tif", chunks=True)
+>>> lr = rioxarray.open_rasterio("probs_10m.tif", chunks={"x": 1024, "y": 1024})
+>>> guide = rioxarray.open_rasterio("image_2m.tif", chunks={"x": 1024, "y": 1024})
 >>> hr = upsample(lr, guide, method="gsjbu", tile=1024, halo=64)   # lazy, on the guide's grid
 >>> hr.rio.to_raster("probs_2m.tif")     # same pixels as `geoupsample upsample ... --dtype float32`
 
@@ -16,7 +16,7 @@ agree exactly.
 ``geoupsample segment`` and ``geoupsample predict`` on a scene DataArray (lazy too; the PCA and
 the probe are fitted, and the model checked, when called)::
 
-    scene = rioxarray.open_rasterio("scene.tif", chunks=True)
+    scene = rioxarray.open_rasterio("scene.tif", chunks={"x": 1024, "y": 1024})
     feats = features(scene, "timm:resnet18", weights="w.safetensors", layer=2,
                      bands=["red", "green", "blue"], pca=8)
     classes = segment(scene, "polygons.geojson", "class", "spectral", cell_size=8)

@@ -145,3 +145,75 @@ def test_the_cli_prints_warnings_as_one_clear_line(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)  # fmt: skip
     assert res.stderr == "warning: out.tif: discarding an interrupted run (2 of 8 row bands)\n"
+
+
+def test_halo_help_of_features_and_segment_is_about_them() -> None:
+    """upsample's --halo help speaks of its interpolations' crop; features' and segment's of
+    the backbone's context and the blended overlaps."""
+    assert "interpolations" in _help("upsample", "--halo")
+    for command in ("features", "segment"):
+        text = _help(command, "--halo")
+        assert "interpolations" not in text and "backbone" in text and "blended" in text
+
+
+@pytest.mark.parametrize("command", ["upsample", "features", "segment", "predict", "demo"])
+def test_every_scene_command_takes_threads(command: str) -> None:
+    group = typer.main.get_command(app)
+    params = group.commands[command].params  # type: ignore[attr-defined]
+    assert any("--threads" in p.opts for p in params)
+
+
+def _lowres_of(guide: str, out: Path, factor: int) -> None:
+    """A low-res raster of ``guide``'s first band averaged over ``factor``² cells."""
+    with rasterio.open(guide) as src:
+        a = src.read(1).astype("float32")
+        h, w = a.shape[0] // factor, a.shape[1] // factor
+        lr = a[: h * factor, : w * factor].reshape(h, factor, w, factor).mean((1, 3))
+        profile = dict(driver="GTiff", width=w, height=h, count=1, dtype="float32",
+                       crs=src.crs, transform=src.transform * src.transform.scale(factor))
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(lr, 1)
+
+
+def test_a_fitted_scale_beyond_the_limit_is_refused_and_few_cells_warned(tmp_path) -> None:
+    """x100 (3 x 3 cells of the 300 px pan-sized scene): jbu/gsjbu refused with the limit and
+    the fix, nothing written; bilinear runs. x50 (6 x 6 cells): a warning, the run completes."""
+    from geoupsample.grids import MAX_FITTED_SCALE
+
+    lr100, lr50 = tmp_path / "lr100.tif", tmp_path / "lr50.tif"
+    _lowres_of(SCENE, lr100, 100)
+    _lowres_of(SCENE, lr50, 50)
+    out = tmp_path / "o.tif"
+    code, text = cli("upsample", lr100, SCENE, "-o", out, "--method", "gsjbu", "-q")
+    assert code == 2, text
+    assert f"up to {MAX_FITTED_SCALE} per axis" in text and "--method bilinear" in text
+    assert not out.exists()
+    code, text = cli("upsample", lr100, SCENE, "-o", out, "--method", "bilinear", "-q")
+    assert code == 0 and out.exists(), text
+    with pytest.warns(UserWarning, match="only 6 x 6 cells"):
+        from geoupsample.pipeline import upsample_raster
+
+        upsample_raster(str(lr50), SCENE, str(tmp_path / "j.tif"), method="jbu")
+    assert (tmp_path / "j.tif").exists()
+
+
+def test_segment_records_the_band_names_it_was_given(tmp_path) -> None:
+    """--band-names on a file without band descriptions: the geoupsample_bands tag holds them,
+    not band1..bandN; -m nearest records no self_guidance_scale (no range term)."""
+    import json
+
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(SCENE) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(plain, "w", **profile) as dst:
+        dst.write(data)  # no descriptions
+    out = tmp_path / "s.tif"
+    code, text = cli("segment", plain, "--labels", LABELS, "--class-field", "class", "-o", out,
+                     "--band-names", "red,green,blue,nir", "--cell-size", "10",
+                     "--method", "nearest", "--path", "probabilities", "--tile", "160",
+                     "--halo", "32", "--threads", "1", "-q")  # fmt: skip
+    assert code == 0, text
+    with rasterio.open(out) as ds:
+        tags = ds.tags()
+    assert json.loads(tags["geoupsample_bands"])["names"] == ["red", "green", "blue", "nir"]
+    assert "self_guidance_scale" not in json.loads(tags["geoupsample_render"])

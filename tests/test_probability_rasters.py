@@ -96,8 +96,9 @@ def test_nodata_equal_to_the_unit_marks_cells_not_certain_classes(tmp_path, meth
 
     from geoupsample.xarray import upsample
 
-    lazy = upsample(rioxarray.open_rasterio(lr, chunks=True),
-                    rioxarray.open_rasterio(GUIDE, chunks=True), method=method, tile=160,
+    chunks = {"x": 512, "y": 512}
+    lazy = upsample(rioxarray.open_rasterio(lr, chunks=chunks),
+                    rioxarray.open_rasterio(GUIDE, chunks=chunks), method=method, tile=160,
                     halo=32, keep_missing=True)
     np.testing.assert_allclose(lazy.values, f, atol=1e-3)  # the xarray API reads them alike
 

@@ -290,7 +290,7 @@ def test_series_refuses_bad_input(series, tmp_path) -> None:
 
 
 def _stack(paths: list[str], dates: list[str]) -> xr.DataArray:
-    arrays = [rioxarray.open_rasterio(p, chunks=True) for p in paths]
+    arrays = [rioxarray.open_rasterio(p, chunks={"x": 128, "y": 128}) for p in paths]
     stack = xr.concat(arrays, dim="time").assign_coords(time=np.array(dates, "datetime64[ns]"))
     return stack.rio.write_crs(arrays[0].rio.crs).rio.write_transform(arrays[0].rio.transform())
 

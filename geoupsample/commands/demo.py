@@ -29,6 +29,7 @@ import typer
 from rasterio.transform import Affine
 
 import geoupsample as gu
+from geoupsample.commands.options import ThreadsOption
 
 SCALE = 8
 
@@ -224,8 +225,9 @@ def register(app: typer.Typer) -> None:
     def demo(
         out: Path = typer.Option(Path("geoupsample-demo"), "-o", "--out", help="Output folder."),
         iters: int = typer.Option(50, help="Adam steps of the GSJBU fit."),
+        threads: ThreadsOption = None,
     ) -> None:
         """Guided upsampling on the bundled sample (offline): writes GeoTIFFs and a quicklook."""
         from geoupsample.commands.options import run_command
 
-        run_command("demo", True, lambda _: run_demo(out, iters=iters))
+        run_command("demo", True, lambda _: run_demo(out, iters=iters), threads)

@@ -106,7 +106,7 @@ def features_command(
     radius: opt.RadiusOption = 3,
     consistency: opt.FeatureConsistencyOption = None,
     tile: opt.TileOption = 512,
-    halo: opt.HaloOption = 64,
+    halo: opt.FeatureHaloOption = 64,
     dtype: Annotated[
         FeatureDtype, typer.Option(help="Output dtype (float16: half the size, ~3 digits).")
     ] = FeatureDtype.float32,
@@ -146,6 +146,7 @@ def features_command(
             out,
             bb,
             bands=list(sc.bands),  # indexes: --band-names are not in the file
+            band_names=opt.split(band_names),
             pca=pca_option(pca),
             save_pca=save_pca,
             method=method.value,

@@ -61,6 +61,10 @@ HaloOption = Annotated[int, typer.Option(
     help="Context and blend width around each tile (output pixels). upsample's "
          "interpolations use only what their support needs and crop instead of blending "
          "(the same pixels as one whole-array run).")]
+FeatureHaloOption = Annotated[int, typer.Option(
+    "--halo", help="Context and blend width around each tile (output pixels): the backbone and "
+                   "the fit see this much beyond the tile, and neighbouring tiles' overlaps are "
+                   "blended (raised cosine), so that no seam shows.")]
 CompressOption = Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")]
 CogOption = Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")]
 BlocksizeOption = Annotated[int, typer.Option(

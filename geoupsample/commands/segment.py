@@ -106,7 +106,7 @@ def segment_command(
     self_guidance: opt.SelfGuidanceOption = None,
     min_sigma_r: opt.MinSigmaROption = None,
     tile: opt.TileOption = 512,
-    halo: opt.HaloOption = 64,
+    halo: opt.FeatureHaloOption = 64,
     compress: opt.CompressOption = "deflate",
     cog: opt.CogOption = False,
     blocksize: opt.BlocksizeOption = 256,
@@ -115,6 +115,7 @@ def segment_command(
     resume: opt.ResumeOption = False,
     scheduler: opt.SchedulerOption = None,
     workers: opt.WorkersOption = None,
+    threads: opt.ThreadsOption = None,
     device: opt.DeviceOption = None,
     quiet: opt.QuietOption = False,
 ) -> None:
@@ -142,6 +143,7 @@ def segment_command(
             out,
             bb,
             bands=list(sc.bands),  # indexes: --band-names are not in the file
+            band_names=opt.split(band_names),
             labels_crs=labels_crs,
             layer=layer_name,
             probs_path=probs,
@@ -174,7 +176,7 @@ def segment_command(
 
     with warnings.catch_warnings():  # printed below, once, without a source line
         warnings.simplefilter("ignore", PoorProbeWarning)
-        bb, report = opt.run_command("segment", quiet, work)
+        bb, report = opt.run_command("segment", quiet, work, threads)
     warning = report.cv.warning() if report.cv is not None and probe is None else None
     if not quiet and report.cv is not None and probe is None:
         typer.echo(f"{report.prediction_path} path; {report.cv.summary()}", err=True)
