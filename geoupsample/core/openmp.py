@@ -5,8 +5,10 @@ OpenMP, whose idle threads by default spin for a while before they sleep. A fit 
 short parallel regions with serial work, so its threads spin a good part of the time; alone
 on the machine that costs nothing, but beside another job the spinning threads take the cores
 the other job's working threads need. Measured on the 2-core development machine,
-``geoupsample upsample`` (gsjbu, 4096², benchmarks/_data): alone 22.6 s spinning against 20.8 s
-passive; two runs side by side 55.4 s each spinning (2.45x alone) against 34.8 s passive.
+``python benchmarks/threads.py -n 3`` (``geoupsample upsample``, gsjbu, 4096² at x8, medians):
+alone 22.6 s spinning against 20.9 s passive; two runs side by side 55.4 s each spinning (2.45x
+one run alone) against 36.1 s passive (1.72x; a fair share of two cores is 2x); beside two
+busy-looping processes 51.9 s against 37.2 s.
 
 :func:`prefer_passive_waits` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets a
 policy already (yours wins: ``OMP_WAIT_POLICY=ACTIVE`` restores spinning). GNU OpenMP reads it
