@@ -496,8 +496,7 @@ def plan_segment(
             p = job.n_pixel if isinstance(job, FeatureSegmentTile) else 0
             layout.update(pixel=p, cells=x.shape[1] - p)
             if p:  # simplest first (see geoupsample.probe_selection)
-                n_idx = len(backbone.index_pairs) if isinstance(
-                    backbone, SpectralBackbone) else 0
+                n_idx = p - len(scene.bands)  # the pixel's bands, then its indices
                 sets = {"pixel": np.arange(p), "pixel+cells": np.arange(x.shape[1])}
                 if n_idx:
                     sets = {"pixel indices": np.arange(p - n_idx, p), **sets}

@@ -330,3 +330,23 @@ def test_channels_last_stages_are_transposed(tile: np.ndarray) -> None:
     with torch.no_grad():
         nhwc = bb.model((x[None] - bb.mean) / bb.std)[-1]
     torch.testing.assert_close(out, nhwc[0].permute(2, 0, 1))
+
+
+def test_spectral_pixel_features_without_band_names_hold_every_band_pair_ratio():
+    """No identified index band: the pixel features are the bands and the normalised difference
+    of every band pair (NDVI of bands 1 and 4 among them, up to sign); named bands keep their
+    named indices and no pairs; more than MAX_PAIR_BANDS bands get no pairs."""
+    from geoupsample.backbones.spectral import MAX_PAIR_BANDS, SpectralBackbone
+
+    x = torch.rand(4, 6, 5) + 0.1
+    plain = SpectralBackbone(in_chans=4)
+    names = plain.pixel_feature_names(4)
+    assert names[:4] == ["band1", "band2", "band3", "band4"] and len(names) == 4 + 6
+    f = plain.pixel_features(x)
+    assert f.shape == (10, 6, 5)
+    ndvi = (x[3] - x[0]) / (x[3] + x[0])
+    k = names.index("nd_band1_band4")
+    torch.testing.assert_close(f[k], -ndvi, rtol=1e-5, atol=1e-6)
+    named = SpectralBackbone(band_names=("red", "green", "blue", "nir"))
+    assert named.pixel_feature_names() == ["red", "green", "blue", "nir", "ndvi", "ndwi"]
+    assert SpectralBackbone(in_chans=MAX_PAIR_BANDS + 1).band_pairs(MAX_PAIR_BANDS + 1) == []

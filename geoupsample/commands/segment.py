@@ -207,9 +207,10 @@ def index_hint(backbone: Any) -> str | None:
         return None
     names = ", ".join(backbone.band_names or ()) or "unnamed"
     return (f"the spectral backbone computed no NDVI, NDWI or NDBI: no red, green, nir or "
-            f"swir1 band among the band names ({names}). If the scene has them, name its "
-            "bands (--band-names red,green,blue,nir): vegetation, water and built-up classes "
-            "are learnt far better from the indices")
+            f"swir1 band among the band names ({names}); the map used the normalised "
+            "differences of every band pair instead. If the scene has those bands, name them "
+            "(--band-names red,green,blue,nir): vegetation, water and built-up classes are "
+            "learnt better from the indices themselves")
 
 
 segment_command.__doc__ = HELP
