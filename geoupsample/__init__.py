@@ -13,6 +13,7 @@ from geoupsample.core.guide import GuideStats, guide_stats
 from geoupsample.core.kernels import Kernels, fit
 from geoupsample.core.methods import list_methods, register_method, upsample
 from geoupsample.core.series import fit_series, render_series
+from geoupsample.options import OutputOptions, RenderOptions, TilingOptions
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,9 @@ __all__ = [
     "METHODS",
     "GuideStats",
     "Kernels",
+    "OutputOptions",
+    "RenderOptions",
+    "TilingOptions",
     "__version__",
     "fit",
     "fit_series",

@@ -44,6 +44,12 @@ from geoupsample.inputs import (
     check_output_paths,
     is_zarr_path,
 )
+from geoupsample.options import (
+    OutputOptions,
+    RenderOptions,
+    TilingOptions,
+    takes_option_groups,
+)
 from geoupsample.pca import PCA
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
@@ -366,6 +372,7 @@ def feature_output(
     return tiling.OutputSpec(os.fspath(out_path), cog=cog, **common)
 
 
+@takes_option_groups(TilingOptions, OutputOptions, RenderOptions)
 def features_raster(
     scene_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -394,6 +401,9 @@ def features_raster(
     progress: Callable[[tiling.Progress], None] | None = None,
     threads: int | None = None,
     save_pca: str | os.PathLike[str] | None = None,
+    tiling_options: TilingOptions | None = None,
+    output_options: OutputOptions | None = None,
+    render_options: RenderOptions | None = None,
 ) -> tiling.RunReport:
     """Write the backbone's features of the scene, upsampled to full resolution.
 
@@ -427,6 +437,10 @@ def features_raster(
             working memory, see :mod:`geoupsample.workers`).
         threads: CPU threads of the run in all (default: the CPUs this process may use, its
             affinity and cgroup quota; see :func:`geoupsample.workers.available_cores`).
+        tiling_options, output_options, render_options: these options as groups
+            (:mod:`geoupsample.options`; of the render only ``consistency``): a field given
+            (not None) counts as the keyword of its name; the keyword given too with another
+            value, or a field not taken, is an :class:`~geoupsample.inputs.InputError`.
     """
     check_method_options(method, iters, radius, seed)
     check_workers(workers, scheduler)

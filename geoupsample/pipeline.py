@@ -65,6 +65,12 @@ from geoupsample.inputs import (
     scene_guide_stats,
     select_bands,
 )
+from geoupsample.options import (
+    OutputOptions,
+    RenderOptions,
+    TilingOptions,
+    takes_option_groups,
+)
 from geoupsample.render_settings import (
     SceneRender,
     declared_unit,
@@ -276,6 +282,7 @@ def _tile_guide(ctx: tiling.TileContext, name: str, shape: tuple[int, int]) -> n
     return np.zeros((1, *shape), np.float32) if g is None else g
 
 
+@takes_option_groups(TilingOptions, OutputOptions, RenderOptions)
 def upsample_raster(
     lowres_path: str | os.PathLike | Sequence[str | os.PathLike],
     guide_path: str | os.PathLike,
@@ -308,6 +315,10 @@ def upsample_raster(
     keep_missing: bool = False,
     progress: Callable[[tiling.Progress], None] | None = None,
     _series: SeriesOptions | None = None,
+    *,
+    tiling_options: TilingOptions | None = None,
+    output_options: OutputOptions | None = None,
+    render_options: RenderOptions | None = None,
 ) -> tiling.RunReport:
     """Upsample the low-res raster at ``lowres_path`` onto the grid of ``guide_path``; or
     several low-res rasters on one grid in one pass (each tile fitted once, every raster
@@ -388,6 +399,12 @@ def upsample_raster(
         progress: callback receiving :class:`tiling.Progress` after each tile.
         _series: a time series (:func:`geoupsample.time_series.upsample_series`, which sets
             it): ``guide_path`` is then each raster's own guide.
+        tiling_options, output_options, render_options: the same options as groups
+            (:class:`~geoupsample.options.TilingOptions`: ``tile`` ... ``aoi_crs``;
+            :class:`~geoupsample.options.OutputOptions`: ``dtype``, ``compress``, ``cog``;
+            :class:`~geoupsample.options.RenderOptions`: ``kind`` ... ``min_sigma_r``): a
+            field given (not None) counts as the keyword of its name; the keyword given too
+            with another value is an :class:`~geoupsample.inputs.InputError`.
 
     Returns:
         :class:`tiling.RunReport`. The output has the guide's CRS and transform, nodata (the

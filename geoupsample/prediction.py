@@ -40,6 +40,12 @@ import tiling
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import bands_tag
 from geoupsample.inputs import InputError, check_method_options, check_output_paths, is_zarr_path
+from geoupsample.options import (
+    OutputOptions,
+    RenderOptions,
+    TilingOptions,
+    takes_option_groups,
+)
 from geoupsample.pipeline import params_text
 from geoupsample.scenes import AnyScene, Scene, scene_aoi
 from geoupsample.segmentation import (
@@ -458,6 +464,12 @@ def file_packing(scene: Scene) -> tuple[list[float], list[float]] | None:
     return scales, offsets
 
 
+#: Parameters of :func:`predict_raster` that :func:`_predict_raster` does not take: the threads
+#: it runs within, and the option groups (expanded into their keywords before the call).
+_NOT_PASSED = ("threads", "tiling_options", "output_options", "render_options")
+
+
+@takes_option_groups(TilingOptions, OutputOptions, RenderOptions)
 def predict_raster(
     scene_path: str | os.PathLike[str],
     model: str | os.PathLike[str] | SegmentationModel,
@@ -496,6 +508,9 @@ def predict_raster(
     device: str | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
     threads: int | None = None,
+    tiling_options: TilingOptions | None = None,
+    output_options: OutputOptions | None = None,
+    render_options: RenderOptions | None = None,
 ) -> PredictReport:
     """Class probabilities of the user's model over a scene (see the module docstring).
 
@@ -527,12 +542,16 @@ def predict_raster(
             as for the other whole-scene commands (tiles aligned to the model's output cells).
         threads: CPU threads of the run in all, the model's included (default: the CPUs this
             process may use; :func:`geoupsample.workers.available_cores`).
+        tiling_options, output_options, render_options: these options as groups
+            (:mod:`geoupsample.options`; every field but ``kind``): a field given (not None)
+            counts as the keyword of its name; the keyword given too with another value, or a
+            field not taken, is an :class:`~geoupsample.inputs.InputError`.
 
     Returns:
         :class:`PredictReport`.
     """
     check_workers(workers, scheduler)
-    args = {k: v for k, v in locals().items() if k != "threads"}
+    args = {k: v for k, v in locals().items() if k not in _NOT_PASSED}
     with cpu_threads(threads if threads is not None else available_cores()):
         return _predict_raster(**args)
 

@@ -82,6 +82,12 @@ from geoupsample.inputs import (
     check_output_paths,
     is_zarr_path,
 )
+from geoupsample.options import (
+    OutputOptions,
+    RenderOptions,
+    TilingOptions,
+    takes_option_groups,
+)
 from geoupsample.pipeline import params_text
 from geoupsample.probe_selection import (
     CrossValidation,
@@ -604,6 +610,7 @@ def hidden_probs_path(out_path: str) -> str:
     return os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.probs.tif")
 
 
+@takes_option_groups(TilingOptions, OutputOptions, RenderOptions)
 @within_threads
 def segment_raster(
     scene_path: str | os.PathLike[str],
@@ -643,6 +650,9 @@ def segment_raster(
     threads: int | None = None,
     probe: str | os.PathLike[str] | LinearProbe | None = None,
     progress: Callable[[tiling.Progress], None] | None = None,
+    tiling_options: TilingOptions | None = None,
+    output_options: OutputOptions | None = None,
+    render_options: RenderOptions | None = None,
 ) -> SegmentReport:
     """Segment a scene from labelled polygons (see the module docstring for the steps), or with
     a probe fitted before (``probe``; ``labels_path`` and ``class_field`` None).
@@ -691,6 +701,10 @@ def segment_raster(
         scheduler: dask.distributed ``Client`` or scheduler address (default: local threads).
         workers, threads: tiles computed at once, and CPU threads of the run in all (as in
             :func:`geoupsample.pipeline.upsample_raster`).
+        tiling_options, output_options, render_options: these options as groups
+            (:mod:`geoupsample.options`; every field but ``dtype`` and ``kind``): a field given
+            (not None) counts as the keyword of its name; the keyword given too with another
+            value, or a field not taken, is an :class:`~geoupsample.inputs.InputError`.
     """
     check_method_options(method, iters, radius, seed)
     check_workers(workers, scheduler)
@@ -739,7 +753,8 @@ def segment_raster(
     if probe_path is not None:
         plan.probe.save(probe_path)
     if plan.cv is not None and labels is not None and plan.cv.warning():
-        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=2)
+        # stacklevel: the caller's line, above the wrappers of the option groups and threads
+        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=4)
 
     from geoupsample import __version__
 

@@ -25,6 +25,7 @@ from typing import Any
 import tiling
 from geoupsample.core.series import STABLE_TOLERANCE, WARM_ITERS
 from geoupsample.inputs import InputError
+from geoupsample.options import OutputOptions, RenderOptions, TilingOptions
 from geoupsample.pipeline import SeriesOptions, upsample_raster
 
 
@@ -106,6 +107,10 @@ def upsample_series(
     out_path: str | os.PathLike,
     warm_iters: int = WARM_ITERS,
     stable_tolerance: float = STABLE_TOLERANCE,
+    *,
+    tiling_options: TilingOptions | None = None,
+    output_options: OutputOptions | None = None,
+    render_options: RenderOptions | None = None,
     **kwargs: Any,
 ) -> tiling.RunReport:
     """Upsample each date's low-res raster onto its own guide, the dates' kernels fitted in
@@ -121,6 +126,9 @@ def upsample_series(
         stable_tolerance: guide change (largest band's, in units of the previous date's robust
             range) at which a pixel's output keeps ``exp(-1)`` of the previous date's detail
             (:func:`~geoupsample.core.series.stable_weight`); 0: each date rendered alone.
+        tiling_options, output_options, render_options: the options of
+            :mod:`geoupsample.options` as groups, as in
+            :func:`~geoupsample.pipeline.upsample_raster`.
         **kwargs: as :func:`geoupsample.pipeline.upsample_raster` (``method``, ``iters``,
             ``tile``, ``aoi``, ``resume``, ``scheduler``...).
 
@@ -137,4 +145,6 @@ def upsample_series(
     options = SeriesOptions(tuple(d.date for d in series) if series[0].date else None,
                             int(warm_iters), float(stable_tolerance))  # fmt: skip
     return upsample_raster([d.lowres for d in series], [d.guide for d in series],  # type: ignore[arg-type]
-                           out_path, _series=options, **kwargs)
+                           out_path, _series=options, tiling_options=tiling_options,
+                           output_options=output_options, render_options=render_options,
+                           **kwargs)  # fmt: skip

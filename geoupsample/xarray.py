@@ -53,6 +53,7 @@ from geoupsample.inputs import (
     model_band_choice,
     select_bands,
 )
+from geoupsample.options import RenderOptions, TilingOptions, takes_option_groups
 from geoupsample.pipeline import LowresPart, UpsampleTile, read_context, tile_blend, warp_text
 from geoupsample.render_settings import declared_unit, lowres_sample, scene_render
 from geoupsample.scenes import ArrayScene, check_not_rotated, scene_aoi
@@ -98,6 +99,7 @@ def _north_up(a: xr.DataArray, y: str, x: str) -> xr.DataArray:
     return a.rio.write_transform(a.rio.transform(recalc=True))
 
 
+@takes_option_groups(TilingOptions, RenderOptions)
 def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              tile: int = 1024, halo: int = 64, iters: int = 50, radius: int = 3,
              device: str | None = None, seed: int = 0, blend: str = "auto",
@@ -106,7 +108,9 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
              min_sigma_r: float | None = None, warp: str | None = None,
              keep_missing: bool = False, warm_iters: int = WARM_ITERS,
              stable_tolerance: float = STABLE_TOLERANCE, _parts: int = 1,
-             _guides: Sequence[xr.DataArray] | None = None) -> xr.DataArray:
+             _guides: Sequence[xr.DataArray] | None = None, *,
+             tiling_options: TilingOptions | None = None,
+             render_options: RenderOptions | None = None) -> xr.DataArray:
     """Upsample ``lowres`` onto ``guide``'s grid; returns a lazy dask-backed DataArray.
 
     Args:
@@ -137,6 +141,10 @@ def upsample(lowres: xr.DataArray, guide: xr.DataArray, method: str = "gsjbu",
         warm_iters: a time series' gsjbu fit steps of each date after the first.
         stable_tolerance: a time series' guide change under which a date's output is carried
             forward from the date before (:func:`geoupsample.time_series.upsample_series`).
+        tiling_options, render_options: options as groups (:mod:`geoupsample.options`; of the tiling
+            ``tile``, ``halo``, ``blocksize``, ``aoi``, ``aoi_crs``; of the render all): a field
+            given (not None) counts as the keyword of its name; the keyword given too with another
+            value, or a field not taken, is an :class:`~geoupsample.inputs.InputError`.
 
     Returns:
         float32 ``[band, y, x]`` on the guide's coordinates with its CRS and transform, NaN as
@@ -442,13 +450,16 @@ def _on_scene_grid(arr: Any, scene: xr.DataArray, bands: Any, attrs: dict[str, A
     return out.rio.write_nodata(nodata, encoded=False)
 
 
+@takes_option_groups(TilingOptions, RenderOptions)
 def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
              bands: Sequence[int | str] | None = None,
              model_bands: Sequence[int | str] | None = None,
              pca: Any = None, method: str = "gsjbu", iters: int = 50, radius: int = 3,
              tile: int = 512, halo: int = 64, device: str | None = None, seed: int = 0,
              consistency: float | None = None, aoi: Any = None, aoi_crs: Any = None,
-             blocksize: int = 256, **backbone_options: Any) -> xr.DataArray:
+             blocksize: int = 256, tiling_options: TilingOptions | None = None,
+             render_options: RenderOptions | None = None,
+             **backbone_options: Any) -> xr.DataArray:
     """Backbone features of ``scene`` upsampled to its grid; a lazy dask-backed DataArray.
 
     The same tiles, blended the same way, as :func:`geoupsample.featuremaps.features_raster`
@@ -475,6 +486,11 @@ def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
         pca, method, iters, radius, tile, halo, device, seed, consistency, aoi, aoi_crs: as in
             :func:`~geoupsample.featuremaps.features_raster`.
         blocksize: output chunk size (the block size of the file you will write).
+        tiling_options, render_options: options as groups (:mod:`geoupsample.options`; of the tiling
+            ``tile``, ``halo``, ``blocksize``, ``aoi``, ``aoi_crs``; of the render only
+            ``consistency``): a field given (not None) counts as the keyword of its name; the
+            keyword given too with another value, or a field not taken, is an
+            :class:`~geoupsample.inputs.InputError`.
 
     Returns:
         float32 ``[band, y, x]`` on the scene's coordinates with its CRS and transform, NaN as
@@ -496,6 +512,7 @@ def features(scene: xr.DataArray, backbone: Backbone | str = "spectral", *,
     return _on_scene_grid(arr, scene, np.arange(1, len(plan.names) + 1), attrs, np.nan)
 
 
+@takes_option_groups(TilingOptions, RenderOptions)
 def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = None,
             backbone: Backbone | str = "spectral", *, probe: Any = None,
             probabilities: bool = False, bands: Sequence[int | str] | None = None,
@@ -507,6 +524,8 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
             device: str | None = None, seed: int = 0, consistency: float | None = None,
             self_guidance: float | None = None, min_sigma_r: float | None = None,
             aoi: Any = None, aoi_crs: Any = None, blocksize: int = 256,
+            tiling_options: TilingOptions | None = None,
+            render_options: RenderOptions | None = None,
             **backbone_options: Any) -> xr.DataArray:
     """Segment ``scene`` from labelled polygons; a lazy dask-backed DataArray on its grid.
 
@@ -531,6 +550,11 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
         weight_decay: None (default): chosen by cross-validation over the polygons (CLI: no
             ``--weight-decay``); the held-out accuracy is in the attributes (``probe_cv``,
             ``probe_accuracy``) and a poor one is warned about.
+        tiling_options, render_options: options as groups (:mod:`geoupsample.options`; of the tiling
+            ``tile``, ``halo``, ``blocksize``, ``aoi``, ``aoi_crs``; of the render ``consistency``,
+            ``self_guidance``, ``min_sigma_r``): a field given (not None) counts as the keyword of
+            its name; the keyword given too with another value, or a field not taken, is an
+            :class:`~geoupsample.inputs.InputError`.
         Other arguments: as in :func:`~geoupsample.segmentation.segment_raster`.
 
     Returns:
@@ -571,7 +595,8 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
                         consistency=consistency, self_guidance=self_guidance,
                         min_sigma_r=min_sigma_r)
     if plan.cv is not None and polys is not None and plan.cv.warning():
-        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=2)
+        # stacklevel: the caller's line, above the option groups' wrapper
+        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=3)
     names = plan.probe.classes
     k = len(names)
     probs = _lazy(plan.job, sc, bb.stride, k, tile, halo, blocksize, geom)
@@ -591,6 +616,7 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
                           {**attrs, "long_name": ("class", "confidence")}, UINT8_NODATA)
 
 
+@takes_option_groups(TilingOptions, RenderOptions)
 def predict(scene: xr.DataArray, model: Any, *, bands: Sequence[int | str] | None = None,
             scale_factor: Sequence[float] | float | None = None,
             offset: Sequence[float] | float | None = None, mean: Sequence[float] | None = None,
@@ -601,7 +627,8 @@ def predict(scene: xr.DataArray, model: Any, *, bands: Sequence[int | str] | Non
             consistency: float | None = None, self_guidance: float | None = None,
             min_sigma_r: float | None = None, classes: bool = False, tile: int = 512,
             halo: int = 64, device: str | None = None, aoi: Any = None, aoi_crs: Any = None,
-            blocksize: int = 256) -> xr.DataArray:
+            blocksize: int = 256, tiling_options: TilingOptions | None = None,
+            render_options: RenderOptions | None = None) -> xr.DataArray:
     """Class probabilities of the user's own model (ONNX, TorchScript) over ``scene``; a lazy
     dask-backed DataArray on its grid: the pixels of ``geoupsample predict --dtype float32``.
 
@@ -610,6 +637,13 @@ def predict(scene: xr.DataArray, model: Any, *, bands: Sequence[int | str] | Non
     options of the same names do (:func:`geoupsample.prediction.predict_raster`); without
     ``scale_factor``/``offset`` the scene's own ``scale_factor``/``add_offset`` attributes
     apply (rioxarray keeps them when opened with ``mask_and_scale=False``).
+
+    Args:
+        tiling_options, render_options: options as groups (:mod:`geoupsample.options`; of the tiling
+            ``tile``, ``halo``, ``blocksize``, ``aoi``, ``aoi_crs``; of the render ``consistency``,
+            ``self_guidance``, ``min_sigma_r``): a field given (not None) counts as the keyword of
+            its name; the keyword given too with another value, or a field not taken, is an
+            :class:`~geoupsample.inputs.InputError`.
 
     Returns:
         float32 ``[band, y, x]``, one band per class (``long_name``), NaN as nodata; with

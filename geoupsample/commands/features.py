@@ -107,12 +107,9 @@ def features_command(
     consistency: opt.FeatureConsistencyOption = None,
     tile: opt.TileOption = 512,
     halo: opt.FeatureHaloOption = 64,
-    dtype: Annotated[
-        FeatureDtype, typer.Option(help="Output dtype (float16: half the size, ~3 digits).")
-    ] = FeatureDtype.float32,
-    compress: Annotated[
-        str, typer.Option(help="deflate, zstd, lzw (GeoTIFF only) or none.")
-    ] = "deflate",
+    dtype: Annotated[FeatureDtype, opt.cli_option(
+        opt.OutputOptions, "dtype", help=opt.FEATURES_DTYPE_HELP)] = FeatureDtype.float32,
+    compress: opt.FeatureCompressOption = "deflate",
     cog: opt.CogOption = False,
     blocksize: opt.BlocksizeOption = 256,
     aoi: opt.AoiOption = None,

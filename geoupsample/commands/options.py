@@ -1,6 +1,10 @@
-"""What the tiled commands (``upsample``, ``features``, ``segment``) share: each option defined
-once (typer ``Annotated`` aliases; a command sets its own default), the progress bar, and which
-errors are the user's to fix.
+"""What the tiled commands (``upsample``, ``features``, ``segment``, ``predict``) share: each
+option defined once (typer ``Annotated`` aliases; a command sets its own default), the progress
+bar, and which errors are the user's to fix.
+
+The options of the groups shared with the Python and xarray APIs (tiling, output, render:
+:mod:`geoupsample.options`) take their help from the group's field (:func:`cli_option`); where a
+command's option means something else, its own text is declared here (:data:`HELP_OVERRIDES`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,43 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from geoupsample.options import OptionGroup, OutputOptions, RenderOptions, TilingOptions
+
 T = TypeVar("T")
+
+
+def cli_option(group: type[OptionGroup], name: str, *param_decls: str, help: str | None = None,
+               **kwargs: Any) -> Any:  # fmt: skip
+    """The ``typer.Option`` of ``group``'s field ``name`` (the option ``--name``, underscores
+    as dashes), its help the field's (:func:`geoupsample.options.field_help`) unless a
+    command's own ``help`` (one of :data:`HELP_OVERRIDES`) is given."""
+    text = help if help is not None else group.help(name)
+    return typer.Option(*param_decls, help=text, **kwargs)
+
+
+# --- where a command's option of a shared group means more than the group's field says -------
+FEATURES_HALO_HELP = (
+    "Context and blend width around each tile (output pixels): the backbone and the fit see "
+    "this much beyond the tile, and neighbouring tiles' overlaps are blended (raised cosine), "
+    "so that no seam shows.")
+FEATURES_CONSISTENCY_HELP = (
+    "Back-projection rounds: the upsampled features average back to the low-res features "
+    "over each cell (default 2 for gsjbu and jbu, 0 for the interpolations; 0 renders the "
+    "pure kernels).")
+FEATURES_DTYPE_HELP = "Output dtype (float16: half the size, ~3 digits)."
+FEATURES_COMPRESS_HELP = "deflate, zstd, lzw (GeoTIFF only) or none."
+PREDICT_DTYPE_HELP = "uint8 (p x 254, 255 nodata) or float32."
+
+#: The commands' own help for an option of a shared group, by ``(command, field)``; every
+#: other command's option of that field has the group's help (tests/test_option_groups.py).
+HELP_OVERRIDES: dict[tuple[str, str], str] = {
+    ("features", "halo"): FEATURES_HALO_HELP,
+    ("segment", "halo"): FEATURES_HALO_HELP,
+    ("features", "consistency"): FEATURES_CONSISTENCY_HELP,
+    ("features", "dtype"): FEATURES_DTYPE_HELP,
+    ("features", "compress"): FEATURES_COMPRESS_HELP,
+    ("predict", "dtype"): PREDICT_DTYPE_HELP,
+}
 
 
 class Method(str, Enum):
@@ -35,62 +75,31 @@ def split(text: str | None) -> list[str] | None:
 MethodOption = Annotated[Method, typer.Option("--method", "-m", help="Upsampling method.")]
 ItersOption = Annotated[int, typer.Option(help="GSJBU fit steps per tile (gsjbu only).")]
 RadiusOption = Annotated[int, typer.Option(help="Kernel radius in low-res pixels (jbu/gsjbu).")]
-ConsistencyOption = Annotated[float | None, typer.Option(
-    help="Back-projection rounds: the output averages back to the low-res values over each "
-         "cell (default 2 for continuous rasters, 1 for probabilities, 0 for the "
-         "interpolations; 0 renders the pure kernels).")]
-FeatureConsistencyOption = Annotated[float | None, typer.Option(
-    help="Back-projection rounds: the upsampled features average back to the low-res features "
-         "over each cell (default 2 for gsjbu and jbu, 0 for the interpolations; 0 renders the "
-         "pure kernels).")]
-SelfGuidanceOption = Annotated[float | None, typer.Option(
-    help="jbu/gsjbu: weight of the low-res values themselves in the range term (default 1 for "
-         "probabilities, 0 otherwise; 0 = colour only, which lets labels follow colour edges "
-         "they do not share).")]
-MinSigmaROption = Annotated[float | None, typer.Option(
-    help="jbu/gsjbu: floor on the kernels' range sigmas, in normalised guide units (default "
-         "0.3 for probabilities, 0 otherwise). --min-sigma-r 0 --consistency 0 is the sharp "
-         "render.")]
+ConsistencyOption = Annotated[float | None, cli_option(RenderOptions, "consistency")]
+FeatureConsistencyOption = Annotated[float | None, cli_option(
+    RenderOptions, "consistency", help=FEATURES_CONSISTENCY_HELP)]
+SelfGuidanceOption = Annotated[float | None, cli_option(RenderOptions, "self_guidance")]
+MinSigmaROption = Annotated[float | None, cli_option(RenderOptions, "min_sigma_r")]
 DeviceOption = Annotated[str | None, typer.Option(
     help="Torch device of the fits and backbones: cpu, cuda or cuda:N (default: cuda when "
          "available).")]
 
-# --- tiling and output --------------------------------------------------------------------
-TileOption = Annotated[int, typer.Option(help="Tile core size in output pixels.")]
-HaloOption = Annotated[int, typer.Option(
-    help="Context and blend width around each tile (output pixels). upsample's "
-         "interpolations use only what their support needs and crop instead of blending "
-         "(the same pixels as one whole-array run).")]
-FeatureHaloOption = Annotated[int, typer.Option(
-    "--halo", help="Context and blend width around each tile (output pixels): the backbone and "
-                   "the fit see this much beyond the tile, and neighbouring tiles' overlaps are "
-                   "blended (raised cosine), so that no seam shows.")]
-CompressOption = Annotated[str, typer.Option(help="deflate, zstd, lzw or none.")]
-CogOption = Annotated[bool, typer.Option(help="Write Cloud-Optimized GeoTIFFs.")]
-BlocksizeOption = Annotated[int, typer.Option(
-    help="Output block (GeoTIFF tile, Zarr chunk) size, a multiple of 16.")]
-AoiOption = Annotated[str | None, typer.Option(
-    help="Area of interest: GeoJSON (EPSG:4326 unless it names a CRS) or any one-layer vector "
-         "file GDAL reads (GeoPackage, Shapefile...), by path, URL or GDAL /vsi path; pixels "
-         "outside are nodata, tiles outside are skipped.")]
-AoiCrsOption = Annotated[str | None, typer.Option(
-    help="CRS of the AOI's coordinates (e.g. EPSG:32631), overriding what the file says (a "
-         "GeoJSON without a 'crs' member is read as lon/lat WGS 84).")]
-ResumeOption = Annotated[bool, typer.Option(
-    help="Continue an interrupted run with the same inputs and parameters; an output the "
-         "same run already finished is left as it is.")]
-SchedulerOption = Annotated[str | None, typer.Option(
-    help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")]
-WorkersOption = Annotated[int | None, typer.Option(
-    min=1, help="Tiles computed at once by local threads (default: all cores for "
-                "bilinear/bicubic/nearest, 1 for fits and backbones, which use every core "
-                "inside a tile). With more, each tile gets cores/workers torch threads and its "
-                "own memory (about 0.6 GB per 1024 px gsjbu tile): often faster where memory "
-                "allows.")]
-ThreadsOption = Annotated[int | None, typer.Option(
-    min=1, help="CPU threads of the run in all (computation and compression; default: the CPUs "
-                "this process may use, from its affinity and cgroup quota). On a machine shared "
-                "with other jobs, give it its share.")]
+# --- tiling and output (geoupsample.options) ----------------------------------------------
+TileOption = Annotated[int, cli_option(TilingOptions, "tile")]
+HaloOption = Annotated[int, cli_option(TilingOptions, "halo")]
+FeatureHaloOption = Annotated[int, cli_option(TilingOptions, "halo", "--halo",
+                                              help=FEATURES_HALO_HELP)]
+CompressOption = Annotated[str, cli_option(OutputOptions, "compress")]
+FeatureCompressOption = Annotated[str, cli_option(OutputOptions, "compress",
+                                                  help=FEATURES_COMPRESS_HELP)]
+CogOption = Annotated[bool, cli_option(OutputOptions, "cog")]
+BlocksizeOption = Annotated[int, cli_option(TilingOptions, "blocksize")]
+AoiOption = Annotated[str | None, cli_option(TilingOptions, "aoi")]
+AoiCrsOption = Annotated[str | None, cli_option(TilingOptions, "aoi_crs")]
+ResumeOption = Annotated[bool, cli_option(TilingOptions, "resume")]
+SchedulerOption = Annotated[str | None, cli_option(TilingOptions, "scheduler")]
+WorkersOption = Annotated[int | None, cli_option(TilingOptions, "workers", min=1)]
+ThreadsOption = Annotated[int | None, cli_option(TilingOptions, "threads", min=1)]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 # --- backbones (features, segment) --------------------------------------------------------

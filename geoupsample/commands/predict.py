@@ -87,8 +87,8 @@ def predict_command(
              "(--method).")] = 1,
     classes: Annotated[Path | None, typer.Option(
         "--classes", help="Also write the class raster (class, confidence) here.")] = None,
-    dtype: Annotated[ProbsDtype, typer.Option(
-        help="uint8 (p x 254, 255 nodata) or float32.")] = ProbsDtype.uint8,
+    dtype: Annotated[ProbsDtype, opt.cli_option(
+        opt.OutputOptions, "dtype", help=opt.PREDICT_DTYPE_HELP)] = ProbsDtype.uint8,
     method: opt.MethodOption = opt.Method.gsjbu,
     iters: opt.ItersOption = 50,
     radius: opt.RadiusOption = 3,

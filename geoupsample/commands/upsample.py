@@ -79,9 +79,7 @@ def upsample_command(
     aoi: opt.AoiOption = None,
     aoi_crs: opt.AoiCrsOption = None,
     cog: opt.CogOption = False,
-    dtype: Annotated[str | None, typer.Option(help="Output dtype: uint8, uint16, int16, uint32, "
-                                                   "int32, float16, float32, float64 (default: the "
-                                                   "low-res dtype; float64 -> float32).")] = None,
+    dtype: Annotated[str | None, opt.cli_option(opt.OutputOptions, "dtype")] = None,
     compress: opt.CompressOption = "deflate",
     blocksize: opt.BlocksizeOption = 256,
     device: opt.DeviceOption = None,
@@ -89,11 +87,7 @@ def upsample_command(
     scheduler: opt.SchedulerOption = None,
     workers: opt.WorkersOption = None,
     threads: opt.ThreadsOption = None,
-    kind: Annotated[Kind | None, typer.Option(
-        help="What the low-res raster holds, for the jbu/gsjbu render defaults: probabilities "
-             "get label-safe ones (auto: bands summing to one value, e.g. 1, 100 or 255, are "
-             "probabilities, rendered as fractions and written back in that unit).")
-    ] = None,
+    kind: Annotated[Kind | None, opt.cli_option(opt.RenderOptions, "kind")] = None,
     consistency: opt.ConsistencyOption = None,
     self_guidance: opt.SelfGuidanceOption = None,
     min_sigma_r: opt.MinSigmaROption = None,
