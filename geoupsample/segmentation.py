@@ -212,7 +212,7 @@ def training_set(
         n_win += 1
         keep = labelled & np.isfinite(f).all(0)
         n_cells += int(keep.sum())
-        ids, n = label_groups(labelled, n_groups)
+        ids, n = label_groups(np.where(labelled, frac.argmax(0) + 1, 0), n_groups)
         n_groups += n
         # only the labelled cells are kept, as [C, n, 1] "images" (memory ~ labelled area)
         feats.append(f[:, keep][:, :, None])
@@ -255,7 +255,7 @@ def pixel_training_set(
             continue
         n_win += 1
         n_px += int(keep.sum())
-        ids, n = label_groups(labelled, n_groups)
+        ids, n = label_groups(np.where(labelled, frac.argmax(0) + 1, 0), n_groups)
         n_groups += n
         feats.append(f[:, keep][:, :, None])
         fracs.append(frac[:, keep][:, :, None])

@@ -261,3 +261,47 @@ def test_a_scene_without_band_names_gets_a_note(tmp_path):
     assert code == 0, text
     assert "note: the spectral backbone computed no NDVI" in text
     assert "--band-names red,green,blue,nir" in text
+
+
+def test_touching_polygons_of_different_classes_are_separate_groups():
+    """A densely labelled area (two classes side by side, one class touching itself only at a
+    corner) gives one group per class region, not one group for the whole area."""
+    from geoupsample.probe_selection import label_groups
+
+    lab = np.zeros((6, 6), dtype=np.int64)
+    lab[:3, :3] = 1
+    lab[:3, 3:] = 2  # touches class 1 along an edge
+    lab[3:, 3:] = 1  # touches the first class-1 square at a corner only: 8-connected to it
+    ids, n = label_groups(lab, offset=10)
+    assert n == 2  # class 1: one region (the corner connects it); class 2: one
+    assert set(np.unique(ids[lab == 2])) != set(np.unique(ids[lab == 1]))
+    assert (ids[lab == 0] == -1).all() and ids[lab > 0].min() == 10
+    mask_ids, mask_n = label_groups(lab > 0)  # a bool mask: connected labelled regions
+    assert mask_n == 1 and (mask_ids[lab > 0] == 0).all()
+
+
+def test_a_poor_best_candidate_is_chosen_over_a_simpler_one():
+    """Where no candidate separates the classes well (best balanced accuracy below 80%), the
+    best candidate wins, not the simplest within one (wide) standard error; where one does,
+    the simplest within one standard error wins."""
+    from geoupsample.probe_selection import select_probe
+
+    rng = np.random.default_rng(0)
+    n_groups, per = 40, 30
+    groups = np.repeat(np.arange(n_groups), per)
+    truth = np.repeat(rng.permutation(np.arange(n_groups) % 4), per)  # 4 classes, 10 regions
+    y = np.eye(4)[truth]
+    noise = rng.normal(size=(len(truth), 6))
+    weak = noise[:, :1] + 0.3 * truth[:, None]  # one column: a little signal
+    strong = noise[:, 1:] + 0.6 * np.eye(4)[truth][:, [0, 1, 2, 3, 0]]  # more columns, more
+    x = np.concatenate([weak, strong], axis=1)
+    sets = {"weak": np.arange(1), "all": np.arange(6)}
+    probe, cv = select_probe(x, y, groups, ["a", "b", "c", "d"], feature_sets=sets)
+    assert max(cv.scores.values()) < 0.8
+    assert cv.feature_set == "all", cv.summary()
+    easy = noise + 8.0 * np.eye(4)[truth][:, [0, 1, 2, 3, 0, 1]]
+    probe, cv = select_probe(easy, y, groups, ["a", "b", "c", "d"], feature_sets=sets)
+    assert max(cv.scores.values()) >= 0.8
+    best = max(cv.scores.values())
+    tied = [k for k, v in cv.scores.items() if v == best]
+    assert cv.weight_decay > min(float(k.rsplit(" ", 1)[1]) for k in tied), cv.summary()
