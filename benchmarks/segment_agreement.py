@@ -41,9 +41,9 @@ accuracy from the cross-validation (``cv``), the feature set chosen, and the sec
 (rough: the machine is shared; the median of ``--repeat`` runs).
 
 Measured (2026-12-06, the 2-core machine; agreement %, gsjbu, features / probabilities path;
-bilinear within 1 point): typical placement ms1 96.4 / 83.2, ms2 99.5 / 96.3, ms3 95.9 / 67.9,
-rgbn 94.2 / 70.1, naip 99.7 / 95.9, landsat 95.9 / 84.2; extremes ms1 95.3 / 75.7, ms2 99.5 /
-62.5, ms3 95.8 / 81.9, rgbn 95.6 / 52.8, naip 71.8 / 61.4, landsat 91.6 / 91.7. Options on ms1
+bilinear within 1 point): typical placement ms1 96.4 / 82.9, ms2 99.5 / 96.3, ms3 95.9 / 67.9,
+rgbn 94.2 / 72.9, naip 99.7 / 95.9, landsat 96.9 / 84.2; extremes ms1 95.3 / 75.7, ms2 99.5 /
+62.5, ms3 95.8 / 81.9, rgbn 95.6 / 52.8, naip 71.8 / 61.4, landsat 96.9 / 91.7. Options on ms1
 extremes (features / probabilities): cell4 95.3 / 78.6, cell16 95.3 / 68.9, context0 95.3 / 77.4,
 sharp - / 75.4, nonames 84.5 / 70.4 (every band pair's normalised difference), timm (random
 weights) 65.7 / 67.3.
