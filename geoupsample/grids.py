@@ -240,12 +240,12 @@ def check_fitted_scale(method: str, rel: GridRelation, lr_cells: tuple[int, int]
             f"{scale:.0f} x {scale:.0f} pixels and overshoot; use --method bilinear, or bring "
             "the guide nearer the low-res raster's resolution first (gdalwarp -tr)")
     if min(lr_cells) < MIN_FITTED_CELLS:
-        import warnings
+        from geoupsample.caller_warnings import warn_caller
 
-        warnings.warn(
+        warn_caller(
             f"the low-res raster covers the guide with only {lr_cells[1]} x {lr_cells[0]} cells; "
             f"{method}'s kernels span 7 cells and are fitted on too few to be reliable: check "
-            "the output's range, or use --method bilinear", UserWarning, stacklevel=3)
+            "the output's range, or use --method bilinear")
 
 
 def relate_or_nest(lr_crs: Any, lr_transform: Affine, lr_shape: tuple[int, int], hr_crs: Any,

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +63,7 @@ import tiling
 from geoupsample import labels as gl
 from geoupsample.backbones import Backbone, BackboneError
 from geoupsample.backbones.spectral import SpectralBackbone
+from geoupsample.caller_warnings import warn_caller
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.featuremaps import (
@@ -764,8 +764,7 @@ def segment_raster(
     if probe_path is not None:
         plan.probe.save(probe_path)
     if plan.cv is not None and labels is not None and plan.cv.warning():
-        # stacklevel: the caller's line, above the wrappers of the option groups and threads
-        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=4)
+        warn_caller(plan.cv.warning() or "", PoorProbeWarning)  # at the caller's line
 
     from geoupsample import __version__
 

@@ -41,6 +41,7 @@ import xarray as xr
 
 import tiling
 from geoupsample.backbones import Backbone
+from geoupsample.caller_warnings import warn_caller
 from geoupsample.core.methods import INTERPOLATIONS
 from geoupsample.core.series import STABLE_TOLERANCE, WARM_BLEND, WARM_ITERS
 from geoupsample.featuremaps import bands_tag, plan_features
@@ -565,7 +566,6 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
         NaN as nodata: the pixels of ``--probs-dtype float32``. Attributes:
         ``geoupsample_backbone``, ``geoupsample_bands`` (the chosen bands), ``class_names``...
     """
-    import warnings
 
     import dask.array as da
 
@@ -595,8 +595,7 @@ def segment(scene: xr.DataArray, labels: Any = None, class_field: str | None = N
                         consistency=consistency, self_guidance=self_guidance,
                         min_sigma_r=min_sigma_r)
     if plan.cv is not None and polys is not None and plan.cv.warning():
-        # stacklevel: the caller's line, above the option groups' wrapper
-        warnings.warn(plan.cv.warning() or "", PoorProbeWarning, stacklevel=3)
+        warn_caller(plan.cv.warning() or "", PoorProbeWarning)  # at the caller's line
     names = plan.probe.classes
     k = len(names)
     probs = _lazy(plan.job, sc, bb.stride, k, tile, halo, blocksize, geom)

@@ -217,3 +217,15 @@ def test_segment_records_the_band_names_it_was_given(tmp_path) -> None:
         tags = ds.tags()
     assert json.loads(tags["geoupsample_bands"])["names"] == ["red", "green", "blue", "nir"]
     assert "self_guidance_scale" not in json.loads(tags["geoupsample_render"])
+
+
+def test_warnings_point_at_the_callers_line(tmp_path) -> None:
+    """A warning raised deep in the package (under the option groups' and threads' wrappers)
+    names the caller's file, not the package's."""
+    from geoupsample.pipeline import upsample_raster
+
+    lr50 = tmp_path / "lr50.tif"
+    _lowres_of(SCENE, lr50, 50)
+    with pytest.warns(UserWarning, match="only 6 x 6 cells") as record:
+        upsample_raster(str(lr50), SCENE, str(tmp_path / "j.tif"), method="jbu")
+    assert [r.filename for r in record if "6 x 6" in str(r.message)] == [__file__]

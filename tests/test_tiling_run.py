@@ -455,6 +455,29 @@ def test_distributed_equals_local(tmp_path):
         np.testing.assert_array_equal(a.read(), b.read())
 
 
+def test_a_lost_worker_with_the_only_copy_of_the_function_does_not_stop_the_run(tmp_path):
+    """One worker: when it dies, the scattered per-tile function dies with it and the tasks
+    that need it are forgotten by the scheduler (FutureCancelledError); the run scatters it
+    again to the restarted worker, submits the lost tiles again and completes, identical."""
+    from distributed import Client, LocalCluster
+
+    src = _real_raster(tmp_path)
+    local, dist = str(tmp_path / "local.tif"), str(tmp_path / "dist.tif")
+    marker = str(tmp_path / "killed")
+    tiling.run(box3, {"img": tiling.RasterInput(src)}, _spec(src, local, dtype="float32"),
+               tile=512, halo=16)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(sys.path.insert, 0, ROOT)  # workers import the test helpers
+        rep = tiling.run(_tiling_helpers.KillsItsWorkerOnce(marker),
+                         {"img": tiling.RasterInput(src)}, _spec(src, dist, dtype="float32"),
+                         tile=512, halo=16, scheduler=client, max_in_flight=3)
+    assert os.path.exists(marker), "no worker was killed"
+    assert rep.computed == rep.tiles
+    with rasterio.open(local) as a, rasterio.open(dist) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
 def test_aoi_geojson_in_other_crs_skips_tiles_and_masks_pixels(tmp_path):
     src = _real_raster(tmp_path)
     with rasterio.open(src) as ds:

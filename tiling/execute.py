@@ -196,6 +196,10 @@ def _local_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[
                 f.cancel()
 
 
+#: How many times a tile whose task was lost with a dask worker is submitted again.
+MAX_RESUBMITS = 3
+
+
 def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[Tile],
                   transform: Affine, count: int, scheduler: Any,
                   max_in_flight: int) -> Iterator[tuple[tuple[int, int], np.ndarray | None]]:
@@ -212,22 +216,50 @@ def _dask_results(fn: TileFunction, inputs: Mapping[str, Any], tiles: Iterator[T
         ) from err
     # fn goes to every worker once (a backbone's weights are tens to hundreds of MB), not with
     # every task: each worker deserialises it once and its tasks share it
-    shared_fn = client.scatter(fn, broadcast=True, hash=False)
+    shared = [client.scatter(fn, broadcast=True, hash=False)]
+    seq = as_completed()
+    tile_of: dict[str, Tile] = {}
+    resubmitted: dict[tuple[int, int], int] = {}
+
+    def submit(t: Tile) -> None:
+        f = client.submit(compute_tile, shared[-1], inputs, t, transform, count, pure=False)
+        tile_of[f.key] = t
+        seq.add(f)
+
+    def collect(f: Any) -> tuple[tuple[int, int], np.ndarray | None] | None:
+        """The tile's result; None when its task was lost with a worker and went again."""
+        t = tile_of.pop(f.key)
+        try:
+            return f.result()
+        except cf.CancelledError:
+            # a killed worker can take the scheduler's last copy of the scattered function
+            # with it, and the tasks that need it are forgotten, not rerun: scatter it again
+            # and resubmit the tile (a tile whose own work kills workers ends as KilledWorker)
+            tries = resubmitted[t.id] = resubmitted.get(t.id, 0) + 1
+            if tries > MAX_RESUBMITS:
+                raise
+            if shared[-1].status != "finished":
+                shared.append(client.scatter(fn, broadcast=True, hash=False))
+            submit(t)
+            return None
+
     try:
-        seq = as_completed()
-        n = 0
+        in_flight = 0
         for t in tiles:
-            seq.add(client.submit(compute_tile, shared_fn, inputs, t, transform, count,
-                                  pure=False))
-            n += 1
-            if n >= max_in_flight:
-                f = next(seq)
-                n -= 1
-                yield f.result()
-        for f in seq:
-            yield f.result()
+            submit(t)
+            in_flight += 1
+            while in_flight >= max_in_flight:
+                result = collect(next(seq))
+                if result is not None:
+                    in_flight -= 1
+                    yield result
+        for f in seq:  # tiles resubmitted meanwhile are added to seq and come out here too
+            result = collect(f)
+            if result is not None:
+                yield result
     finally:
-        shared_fn.release()
+        for future in shared:
+            future.release()
         if own:
             client.close()
 
