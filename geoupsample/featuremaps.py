@@ -53,7 +53,7 @@ from geoupsample.options import (
 from geoupsample.pca import PCA
 from geoupsample.render_settings import checked_overrides
 from geoupsample.scenes import AnyScene, Scene, scene_aoi, windows
-from geoupsample.workers import check_device, check_workers, cpu_threads, threads_per_worker
+from geoupsample.workers import check_device, check_workers, threads_per_worker, within_threads
 from tiling.aoi import window_intersects
 
 #: Output dtypes of a features raster.
@@ -373,6 +373,7 @@ def feature_output(
 
 
 @takes_option_groups(TilingOptions, OutputOptions, RenderOptions)
+@within_threads
 def features_raster(
     scene_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -444,24 +445,6 @@ def features_raster(
     """
     check_method_options(method, iters, radius, seed)
     check_workers(workers, scheduler)
-    with cpu_threads(threads):
-        return _features_raster(
-            scene_path, out_path, backbone, pca=pca, method=method, iters=iters, radius=radius,
-            tile=tile, halo=halo, bands=bands, band_names=band_names, dtype=dtype,
-            compress=compress, cog=cog, blocksize=blocksize, aoi=aoi, aoi_crs=aoi_crs,
-            resume=resume, scheduler=scheduler, device=device, seed=seed,
-            consistency=consistency, workers=workers, progress=progress, save_pca=save_pca)
-
-
-def _features_raster(scene_path: Any, out_path: Any, backbone: Backbone, *, pca: Any,
-                     method: str, iters: int, radius: int, tile: int, halo: int, bands: Any,
-                     band_names: Sequence[str] | None,
-                     dtype: str, compress: str, cog: bool, blocksize: int, aoi: Any,
-                     aoi_crs: Any, resume: bool, scheduler: Any, device: str | None, seed: int,
-                     consistency: float | None, workers: int | None,
-                     progress: Callable[[tiling.Progress], None] | None,
-                     save_pca: Any = None) -> tiling.RunReport:  # fmt: skip
-    """:func:`features_raster` within its threads."""
     check_device(device, local=scheduler is None)
     checked_overrides(method, consistency=consistency)  # refuse a bad value before any work
     gu.tune_allocator()  # before the run's threads allocate: see geoupsample.core.allocator

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from geoupsample.caller_warnings import warn_caller
 from tiling.reader import is_local_path, with_remote_hint
 
 
@@ -206,11 +206,9 @@ def _assemble(
         kept_g.append(poly)
         kept_v.append(_class_name(v))
     if skipped_null:
-        warnings.warn(f"{source}: {skipped_null} feature(s) without a class skipped", stacklevel=3)
+        warn_caller(f"{source}: {skipped_null} feature(s) without a class skipped")
     if skipped_kind:
-        warnings.warn(
-            f"{source}: {skipped_kind} feature(s) without polygon area skipped", stacklevel=3
-        )
+        warn_caller(f"{source}: {skipped_kind} feature(s) without polygon area skipped")
     if not kept_g:
         raise LabelError(f"{source} holds no labelled polygons")
     present = set(kept_v)

@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from rasterio.windows import Window
 import geoupsample as gu
 import tiling
 import tiling.writer
+from geoupsample.caller_warnings import warn_caller
 from geoupsample.core.allocator import tune_allocator
 from geoupsample.core.methods import INTERPOLATIONS, without_missing_cells
 from geoupsample.core.series import (
@@ -829,10 +829,10 @@ def warn_clipped(report: tiling.RunReport, spec: tiling.OutputSpec,
         return
     total = max(1.0, report.megapixels * 1e6 * spec.count)
     name = f"{os.path.basename(spec.path)}: " if len(report.extra.get("paths", [])) > 1 else ""
-    warnings.warn(
+    warn_caller(
         f"{name}{clipped} output values ({clipped / total:.1%}) lay outside what {spec.dtype} "
         f"holds ({bounds[0]:g} to {bounds[1]:g}) and were clipped to it: pass a wider --dtype "
-        "(e.g. float32)", UserWarning, stacklevel=3)
+        "(e.g. float32)")
 
 
 def _kept_colormaps(lr: rasterio.io.DatasetReader, indexes: Sequence[int], method: str,

@@ -59,8 +59,8 @@ from geoupsample.workers import (
     available_cores,
     check_device,
     check_workers,
-    cpu_threads,
     threads_per_worker,
+    within_threads,
 )
 from tiling.blend import ramp
 
@@ -464,12 +464,8 @@ def file_packing(scene: Scene) -> tuple[list[float], list[float]] | None:
     return scales, offsets
 
 
-#: Parameters of :func:`predict_raster` that :func:`_predict_raster` does not take: the threads
-#: it runs within, and the option groups (expanded into their keywords before the call).
-_NOT_PASSED = ("threads", "tiling_options", "output_options", "render_options")
-
-
 @takes_option_groups(TilingOptions, OutputOptions, RenderOptions)
+@within_threads(default=available_cores)  # the model session takes torch's thread count
 def predict_raster(
     scene_path: str | os.PathLike[str],
     model: str | os.PathLike[str] | SegmentationModel,
@@ -551,22 +547,6 @@ def predict_raster(
         :class:`PredictReport`.
     """
     check_workers(workers, scheduler)
-    args = {k: v for k, v in locals().items() if k not in _NOT_PASSED}
-    with cpu_threads(threads if threads is not None else available_cores()):
-        return _predict_raster(**args)
-
-
-def _predict_raster(
-    scene_path: Any, model: Any, out_path: Any, *, bands: Any, scale_factor: Any, offset: Any,
-    mean: Any, std: Any, input_size: int | None, overlap: float, batch: int, output: str,
-    class_names: Any, model_scale: int, method: str, iters: int, radius: int, seed: int,
-    consistency: float | None, self_guidance: float | None, min_sigma_r: float | None,
-    dtype: str, classes_path: Any, tile: int, halo: int, compress: str, cog: bool,
-    blocksize: int, aoi: Any, aoi_crs: Any, resume: bool, scheduler: Any,
-    workers: int | None, device: str | None,
-    progress: Callable[[tiling.Progress], None] | None,
-) -> PredictReport:
-    """:func:`predict_raster` within its threads (the model session takes torch's count)."""
     check_device(device, local=scheduler is None)
     gu.tune_allocator()
     if dtype not in ("uint8", "float32"):

@@ -125,18 +125,27 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def within_threads(fn: Callable[..., T]) -> Callable[..., T]:
+def within_threads(fn: Callable[..., T] | None = None, *,
+                   default: Callable[[], int] | None = None) -> Any:  # fmt: skip
     """Decorate a scene function with a ``threads`` parameter: it runs within
-    :func:`cpu_threads` of that argument (the function itself need not read it)."""
-    signature = inspect.signature(fn)
+    :func:`cpu_threads` of that argument (the function itself need not read it), or of
+    ``default()`` when it is None (``@within_threads(default=available_cores)``: torch's count
+    set to the CPUs this process may use, for work that reads it, e.g. a model session)."""
 
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> T:
-        threads = signature.bind_partial(*args, **kwargs).arguments.get("threads")
-        with cpu_threads(threads):
-            return fn(*args, **kwargs)
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        signature = inspect.signature(fn)
 
-    return run
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> T:
+            threads = signature.bind_partial(*args, **kwargs).arguments.get("threads")
+            if threads is None and default is not None:
+                threads = default()
+            with cpu_threads(threads):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate if fn is None else decorate(fn)
 
 
 @contextmanager

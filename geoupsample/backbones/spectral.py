@@ -186,10 +186,6 @@ class SpectralBackbone(Backbone):
             return []
         return [(i, j) for i in range(d) for j in range(i + 1, d)]
 
-    def n_pixel_indices(self, d: int) -> int:
-        """How many of the :meth:`pixel_features` channels (the last ones) are indices."""
-        return len(self.index_pairs) + len(self.band_pairs(d))
-
     def pixel_feature_names(self, d: int | None = None) -> list[str]:
         """Names of :meth:`pixel_features`' channels for ``d`` bands (default ``in_chans``):
         every band, then every index (``nd_<a>_<b>`` for a band pair's)."""
